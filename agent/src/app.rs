@@ -1,0 +1,362 @@
+//! Wiring: builds outputs, senders, discovery and scrape jobs from a validated config, runs
+//! them, reloads on SIGHUP / `POST /-/reload`, and shuts down cleanly on SIGTERM.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use config::agent::{AgentConfig, RemoteWriteConfig, ScrapeConfig};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use tokio::sync::{mpsc, watch};
+
+use crate::discovery::{self, TargetGroup};
+use crate::labels::Labels;
+use crate::relabel;
+use crate::remote_write::sender::{SenderConfig, SenderHandle};
+use crate::remote_write::wal::{FsyncPolicy, Wal, WalOptions};
+use crate::remote_write::{file_sink::FileSink, Endpoint, Outputs};
+use crate::scrape::manager::{Job, Manager};
+use crate::scrape::scrape_loop::ScrapeSettings;
+use crate::scrape::target::JobDefaults;
+use crate::telemetry::server::{self, ReloadRequest, ServerState, TargetView};
+use crate::telemetry::Metrics;
+
+/// Command-line settings that override the config file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--listen-address`.
+    pub listen_address: Option<String>,
+    /// `--storage-path`.
+    pub storage_path: Option<PathBuf>,
+}
+
+/// Loads and validates the config file; the error text lists every problem, one per line.
+pub fn load(path: &Path) -> Result<(AgentConfig, Vec<String>), String> {
+    match config::load_agent_config(path) {
+        Ok(loaded) => Ok((loaded.value, loaded.warnings.iter().map(|w| w.to_string()).collect())),
+        Err(errors) => Err(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")),
+    }
+}
+
+/// The storage directory for a config and overrides.
+pub fn storage_dir(cfg: &AgentConfig, ov: &Overrides) -> PathBuf {
+    ov.storage_path.clone().unwrap_or_else(|| PathBuf::from(&cfg.storage.path))
+}
+
+/// Takes the exclusive lock on the storage directory.
+pub fn lock_storage(dir: &Path) -> anyhow::Result<File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating storage directory {}", dir.display()))?;
+    let path = dir.join("lock");
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(anyhow!(
+            "storage directory {} is locked by another agent; give each agent its own --storage-path",
+            dir.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(anyhow!("locking {}: {e}", path.display())),
+    }
+}
+
+/// The name of a remote_write entry: `name`, else derived from the URL.
+pub fn remote_name(rw: &RemoteWriteConfig) -> String {
+    let raw = rw.name.clone().unwrap_or_else(|| {
+        format!("{:016x}", xxhash_rust::xxh3::xxh3_64(rw.url.as_bytes()))[..6].to_owned()
+    });
+    raw.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+}
+
+/// One generation of running components (replaced on reload).
+struct Running {
+    manager: Manager,
+    senders: Vec<SenderHandle>,
+    providers: Vec<tokio::task::JoinHandle<()>>,
+    _static_keep: Vec<watch::Sender<Vec<TargetGroup>>>,
+    wal_stats: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self, send_timeout: Duration) {
+        self.manager.stop().await;
+        for p in &self.providers {
+            p.abort();
+        }
+        self.wal_stats.abort();
+        futures::future::join_all(self.senders.into_iter().map(|s| s.shutdown(send_timeout))).await;
+    }
+}
+
+fn scrape_settings(sc: &ScrapeConfig, cfg: &AgentConfig, base: &Path) -> anyhow::Result<ScrapeSettings> {
+    let g = &cfg.global;
+    let client = crate::http::build_client(base, sc.tls_config.as_ref())
+        .with_context(|| format!("scrape config {:?}", sc.job_name))?;
+    let auth = crate::http::auth_header(
+        base,
+        sc.basic_auth.as_ref(),
+        sc.authorization.as_ref(),
+        sc.bearer_token.as_deref(),
+        sc.bearer_token_file.as_deref(),
+    )
+    .with_context(|| format!("scrape config {:?}", sc.job_name))?;
+    Ok(ScrapeSettings {
+        job: sc.job_name.clone(),
+        client,
+        auth,
+        honor_labels: sc.honor_labels,
+        honor_timestamps: sc.honor_timestamps.unwrap_or(true),
+        sample_limit: sc.sample_limit.unwrap_or(g.sample_limit),
+        label_limit: sc.label_limit.unwrap_or(g.label_limit),
+        label_name_length_limit: sc.label_name_length_limit.unwrap_or(g.label_name_length_limit),
+        label_value_length_limit: sc.label_value_length_limit.unwrap_or(g.label_value_length_limit),
+        body_size_limit: sc.body_size_limit.unwrap_or(g.body_size_limit).0,
+        metric_relabel: relabel::compile(&sc.metric_relabel_configs)
+            .map_err(|e| anyhow!("scrape config {:?}: metric_relabel_configs: {e}", sc.job_name))?,
+    })
+}
+
+/// Interval and timeout of a scrape config with Prometheus's defaulting.
+pub fn interval_timeout(sc: &ScrapeConfig, cfg: &AgentConfig) -> (Duration, Duration) {
+    let interval = sc.scrape_interval.unwrap_or(cfg.global.scrape_interval).get();
+    let timeout = sc
+        .scrape_timeout
+        .map(|t| t.get())
+        .unwrap_or_else(|| cfg.global.scrape_timeout.get().min(interval));
+    (interval, timeout)
+}
+
+fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Metrics>) -> anyhow::Result<Running> {
+    let base = config_path.parent().map(Path::to_path_buf).unwrap_or_default();
+    // Outputs and senders.
+    let mut endpoints = Vec::new();
+    let mut senders = Vec::new();
+    let mut wals = Vec::new();
+    for rw in &cfg.remote_write {
+        let name = remote_name(rw);
+        let dir = storage.join("wal").join(&name);
+        let wal = Wal::open(
+            &dir,
+            WalOptions {
+                max_size_bytes: cfg.storage.wal_max_size.0,
+                segment_size_bytes: (cfg.storage.wal_max_size.0 / 8).clamp(1 << 20, 64 << 20),
+                fsync: FsyncPolicy::Never,
+            },
+        )
+        .with_context(|| format!("opening WAL {}", dir.display()))?;
+        let wal = Arc::new(wal);
+        let url: http::Uri = rw.url.parse().with_context(|| format!("remote_write url {:?}", rw.url))?;
+        let mut headers = HeaderMap::new();
+        for (k, v) in &rw.headers {
+            headers.insert(
+                HeaderName::from_bytes(k.as_bytes()).with_context(|| format!("remote_write header name {k:?}"))?,
+                HeaderValue::from_str(v).with_context(|| format!("remote_write header {k:?} value"))?,
+            );
+        }
+        if let Some(a) = crate::http::auth_header(
+            &base,
+            rw.basic_auth.as_ref(),
+            rw.authorization.as_ref(),
+            rw.bearer_token.as_deref(),
+            rw.bearer_token_file.as_deref(),
+        )? {
+            headers.insert(http::header::AUTHORIZATION, a);
+        }
+        let client = crate::http::build_client(&base, rw.tls_config.as_ref())?;
+        let sc = SenderConfig {
+            name: name.clone(),
+            url,
+            client,
+            headers,
+            timeout: rw.remote_timeout.map(|d| d.get()).unwrap_or(Duration::from_secs(30)),
+            queue: rw.queue_config.clone(),
+        };
+        senders.push(SenderHandle::start(sc, wal.clone(), metrics.clone()));
+        wals.push((name.clone(), wal.clone()));
+        endpoints.push(Arc::new(Endpoint {
+            name,
+            wal,
+            write_relabel: relabel::compile(&rw.write_relabel_configs)
+                .map_err(|e| anyhow!("remote_write {:?}: write_relabel_configs: {e}", rw.url))?,
+        }));
+    }
+    let file_sink = match &cfg.file_sink {
+        Some(fs) => {
+            let p = PathBuf::from(&fs.path);
+            Some(Arc::new(FileSink::open(&p).with_context(|| format!("opening file_sink {}", p.display()))?))
+        }
+        None => None,
+    };
+    let outputs = Arc::new(Outputs {
+        endpoints,
+        external_labels: Labels::from_pairs(cfg.global.external_labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+        file_sink,
+    });
+
+    let wal_stats = {
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                t.tick().await;
+                for (name, wal) in &wals {
+                    let s = wal.stats();
+                    metrics.set_wal(name, s.bytes, s.segments as u64, s.next_seq.saturating_sub(s.committed_seq));
+                    metrics.wal_corrupt_total(name, s.corrupt_records);
+                }
+            }
+        })
+    };
+
+    // Discovery and jobs.
+    let node_name = std::env::var("NODE_NAME").ok().filter(|s| !s.is_empty());
+    let mut jobs = Vec::new();
+    let mut providers = Vec::new();
+    let mut static_keep = Vec::new();
+    for sc in &cfg.scrape_configs {
+        let (interval, timeout) = interval_timeout(sc, cfg);
+        let mut rx = Vec::new();
+        if !sc.static_configs.is_empty() {
+            let (tx, r) = watch::channel(discovery::static_groups(&sc.job_name, &sc.static_configs));
+            static_keep.push(tx);
+            rx.push(r);
+        }
+        for fsd in &sc.file_sd_configs {
+            let (tx, r) = watch::channel(Vec::new());
+            let files: Vec<PathBuf> = fsd.files.iter().map(|f| crate::http::resolve(&base, f)).collect();
+            providers.push(tokio::spawn(discovery::file::run(files, fsd.refresh_interval.get(), tx)));
+            rx.push(r);
+        }
+        for k in &sc.kubernetes_sd_configs {
+            let (tx, r) = watch::channel(Vec::new());
+            let k = k.clone();
+            let node = node_name.clone();
+            let job = sc.job_name.clone();
+            providers.push(tokio::spawn(async move {
+                let result = match discovery::kubernetes::client_for(&k).await {
+                    Ok(client) => discovery::kubernetes::run(client, &k, node, tx).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = result {
+                    tracing::error!(%job, error = %e, "Kubernetes discovery cannot start; no targets from it.");
+                }
+            }));
+            rx.push(r);
+        }
+        let settings = Arc::new(scrape_settings(sc, cfg, &base)?);
+        jobs.push(Job {
+            defaults: JobDefaults {
+                job: sc.job_name.clone(),
+                scheme: sc.scheme.clone().unwrap_or_else(|| "http".to_owned()),
+                metrics_path: sc.metrics_path.clone().unwrap_or_else(|| "/metrics".to_owned()),
+                interval,
+                timeout,
+                params: sc.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            },
+            relabel: relabel::compile(&sc.relabel_configs)
+                .map_err(|e| anyhow!("scrape config {:?}: relabel_configs: {e}", sc.job_name))?,
+            settings,
+            providers: rx,
+            target_limit: sc.target_limit.unwrap_or(cfg.global.target_limit),
+        });
+    }
+    let manager = Manager::start(jobs, outputs, metrics.clone());
+    Ok(Running { manager, senders, providers, _static_keep: static_keep, wal_stats })
+}
+
+/// Runs the agent until SIGTERM/SIGINT. Returns after a clean shutdown.
+pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
+    let (mut cfg, warnings) = load(&config_path).map_err(|e| anyhow!("{e}"))?;
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    let storage = storage_dir(&cfg, &ov);
+    let _lock = lock_storage(&storage)?;
+    let metrics = Arc::new(Metrics::new());
+    let listen = ov.listen_address.clone().unwrap_or_else(|| cfg.server.listen_address.clone());
+    let listener = server::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
+    tracing::info!(address = %listen, config = %config_path.display(), storage = %storage.display(), "Agent starting.");
+
+    let status: Arc<std::sync::RwLock<Arc<dyn Fn() -> Vec<TargetView> + Send + Sync>>> =
+        Arc::new(std::sync::RwLock::new(Arc::new(Vec::new)));
+    let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let status_for_server = status.clone();
+    let state = ServerState {
+        metrics: metrics.clone(),
+        status: Arc::new(move || {
+            let f = status_for_server.read().unwrap_or_else(|p| p.into_inner()).clone();
+            f()
+        }),
+        reload: reload_tx,
+    };
+    let server_task = tokio::spawn(server::serve(listener, state, stop_rx));
+
+    let mut running = start(&cfg, &config_path, &storage, &metrics)?;
+    *status.write().unwrap_or_else(|p| p.into_inner()) = running.manager.status_source();
+    metrics.set_ready(true);
+
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    loop {
+        let reply = tokio::select! {
+            _ = hup.recv() => None,
+            r = reload_rx.recv() => r,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        tracing::info!(config = %config_path.display(), "Reloading configuration.");
+        let result = match load(&config_path) {
+            Err(e) => Err(e),
+            Ok((new_cfg, warnings)) => {
+                for w in warnings {
+                    tracing::warn!("{w}");
+                }
+                if storage_dir(&new_cfg, &ov) != storage {
+                    Err("storage.path cannot change on reload; restart the agent".to_owned())
+                } else {
+                    // Stop the old generation (no staleness markers; senders keep their WAL
+                    // position), then start the new one.
+                    let old = running;
+                    old.stop(Duration::ZERO).await;
+                    match start(&new_cfg, &config_path, &storage, &metrics) {
+                        Ok(r) => {
+                            running = r;
+                            cfg = new_cfg;
+                            Ok(())
+                        }
+                        Err(e) => {
+                            let msg = format!("{e:#}");
+                            running = start(&cfg, &config_path, &storage, &metrics)
+                                .context("restarting the previous configuration after a failed reload")?;
+                            Err(msg)
+                        }
+                    }
+                }
+            }
+        };
+        *status.write().unwrap_or_else(|p| p.into_inner()) = running.manager.status_source();
+        match &result {
+            Ok(()) => tracing::info!("Configuration reloaded."),
+            Err(e) => tracing::error!(error = %e, "Configuration not reloaded; the previous one keeps running."),
+        }
+        metrics.reload(result.is_ok());
+        if let Some(tx) = reply {
+            let _ = tx.send(result);
+        }
+    }
+    tracing::info!("Shutting down: stopping scrapes, flushing to receivers.");
+    metrics.set_ready(false);
+    let timeout = cfg.storage.shutdown_timeout.get().min(Duration::from_secs(25));
+    running.stop(timeout).await;
+    let _ = stop_tx.send(true);
+    let _ = server_task.await;
+    tracing::info!("Agent stopped.");
+    Ok(())
+}

@@ -1,0 +1,950 @@
+//! Kubernetes service discovery, role `pod`.
+//!
+//! Pods enter through one kube-runtime watcher per watched namespace (or one for the whole
+//! cluster), each mirrored into a reflector store. After every change the stores are turned
+//! into [`TargetGroup`]s by [`pod_target_group`] — the labels Prometheus's `pod` role produces —
+//! and the full, source-sorted list is published on a `tokio::sync::watch` channel. A pod that
+//! disappeared since the previous publication is published once more as an empty group for its
+//! source, so a consumer applying groups incrementally also drops its targets.
+//!
+//! On a DaemonSet the caller passes the node name (env `NODE_NAME`) so each agent only lists the
+//! pods of its own node (`spec.nodeName=<node>`); an explicit `selectors[].field` for role `pod`
+//! replaces that selector.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use config::agent::KubernetesSdConfig;
+use futures::stream::{SelectAll, StreamExt};
+use k8s_openapi::api::core::v1::{Container, ContainerStatus, Pod};
+use kube::config::{KubeConfigOptions, Kubeconfig, KubeconfigError};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::discovery::TargetGroup;
+use crate::labels::{Labels, ADDRESS};
+
+/// File holding the namespace of the agent's own pod (`namespaces.own_namespace`).
+pub const OWN_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+const NAMESPACE: &str = "__meta_kubernetes_namespace";
+const POD_NAME: &str = "__meta_kubernetes_pod_name";
+const POD_IP: &str = "__meta_kubernetes_pod_ip";
+const POD_UID: &str = "__meta_kubernetes_pod_uid";
+const POD_NODE_NAME: &str = "__meta_kubernetes_pod_node_name";
+const POD_HOST_IP: &str = "__meta_kubernetes_pod_host_ip";
+const POD_READY: &str = "__meta_kubernetes_pod_ready";
+const POD_PHASE: &str = "__meta_kubernetes_pod_phase";
+const POD_CONTROLLER_KIND: &str = "__meta_kubernetes_pod_controller_kind";
+const POD_CONTROLLER_NAME: &str = "__meta_kubernetes_pod_controller_name";
+const POD_LABEL: &str = "__meta_kubernetes_pod_label_";
+const POD_LABEL_PRESENT: &str = "__meta_kubernetes_pod_labelpresent_";
+const POD_ANNOTATION: &str = "__meta_kubernetes_pod_annotation_";
+const POD_ANNOTATION_PRESENT: &str = "__meta_kubernetes_pod_annotationpresent_";
+const CONTAINER_NAME: &str = "__meta_kubernetes_pod_container_name";
+const CONTAINER_IMAGE: &str = "__meta_kubernetes_pod_container_image";
+const CONTAINER_ID: &str = "__meta_kubernetes_pod_container_id";
+const CONTAINER_INIT: &str = "__meta_kubernetes_pod_container_init";
+const CONTAINER_PORT_NAME: &str = "__meta_kubernetes_pod_container_port_name";
+const CONTAINER_PORT_NUMBER: &str = "__meta_kubernetes_pod_container_port_number";
+const CONTAINER_PORT_PROTOCOL: &str = "__meta_kubernetes_pod_container_port_protocol";
+
+/// Errors building pod discovery or its API client. Watch errors at run time are not errors
+/// of this type: they are logged, counted and retried.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `role` is not `pod`.
+    #[error("kubernetes_sd_configs: role {0:?} is not supported (only \"pod\")")]
+    UnsupportedRole(String),
+    /// A `selectors` entry names another role.
+    #[error("kubernetes_sd_configs: selector role {0:?} does not match role \"pod\"")]
+    SelectorRole(String),
+    /// Both `api_server` and `kubeconfig_file` are set.
+    #[error("kubernetes_sd_configs: api_server and kubeconfig_file are mutually exclusive")]
+    ConflictingServer,
+    /// A file named by the config could not be read.
+    #[error("reading {what} from {}", path.display())]
+    ReadFile {
+        /// What the file holds.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The kubeconfig (given or synthesized for `api_server`) was rejected.
+    #[error("loading Kubernetes client configuration")]
+    Kubeconfig(#[source] KubeconfigError),
+    /// The `api_server` settings do not form a valid client configuration.
+    #[error("kubernetes_sd_configs: invalid api_server settings")]
+    ApiServer(#[source] serde_json::Error),
+    /// The `authorization` credentials are not a valid header value.
+    #[error("kubernetes_sd_configs: authorization credentials are not a valid HTTP header value")]
+    InvalidAuthorization,
+    /// The client could not be built (including in-cluster / `~/.kube/config` inference).
+    #[error("building the Kubernetes client")]
+    Client(#[source] kube::Error),
+}
+
+/// Builds the [`TargetGroup`] Prometheus's `pod` role produces for `pod`.
+///
+/// Source `pod/<namespace>/<name>`. A pod without an IP yields a group with neither labels nor
+/// targets. Otherwise the group labels describe the pod and each declared container port of
+/// every container (then every init container) is one target `<podIP>:<port>`; a container
+/// without ports is one target `<podIP>`. Empty values are kept.
+pub fn pod_target_group(pod: &Pod) -> TargetGroup {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let mut group = TargetGroup {
+        source: pod_source(namespace, name),
+        ..TargetGroup::default()
+    };
+    let status = pod.status.as_ref();
+    let pod_ip = status.and_then(|s| s.pod_ip.as_deref()).unwrap_or_default();
+    if pod_ip.is_empty() {
+        return group;
+    }
+    group.labels = pod_labels(pod, namespace, name, pod_ip);
+    let Some(spec) = pod.spec.as_ref() else {
+        return group;
+    };
+    let statuses = status.and_then(|s| s.container_statuses.as_deref());
+    for container in &spec.containers {
+        push_container_targets(&mut group.targets, container, statuses, pod_ip, false);
+    }
+    let init_statuses = status.and_then(|s| s.init_container_statuses.as_deref());
+    for container in spec.init_containers.iter().flatten() {
+        push_container_targets(&mut group.targets, container, init_statuses, pod_ip, true);
+    }
+    group
+}
+
+fn pod_source(namespace: &str, name: &str) -> String {
+    format!("pod/{namespace}/{name}")
+}
+
+fn pod_labels(pod: &Pod, namespace: &str, name: &str, pod_ip: &str) -> Labels {
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let text = |v: Option<&String>| v.cloned().unwrap_or_default();
+    let mut labels = Labels::from_pairs([
+        (NAMESPACE, namespace.to_owned()),
+        (POD_NAME, name.to_owned()),
+        (POD_IP, pod_ip.to_owned()),
+        (POD_UID, text(pod.metadata.uid.as_ref())),
+        (POD_NODE_NAME, text(spec.and_then(|s| s.node_name.as_ref()))),
+        (POD_HOST_IP, text(status.and_then(|s| s.host_ip.as_ref()))),
+        (POD_READY, pod_ready(pod)),
+        (POD_PHASE, text(status.and_then(|s| s.phase.as_ref()))),
+    ]);
+    let controller = pod.owner_references().iter().find(|o| o.controller == Some(true));
+    if let Some(owner) = controller {
+        if !owner.kind.is_empty() {
+            labels.insert(POD_CONTROLLER_KIND.to_owned(), owner.kind.clone());
+        }
+        if !owner.name.is_empty() {
+            labels.insert(POD_CONTROLLER_NAME.to_owned(), owner.name.clone());
+        }
+    }
+    for (key, value) in pod.labels() {
+        let key = sanitize_label_name(key);
+        labels.insert(format!("{POD_LABEL}{key}"), value.clone());
+        labels.insert(format!("{POD_LABEL_PRESENT}{key}"), "true".to_owned());
+    }
+    for (key, value) in pod.annotations() {
+        let key = sanitize_label_name(key);
+        labels.insert(format!("{POD_ANNOTATION}{key}"), value.clone());
+        labels.insert(format!("{POD_ANNOTATION_PRESENT}{key}"), "true".to_owned());
+    }
+    labels
+}
+
+/// The `Ready` condition's status lower-cased, or `unknown` without one.
+fn pod_ready(pod: &Pod) -> String {
+    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_deref());
+    conditions
+        .unwrap_or_default()
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map_or_else(|| "unknown".to_owned(), |c| c.status.to_ascii_lowercase())
+}
+
+fn push_container_targets(
+    targets: &mut Vec<Labels>,
+    container: &Container,
+    statuses: Option<&[ContainerStatus]>,
+    pod_ip: &str,
+    init: bool,
+) {
+    let id = statuses
+        .unwrap_or_default()
+        .iter()
+        .find(|s| s.name == container.name)
+        .and_then(|s| s.container_id.clone())
+        .unwrap_or_default();
+    let base = Labels::from_pairs([
+        (CONTAINER_NAME, container.name.clone()),
+        (CONTAINER_IMAGE, container.image.clone().unwrap_or_default()),
+        (CONTAINER_ID, id),
+        (CONTAINER_INIT, init.to_string()),
+    ]);
+    let ports = container.ports.as_deref().unwrap_or_default();
+    if ports.is_empty() {
+        let mut target = base;
+        target.insert(ADDRESS.to_owned(), pod_ip.to_owned());
+        targets.push(target);
+        return;
+    }
+    for port in ports {
+        let number = port.container_port.to_string();
+        let mut target = base.clone();
+        target.insert(ADDRESS.to_owned(), join_host_port(pod_ip, &number));
+        target.insert(CONTAINER_PORT_NAME.to_owned(), port.name.clone().unwrap_or_default());
+        target.insert(CONTAINER_PORT_NUMBER.to_owned(), number);
+        let protocol = port.protocol.clone().unwrap_or_default();
+        target.insert(CONTAINER_PORT_PROTOCOL.to_owned(), protocol);
+        targets.push(target);
+    }
+}
+
+/// `host:port`, with IPv6 hosts in brackets.
+fn join_host_port(host: &str, port: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Replaces every character outside `[a-zA-Z0-9_]` with `_`.
+fn sanitize_label_name(name: &str) -> String {
+    let keep = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    name.chars().map(|c| if keep(c) { c } else { '_' }).collect()
+}
+
+/// Counters of a running [`PodDiscovery`], readable while it runs.
+#[derive(Debug, Default)]
+pub struct PodDiscoveryStats {
+    watch_errors: AtomicU64,
+    updates: AtomicU64,
+}
+
+impl PodDiscoveryStats {
+    /// Watch/list failures so far (each retried after a backoff).
+    pub fn watch_errors(&self) -> u64 {
+        self.watch_errors.load(Ordering::Relaxed)
+    }
+
+    /// Publications of a changed group list so far.
+    pub fn updates(&self) -> u64 {
+        self.updates.load(Ordering::Relaxed)
+    }
+}
+
+/// Validated pod discovery for one `kubernetes_sd_configs` entry: which namespaces to watch and
+/// with which selectors. Build with [`PodDiscovery::new`], then [`PodDiscovery::run`] it.
+#[derive(Debug)]
+pub struct PodDiscovery {
+    /// Namespaces to watch; `None` is the whole cluster.
+    namespaces: Vec<Option<String>>,
+    watcher_config: watcher::Config,
+    stats: Arc<PodDiscoveryStats>,
+}
+
+impl PodDiscovery {
+    /// Validates `cfg` (role and selectors must be `pod`). The field selector is the `field`
+    /// of the `pod` selector when set, else `spec.nodeName=<node_name>` when `node_name` is set.
+    /// Reads [`OWN_NAMESPACE_FILE`] when `namespaces.own_namespace` is true.
+    pub fn new(cfg: &KubernetesSdConfig, node_name: Option<String>) -> Result<Self, Error> {
+        let own_namespace = match &cfg.namespaces {
+            Some(ns) if ns.own_namespace => Some(read_trimmed("own namespace", Path::new(OWN_NAMESPACE_FILE))?),
+            _ => None,
+        };
+        Self::from_parts(cfg, node_name, own_namespace)
+    }
+
+    fn from_parts(
+        cfg: &KubernetesSdConfig,
+        node_name: Option<String>,
+        own_namespace: Option<String>,
+    ) -> Result<Self, Error> {
+        if cfg.role != "pod" {
+            return Err(Error::UnsupportedRole(cfg.role.clone()));
+        }
+        if let Some(other) = cfg.selectors.iter().find(|s| s.role != "pod") {
+            return Err(Error::SelectorRole(other.role.clone()));
+        }
+        if cfg.attach_metadata.as_ref().is_some_and(|m| m.node) {
+            warn!("attach_metadata.node is not supported; node labels will not be attached.");
+        }
+        let non_empty = |s: &Option<String>| s.clone().filter(|s| !s.is_empty());
+        let selector = cfg.selectors.first();
+        let field = selector.and_then(|s| non_empty(&s.field)).or_else(|| {
+            let node = node_name.filter(|n| !n.is_empty())?;
+            Some(format!("spec.nodeName={node}"))
+        });
+        let mut watcher_config = watcher::Config::default();
+        if let Some(field) = &field {
+            watcher_config = watcher_config.fields(field);
+        }
+        if let Some(label) = selector.and_then(|s| non_empty(&s.label)) {
+            watcher_config = watcher_config.labels(&label);
+        }
+        let names = cfg.namespaces.iter().flat_map(|n| n.names.iter().cloned());
+        let names: BTreeSet<String> = names.chain(own_namespace).collect();
+        let namespaces = if names.is_empty() {
+            vec![None]
+        } else {
+            names.into_iter().map(Some).collect()
+        };
+        Ok(Self {
+            namespaces,
+            watcher_config,
+            stats: Arc::default(),
+        })
+    }
+
+    /// The list/watch parameters (selectors, page size) every watcher uses.
+    pub fn watcher_config(&self) -> &watcher::Config {
+        &self.watcher_config
+    }
+
+    /// Shared counters; clone before [`PodDiscovery::run`] consumes `self`.
+    pub fn stats(&self) -> Arc<PodDiscoveryStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Watches pods and publishes the full group list on `out` after every change (unchanged
+    /// lists are not re-sent). Watch errors are logged, counted and retried with kube's
+    /// default backoff; the task only returns once every receiver of `out` is gone.
+    pub async fn run(self, client: Client, out: watch::Sender<Vec<TargetGroup>>) {
+        let mut stores = Vec::with_capacity(self.namespaces.len());
+        let mut events = SelectAll::new();
+        for (index, namespace) in self.namespaces.iter().enumerate() {
+            let api: Api<Pod> = match namespace {
+                Some(ns) => Api::namespaced(client.clone(), ns),
+                None => Api::all(client.clone()),
+            };
+            let (store, writer) = reflector::store();
+            stores.push(store);
+            let stream = watcher(api, self.watcher_config.clone())
+                .modify(|pod| pod.managed_fields_mut().clear())
+                .default_backoff()
+                .reflect(writer)
+                .map(move |event| (index, event));
+            events.push(stream.boxed());
+        }
+        let mut published = BTreeSet::new();
+        loop {
+            let next = tokio::select! {
+                () = out.closed() => {
+                    debug!("Target group receivers gone; stopping pod discovery.");
+                    return;
+                }
+                next = events.next() => next,
+            };
+            let Some((index, event)) = next else {
+                return; // watchers never end; only reachable without namespaces
+            };
+            match event {
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+                    let groups = snapshot(&stores, &mut published);
+                    if out.send_if_modified(|current| replace_if_changed(current, groups)) {
+                        self.stats.updates.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+                Err(error) => {
+                    self.stats.watch_errors.fetch_add(1, Ordering::Relaxed);
+                    let namespace = self.namespaces[index].as_deref().unwrap_or("<all>");
+                    warn!(namespace, %error, "Pod watch failed; retrying after backoff.");
+                }
+            }
+        }
+    }
+}
+
+/// Runs pod discovery for `cfg` until every receiver of `out` is dropped; see
+/// [`PodDiscovery::new`] and [`PodDiscovery::run`]. Fails only on an invalid config.
+pub async fn run(
+    client: Client,
+    cfg: &KubernetesSdConfig,
+    node_name: Option<String>,
+    out: watch::Sender<Vec<TargetGroup>>,
+) -> Result<(), Error> {
+    PodDiscovery::new(cfg, node_name)?.run(client, out).await;
+    Ok(())
+}
+
+fn replace_if_changed(current: &mut Vec<TargetGroup>, new: Vec<TargetGroup>) -> bool {
+    if *current == new {
+        return false;
+    }
+    *current = new;
+    true
+}
+
+/// All groups of `stores`, sorted by source, plus an empty group for each source present in
+/// `published` but gone now; `published` becomes the current set of sources.
+fn snapshot(stores: &[Store<Pod>], published: &mut BTreeSet<String>) -> Vec<TargetGroup> {
+    let pods = stores.iter().flat_map(Store::state);
+    let mut groups: Vec<TargetGroup> = pods.map(|pod| pod_target_group(&pod)).collect();
+    groups.sort_by(|a, b| a.source.cmp(&b.source));
+    groups.dedup_by(|a, b| a.source == b.source);
+    let current: BTreeSet<String> = groups.iter().map(|g| g.source.clone()).collect();
+    let gone = published.difference(&current).map(|source| TargetGroup {
+        source: source.clone(),
+        ..TargetGroup::default()
+    });
+    groups.extend(gone);
+    groups.sort_by(|a, b| a.source.cmp(&b.source));
+    *published = current;
+    groups
+}
+
+/// A client for `cfg`: from `kubeconfig_file`, or for `api_server` with the entry's TLS and
+/// auth settings, else [`Client::try_default`] (`KUBECONFIG`/`~/.kube/config`, then in-cluster).
+/// File paths are used as given; resolve them against the config file's directory first.
+pub async fn client_for(cfg: &KubernetesSdConfig) -> Result<Client, Error> {
+    let config = match (&cfg.api_server, &cfg.kubeconfig_file) {
+        (Some(_), Some(_)) => return Err(Error::ConflictingServer),
+        (None, None) => return Client::try_default().await.map_err(Error::Client),
+        (None, Some(path)) => {
+            let kubeconfig = Kubeconfig::read_from(path).map_err(Error::Kubeconfig)?;
+            load_kubeconfig(kubeconfig).await?
+        }
+        (Some(server), None) => {
+            let (kubeconfig, authorization) = api_server_kubeconfig(server, cfg)?;
+            let mut config = load_kubeconfig(kubeconfig).await?;
+            if let Some(value) = authorization {
+                config.headers.push((http::header::AUTHORIZATION, value));
+            }
+            config
+        }
+    };
+    Client::try_from(config).map_err(Error::Client)
+}
+
+async fn load_kubeconfig(kubeconfig: Kubeconfig) -> Result<kube::Config, Error> {
+    let options = KubeConfigOptions::default();
+    kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .map_err(Error::Kubeconfig)
+}
+
+/// A one-context kubeconfig for `server` carrying `cfg`'s TLS and auth settings, plus an
+/// `Authorization` header for non-Bearer `authorization` types (kubeconfig has no slot for them).
+fn api_server_kubeconfig(
+    server: &str,
+    cfg: &KubernetesSdConfig,
+) -> Result<(Kubeconfig, Option<http::HeaderValue>), Error> {
+    use base64::Engine as _;
+    let b64 = |pem: &Option<String>| {
+        let encode = |pem: &String| base64::engine::general_purpose::STANDARD.encode(pem);
+        pem.as_ref().map(encode)
+    };
+    let tls = cfg.tls_config.clone().unwrap_or_default();
+    let auth = api_auth(cfg)?;
+    let basic = cfg.basic_auth.as_ref();
+    let password = match basic {
+        Some(b) => inline_or_file("basic auth password", &b.password, &b.password_file)?,
+        None => None,
+    };
+    let mut cluster = serde_json::json!({
+        "server": server,
+        "insecure-skip-tls-verify": tls.insecure_skip_verify,
+        "certificate-authority": tls.ca_file,
+        "certificate-authority-data": b64(&tls.ca),
+        "tls-server-name": tls.server_name,
+    });
+    let mut user = serde_json::json!({
+        "client-certificate": tls.cert_file,
+        "client-certificate-data": b64(&tls.cert),
+        "client-key": tls.key_file,
+        "client-key-data": b64(&tls.key),
+        "token": auth.token,
+        "tokenFile": auth.token_file,
+        "username": basic.map(|b| b.username.as_str()),
+        "password": password,
+    });
+    for object in [&mut cluster, &mut user] {
+        if let Some(map) = object.as_object_mut() {
+            map.retain(|_, value| !value.is_null());
+        }
+    }
+    let kubeconfig = serde_json::json!({
+        "clusters": [{ "name": "sd", "cluster": cluster }],
+        "users": [{ "name": "sd", "user": user }],
+        "contexts": [{ "name": "sd", "context": { "cluster": "sd", "user": "sd" } }],
+        "current-context": "sd",
+    });
+    let kubeconfig = serde_json::from_value(kubeconfig).map_err(Error::ApiServer)?;
+    Ok((kubeconfig, auth.header))
+}
+
+/// API server credentials: a Bearer token (inline or file, re-read by kube) or, for another
+/// `authorization` type, a ready header.
+struct ApiAuth {
+    token: Option<String>,
+    token_file: Option<String>,
+    header: Option<http::HeaderValue>,
+}
+
+fn api_auth(cfg: &KubernetesSdConfig) -> Result<ApiAuth, Error> {
+    let mut auth = ApiAuth {
+        token: None,
+        token_file: cfg.bearer_token_file.clone(),
+        header: None,
+    };
+    let Some(authorization) = &cfg.authorization else {
+        return Ok(auth);
+    };
+    let kind = authorization.kind.as_deref().unwrap_or("Bearer");
+    let (inline, file) = (&authorization.credentials, &authorization.credentials_file);
+    if kind.eq_ignore_ascii_case("bearer") {
+        auth.token.clone_from(inline);
+        auth.token_file = file.clone().or(auth.token_file);
+        return Ok(auth);
+    }
+    let credentials = inline_or_file("authorization credentials", inline, file)?;
+    let header = format!("{kind} {}", credentials.unwrap_or_default());
+    let mut value = http::HeaderValue::try_from(header).map_err(|_| Error::InvalidAuthorization)?;
+    value.set_sensitive(true);
+    auth.header = Some(value);
+    Ok(auth)
+}
+
+/// `inline` if set, else the trimmed content of `file` if set.
+fn inline_or_file(what: &'static str, inline: &Option<String>, file: &Option<String>) -> Result<Option<String>, Error> {
+    match (inline, file) {
+        (Some(inline), _) => Ok(Some(inline.clone())),
+        (None, Some(file)) => read_trimmed(what, Path::new(file)).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+fn read_trimmed(what: &'static str, path: &Path) -> Result<String, Error> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text.trim().to_owned()),
+        Err(source) => Err(Error::ReadFile {
+            what,
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use config::agent::{Authorization, NamespaceDiscovery, Selector};
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::{json, Value};
+    use tokio::time::timeout;
+    use tower_test::mock;
+
+    use super::*;
+
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    type Handle = mock::Handle<Request<Body>, Response<Body>>;
+    type Respond = mock::SendResponse<Response<Body>>;
+    type Groups = Vec<TargetGroup>;
+
+    fn pod(value: Value) -> Pod {
+        serde_json::from_value(value).expect("valid pod")
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        Labels::from_pairs(pairs.iter().copied())
+    }
+
+    fn realistic_pod() -> Pod {
+        pod(json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "web-0",
+                "namespace": "shop",
+                "uid": "7d3c0e2a-uid",
+                "labels": { "app.kubernetes.io/name": "web", "pod-template-hash": "5f8d" },
+                "annotations": { "prometheus.io/scrape": "true", "example.com/empty": "" },
+                "ownerReferences": [
+                    { "apiVersion": "v1", "kind": "Helper", "name": "not-the-controller", "uid": "u1" },
+                    { "apiVersion": "apps/v1", "kind": "StatefulSet", "name": "web", "uid": "u2",
+                      "controller": true }
+                ]
+            },
+            "spec": {
+                "nodeName": "node-a",
+                "initContainers": [{ "name": "migrate", "image": "migrate:3" }],
+                "containers": [
+                    { "name": "app", "image": "web:1.2", "ports": [
+                        { "name": "http", "containerPort": 8080, "protocol": "TCP" },
+                        { "containerPort": 9090, "protocol": "UDP" }
+                    ] },
+                    { "name": "sidecar", "image": "proxy:2" }
+                ]
+            },
+            "status": {
+                "phase": "Running",
+                "podIP": "10.1.2.3",
+                "hostIP": "192.168.0.10",
+                "conditions": [
+                    { "type": "Initialized", "status": "True" },
+                    { "type": "Ready", "status": "True" }
+                ],
+                "containerStatuses": [{ "name": "app", "containerID": "containerd://aaa",
+                    "image": "web:1.2", "imageID": "", "ready": true, "restartCount": 0 }],
+                "initContainerStatuses": [{ "name": "migrate", "containerID": "containerd://iii",
+                    "image": "migrate:3", "imageID": "", "ready": false, "restartCount": 0 }]
+            }
+        }))
+    }
+
+    #[test]
+    fn realistic_pod_has_prometheus_labels() {
+        let group = pod_target_group(&realistic_pod());
+        assert_eq!(group.source, "pod/shop/web-0");
+        let expected_group = labels(&[
+            ("__meta_kubernetes_namespace", "shop"),
+            ("__meta_kubernetes_pod_name", "web-0"),
+            ("__meta_kubernetes_pod_ip", "10.1.2.3"),
+            ("__meta_kubernetes_pod_uid", "7d3c0e2a-uid"),
+            ("__meta_kubernetes_pod_node_name", "node-a"),
+            ("__meta_kubernetes_pod_host_ip", "192.168.0.10"),
+            ("__meta_kubernetes_pod_ready", "true"),
+            ("__meta_kubernetes_pod_phase", "Running"),
+            ("__meta_kubernetes_pod_controller_kind", "StatefulSet"),
+            ("__meta_kubernetes_pod_controller_name", "web"),
+            ("__meta_kubernetes_pod_label_app_kubernetes_io_name", "web"),
+            ("__meta_kubernetes_pod_labelpresent_app_kubernetes_io_name", "true"),
+            ("__meta_kubernetes_pod_label_pod_template_hash", "5f8d"),
+            ("__meta_kubernetes_pod_labelpresent_pod_template_hash", "true"),
+            ("__meta_kubernetes_pod_annotation_prometheus_io_scrape", "true"),
+            ("__meta_kubernetes_pod_annotationpresent_prometheus_io_scrape", "true"),
+            ("__meta_kubernetes_pod_annotation_example_com_empty", ""),
+            ("__meta_kubernetes_pod_annotationpresent_example_com_empty", "true"),
+        ]);
+        assert_eq!(group.labels, expected_group);
+        let port = |addr, name, number, protocol| {
+            labels(&[
+                ("__address__", addr),
+                ("__meta_kubernetes_pod_container_name", "app"),
+                ("__meta_kubernetes_pod_container_image", "web:1.2"),
+                ("__meta_kubernetes_pod_container_id", "containerd://aaa"),
+                ("__meta_kubernetes_pod_container_init", "false"),
+                ("__meta_kubernetes_pod_container_port_name", name),
+                ("__meta_kubernetes_pod_container_port_number", number),
+                ("__meta_kubernetes_pod_container_port_protocol", protocol),
+            ])
+        };
+        let expected_targets = vec![
+            port("10.1.2.3:8080", "http", "8080", "TCP"),
+            port("10.1.2.3:9090", "", "9090", "UDP"),
+            labels(&[
+                ("__address__", "10.1.2.3"),
+                ("__meta_kubernetes_pod_container_name", "sidecar"),
+                ("__meta_kubernetes_pod_container_image", "proxy:2"),
+                ("__meta_kubernetes_pod_container_id", ""),
+                ("__meta_kubernetes_pod_container_init", "false"),
+            ]),
+            labels(&[
+                ("__address__", "10.1.2.3"),
+                ("__meta_kubernetes_pod_container_name", "migrate"),
+                ("__meta_kubernetes_pod_container_image", "migrate:3"),
+                ("__meta_kubernetes_pod_container_id", "containerd://iii"),
+                ("__meta_kubernetes_pod_container_init", "true"),
+            ]),
+        ];
+        assert_eq!(group.targets, expected_targets);
+    }
+
+    #[test]
+    fn pod_without_ip_has_no_targets_or_labels() {
+        let mut p = realistic_pod();
+        p.status.as_mut().unwrap().pod_ip = None;
+        let expected = TargetGroup {
+            source: "pod/shop/web-0".into(),
+            ..TargetGroup::default()
+        };
+        assert_eq!(pod_target_group(&p), expected);
+    }
+
+    #[test]
+    fn ready_unknown_without_condition_and_ipv6_in_brackets() {
+        let mut p = realistic_pod();
+        let status = p.status.as_mut().unwrap();
+        status.conditions = None;
+        status.pod_ip = Some("fd00::7".into());
+        let group = pod_target_group(&p);
+        assert_eq!(group.labels.get("__meta_kubernetes_pod_ready"), Some("unknown"));
+        assert_eq!(group.targets[0].get("__address__"), Some("[fd00::7]:8080"));
+        assert_eq!(group.targets[2].get("__address__"), Some("fd00::7"));
+        assert_eq!(sanitize_label_name("a.b/c-d_é9"), "a_b_c_d__9");
+    }
+
+    fn pod_cfg() -> KubernetesSdConfig {
+        KubernetesSdConfig {
+            role: "pod".into(),
+            ..KubernetesSdConfig::default()
+        }
+    }
+
+    #[test]
+    fn config_selectors_and_namespaces() {
+        let d = PodDiscovery::from_parts(&pod_cfg(), Some("node-a".into()), None).unwrap();
+        assert_eq!(
+            d.watcher_config().field_selector.as_deref(),
+            Some("spec.nodeName=node-a")
+        );
+        assert_eq!(d.namespaces, vec![None]);
+        let d = PodDiscovery::from_parts(&pod_cfg(), Some(String::new()), None).unwrap();
+        assert_eq!(d.watcher_config().field_selector, None);
+
+        let mut cfg = pod_cfg();
+        cfg.namespaces = Some(NamespaceDiscovery {
+            own_namespace: true,
+            names: vec!["b".into(), "a".into()],
+        });
+        let d = PodDiscovery::from_parts(&cfg, None, Some("a".into())).unwrap();
+        assert_eq!(d.namespaces, vec![Some("a".into()), Some("b".into())]);
+
+        cfg.role = "endpoints".into();
+        assert!(matches!(
+            PodDiscovery::from_parts(&cfg, None, None),
+            Err(Error::UnsupportedRole(_))
+        ));
+        let mut cfg = pod_cfg();
+        cfg.selectors = vec![Selector {
+            role: "node".into(),
+            ..Selector::default()
+        }];
+        assert!(matches!(
+            PodDiscovery::from_parts(&cfg, None, None),
+            Err(Error::SelectorRole(_))
+        ));
+    }
+
+    fn small_pod(name: &str, resource_version: &str) -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": name, "namespace": "default", "uid": format!("uid-{name}"),
+                          "resourceVersion": resource_version },
+            "spec": { "nodeName": "node-a", "containers": [{ "name": "c", "image": "i",
+                      "ports": [{ "containerPort": 8080, "protocol": "TCP" }] }] },
+            "status": { "podIP": format!("10.0.0.{}", name.len()), "phase": "Running" }
+        })
+    }
+
+    #[test]
+    fn snapshot_publishes_a_tombstone_once() {
+        let (store, mut writer) = reflector::store::<Pod>();
+        let (a, b) = (pod(small_pod("a", "1")), pod(small_pod("b", "2")));
+        writer.apply_watcher_event(&watcher::Event::Apply(a.clone()));
+        writer.apply_watcher_event(&watcher::Event::Apply(b.clone()));
+        let mut published = BTreeSet::new();
+        let stores = [store];
+        let all = vec![pod_target_group(&a), pod_target_group(&b)];
+        assert_eq!(snapshot(&stores, &mut published), all);
+        writer.apply_watcher_event(&watcher::Event::Delete(a));
+        let tombstone = TargetGroup {
+            source: "pod/default/a".into(),
+            ..TargetGroup::default()
+        };
+        let b_only = vec![pod_target_group(&b)];
+        assert_eq!(snapshot(&stores, &mut published), vec![tombstone, b_only[0].clone()]);
+        assert_eq!(snapshot(&stores, &mut published), b_only);
+    }
+
+    async fn next_request(handle: &mut Handle) -> (Request<Body>, Respond) {
+        timeout(DEADLINE, handle.next_request())
+            .await
+            .expect("timed out waiting for an API request")
+            .expect("client dropped")
+    }
+
+    fn json_response(value: &Value) -> Response<Body> {
+        Response::new(Body::from(serde_json::to_vec(value).unwrap()))
+    }
+
+    fn pod_list(resource_version: &str, items: Vec<Value>) -> Response<Body> {
+        json_response(&json!({
+            "apiVersion": "v1",
+            "kind": "PodList",
+            "metadata": { "resourceVersion": resource_version },
+            "items": items,
+        }))
+    }
+
+    /// A watch response body: one JSON event per line.
+    fn watch_events(events: &[(&str, Value)]) -> Response<Body> {
+        let mut body = Vec::new();
+        for (kind, object) in events {
+            serde_json::to_writer(&mut body, &json!({ "type": kind, "object": object })).unwrap();
+            body.push(b'\n');
+        }
+        Response::new(Body::from(body))
+    }
+
+    fn query(request: &Request<Body>) -> String {
+        request.uri().query().unwrap_or_default().to_owned()
+    }
+
+    async fn wait_for(rx: &mut watch::Receiver<Groups>, what: impl FnMut(&Groups) -> bool) -> Groups {
+        let seen = timeout(DEADLINE, rx.wait_for(what)).await;
+        seen.expect("timed out waiting for target groups")
+            .expect("sender gone")
+            .clone()
+    }
+
+    fn sources(groups: &Groups) -> Vec<&str> {
+        groups.iter().map(|g| g.source.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn watch_publishes_list_added_and_deleted() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let discovery = PodDiscovery::new(&pod_cfg(), Some("node-a".into())).unwrap();
+        let stats = discovery.stats();
+        let (tx, mut rx) = watch::channel(Vec::new());
+        let task = tokio::spawn(discovery.run(Client::new(service, "default"), tx));
+
+        let (request, respond) = next_request(&mut handle).await;
+        let q = query(&request);
+        assert_eq!(request.uri().path(), "/api/v1/pods");
+        assert!(
+            q.contains("fieldSelector=spec.nodeName%3Dnode-a") && !q.contains("watch"),
+            "{q}"
+        );
+        respond.send_response(pod_list("100", vec![small_pod("b", "91"), small_pod("a", "90")]));
+        let groups = wait_for(&mut rx, |g| !g.is_empty()).await;
+        assert_eq!(sources(&groups), ["pod/default/a", "pod/default/b"]);
+        assert_eq!(groups[0].targets[0].get("__address__"), Some("10.0.0.1:8080"));
+
+        let (request, respond) = next_request(&mut handle).await;
+        let q = query(&request);
+        assert!(q.contains("watch=true") && q.contains("resourceVersion=100"), "{q}");
+        assert!(q.contains("fieldSelector=spec.nodeName%3Dnode-a"), "{q}");
+        respond.send_response(watch_events(&[("ADDED", small_pod("c", "101"))]));
+        let groups = wait_for(&mut rx, |g| g.len() == 3).await;
+        assert_eq!(sources(&groups), ["pod/default/a", "pod/default/b", "pod/default/c"]);
+
+        // The body ended, so the watcher resumes from the last resource version.
+        let (request, respond) = next_request(&mut handle).await;
+        assert!(query(&request).contains("resourceVersion=101"), "{}", query(&request));
+        respond.send_response(watch_events(&[("DELETED", small_pod("a", "102"))]));
+        let groups = wait_for(&mut rx, |g| g[0].targets.is_empty()).await;
+        let tombstone = TargetGroup {
+            source: "pod/default/a".into(),
+            ..TargetGroup::default()
+        };
+        let expected = vec![
+            tombstone,
+            pod_target_group(&pod(small_pod("b", "91"))),
+            pod_target_group(&pod(small_pod("c", "101"))),
+        ];
+        assert_eq!(groups, expected);
+        assert_eq!((stats.updates(), stats.watch_errors()), (3, 0));
+
+        drop(rx);
+        timeout(DEADLINE, task)
+            .await
+            .expect("run stops without receivers")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn list_error_is_counted_and_retried() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let discovery = PodDiscovery::new(&pod_cfg(), None).unwrap();
+        let stats = discovery.stats();
+        let (tx, mut rx) = watch::channel(Vec::new());
+        let task = tokio::spawn(discovery.run(Client::new(service, "default"), tx));
+
+        let (_, respond) = next_request(&mut handle).await;
+        let status = json!({ "apiVersion": "v1", "kind": "Status", "metadata": {},
+            "status": "Failure", "message": "etcd unavailable", "reason": "InternalError", "code": 500 });
+        let mut response = json_response(&status);
+        *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+        respond.send_response(response);
+
+        // The retry comes after kube's default backoff (about a second).
+        let (request, respond) = next_request(&mut handle).await;
+        assert!(!query(&request).contains("watch"), "{}", request.uri());
+        assert_eq!(stats.watch_errors(), 1);
+        respond.send_response(pod_list("5", vec![small_pod("a", "4")]));
+        let groups = wait_for(&mut rx, |g| !g.is_empty()).await;
+        assert_eq!(sources(&groups), ["pod/default/a"]);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn explicit_field_selector_wins_over_node_name() {
+        let mut cfg = pod_cfg();
+        cfg.selectors = vec![Selector {
+            role: "pod".into(),
+            label: Some("app=web".into()),
+            field: Some("status.phase=Running".into()),
+        }];
+        cfg.namespaces = Some(NamespaceDiscovery {
+            own_namespace: false,
+            names: vec!["ns2".into(), "ns1".into()],
+        });
+        let discovery = PodDiscovery::new(&cfg, Some("node-a".into())).unwrap();
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let (tx, _rx) = watch::channel(Vec::new());
+        let task = tokio::spawn(discovery.run(Client::new(service, "default"), tx));
+
+        let mut paths = Vec::new();
+        let mut pending = Vec::new();
+        for _ in 0..2 {
+            let (request, respond) = next_request(&mut handle).await;
+            let q = query(&request);
+            assert!(q.contains("fieldSelector=status.phase%3DRunning"), "{q}");
+            assert!(q.contains("labelSelector=app%3Dweb") && !q.contains("nodeName"), "{q}");
+            paths.push(request.uri().path().to_owned());
+            pending.push(respond);
+        }
+        paths.sort();
+        assert_eq!(paths, ["/api/v1/namespaces/ns1/pods", "/api/v1/namespaces/ns2/pods"]);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn client_for_api_server_and_conflicts() {
+        let mut cfg = pod_cfg();
+        cfg.api_server = Some("http://127.0.0.1:6443".into());
+        cfg.authorization = Some(Authorization {
+            kind: None,
+            credentials: Some("secret".into()),
+            credentials_file: None,
+        });
+        assert!(client_for(&cfg).await.is_ok());
+
+        cfg.authorization.as_mut().unwrap().kind = Some("Token".into());
+        let (_, header) = api_server_kubeconfig("http://127.0.0.1:6443", &cfg).unwrap();
+        assert_eq!(header.unwrap().to_str().unwrap(), "Token secret");
+
+        cfg.authorization = None;
+        cfg.basic_auth = Some(config::agent::BasicAuth {
+            username: "agent".into(),
+            password: Some("pw".into()),
+            password_file: None,
+        });
+        assert!(client_for(&cfg).await.is_ok());
+
+        cfg.kubeconfig_file = Some("/nonexistent".into());
+        assert!(matches!(client_for(&cfg).await, Err(Error::ConflictingServer)));
+    }
+}

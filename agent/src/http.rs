@@ -1,0 +1,249 @@
+//! The HTTP client shared by scraping and remote write: keep-alive connections, TLS from
+//! Prometheus-style `tls_config`, and the `basic_auth` / `authorization` headers.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::Engine;
+use bytes::Bytes;
+use config::agent::{Authorization, BasicAuth, TlsConfig};
+use http::HeaderValue;
+use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+/// The concrete client type.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Errors building a client or reading credentials; they name the file involved.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpSetupError {
+    /// A credential, certificate or key file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// PEM content was invalid.
+    #[error("{what}: {message}")]
+    Pem {
+        /// Which setting.
+        what: &'static str,
+        /// What was wrong.
+        message: String,
+    },
+    /// Settings that do not fit together.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Resolves `path` relative to `base` (the config file's directory), as Prometheus does.
+pub fn resolve(base: &Path, path: &str) -> PathBuf {
+    let p = Path::new(path);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn read_file(base: &Path, path: &str) -> Result<String, HttpSetupError> {
+    let path = resolve(base, path);
+    std::fs::read_to_string(&path).map_err(|source| HttpSetupError::Read { path, source })
+}
+
+/// Computes the `Authorization` header value from `basic_auth`, `authorization` or the
+/// deprecated `bearer_token`/`bearer_token_file`. Files are read now.
+pub fn auth_header(
+    base: &Path,
+    basic: Option<&BasicAuth>,
+    authz: Option<&Authorization>,
+    bearer_token: Option<&str>,
+    bearer_token_file: Option<&str>,
+) -> Result<Option<HeaderValue>, HttpSetupError> {
+    let value = if let Some(b) = basic {
+        let password = match (&b.password, &b.password_file) {
+            (Some(p), _) => p.clone(),
+            (None, Some(f)) => read_file(base, f)?.trim_end_matches(['\n', '\r']).to_owned(),
+            (None, None) => String::new(),
+        };
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{}:{password}", b.username));
+        Some(format!("Basic {token}"))
+    } else if let Some(a) = authz {
+        let kind = a.kind.clone().unwrap_or_else(|| "Bearer".to_owned());
+        let creds = match (&a.credentials, &a.credentials_file) {
+            (Some(c), _) => c.clone(),
+            (None, Some(f)) => read_file(base, f)?.trim().to_owned(),
+            (None, None) => String::new(),
+        };
+        Some(format!("{kind} {creds}"))
+    } else if let Some(t) = bearer_token {
+        Some(format!("Bearer {t}"))
+    } else if let Some(f) = bearer_token_file {
+        Some(format!("Bearer {}", read_file(base, f)?.trim()))
+    } else {
+        None
+    };
+    value
+        .map(|v| {
+            let mut hv = HeaderValue::from_str(&v)
+                .map_err(|_| HttpSetupError::Invalid("credentials contain characters not allowed in a header".into()))?;
+            hv.set_sensitive(true);
+            Ok(hv)
+        })
+        .transpose()
+}
+
+/// Builds a keep-alive HTTP(S) client for the given TLS settings.
+pub fn build_client(base: &Path, tls: Option<&TlsConfig>) -> Result<HttpClient, HttpSetupError> {
+    let tls_config = rustls_config(base, tls)?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(std::time::Duration::from_secs(10)));
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config)
+        .https_or_http();
+    let connector = match tls.and_then(|t| t.server_name.clone()) {
+        Some(name) => builder
+            .with_server_name_resolver(FixedServerName(name))
+            .enable_http1()
+            .wrap_connector(http),
+        None => builder.enable_http1().wrap_connector(http),
+    };
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        .pool_max_idle_per_host(4)
+        .build(connector))
+}
+
+#[derive(Debug)]
+struct FixedServerName(String);
+
+impl hyper_rustls::ResolveServerName for FixedServerName {
+    fn resolve(
+        &self,
+        _uri: &http::Uri,
+    ) -> Result<ServerName<'static>, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(ServerName::try_from(self.0.clone())?)
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn rustls_config(base: &Path, tls: Option<&TlsConfig>) -> Result<rustls::ClientConfig, HttpSetupError> {
+    let default = TlsConfig::default();
+    let tls = tls.unwrap_or(&default);
+    let versions: &[&'static rustls::SupportedProtocolVersion] = match tls.min_version.as_deref() {
+        None | Some("TLS12") | Some("TLS10") | Some("TLS11") => rustls::ALL_VERSIONS,
+        Some("TLS13") => &[&rustls::version::TLS13],
+        Some(other) => return Err(HttpSetupError::Invalid(format!("unknown TLS version {other:?} (expected TLS12 or TLS13)"))),
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .map_err(|e| HttpSetupError::Invalid(e.to_string()))?;
+
+    let builder = if tls.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = match (&tls.ca, &tls.ca_file) {
+            (Some(ca), _) => Some(ca.clone()),
+            (None, Some(f)) => Some(read_file(base, f)?),
+            (None, None) => None,
+        };
+        match pem {
+            Some(pem) => {
+                for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                    let cert = cert.map_err(|e| HttpSetupError::Pem { what: "tls_config.ca", message: e.to_string() })?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| HttpSetupError::Pem { what: "tls_config.ca", message: e.to_string() })?;
+                }
+            }
+            None => {
+                let native = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(native.certs);
+            }
+        }
+        builder.with_root_certificates(roots)
+    };
+
+    let cert = match (&tls.cert, &tls.cert_file) {
+        (Some(c), _) => Some(c.clone()),
+        (None, Some(f)) => Some(read_file(base, f)?),
+        _ => None,
+    };
+    let key = match (&tls.key, &tls.key_file) {
+        (Some(k), _) => Some(k.clone()),
+        (None, Some(f)) => Some(read_file(base, f)?),
+        _ => None,
+    };
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            let certs = CertificateDer::pem_slice_iter(cert.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| HttpSetupError::Pem { what: "tls_config.cert", message: e.to_string() })?;
+            let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
+                .map_err(|e| HttpSetupError::Pem { what: "tls_config.key", message: e.to_string() })?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| HttpSetupError::Invalid(format!("client certificate: {e}")))
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => Err(HttpSetupError::Invalid(
+            "tls_config needs both a client certificate and a key, or neither".into(),
+        )),
+    }
+}
+
+/// Verifier for `insecure_skip_verify: true`: accepts any certificate, still checks signatures
+/// of the handshake itself.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -1,0 +1,88 @@
+//! `agent`: the sre-lab node agent.
+//!
+//! Exit codes: 0 clean shutdown / config ok, 1 runtime or config error, 2 usage error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Scrapes Prometheus targets on this node and ships the samples to remote_write receivers.
+#[derive(Parser, Debug)]
+#[command(name = "agent", version, about, arg_required_else_help = true)]
+struct Cli {
+    /// The configuration file (Prometheus-compatible YAML).
+    #[arg(long, short = 'c', env = "AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address of the agent's HTTP server (overrides `server.listen_address`).
+    #[arg(long, env = "AGENT_LISTEN_ADDRESS")]
+    listen_address: Option<String>,
+    /// State directory (overrides `storage.path`).
+    #[arg(long, env = "AGENT_STORAGE_PATH")]
+    storage_path: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `agent=debug`.
+    #[arg(long, env = "AGENT_LOG", default_value = "info")]
+    log_level: String,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate a configuration file: prints every error as FILE:LINE:COL: message (exit 1), or "ok".
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::CheckConfig { file }) = &cli.command {
+        return match agent::app::load(file) {
+            Ok((_, warnings)) => {
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+                println!("ok");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                println!("{e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let Some(config) = cli.config.clone() else {
+        eprintln!("error: --config FILE is required\n\nUsage: agent --config FILE [--listen-address ADDR] [--storage-path DIR]\n       agent check-config FILE\n       agent --version");
+        return ExitCode::from(2);
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let ov = agent::app::Overrides { listen_address: cli.listen_address, storage_path: cli.storage_path };
+    match rt.block_on(agent::app::run(config, ov)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

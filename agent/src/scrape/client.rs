@@ -1,0 +1,164 @@
+//! Fetching one scrape: HTTP GET with Prometheus's headers, timeout, gzip and a body size cap.
+
+use std::io::Read;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+
+use crate::http::HttpClient;
+
+/// The `Accept` header Prometheus 2.42 sends: OpenMetrics preferred, text 0.0.4 accepted.
+pub const ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+/// The agent's `User-Agent`.
+pub fn user_agent() -> HeaderValue {
+    HeaderValue::from_static(concat!("sre-lab-agent/", env!("CARGO_PKG_VERSION")))
+}
+
+/// Why a scrape failed; `kind()` is the bounded label value for metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum ScrapeError {
+    /// The request did not finish in time.
+    #[error("context deadline exceeded (scrape timeout {0:?})")]
+    Timeout(Duration),
+    /// Connecting or sending failed.
+    #[error("{0}")]
+    Connect(String),
+    /// Non-200 answer.
+    #[error("server returned HTTP status {0}")]
+    Status(StatusCode),
+    /// Body larger than `body_size_limit`.
+    #[error("body size limit exceeded: the response is larger than {0} bytes")]
+    BodyTooLarge(u64),
+    /// gzip decoding failed.
+    #[error("decompressing gzip response: {0}")]
+    Decompress(String),
+    /// The exposition text was malformed.
+    #[error("{0}")]
+    Parse(String),
+    /// More samples than `sample_limit`.
+    #[error("sample limit exceeded: {got} samples > sample_limit {limit}")]
+    SampleLimit {
+        /// Samples after relabeling.
+        got: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A label limit was exceeded.
+    #[error("{0}")]
+    LabelLimit(String),
+    /// The request could not be built (bad URL).
+    #[error("invalid scrape URL: {0}")]
+    Url(String),
+}
+
+impl ScrapeError {
+    /// A short, bounded reason for the failure counter.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ScrapeError::Timeout(_) => "timeout",
+            ScrapeError::Connect(_) => "connect",
+            ScrapeError::Status(_) => "http_status",
+            ScrapeError::BodyTooLarge(_) => "body_size_limit",
+            ScrapeError::Decompress(_) => "decompress",
+            ScrapeError::Parse(_) => "parse",
+            ScrapeError::SampleLimit { .. } => "sample_limit",
+            ScrapeError::LabelLimit(_) => "label_limit",
+            ScrapeError::Url(_) => "url",
+        }
+    }
+}
+
+/// A fetched body and its content type.
+pub struct Fetched {
+    /// Uncompressed body.
+    pub body: Bytes,
+    /// `Content-Type` of the answer.
+    pub content_type: String,
+}
+
+/// Fetches `url`. `limit` of 0 means no size limit.
+pub async fn fetch(
+    client: &HttpClient,
+    url: &str,
+    auth: Option<&HeaderValue>,
+    timeout: Duration,
+    limit: u64,
+) -> Result<Fetched, ScrapeError> {
+    let mut req = Request::get(url)
+        .header(header::ACCEPT, ACCEPT)
+        .header(header::ACCEPT_ENCODING, "gzip")
+        .header(header::USER_AGENT, user_agent())
+        .header("X-Prometheus-Scrape-Timeout-Seconds", format!("{}", timeout.as_secs_f64()));
+    if let Some(a) = auth {
+        req = req.header(header::AUTHORIZATION, a.clone());
+    }
+    let req = req.body(Full::new(Bytes::new())).map_err(|e| ScrapeError::Url(e.to_string()))?;
+    let work = async {
+        let resp = client.request(req).await.map_err(|e| ScrapeError::Connect(error_chain(&e)))?;
+        if resp.status() != StatusCode::OK {
+            return Err(ScrapeError::Status(resp.status()));
+        }
+        let content_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let gzip = resp
+            .headers()
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+        let cap = if limit == 0 { usize::MAX } else { limit as usize + 1 };
+        let body = Limited::new(resp.into_body(), cap)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    ScrapeError::BodyTooLarge(limit)
+                } else {
+                    ScrapeError::Connect(format!("reading body: {e}"))
+                }
+            })?
+            .to_bytes();
+        if limit != 0 && body.len() as u64 > limit {
+            return Err(ScrapeError::BodyTooLarge(limit));
+        }
+        let body = if gzip { gunzip(&body, limit)? } else { body };
+        Ok(Fetched { body, content_type })
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(ScrapeError::Timeout(timeout)),
+    }
+}
+
+fn gunzip(data: &[u8], limit: u64) -> Result<Bytes, ScrapeError> {
+    let mut out = Vec::with_capacity(data.len() * 4);
+    let cap = if limit == 0 { u64::MAX } else { limit + 1 };
+    flate2::read::MultiGzDecoder::new(data)
+        .take(cap)
+        .read_to_end(&mut out)
+        .map_err(|e| ScrapeError::Decompress(e.to_string()))?;
+    if limit != 0 && out.len() as u64 > limit {
+        return Err(ScrapeError::BodyTooLarge(limit));
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Renders an error with its sources, `a: b: c`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,179 @@
+//! The scrape manager: per job, merges the target groups of its discovery providers, applies
+//! `relabel_configs`, and keeps one scrape loop per target — starting loops for new targets and
+//! stopping (with staleness markers) loops of targets that went away.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use super::scrape_loop::{LoopHandle, ScrapeSettings, StopMode};
+use super::target::{self, JobDefaults, TargetError};
+use crate::discovery::TargetGroup;
+use crate::labels::Labels;
+use crate::relabel::Rule;
+use crate::remote_write::Outputs;
+use crate::telemetry::server::TargetView;
+use crate::telemetry::Metrics;
+
+/// Everything needed to run one job.
+pub struct Job {
+    /// Defaults for targets.
+    pub defaults: JobDefaults,
+    /// `relabel_configs`.
+    pub relabel: Vec<Rule>,
+    /// Scrape settings shared by the job's loops.
+    pub settings: Arc<ScrapeSettings>,
+    /// One receiver per discovery provider.
+    pub providers: Vec<watch::Receiver<Vec<TargetGroup>>>,
+    /// `target_limit` (0 = none).
+    pub target_limit: u64,
+}
+
+#[derive(Default)]
+struct JobState {
+    loops: BTreeMap<String, LoopHandle>,
+    not_scraped: Vec<(Labels, TargetError)>,
+}
+
+/// Running jobs; dropping it does not stop them, call [`Manager::stop`].
+pub struct Manager {
+    jobs: Vec<(String, Arc<tokio::sync::Mutex<JobState>>, Arc<Mutex<Vec<TargetView>>>)>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Manager {
+    /// Starts every job.
+    pub fn start(jobs: Vec<Job>, outputs: Arc<Outputs>, metrics: Arc<Metrics>) -> Self {
+        let (stop, stop_rx) = watch::channel(false);
+        let mut out = Self { jobs: Vec::new(), tasks: Vec::new(), stop };
+        for job in jobs {
+            let state = Arc::new(tokio::sync::Mutex::new(JobState::default()));
+            let views = Arc::new(Mutex::new(Vec::new()));
+            out.jobs.push((job.defaults.job.clone(), state.clone(), views.clone()));
+            out.tasks.push(tokio::spawn(run_job(job, state, views, outputs.clone(), metrics.clone(), stop_rx.clone())));
+        }
+        out
+    }
+
+    /// Stops every loop without staleness markers (shutdown or reload).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        for (_, state, _) in self.jobs {
+            let mut st = state.lock().await;
+            let loops = std::mem::take(&mut st.loops);
+            for (_, l) in loops {
+                l.stop(StopMode::Shutdown).await;
+            }
+        }
+    }
+
+    /// A closure that lists every target for the status page.
+    pub fn status_source(&self) -> Arc<dyn Fn() -> Vec<TargetView> + Send + Sync> {
+        let jobs: Vec<_> = self.jobs.iter().map(|(_, s, v)| (s.clone(), v.clone())).collect();
+        Arc::new(move || {
+            let mut out = Vec::new();
+            for (state, views) in &jobs {
+                // Live loops: read their status; the job task keeps `views` for the static part.
+                if let Ok(st) = state.try_lock() {
+                    for l in st.loops.values() {
+                        let s = l.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        out.push(TargetView {
+                            job: l.target.labels.get_or_empty("job").to_owned(),
+                            url: l.target.url.clone(),
+                            labels: l.target.labels.as_slice().to_vec(),
+                            discovered_labels: l.target.discovered.as_slice().to_vec(),
+                            health: s.health.to_owned(),
+                            last_scrape_ms: s.last_scrape_ms,
+                            last_duration_seconds: s.last_duration.as_secs_f64(),
+                            last_samples: s.last_samples,
+                            last_error: s.last_error,
+                        });
+                    }
+                }
+                out.extend(views.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
+            }
+            out
+        })
+    }
+}
+
+async fn run_job(
+    job: Job,
+    state: Arc<tokio::sync::Mutex<JobState>>,
+    views: Arc<Mutex<Vec<TargetView>>>,
+    outputs: Arc<Outputs>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut providers = job.providers;
+    loop {
+        let groups: Vec<TargetGroup> = providers.iter_mut().flat_map(|p| p.borrow_and_update().clone()).collect();
+        let (mut targets, not_scraped) = target::from_groups(&groups, &job.defaults, &job.relabel);
+        let mut invalid_limit = Vec::new();
+        if job.target_limit > 0 && targets.len() as u64 > job.target_limit {
+            tracing::warn!(job = %job.defaults.job, targets = targets.len(), limit = job.target_limit, "target_limit exceeded; scraping none of the job's targets.");
+            for t in targets.drain(..) {
+                invalid_limit.push((t.discovered, TargetError::Invalid(format!("target_limit exceeded ({})", job.target_limit))));
+            }
+        }
+        {
+            let mut st = state.lock().await;
+            let wanted: BTreeMap<String, target::Target> = targets.into_iter().map(|t| (t.key(), t)).collect();
+            let gone: Vec<String> = st.loops.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+            for k in gone {
+                if let Some(l) = st.loops.remove(&k) {
+                    l.stop(StopMode::TargetGone).await;
+                }
+            }
+            for (k, t) in wanted {
+                if !st.loops.contains_key(&k) {
+                    let h = LoopHandle::start(t, job.settings.clone(), outputs.clone(), metrics.clone());
+                    st.loops.insert(k, h);
+                }
+            }
+            st.not_scraped = not_scraped.into_iter().chain(invalid_limit).collect();
+            let dropped = st.not_scraped.iter().filter(|(_, e)| *e == TargetError::Dropped).count();
+            metrics.set_targets(&job.defaults.job, st.loops.len(), dropped, st.not_scraped.len() - dropped);
+            let mut v = views.lock().unwrap_or_else(|p| p.into_inner());
+            *v = st
+                .not_scraped
+                .iter()
+                .filter(|(_, e)| *e != TargetError::Dropped)
+                .map(|(l, e)| TargetView {
+                    job: job.defaults.job.clone(),
+                    url: l.get_or_empty(crate::labels::ADDRESS).to_owned(),
+                    labels: Vec::new(),
+                    discovered_labels: l.as_slice().to_vec(),
+                    health: "invalid".to_owned(),
+                    last_scrape_ms: 0,
+                    last_duration_seconds: 0.0,
+                    last_samples: 0,
+                    last_error: e.to_string(),
+                })
+                .collect();
+        }
+        // Wait for any provider to change, or stop.
+        let changed = async {
+            if providers.is_empty() {
+                std::future::pending::<()>().await;
+            }
+            let futs = providers.iter_mut().map(|p| Box::pin(p.changed()));
+            let (r, _, _) = futures::future::select_all(futs).await;
+            r.is_ok()
+        };
+        tokio::select! {
+            ok = changed => {
+                if !ok {
+                    // A provider ended (its task stopped); keep its last groups out and go on.
+                    providers.retain(|p| p.has_changed().is_ok());
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}

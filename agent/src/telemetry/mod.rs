@@ -1,0 +1,220 @@
+//! The agent's own telemetry: self metrics (this module) and the HTTP endpoints
+//! (`/metrics`, `/healthz`, `/readyz`, the status page, `/-/reload`, see [`server`]).
+
+pub mod server;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type L = Vec<(&'static str, String)>;
+
+fn hist() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// Every self metric; names are `sre_agent_<name>_<unit>[_total]`.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    scrapes: Family<L, Counter>,
+    scrape_failures: Family<L, Counter>,
+    scrape_duration: Family<L, Histogram, fn() -> Histogram>,
+    scraped_samples: Family<L, Counter>,
+    duplicate_samples: Family<L, Counter>,
+    appended: Family<L, Counter>,
+    sent: Family<L, Counter>,
+    retried: Family<L, Counter>,
+    dropped: Family<L, Counter>,
+    send_duration: Family<L, Histogram, fn() -> Histogram>,
+    shards: Family<L, Gauge>,
+    wal_bytes: Family<L, Gauge>,
+    wal_segments: Family<L, Gauge>,
+    wal_pending_records: Family<L, Gauge>,
+    wal_corrupt: Family<L, Counter>,
+    wal_errors: Family<L, Counter>,
+    targets: Family<L, Gauge>,
+    reloads: Family<L, Counter>,
+    reload_ok: Gauge,
+    file_sink_errors: Counter,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("sre_agent");
+        let m = Self {
+            registry: Mutex::new(Registry::default()),
+            scrapes: Family::default(),
+            scrape_failures: Family::default(),
+            scrape_duration: Family::new_with_constructor(hist),
+            scraped_samples: Family::default(),
+            duplicate_samples: Family::default(),
+            appended: Family::default(),
+            sent: Family::default(),
+            retried: Family::default(),
+            dropped: Family::default(),
+            send_duration: Family::new_with_constructor(hist),
+            shards: Family::default(),
+            wal_bytes: Family::default(),
+            wal_segments: Family::default(),
+            wal_pending_records: Family::default(),
+            wal_corrupt: Family::default(),
+            wal_errors: Family::default(),
+            targets: Family::default(),
+            reloads: Family::default(),
+            reload_ok: Gauge::default(),
+            file_sink_errors: Counter::default(),
+            ready: AtomicBool::new(false),
+        };
+        r.register("scrapes", "Scrapes performed, by job.", m.scrapes.clone());
+        r.register("scrape_failures", "Failed scrapes, by job and reason.", m.scrape_failures.clone());
+        r.register("scrape_duration_seconds", "Duration of scrapes, by job.", m.scrape_duration.clone());
+        r.register("scraped_samples", "Samples parsed from scrapes, by job.", m.scraped_samples.clone());
+        r.register("duplicate_samples", "Samples of a series repeated within one scrape, dropped.", m.duplicate_samples.clone());
+        r.register("wal_samples_appended", "Samples written to the WAL, by remote.", m.appended.clone());
+        r.register("remote_samples_sent", "Samples the receiver accepted, by remote.", m.sent.clone());
+        r.register("remote_samples_retried", "Samples sent again after a failed request, by remote.", m.retried.clone());
+        r.register("remote_samples_dropped", "Samples dropped, by remote and reason.", m.dropped.clone());
+        r.register("remote_send_duration_seconds", "Duration of remote-write requests, by remote.", m.send_duration.clone());
+        r.register("remote_shards", "Current number of sending shards, by remote.", m.shards.clone());
+        r.register("wal_size_bytes", "Bytes on disk in the WAL, by remote.", m.wal_bytes.clone());
+        r.register("wal_segments", "Segment files in the WAL, by remote.", m.wal_segments.clone());
+        r.register("wal_pending_records", "WAL records not yet acknowledged by the receiver, by remote.", m.wal_pending_records.clone());
+        r.register("wal_corrupt_records", "Corrupt WAL records skipped, by remote.", m.wal_corrupt.clone());
+        r.register("wal_errors", "WAL read/commit errors, by remote and operation.", m.wal_errors.clone());
+        r.register("targets", "Scrape targets, by job and state (active, dropped, invalid).", m.targets.clone());
+        r.register("config_reloads", "Configuration reloads, by result.", m.reloads.clone());
+        r.register("config_last_reload_successful", "1 when the last reload succeeded.", m.reload_ok.clone());
+        r.register("file_sink_errors", "Failed writes to the file sink.", m.file_sink_errors.clone());
+        let info: Family<L, Gauge> = Family::default();
+        info.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_owned())]).set(1);
+        r.register("build_info", "Version of the agent.", info);
+        m.reload_ok.set(1);
+        *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = r;
+        m
+    }
+
+    /// Renders every metric in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        let r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = encode(&mut out, &r);
+        out
+    }
+
+    fn job(job: &str) -> L {
+        vec![("job", job.to_owned())]
+    }
+    fn remote(name: &str) -> L {
+        vec![("remote", name.to_owned())]
+    }
+
+    /// A scrape finished (successfully or not).
+    pub fn scrape_done(&self, job: &str, d: Duration, samples: u64) {
+        self.scrapes.get_or_create(&Self::job(job)).inc();
+        self.scrape_duration.get_or_create(&Self::job(job)).observe(d.as_secs_f64());
+        self.scraped_samples.get_or_create(&Self::job(job)).inc_by(samples);
+    }
+    /// A scrape failed for `reason`.
+    pub fn scrape_failure(&self, job: &str, reason: &'static str) {
+        self.scrape_failures
+            .get_or_create(&vec![("job", job.to_owned()), ("reason", reason.to_owned())])
+            .inc();
+    }
+    /// A series appeared twice in one scrape.
+    pub fn duplicate_sample(&self, job: &str) {
+        self.duplicate_samples.get_or_create(&Self::job(job)).inc();
+    }
+    /// Samples went into the WAL.
+    pub fn samples_appended(&self, remote: &str, n: u64) {
+        self.appended.get_or_create(&Self::remote(remote)).inc_by(n);
+    }
+    /// Samples were accepted by the receiver.
+    pub fn samples_sent(&self, remote: &str, n: u64) {
+        self.sent.get_or_create(&Self::remote(remote)).inc_by(n);
+    }
+    /// Samples will be sent again.
+    pub fn samples_retried(&self, remote: &str, n: u64) {
+        self.retried.get_or_create(&Self::remote(remote)).inc_by(n);
+    }
+    /// Samples were dropped.
+    pub fn samples_dropped(&self, remote: &str, reason: &'static str, n: u64) {
+        self.dropped
+            .get_or_create(&vec![("remote", remote.to_owned()), ("reason", reason.to_owned())])
+            .inc_by(n);
+    }
+    /// A remote-write request finished.
+    pub fn observe_send(&self, remote: &str, d: Duration) {
+        self.send_duration.get_or_create(&Self::remote(remote)).observe(d.as_secs_f64());
+    }
+    /// Current shard count.
+    pub fn set_shards(&self, remote: &str, n: i64) {
+        self.shards.get_or_create(&Self::remote(remote)).set(n);
+    }
+    /// WAL gauges.
+    pub fn set_wal(&self, remote: &str, bytes: u64, segments: u64, pending_records: u64) {
+        self.wal_bytes.get_or_create(&Self::remote(remote)).set(bytes as i64);
+        self.wal_segments.get_or_create(&Self::remote(remote)).set(segments as i64);
+        self.wal_pending_records.get_or_create(&Self::remote(remote)).set(pending_records as i64);
+    }
+    /// A corrupt WAL record was skipped.
+    pub fn wal_corrupt(&self, remote: &str) {
+        self.wal_corrupt.get_or_create(&Self::remote(remote)).inc();
+    }
+    /// Sets the corrupt-record counter from WAL statistics (it only grows).
+    pub fn wal_corrupt_total(&self, remote: &str, total: u64) {
+        let c = self.wal_corrupt.get_or_create(&Self::remote(remote));
+        let cur = c.get();
+        if total > cur {
+            c.inc_by(total - cur);
+        }
+    }
+    /// A WAL read failed.
+    pub fn wal_read_error(&self, remote: &str) {
+        self.wal_errors.get_or_create(&vec![("remote", remote.to_owned()), ("op", "read".to_owned())]).inc();
+    }
+    /// A WAL commit failed.
+    pub fn wal_commit_error(&self, remote: &str) {
+        self.wal_errors.get_or_create(&vec![("remote", remote.to_owned()), ("op", "commit".to_owned())]).inc();
+    }
+    /// Target counts of a job.
+    pub fn set_targets(&self, job: &str, active: usize, dropped: usize, invalid: usize) {
+        for (state, n) in [("active", active), ("dropped", dropped), ("invalid", invalid)] {
+            self.targets
+                .get_or_create(&vec![("job", job.to_owned()), ("state", state.to_owned())])
+                .set(n as i64);
+        }
+    }
+    /// A reload finished.
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.reloads.get_or_create(&vec![("result", result.to_owned())]).inc();
+        self.reload_ok.set(ok as i64);
+    }
+    /// A file sink write failed.
+    pub fn file_sink_error(&self) {
+        self.file_sink_errors.inc();
+    }
+    /// Marks the agent ready (config loaded, WAL open, discovery started).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+    /// Whether the agent is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,1 @@
+//! sre-lab installer library.

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The project's test command (README): installs what the tests need, then runs the checks and
+# the whole test suite with one shared build.
+#   - Debian packages: prometheus, prometheus-node-exporter, victoria-metrics (real peers)
+#   - cargo-nextest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+for pair in prometheus:prometheus prometheus-node-exporter:prometheus-node-exporter vmagent:victoria-metrics; do
+  bin=${pair%%:*}; pkg=${pair##*:}
+  command -v "$bin" >/dev/null 2>&1 || need_pkgs+=("$pkg")
+done
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "==> installing ${need_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+# Debian's packages may start services through their postinst on machines with an init
+# system; the tests start their own instances on free ports, so nothing else is needed.
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "==> installing cargo-nextest"
+  cargo install cargo-nextest --locked
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "==> build (one shared build for all tests)"
+cargo build --workspace --bins
+echo "==> tests"
+cargo nextest run --workspace --no-fail-fast "$@"
