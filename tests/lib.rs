@@ -19,7 +19,7 @@ pub fn free_port() -> u16 {
 /// Polls `f` until it returns `Ok(Some(v))` or the deadline passes; the last error is reported.
 pub fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
     let deadline = Instant::now() + timeout;
-    let mut last = String::from("no attempt finished");
+    let mut last;
     loop {
         match f() {
             Ok(Some(v)) => return Ok(v),

@@ -38,14 +38,30 @@ pub(crate) fn deserialize<T: DeserializeOwned>(
     let mut poisoned = HashSet::new();
     for _ in 0..MAX_ROUNDS {
         let err = {
-            let session = Session { env, ignored, poisoned: &poisoned, diags };
-            let de = NodeDe { node: root, s: &session };
+            let session = Session {
+                env,
+                ignored,
+                poisoned: &poisoned,
+                diags,
+            };
+            let de = NodeDe {
+                node: root,
+                s: &session,
+            };
             match T::deserialize(de) {
                 Ok(value) => return Some(value),
                 Err(e) => de.locate(e),
             }
         };
-        let Error::At { node, pos, message, suppressed } = err else { unreachable!("located above") };
+        let Error::At {
+            node,
+            pos,
+            message,
+            suppressed,
+        } = err
+        else {
+            unreachable!("located above")
+        };
         if !suppressed {
             diags.borrow_mut().error(pos, message);
         }
@@ -53,7 +69,9 @@ pub(crate) fn deserialize<T: DeserializeOwned>(
             return None;
         }
     }
-    diags.borrow_mut().error(root.pos, format!("too many errors, stopped after {MAX_ROUNDS}"));
+    diags
+        .borrow_mut()
+        .error(root.pos, format!("too many errors, stopped after {MAX_ROUNDS}"));
     None
 }
 
@@ -79,7 +97,12 @@ impl Session<'_> {
 #[derive(Debug)]
 pub(crate) enum Error {
     /// Raised at (or attributed to) a node; `message` already starts with the node's path.
-    At { node: usize, pos: Pos, message: String, suppressed: bool },
+    At {
+        node: usize,
+        pos: Pos,
+        message: String,
+        suppressed: bool,
+    },
     /// From a visitor, not yet attributed to a node.
     Msg(String),
     /// A struct lacks a field without default; attributed to the struct's node.
@@ -111,7 +134,10 @@ impl de::Error for Error {
         Error::Msg(format!("expected {exp}, got {len} elements"))
     }
     fn unknown_variant(variant: &str, expected: &'static [&'static str]) -> Self {
-        Error::Msg(format!("unknown value `{variant}` (expected one of: {})", expected.join(", ")))
+        Error::Msg(format!(
+            "unknown value `{variant}` (expected one of: {})",
+            expected.join(", ")
+        ))
     }
     fn missing_field(field: &'static str) -> Self {
         Error::MissingField(field)
@@ -151,7 +177,9 @@ fn resolve_plain(text: &str) -> Typed {
         return Typed::Int(i);
     }
     let numeric = text.bytes().any(|b| b.is_ascii_digit())
-        && text.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-' | b'_'));
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-' | b'_'));
     match text.replace('_', "").parse::<f64>() {
         Ok(f) if numeric => Typed::Float(f),
         _ => Typed::Str,
@@ -266,7 +294,12 @@ impl<'a> NodeDe<'a> {
             Error::Msg(m) => (m, self.lost_children()),
             Error::MissingField(f) => (format!("missing required key `{f}`"), self.lost_key(f)),
         };
-        Error::At { node: self.node.id, pos: self.node.pos, message: at_path(&self.node.path, message), suppressed }
+        Error::At {
+            node: self.node.id,
+            pos: self.node.pos,
+            message: at_path(&self.node.path, message),
+            suppressed,
+        }
     }
 
     fn fail(&self, message: impl Into<String>) -> Error {
@@ -287,7 +320,9 @@ impl<'a> NodeDe<'a> {
 
     fn lost_key(&self, key: &str) -> bool {
         match &self.node.kind {
-            Kind::Map(entries) => entries.iter().any(|e| e.key.key_text() == Some(key) && !self.s.live_entry(e)),
+            Kind::Map(entries) => entries
+                .iter()
+                .any(|e| e.key.key_text() == Some(key) && !self.s.live_entry(e)),
             _ => false,
         }
     }
@@ -315,7 +350,11 @@ impl<'a> NodeDe<'a> {
     }
 
     fn int<V: Visitor<'a>>(self, visitor: V, unsigned: bool) -> Result<V::Value, Error> {
-        let what = if unsigned { "a non-negative integer" } else { "an integer" };
+        let what = if unsigned {
+            "a non-negative integer"
+        } else {
+            "an integer"
+        };
         let view = self.view()?;
         let n = match &view {
             View::Scalar(t, Style::Plain) => parse_int(t),
@@ -342,7 +381,10 @@ impl<'a> NodeDe<'a> {
             View::Null => &[],
             other => return Err(self.expected("a sequence", &other)),
         };
-        let access = SeqDe { items: items.iter(), s: self.s };
+        let access = SeqDe {
+            items: items.iter(),
+            s: self.s,
+        };
         visitor.visit_seq(access).map_err(|e| self.locate(e))
     }
 
@@ -360,7 +402,10 @@ impl<'a> NodeDe<'a> {
         for entry in self.entries()?.iter().filter(|e| self.s.live_entry(e)) {
             let mut diags = self.s.diags.borrow_mut();
             let Some(key) = entry.key.key_text().filter(|_| !matches!(entry.key.kind, Kind::Null)) else {
-                diags.error(entry.key.pos, at_path(&self.node.path, format!("keys of {} must be strings", humanize(name))));
+                diags.error(
+                    entry.key.pos,
+                    at_path(&self.node.path, format!("keys of {} must be strings", humanize(name))),
+                );
                 continue;
             };
             if fields.contains(&key) {
@@ -369,7 +414,10 @@ impl<'a> NodeDe<'a> {
                 let msg = format!("key `{key}` is accepted for Prometheus compatibility and ignored");
                 diags.warning(entry.key.pos, at_path(&self.node.path, msg));
             } else {
-                diags.error(entry.key.pos, at_path(&self.node.path, unknown_key_message(name, key, fields)));
+                diags.error(
+                    entry.key.pos,
+                    at_path(&self.node.path, unknown_key_message(name, key, fields)),
+                );
             }
         }
         Ok(keep)
@@ -519,7 +567,9 @@ impl<'a> de::Deserializer<'a> for NodeDe<'a> {
 
     fn deserialize_map<V: Visitor<'a>>(self, visitor: V) -> Result<V::Value, Error> {
         let entries = self.entries()?.iter().filter(|e| self.s.live_entry(e)).collect();
-        visitor.visit_map(MapDe::new(entries, self.s)).map_err(|e| self.locate(e))
+        visitor
+            .visit_map(MapDe::new(entries, self.s))
+            .map_err(|e| self.locate(e))
     }
 
     fn deserialize_struct<V: Visitor<'a>>(
@@ -529,7 +579,9 @@ impl<'a> de::Deserializer<'a> for NodeDe<'a> {
         visitor: V,
     ) -> Result<V::Value, Error> {
         let entries = self.struct_entries(name, fields)?;
-        visitor.visit_map(MapDe::new(entries, self.s)).map_err(|e| self.locate(e))
+        visitor
+            .visit_map(MapDe::new(entries, self.s))
+            .map_err(|e| self.locate(e))
     }
 
     fn deserialize_enum<V: Visitor<'a>>(
@@ -539,8 +591,14 @@ impl<'a> de::Deserializer<'a> for NodeDe<'a> {
         visitor: V,
     ) -> Result<V::Value, Error> {
         let access = match self.view()? {
-            View::Scalar(..) => EnumDe { variant: self, value: None },
-            View::Map([entry]) => EnumDe { variant: self.child(&entry.key), value: Some(self.child(&entry.value)) },
+            View::Scalar(..) => EnumDe {
+                variant: self,
+                value: None,
+            },
+            View::Map([entry]) => EnumDe {
+                variant: self.child(&entry.key),
+                value: Some(self.child(&entry.value)),
+            },
             other => return Err(self.expected("a name or a mapping with a single key", &other)),
         };
         visitor.visit_enum(access).map_err(|e| self.locate(e))
@@ -581,7 +639,11 @@ struct MapDe<'a> {
 
 impl<'a> MapDe<'a> {
     fn new(entries: Vec<&'a Entry>, s: &'a Session<'a>) -> Self {
-        Self { entries: entries.into_iter(), value: None, s }
+        Self {
+            entries: entries.into_iter(),
+            value: None,
+            s,
+        }
     }
 }
 
@@ -592,7 +654,11 @@ impl<'a> de::MapAccess<'a> for MapDe<'a> {
         match self.entries.next() {
             Some(entry) => {
                 self.value = Some(&entry.value);
-                seed.deserialize(NodeDe { node: &entry.key, s: self.s }).map(Some)
+                seed.deserialize(NodeDe {
+                    node: &entry.key,
+                    s: self.s,
+                })
+                .map(Some)
             }
             None => Ok(None),
         }
@@ -644,14 +710,18 @@ impl<'a> de::VariantAccess<'a> for EnumDe<'a> {
     fn tuple_variant<V: Visitor<'a>>(self, _len: usize, visitor: V) -> Result<V::Value, Error> {
         match self.value {
             Some(v) => v.seq(visitor),
-            None => Err(self.variant.fail("expected a mapping `name: [values]` for this variant")),
+            None => Err(self
+                .variant
+                .fail("expected a mapping `name: [values]` for this variant")),
         }
     }
 
     fn struct_variant<V: Visitor<'a>>(self, fields: &'static [&'static str], visitor: V) -> Result<V::Value, Error> {
         match self.value {
             Some(v) => de::Deserializer::deserialize_struct(v, "variant", fields, visitor),
-            None => Err(self.variant.fail("expected a mapping `name: {fields}` for this variant")),
+            None => Err(self
+                .variant
+                .fail("expected a mapping `name: {fields}` for this variant")),
         }
     }
 }
@@ -673,6 +743,51 @@ mod tests {
         assert_eq!(resolve_plain("15s"), Typed::Str);
         assert_eq!(resolve_plain("localhost:9090"), Typed::Str);
         assert_eq!(resolve_plain("1.2.3.4"), Typed::Str);
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Strict {
+        a: u32,
+        #[serde(default)]
+        b: Vec<u32>,
+        #[serde(default)]
+        role: Option<Role>,
+    }
+
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    enum Role {
+        Pod,
+        Node,
+    }
+
+    fn strict(text: &str) -> Result<Strict, Vec<String>> {
+        let no_env = |_: &str| None;
+        let never = |_: &str, _: &str| false;
+        crate::from_str::<Strict>(text, "s.yml", &no_env, &never)
+            .map(|l| l.value)
+            .map_err(|e| e.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn every_failing_field_and_element_is_reported_once() {
+        assert_eq!(
+            strict("a: x\nb: [1, y, 3, z]\nrole: pdo\n").unwrap_err(),
+            [
+                "s.yml:1:4: a: expected a non-negative integer, got a string \"x\"",
+                "s.yml:2:8: b[1]: expected a non-negative integer, got a string \"y\"",
+                "s.yml:2:14: b[3]: expected a non-negative integer, got a string \"z\"",
+                "s.yml:3:7: role: unknown value `pdo` (expected one of: pod, node)",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_really_missing_field_is_reported_at_the_mapping() {
+        assert_eq!(strict("b: [1]\n").unwrap_err(), ["s.yml:1:1: missing required key `a`"]);
+        let ok = strict("a: 0x10\nrole: node\n").unwrap();
+        assert_eq!((ok.a, ok.role), (16, Some(Role::Node)));
     }
 
     #[test]

@@ -91,7 +91,19 @@ mod tests {
 
     #[test]
     fn keeps_other_dollar_forms() {
-        for s in ["$1", "${1}", "$name", "a$", "${1}_${2}", "$", "${", "${A", "${-x}", "${A-x}", "${a.b}"] {
+        for s in [
+            "$1",
+            "${1}",
+            "$name",
+            "a$",
+            "${1}_${2}",
+            "$",
+            "${",
+            "${A",
+            "${-x}",
+            "${A-x}",
+            "${a.b}",
+        ] {
             assert_eq!(ex(s).unwrap(), s);
         }
     }

@@ -76,20 +76,33 @@ pub(crate) struct Diagnostics {
 
 impl Diagnostics {
     pub(crate) fn new(file: &str) -> Self {
-        Self { file: file.to_owned(), ..Self::default() }
+        Self {
+            file: file.to_owned(),
+            ..Self::default()
+        }
     }
 
     pub(crate) fn error(&mut self, pos: Pos, message: impl Into<String>) {
         let message = message.into();
         if self.seen.insert((true, pos, message.clone())) {
-            self.errors.push(ConfigError { file: self.file.clone(), line: pos.line, column: pos.column, message });
+            self.errors.push(ConfigError {
+                file: self.file.clone(),
+                line: pos.line,
+                column: pos.column,
+                message,
+            });
         }
     }
 
     pub(crate) fn warning(&mut self, pos: Pos, message: impl Into<String>) {
         let message = message.into();
         if self.seen.insert((false, pos, message.clone())) {
-            self.warnings.push(Warning { file: self.file.clone(), line: pos.line, column: pos.column, message });
+            self.warnings.push(Warning {
+                file: self.file.clone(),
+                line: pos.line,
+                column: pos.column,
+                message,
+            });
         }
     }
 

@@ -136,14 +136,23 @@ pub fn agent_config_from_str(
 /// [`apply_defaults`]: crate::apply_defaults
 pub fn load_agent_config(path: &Path) -> Result<Loaded<AgentConfig>, Vec<ConfigError>> {
     let file = path.display().to_string();
-    let whole_file = |message: String| vec![ConfigError { file: file.clone(), line: 0, column: 0, message }];
+    let whole_file = |message: String| {
+        vec![ConfigError {
+            file: file.clone(),
+            line: 0,
+            column: 0,
+            message,
+        }]
+    };
     let mut text = String::new();
     let read = std::fs::File::open(path).and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_string(&mut text));
     if let Err(e) = read {
         return Err(whole_file(format!("cannot read configuration file: {e}")));
     }
     if text.len() as u64 > MAX_FILE_BYTES {
-        return Err(whole_file(format!("configuration file is larger than {MAX_FILE_BYTES} bytes")));
+        return Err(whole_file(format!(
+            "configuration file is larger than {MAX_FILE_BYTES} bytes"
+        )));
     }
     agent_config_from_str(&text, &file, &|name| std::env::var(name).ok())
 }

@@ -16,8 +16,17 @@ use crate::units::Duration;
 
 /// Relabel actions Prometheus 2.42 knows (matched case-insensitively, as Prometheus does).
 pub const RELABEL_ACTIONS: &[&str] = &[
-    "replace", "keep", "drop", "keepequal", "dropequal", "hashmod", "labelmap", "labeldrop", "labelkeep",
-    "lowercase", "uppercase",
+    "replace",
+    "keep",
+    "drop",
+    "keepequal",
+    "dropequal",
+    "hashmod",
+    "labelmap",
+    "labeldrop",
+    "labelkeep",
+    "lowercase",
+    "uppercase",
 ];
 
 /// Kubernetes SD roles Prometheus knows; the agent implements only `pod`.
@@ -25,8 +34,16 @@ const KUBERNETES_ROLES: &[&str] = &["pod", "service", "endpoints", "endpointslic
 
 /// Headers the remote_write client sets itself.
 const RESERVED_HEADERS: &[&str] = &[
-    "authorization", "host", "content-encoding", "content-length", "content-type", "user-agent",
-    "x-prometheus-remote-write-version", "connection", "keep-alive", "transfer-encoding",
+    "authorization",
+    "host",
+    "content-encoding",
+    "content-length",
+    "content-type",
+    "user-agent",
+    "x-prometheus-remote-write-version",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
 ];
 
 const DEFAULT_REMOTE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -100,7 +117,11 @@ pub fn apply_defaults(cfg: &mut AgentConfig) {
 /// Checks `cfg` (as deserialized from a file with `spans`) and returns every finding, sorted
 /// by position.
 pub fn validate(cfg: &AgentConfig, spans: &SpanTable, file: &str) -> Vec<ConfigError> {
-    let mut c = Checker { spans, file, errors: Vec::new() };
+    let mut c = Checker {
+        spans,
+        file,
+        errors: Vec::new(),
+    };
     c.global(&cfg.global);
     let mut jobs: HashMap<&str, usize> = HashMap::new();
     for (i, sc) in cfg.scrape_configs.iter().enumerate() {
@@ -112,7 +133,10 @@ pub fn validate(cfg: &AgentConfig, spans: &SpanTable, file: &str) -> Vec<ConfigE
             jobs.insert(&sc.job_name, first);
             c.err(
                 &format!("{path}.job_name"),
-                format!("found multiple scrape configs with job name {:?} (first at line {first_line})", sc.job_name),
+                format!(
+                    "found multiple scrape configs with job name {:?} (first at line {first_line})",
+                    sc.job_name
+                ),
             );
         }
         c.scrape(&path, sc, &cfg.global);
@@ -123,7 +147,10 @@ pub fn validate(cfg: &AgentConfig, spans: &SpanTable, file: &str) -> Vec<ConfigE
         if let Some(name) = rw.name.as_deref().filter(|n| !n.is_empty()) {
             if let Some(first) = names.insert(name, i) {
                 names.insert(name, first);
-                c.err(&format!("{path}.name"), format!("found multiple remote_write configs with name {name:?}"));
+                c.err(
+                    &format!("{path}.name"),
+                    format!("found multiple remote_write configs with name {name:?}"),
+                );
             }
         }
         c.remote_write(&path, rw);
@@ -182,7 +209,10 @@ impl Checker<'_> {
         }
         for name in g.external_labels.keys() {
             if !valid_label_name(name) || name == "__name__" {
-                self.err(&format!("global.external_labels.{name}"), format!("{name:?} is not a valid label name"));
+                self.err(
+                    &format!("global.external_labels.{name}"),
+                    format!("{name:?} is not a valid label name"),
+                );
             }
         }
     }
@@ -190,7 +220,11 @@ impl Checker<'_> {
     fn scrape(&mut self, path: &str, sc: &ScrapeConfig, global: &GlobalConfig) {
         let (interval, timeout) = (effective_interval(sc, global), effective_timeout(sc, global));
         if timeout > interval {
-            let at = if sc.scrape_timeout.is_some() { "scrape_timeout" } else { "scrape_interval" };
+            let at = if sc.scrape_timeout.is_some() {
+                "scrape_timeout"
+            } else {
+                "scrape_interval"
+            };
             self.err(
                 &format!("{path}.{at}"),
                 format!(
@@ -200,10 +234,16 @@ impl Checker<'_> {
             );
         }
         if let Some(scheme) = sc.scheme.as_deref().filter(|s| !matches!(*s, "http" | "https")) {
-            self.err(&format!("{path}.scheme"), format!("scheme must be http or https, got {scheme:?}"));
+            self.err(
+                &format!("{path}.scheme"),
+                format!("scheme must be http or https, got {scheme:?}"),
+            );
         }
         if let Some(mp) = sc.metrics_path.as_deref().filter(|p| !p.starts_with('/')) {
-            self.err(&format!("{path}.metrics_path"), format!("metrics_path must start with /, got {mp:?}"));
+            self.err(
+                &format!("{path}.metrics_path"),
+                format!("metrics_path must start with /, got {mp:?}"),
+            );
         }
         let client = HttpClient {
             basic_auth: sc.basic_auth.as_ref(),
@@ -255,24 +295,39 @@ impl Checker<'_> {
         if target.is_empty() {
             self.err(path, "target must not be empty");
         } else if target.contains("://") {
-            self.err(path, format!("target {target:?} must be host:port without a scheme (set `scheme` instead)"));
+            self.err(
+                path,
+                format!("target {target:?} must be host:port without a scheme (set `scheme` instead)"),
+            );
         } else if target.contains('/') {
-            self.err(path, format!("target {target:?} must be host:port without a path (set `metrics_path` instead)"));
+            self.err(
+                path,
+                format!("target {target:?} must be host:port without a path (set `metrics_path` instead)"),
+            );
         }
     }
 
     fn kubernetes(&mut self, path: &str, k: &KubernetesSdConfig) {
         match k.role.as_str() {
             "pod" => {}
-            "" => self.err(&format!("{path}.role"), "role is required (the agent supports role `pod`)"),
+            "" => self.err(
+                &format!("{path}.role"),
+                "role is required (the agent supports role `pod`)",
+            ),
             r if KUBERNETES_ROLES.contains(&r) => self.err(
                 &format!("{path}.role"),
                 format!("kubernetes_sd role `{r}` is not supported (the agent supports role `pod`)"),
             ),
-            r => self.err(&format!("{path}.role"), format!("unknown kubernetes_sd role `{r}` (the agent supports role `pod`)")),
+            r => self.err(
+                &format!("{path}.role"),
+                format!("unknown kubernetes_sd role `{r}` (the agent supports role `pod`)"),
+            ),
         }
         if k.api_server.is_some() && k.kubeconfig_file.is_some() {
-            self.err(&format!("{path}.kubeconfig_file"), "api_server and kubeconfig_file cannot both be set");
+            self.err(
+                &format!("{path}.kubeconfig_file"),
+                "api_server and kubeconfig_file cannot both be set",
+            );
         }
         for (j, sel) in k.selectors.iter().enumerate() {
             if sel.role != "pod" {
@@ -297,26 +352,46 @@ impl Checker<'_> {
         if !RELABEL_ACTIONS.contains(&action.as_str()) {
             self.err(
                 &format!("{path}.action"),
-                format!("unknown relabel action {:?} (expected one of: {})", rc.action, RELABEL_ACTIONS.join(", ")),
+                format!(
+                    "unknown relabel action {:?} (expected one of: {})",
+                    rc.action,
+                    RELABEL_ACTIONS.join(", ")
+                ),
             );
             return;
         }
         if let Err(e) = regex::Regex::new(&format!("^(?s:{})$", rc.regex)) {
-            self.err(&format!("{path}.regex"), format!("invalid regular expression {:?}: {}", rc.regex, regex_reason(&e)));
+            self.err(
+                &format!("{path}.regex"),
+                format!("invalid regular expression {:?}: {}", rc.regex, regex_reason(&e)),
+            );
         }
         for (k, name) in rc.source_labels.iter().enumerate() {
             if !valid_label_name(name) {
-                self.err(&format!("{path}.source_labels[{k}]"), format!("{name:?} is not a valid label name"));
+                self.err(
+                    &format!("{path}.source_labels[{k}]"),
+                    format!("{name:?} is not a valid label name"),
+                );
             }
         }
-        let needs_target = matches!(action.as_str(), "replace" | "hashmod" | "lowercase" | "uppercase" | "keepequal" | "dropequal");
+        let needs_target = matches!(
+            action.as_str(),
+            "replace" | "hashmod" | "lowercase" | "uppercase" | "keepequal" | "dropequal"
+        );
         let target = rc.target_label.as_deref().unwrap_or("");
         if needs_target && target.is_empty() {
             self.err(path, format!("target_label is required for action `{action}`"));
         } else if !target.is_empty() {
-            let ok = if action == "replace" { valid_target_template(target) } else { valid_label_name(target) };
+            let ok = if action == "replace" {
+                valid_target_template(target)
+            } else {
+                valid_label_name(target)
+            };
             if !ok {
-                self.err(&format!("{path}.target_label"), format!("{target:?} is not a valid label name"));
+                self.err(
+                    &format!("{path}.target_label"),
+                    format!("{target:?} is not a valid label name"),
+                );
             }
         }
         if action == "hashmod" && rc.modulus.unwrap_or(0) == 0 {
@@ -333,9 +408,15 @@ impl Checker<'_> {
             self.err(path, format!("action `{action}` takes only `regex`"));
         }
         if matches!(action.as_str(), "keepequal" | "dropequal")
-            && (rc.regex != d.regex || rc.modulus.is_some() || rc.separator != d.separator || rc.replacement != d.replacement)
+            && (rc.regex != d.regex
+                || rc.modulus.is_some()
+                || rc.separator != d.separator
+                || rc.replacement != d.replacement)
         {
-            self.err(path, format!("action `{action}` takes only `source_labels` and `target_label`"));
+            self.err(
+                path,
+                format!("action `{action}` takes only `source_labels` and `target_label`"),
+            );
         }
     }
 
@@ -343,11 +424,17 @@ impl Checker<'_> {
         if rw.url.is_empty() {
             self.err(path, "url is required");
         } else if !valid_http_url(&rw.url) {
-            self.err(&format!("{path}.url"), format!("url must be an http:// or https:// URL with a host, got {:?}", rw.url));
+            self.err(
+                &format!("{path}.url"),
+                format!("url must be an http:// or https:// URL with a host, got {:?}", rw.url),
+            );
         }
         for name in rw.headers.keys() {
             if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
-                self.err(&format!("{path}.headers.{name}"), format!("header {name:?} is set by the agent and cannot be configured"));
+                self.err(
+                    &format!("{path}.headers.{name}"),
+                    format!("header {name:?} is set by the agent and cannot be configured"),
+                );
             }
         }
         let client = HttpClient {
@@ -370,11 +457,17 @@ impl Checker<'_> {
         } else if q.min_shards > q.max_shards {
             self.err(
                 &format!("{path}.min_shards"),
-                format!("min_shards ({}) must not be greater than max_shards ({})", q.min_shards, q.max_shards),
+                format!(
+                    "min_shards ({}) must not be greater than max_shards ({})",
+                    q.min_shards, q.max_shards
+                ),
             );
         }
         if q.max_samples_per_send == 0 {
-            self.err(&format!("{path}.max_samples_per_send"), "max_samples_per_send must be greater than 0");
+            self.err(
+                &format!("{path}.max_samples_per_send"),
+                "max_samples_per_send must be greater than 0",
+            );
         }
         if q.capacity == 0 {
             self.err(&format!("{path}.capacity"), "capacity must be greater than 0");
@@ -382,7 +475,10 @@ impl Checker<'_> {
         if q.min_backoff > q.max_backoff {
             self.err(
                 &format!("{path}.min_backoff"),
-                format!("min_backoff ({}) must not be greater than max_backoff ({})", q.min_backoff, q.max_backoff),
+                format!(
+                    "min_backoff ({}) must not be greater than max_backoff ({})",
+                    q.min_backoff, q.max_backoff
+                ),
             );
         }
     }
@@ -390,7 +486,10 @@ impl Checker<'_> {
     fn http_client(&mut self, path: &str, h: &HttpClient<'_>) {
         let bearer = h.bearer_token.is_some() || h.bearer_token_file.is_some();
         if h.bearer_token.is_some() && h.bearer_token_file.is_some() {
-            self.err(&format!("{path}.bearer_token_file"), "at most one of bearer_token and bearer_token_file may be set");
+            self.err(
+                &format!("{path}.bearer_token_file"),
+                "at most one of bearer_token and bearer_token_file may be set",
+            );
         }
         if let Some(b) = h.basic_auth {
             if b.password.is_some() && b.password_file.is_some() {
@@ -414,7 +513,10 @@ impl Checker<'_> {
                 );
             }
             if a.kind.as_deref().is_some_and(|k| k.eq_ignore_ascii_case("basic")) {
-                self.err(&format!("{path}.authorization.type"), "authorization type cannot be Basic; use basic_auth");
+                self.err(
+                    &format!("{path}.authorization.type"),
+                    "authorization type cannot be Basic; use basic_auth",
+                );
             }
             if bearer {
                 self.err(
@@ -429,18 +531,31 @@ impl Checker<'_> {
     }
 
     fn tls(&mut self, path: &str, t: &TlsConfig) {
-        for (inline, file, name) in [(&t.ca, &t.ca_file, "ca"), (&t.cert, &t.cert_file, "cert"), (&t.key, &t.key_file, "key")] {
+        for (inline, file, name) in [
+            (&t.ca, &t.ca_file, "ca"),
+            (&t.cert, &t.cert_file, "cert"),
+            (&t.key, &t.key_file, "key"),
+        ] {
             if inline.is_some() && file.is_some() {
-                self.err(&format!("{path}.{name}_file"), format!("at most one of {name} and {name}_file may be set"));
+                self.err(
+                    &format!("{path}.{name}_file"),
+                    format!("at most one of {name} and {name}_file may be set"),
+                );
             }
         }
         let has_cert = t.cert.is_some() || t.cert_file.is_some();
         let has_key = t.key.is_some() || t.key_file.is_some();
         if has_cert != has_key {
-            self.err(path, "a client certificate (cert or cert_file) needs a key (key or key_file), and the other way round");
+            self.err(
+                path,
+                "a client certificate (cert or cert_file) needs a key (key or key_file), and the other way round",
+            );
         }
         if let Some(v) = t.min_version.as_deref().filter(|v| !matches!(*v, "TLS12" | "TLS13")) {
-            self.err(&format!("{path}.min_version"), format!("min_version must be TLS12 or TLS13, got {v:?}"));
+            self.err(
+                &format!("{path}.min_version"),
+                format!("min_version must be TLS12 or TLS13, got {v:?}"),
+            );
         }
     }
 }
@@ -448,7 +563,8 @@ impl Checker<'_> {
 /// `[a-zA-Z_][a-zA-Z0-9_]*`.
 pub fn valid_label_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// A replace target: label name characters and `$1`, `${1}`, `$name`, `${name}` references.
@@ -496,7 +612,8 @@ fn valid_http_url(url: &str) -> bool {
 }
 
 fn valid_listen_address(addr: &str) -> bool {
-    addr.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+    addr.rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
 }
 
 /// The last line of a regex error, which names the problem (`unclosed group`).
@@ -530,8 +647,15 @@ mod tests {
 
     #[test]
     fn timeout_defaults_follow_prometheus() {
-        let g = GlobalConfig { scrape_interval: Duration::from_secs(30), scrape_timeout: Duration::from_secs(10), ..GlobalConfig::default() };
-        let mut sc = ScrapeConfig { scrape_interval: Some(Duration::from_secs(5)), ..ScrapeConfig::default() };
+        let g = GlobalConfig {
+            scrape_interval: Duration::from_secs(30),
+            scrape_timeout: Duration::from_secs(10),
+            ..GlobalConfig::default()
+        };
+        let mut sc = ScrapeConfig {
+            scrape_interval: Some(Duration::from_secs(5)),
+            ..ScrapeConfig::default()
+        };
         assert_eq!(effective_timeout(&sc, &g), Duration::from_secs(5));
         sc.scrape_interval = None;
         assert_eq!(effective_interval(&sc, &g), Duration::from_secs(30));

@@ -62,7 +62,12 @@ pub(crate) struct Entry {
 
 impl Node {
     fn new(pos: Pos, kind: Kind) -> Self {
-        Self { id: 0, pos, path: String::new(), kind }
+        Self {
+            id: 0,
+            pos,
+            path: String::new(),
+            kind,
+        }
     }
 
     /// The text of a scalar key, as written (`None` for collections).
@@ -108,7 +113,12 @@ pub(crate) struct Document {
 /// Parses one YAML document. An empty text (or only comments) is a single null node at 1:1.
 /// A syntax error, a second document or an over-large expansion is returned as `Err`.
 pub(crate) fn parse(text: &str) -> Result<Document, (Pos, String)> {
-    let mut b = Builder { parser: Parser::new_from_str(text), anchors: HashMap::new(), nodes: 0, errors: Vec::new() };
+    let mut b = Builder {
+        parser: Parser::new_from_str(text),
+        anchors: HashMap::new(),
+        nodes: 0,
+        errors: Vec::new(),
+    };
     let mut root = b.document()?;
     let mut next_id = 0;
     assign(&mut root, String::new(), &mut next_id);
@@ -116,7 +126,10 @@ pub(crate) fn parse(text: &str) -> Result<Document, (Pos, String)> {
 }
 
 fn pos_of(m: &Marker) -> Pos {
-    Pos { line: m.line(), column: m.col() + 1 }
+    Pos {
+        line: m.line(),
+        column: m.col() + 1,
+    }
 }
 
 struct Builder<'a> {
@@ -153,7 +166,10 @@ impl Builder<'_> {
                 (Event::DocumentEnd, _) | (Event::Nothing, _) => {}
                 (Event::StreamEnd, _) => return Ok(root),
                 (Event::DocumentStart, pos) => {
-                    return Err((pos, "a configuration file must hold one YAML document, found a second".to_owned()))
+                    return Err((
+                        pos,
+                        "a configuration file must hold one YAML document, found a second".to_owned(),
+                    ))
                 }
                 (ev, pos) => return Err((pos, format!("YAML syntax error: unexpected {ev:?}"))),
             }
@@ -163,7 +179,10 @@ impl Builder<'_> {
     fn created(&mut self, n: usize, pos: Pos) -> Result<(), (Pos, String)> {
         self.nodes += n;
         if self.nodes > MAX_NODES {
-            return Err((pos, format!("document too large: more than {MAX_NODES} nodes once aliases are expanded")));
+            return Err((
+                pos,
+                format!("document too large: more than {MAX_NODES} nodes once aliases are expanded"),
+            ));
         }
         Ok(())
     }
@@ -199,7 +218,10 @@ impl Builder<'_> {
             }
             Event::MappingStart(anchor, _) => {
                 self.created(1, pos)?;
-                (Node::new(pos, Kind::Map(self.mapping(depth)?)), anchor)
+                let entries = self.mapping(depth)?;
+                // A block mapping's event is marked at its first `:`; report the first key.
+                let first_key = entries.first().map_or(pos, |e| e.key.pos);
+                (Node::new(pos.min(first_key), Kind::Map(entries)), anchor)
             }
             other => return Err((pos, format!("YAML syntax error: unexpected {other:?}"))),
         };
@@ -221,7 +243,11 @@ impl Builder<'_> {
             }
             let key = self.node(ev, kpos, depth + 1)?;
             let (ev, vpos) = self.next()?;
-            let value = self.node(ev, vpos, depth + 1)?;
+            let mut value = self.node(ev, vpos, depth + 1)?;
+            if matches!(value.kind, Kind::Null) && value.pos.line != key.pos.line {
+                // An empty value is marked at the next token; its key is a better place.
+                value.pos = key.pos;
+            }
             if matches!(&key.kind, Kind::Scalar { text, style: Style::Plain } if text == "<<") {
                 self.merge_source(value, &mut merged);
                 continue;
@@ -259,7 +285,10 @@ impl Builder<'_> {
                 })
                 .collect(),
             _ => {
-                self.errors.push((pos, "merge key `<<` needs a mapping or a sequence of mappings".to_owned()));
+                self.errors.push((
+                    pos,
+                    "merge key `<<` needs a mapping or a sequence of mappings".to_owned(),
+                ));
                 return;
             }
         };
@@ -275,12 +304,18 @@ impl Builder<'_> {
 fn scalar_kind(text: String, style: TScalarStyle, tag: Option<&Tag>) -> Kind {
     let tagged_str = tag.is_some_and(|t| t.handle == "tag:yaml.org,2002:" && t.suffix == "str");
     if style != TScalarStyle::Plain || tagged_str {
-        return Kind::Scalar { text, style: Style::Quoted };
+        return Kind::Scalar {
+            text,
+            style: Style::Quoted,
+        };
     }
     if is_null(&text) {
         Kind::Null
     } else {
-        Kind::Scalar { text, style: Style::Plain }
+        Kind::Scalar {
+            text,
+            style: Style::Plain,
+        }
     }
 }
 
@@ -302,7 +337,11 @@ fn assign(node: &mut Node, path: String, next_id: &mut usize) {
         Kind::Map(entries) => {
             for e in entries {
                 let seg = e.key.key_text().unwrap_or("?");
-                let child = if path.is_empty() { seg.to_owned() } else { format!("{path}.{seg}") };
+                let child = if path.is_empty() {
+                    seg.to_owned()
+                } else {
+                    format!("{path}.{seg}")
+                };
                 assign(&mut e.key, child.clone(), next_id);
                 assign(&mut e.value, child, next_id);
             }
@@ -335,8 +374,20 @@ mod tests {
         assert_eq!(e[0].value.pos, Pos { line: 1, column: 4 });
         let Kind::Seq(items) = &e[1].value.kind else { panic!() };
         assert_eq!(items[1].pos, Pos { line: 4, column: 5 });
-        assert!(matches!(&items[1].kind, Kind::Scalar { style: Style::Quoted, .. }));
+        assert!(matches!(
+            &items[1].kind,
+            Kind::Scalar {
+                style: Style::Quoted,
+                ..
+            }
+        ));
         assert_eq!(items[1].path, "b[1]");
+    }
+
+    #[test]
+    fn empty_values_take_their_key_position() {
+        let r = root("a:\nb: 1\n");
+        assert_eq!(map(&r)[0].value.pos, Pos { line: 1, column: 1 });
     }
 
     #[test]
@@ -359,7 +410,13 @@ mod tests {
     #[test]
     fn duplicate_keys_and_second_document() {
         let d = parse("a: 1\nb: 2\na: 3\n").unwrap();
-        assert_eq!(d.errors, [(Pos { line: 3, column: 1 }, "duplicate key `a` (first defined at line 1, column 1)".to_owned())]);
+        assert_eq!(
+            d.errors,
+            [(
+                Pos { line: 3, column: 1 },
+                "duplicate key `a` (first defined at line 1, column 1)".to_owned()
+            )]
+        );
         let e = parse("a: 1\n---\nb: 2\n").unwrap_err();
         assert_eq!(e.0, Pos { line: 2, column: 1 });
     }

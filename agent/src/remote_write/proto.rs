@@ -198,9 +198,13 @@ pub fn frame_timeseries(ts_body: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(ts_body);
 }
 
+/// A compression scratch buffer above this is freed after use rather than kept per thread.
+const SCRATCH_KEEP_BYTES: usize = 8 << 20;
+
 thread_local! {
-    // The snappy encoder keeps a hash table; one per thread avoids re-allocating it per batch.
-    static SNAPPY: RefCell<snap::raw::Encoder> = RefCell::new(snap::raw::Encoder::new());
+    // Per thread: the snappy encoder (it owns a hash table) and an output buffer that stays
+    // initialised, so a batch costs no zero-filling of its worst-case compressed size.
+    static SNAPPY: RefCell<(snap::raw::Encoder, Vec<u8>)> = RefCell::new((snap::raw::Encoder::new(), Vec::new()));
 }
 
 /// Snappy block-compresses `raw` into `out` (replacing its contents, reusing its capacity),
@@ -216,11 +220,21 @@ pub fn compress(raw: &[u8], out: &mut Vec<u8>) {
 
 /// [`compress`] that reports snappy's error (input too large).
 pub fn try_compress(raw: &[u8], out: &mut Vec<u8>) -> Result<(), snap::Error> {
-    out.clear();
-    out.resize(snap::raw::max_compress_len(raw.len()), 0);
-    let n = SNAPPY.with(|enc| enc.borrow_mut().compress(raw, out))?;
-    out.truncate(n);
-    Ok(())
+    SNAPPY.with(|cell| {
+        let (encoder, scratch) = &mut *cell.borrow_mut();
+        let max = snap::raw::max_compress_len(raw.len());
+        if scratch.len() < max {
+            scratch.resize(max, 0);
+        }
+        let result = encoder.compress(raw, &mut scratch[..max]).map(|n| {
+            out.clear();
+            out.extend_from_slice(&scratch[..n]);
+        });
+        if scratch.len() > SCRATCH_KEEP_BYTES {
+            *scratch = Vec::new();
+        }
+        result
+    })
 }
 
 /// Decompresses a snappy block into `out` (replacing its contents), refusing blocks that

@@ -395,18 +395,91 @@ fn scan(line: &[u8], mut i: usize, class: u8) -> usize {
     i
 }
 
+/// Index of the first byte at or after `i` that cannot continue a metric name
+/// (`colon`) or a label name.
 #[inline(always)]
-fn skip_ws(line: &[u8], i: usize) -> usize {
-    scan(line, i, C_WS)
+fn scan_ident(line: &[u8], mut i: usize, colon: bool) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    while let Some(chunk) = line[i..].first_chunk::<16>() {
+        let stop = simd::non_ident(chunk, colon);
+        if stop != 0 {
+            return i + stop.trailing_zeros() as usize;
+        }
+        i += 16;
+    }
+    scan(line, i, if colon { C_NAME } else { C_LABEL })
 }
 
-/// # Safety
-/// `bytes` must be valid UTF-8.
+/// Index of the first `"` or `\` at or after `i` (`line.len()` if none);
+/// sets `non_ascii` if a byte before it is not ASCII.
 #[inline(always)]
-unsafe fn assume_utf8(bytes: &[u8]) -> &str {
-    debug_assert!(std::str::from_utf8(bytes).is_ok());
-    // SAFETY: guaranteed by the caller.
-    unsafe { std::str::from_utf8_unchecked(bytes) }
+fn find_quote(line: &[u8], mut i: usize, non_ascii: &mut bool) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    while let Some(chunk) = line[i..].first_chunk::<16>() {
+        let (stop, high) = simd::quote_or_backslash(chunk);
+        if stop != 0 {
+            let at = stop.trailing_zeros();
+            *non_ascii |= high & ((1 << at) - 1) != 0;
+            return i + at as usize;
+        }
+        *non_ascii |= high != 0;
+        i += 16;
+    }
+    while i < line.len() {
+        let b = line[i];
+        if b == b'"' || b == b'\\' {
+            break;
+        }
+        *non_ascii |= !b.is_ascii();
+        i += 1;
+    }
+    i
+}
+
+/// SSE2 versions of the hot byte scans, 16 bytes at a time. Each returns a
+/// bit mask with bit `n` set for byte `n`.
+///
+/// SAFETY (all `unsafe` blocks below): SSE2 is part of the x86_64 baseline, so
+/// the intrinsics are always available; loads read exactly the 16 bytes of a
+/// `&[u8; 16]` with an unaligned load.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// Bytes in `lo..lo + len` (unsigned), via a bias into the signed range.
+    #[inline(always)]
+    unsafe fn in_range(v: __m128i, lo: u8, len: u8) -> __m128i {
+        unsafe {
+            let biased = _mm_add_epi8(v, _mm_set1_epi8(0x80u8.wrapping_sub(lo) as i8));
+            _mm_cmplt_epi8(biased, _mm_set1_epi8(0x80u8.wrapping_add(len) as i8))
+        }
+    }
+
+    /// Bytes that are not `[a-zA-Z0-9_]` (plus `:` if `colon`).
+    #[inline(always)]
+    pub(super) fn non_ident(chunk: &[u8; 16], colon: bool) -> u32 {
+        unsafe {
+            let v = _mm_loadu_si128(chunk.as_ptr().cast());
+            let alpha = in_range(_mm_or_si128(v, _mm_set1_epi8(0x20)), b'a', 26);
+            // `:` directly follows `9`.
+            let digit = in_range(v, b'0', if colon { 11 } else { 10 });
+            let under = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'_' as i8));
+            let ok = _mm_or_si128(_mm_or_si128(alpha, digit), under);
+            (_mm_movemask_epi8(ok) as u32) ^ 0xffff
+        }
+    }
+
+    /// (`"` or `\\` bytes, non-ASCII bytes).
+    #[inline(always)]
+    pub(super) fn quote_or_backslash(chunk: &[u8; 16]) -> (u32, u32) {
+        unsafe {
+            let v = _mm_loadu_si128(chunk.as_ptr().cast());
+            let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+            let backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+            let stop = _mm_or_si128(quote, backslash);
+            (_mm_movemask_epi8(stop) as u32, _mm_movemask_epi8(v) as u32)
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -452,7 +525,7 @@ fn text_comment(line: &[u8], i: usize) -> Result<Option<Entry<'_>>, Fail> {
         };
         return Err(Fail::Expected(what, start));
     }
-    let end = scan(line, start + 1, C_NAME);
+    let end = scan_ident(line, start + 1, true);
     // SAFETY: metric names are ASCII.
     let metric = unsafe { assume_utf8(&line[start..end]) };
     // Like Prometheus, the text is everything after the one byte following the name.
@@ -461,7 +534,7 @@ fn text_comment(line: &[u8], i: usize) -> Result<Option<Entry<'_>>, Fail> {
 }
 
 fn text_sample(line: &[u8], start: usize) -> Result<Sample<'_>, Fail> {
-    let name_end = scan(line, start + 1, C_NAME);
+    let name_end = scan_ident(line, start + 1, true);
     let mut series_end = name_end;
     let mut labels = RawLabels::default();
     let mut i = skip_ws(line, name_end);
@@ -509,7 +582,6 @@ fn text_sample(line: &[u8], start: usize) -> Result<Sample<'_>, Fail> {
 /// index of the closing `}`. Whitespace is allowed between all tokens, commas
 /// are optional and a trailing comma is fine (as in Prometheus).
 fn text_labels<'a>(line: &'a [u8], start: usize, out: &mut RawLabels<'a>) -> Result<usize, Fail> {
-    let ascii = line[start..].is_ascii();
     let mut dups = DupCheck::default();
     let mut i = start;
     loop {
@@ -520,7 +592,7 @@ fn text_labels<'a>(line: &'a [u8], start: usize, out: &mut RawLabels<'a>) -> Res
             _ => return Err(Fail::Expected("label name", i)),
         }
         let name_start = i;
-        i = scan(line, i + 1, C_LABEL);
+        i = scan_ident(line, i + 1, false);
         dups.add(&line[start..name_start], &line[name_start..i])?;
         i = skip_ws(line, i);
         if line.get(i) != Some(&b'=') {
@@ -530,7 +602,7 @@ fn text_labels<'a>(line: &'a [u8], start: usize, out: &mut RawLabels<'a>) -> Res
         if line.get(i) != Some(&b'"') {
             return Err(Fail::Expected("label value", i));
         }
-        i = quoted_value_end(line, i + 1, ascii)?;
+        i = quoted_value_end(line, i + 1)?;
         i = skip_ws(line, i);
         if line.get(i) == Some(&b',') {
             i += 1;
@@ -560,7 +632,7 @@ fn om_meta(line: &[u8]) -> Result<Entry<'_>, Fail> {
     if !line.get(7).is_some_and(|&b| has(b, C_NAME_START)) {
         return Err(Fail::Expected(what, 7));
     }
-    let end = scan(line, 8, C_NAME);
+    let end = scan_ident(line, 8, true);
     if line.get(end) != Some(&b' ') {
         return Err(Fail::Msg(format!("expected text in {keyword}").into()));
     }
@@ -570,7 +642,7 @@ fn om_meta(line: &[u8]) -> Result<Entry<'_>, Fail> {
 }
 
 fn om_sample(line: &[u8]) -> Result<Sample<'_>, Fail> {
-    let name_end = scan(line, 1, C_NAME);
+    let name_end = scan_ident(line, 1, true);
     let name = &line[..name_end];
     let mut labels = RawLabels::default();
     let mut i = name_end;
@@ -679,7 +751,6 @@ fn om_timestamp(token: &[u8], what: &str) -> Result<i64, Fail> {
 /// Validates an OpenMetrics label section starting just after `{`; returns the
 /// index of the closing `}`. No whitespace, commas only between pairs.
 fn om_labels<'a>(line: &'a [u8], start: usize, out: &mut RawLabels<'a>) -> Result<usize, Fail> {
-    let ascii = line[start..].is_ascii();
     let mut dups = DupCheck::default();
     let mut i = start;
     loop {
@@ -696,7 +767,7 @@ fn om_labels<'a>(line: &'a [u8], start: usize, out: &mut RawLabels<'a>) -> Resul
             _ => return Err(Fail::Expected("',' or '}'", i)),
         }
         let name_start = i;
-        i = scan(line, i + 1, C_LABEL);
+        i = scan_ident(line, i + 1, false);
         dups.add(&line[start..name_start], &line[name_start..i])?;
         if line.get(i) != Some(&b'=') {
             return Err(Fail::Expected("'='", i));
@@ -704,7 +775,7 @@ fn om_labels<'a>(line: &'a [u8], start: usize, out: &mut RawLabels<'a>) -> Resul
         if line.get(i + 1) != Some(&b'"') {
             return Err(Fail::Expected("label value", i + 1));
         }
-        i = quoted_value_end(line, i + 2, ascii)?;
+        i = quoted_value_end(line, i + 2)?;
     }
     *out = RawLabels {
         bytes: &line[start..i],
@@ -749,24 +820,23 @@ fn meta_entry<'a>(keyword: &str, metric: &'a str, text: &'a [u8], format: Format
 
 /// Scans a quoted label value whose opening quote is just before `start`;
 /// returns the index after the closing quote. `\` escapes the next byte.
-/// Validates UTF-8 unless the caller proved the line ASCII.
+/// UTF-8 is validated only if a non-ASCII byte was seen.
 #[inline]
-fn quoted_value_end(line: &[u8], start: usize, ascii: bool) -> Result<usize, Fail> {
+fn quoted_value_end(line: &[u8], start: usize) -> Result<usize, Fail> {
+    let mut non_ascii = false;
     let mut i = start;
     loop {
+        i = find_quote(line, i, &mut non_ascii);
         match line.get(i) {
             Some(b'"') => break,
-            Some(b'\\') => {
-                if i + 1 >= line.len() {
-                    return Err(Fail::Msg("unterminated label value".into()));
-                }
+            Some(_) if i + 1 < line.len() => {
+                non_ascii |= !line[i + 1].is_ascii();
                 i += 2;
             }
-            Some(_) => i += 1,
-            None => return Err(Fail::Msg("unterminated label value".into())),
+            _ => return Err(Fail::Msg("unterminated label value".into())),
         }
     }
-    if !ascii && std::str::from_utf8(&line[start..i]).is_err() {
+    if non_ascii && std::str::from_utf8(&line[start..i]).is_err() {
         return Err(Fail::Msg("invalid UTF-8 in label value".into()));
     }
     Ok(i + 1)
@@ -786,7 +856,7 @@ fn next_raw_label<'a>(rest: &mut &'a [u8]) -> Option<(&'a [u8], &'a [u8], bool)>
         return None;
     }
     let name_start = i;
-    i = scan(bytes, i, C_LABEL);
+    i = scan_ident(bytes, i, false);
     let name = &bytes[name_start..i];
     // Skip optional whitespace, `=`, optional whitespace and the opening quote.
     while i < bytes.len() && bytes[i] != b'"' {
@@ -795,14 +865,15 @@ fn next_raw_label<'a>(rest: &mut &'a [u8]) -> Option<(&'a [u8], &'a [u8], bool)>
     i += 1;
     let value_start = i;
     let mut escaped = false;
+    let mut non_ascii = false;
     loop {
+        i = find_quote(bytes, i, &mut non_ascii);
         match bytes.get(i) {
             Some(b'"') => break,
-            Some(b'\\') => {
+            Some(_) => {
                 escaped = true;
                 i += 2;
             }
-            Some(_) => i += 1,
             None => {
                 *rest = &[];
                 return None;
@@ -826,7 +897,7 @@ struct DupCheck<'a> {
 impl<'a> DupCheck<'a> {
     #[inline]
     fn add(&mut self, prefix: &'a [u8], name: &'a [u8]) -> Result<(), Fail> {
-        if self.count > 0 && (self.unsorted || name <= self.last) {
+        if self.count > 0 && (self.unsorted || !sorts_after(name, self.last)) {
             self.unsorted = true;
             let mut rest = prefix;
             while let Some((seen, _, _)) = next_raw_label(&mut rest) {
@@ -839,6 +910,16 @@ impl<'a> DupCheck<'a> {
         self.last = name;
         self.count += 1;
         Ok(())
+    }
+}
+
+/// `a > b`, deciding on the first byte when it differs (the common case)
+/// without a `memcmp` call.
+#[inline(always)]
+fn sorts_after(a: &[u8], b: &[u8]) -> bool {
+    match (a.first(), b.first()) {
+        (Some(x), Some(y)) if x != y => x > y,
+        _ => a > b,
     }
 }
 
