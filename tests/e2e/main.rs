@@ -1,6 +1,7 @@
 //! End-to-end tests with real peers: Debian's `prometheus` (as remote-write receiver and as
 //! the oracle that scrapes the same targets) and `prometheus-node-exporter`.
 
+mod cli;
 mod common;
 mod metrics_oracle;
 mod outage;

@@ -482,6 +482,20 @@ mod simd {
     }
 }
 
+#[inline(always)]
+fn skip_ws(line: &[u8], i: usize) -> usize {
+    scan(line, i, C_WS)
+}
+
+/// # Safety
+/// `bytes` must be valid UTF-8.
+#[inline(always)]
+unsafe fn assume_utf8(bytes: &[u8]) -> &str {
+    debug_assert!(std::str::from_utf8(bytes).is_ok());
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::str::from_utf8_unchecked(bytes) }
+}
+
 // ---------------------------------------------------------------------------
 // Prometheus text format
 

@@ -1,0 +1,137 @@
+//! The agent binary's command line, config checking, reload, storage lock and SIGTERM.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use sre_lab_tests::{free_port, http_get, http_post, poll, workspace_bin, Agent, TinyServer};
+
+#[test]
+fn usage_version_and_check_config() -> Result<()> {
+    let bin = workspace_bin("agent");
+    let out = Command::new(&bin).output()?;
+    assert_eq!(out.status.code(), Some(2), "no arguments is a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Usage"));
+
+    let out = Command::new(&bin).arg("--version").output()?;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+
+    let dir = tempfile::tempdir()?;
+    let good = dir.path().join("good.yml");
+    std::fs::write(&good, "scrape_configs:\n  - job_name: a\n    static_configs:\n      - targets: ['127.0.0.1:1']\n")?;
+    let out = Command::new(&bin).arg("check-config").arg(&good).output()?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    assert!(out.status.success());
+
+    let bad = dir.path().join("bad.yml");
+    std::fs::write(
+        &bad,
+        "global:\n  scrape_interval: 15\nscrape_configs:\n  - job_name: a\n    bogus: 1\n  - job_name: b\n    scrape_intervall: 1s\n",
+    )?;
+    let out = Command::new(&bin).arg("check-config").arg(&bad).output()?;
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    let file = bad.display().to_string();
+    assert!(lines.len() >= 3, "every error reported: {text}");
+    assert!(lines.iter().any(|l| l.starts_with(&format!("{file}:2:"))), "bad duration at line 2: {text}");
+    assert!(lines.iter().any(|l| l.starts_with(&format!("{file}:5:")) && l.contains("bogus")), "unknown key at line 5: {text}");
+    assert!(lines.iter().any(|l| l.starts_with(&format!("{file}:7:")) && l.contains("scrape_intervall")), "unknown key at line 7: {text}");
+    Ok(())
+}
+
+fn job_names(agent: &Agent) -> Result<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_str(&http_get(&format!("{}/api/v1/targets", agent.url))?)?;
+    let mut jobs: Vec<String> = v.as_array().cloned().unwrap_or_default().iter().map(|t| t["job"].as_str().unwrap_or_default().to_owned()).collect();
+    jobs.sort();
+    jobs.dedup();
+    Ok(jobs)
+}
+
+#[test]
+fn reload_by_http_and_sighup_refuses_bad_config() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = |jobs: &[&str]| -> String {
+        let mut s = String::from("global:\n  scrape_interval: 1s\nscrape_configs:\n");
+        for j in jobs {
+            s.push_str(&format!("  - job_name: {j}\n    static_configs:\n      - targets: ['127.0.0.1:1']\n"));
+        }
+        s
+    };
+    let mut agent = Agent::start(dir.path(), &cfg(&["one"]))?;
+    assert_eq!(job_names(&agent)?, vec!["one"]);
+
+    std::fs::write(&agent.config, cfg(&["one", "two"]))?;
+    let (status, body) = http_post(&format!("{}/-/reload", agent.url))?;
+    assert_eq!(status, 200, "{body}");
+    poll("job two", Duration::from_secs(10), || Ok((job_names(&agent)? == vec!["one", "two"]).then_some(())))?;
+
+    // A broken config is refused with its error; the running one stays.
+    std::fs::write(&agent.config, "scrape_configs:\n  - job_name: x\n    nope: 1\n")?;
+    let (status, body) = http_post(&format!("{}/-/reload", agent.url))?;
+    assert_eq!(status, 400);
+    assert!(body.contains("nope") && body.contains(":3:"), "{body}");
+    assert_eq!(job_names(&agent)?, vec!["one", "two"]);
+    assert_eq!(agent.metric("sre_agent_config_last_reload_successful", "")?, 0.0);
+
+    std::fs::write(&agent.config, cfg(&["three"]))?;
+    agent.proc.signal("HUP")?;
+    poll("job three after SIGHUP", Duration::from_secs(10), || Ok((job_names(&agent)? == vec!["three"]).then_some(())))?;
+    assert_eq!(agent.metric("sre_agent_config_last_reload_successful", "")?, 1.0);
+    let page = http_get(&format!("{}/status", agent.url))?;
+    assert!(page.contains("three") && page.contains("127.0.0.1:1"), "status page lists the target");
+    assert_eq!(http_get(&format!("{}/healthz", agent.url))?.trim(), "ok");
+    Ok(())
+}
+
+#[test]
+fn second_agent_on_the_same_storage_exits_with_a_clear_error() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let agent = Agent::start(dir.path(), "scrape_configs: []\n")?;
+    let out = Command::new(workspace_bin("agent"))
+        .arg("--config")
+        .arg(&agent.config)
+        .arg("--storage-path")
+        .arg(&agent.storage)
+        .arg("--listen-address")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .output()?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("locked by another agent"), "{}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+#[test]
+fn sigterm_exits_0_in_time_while_the_receiver_fails_and_keeps_the_backlog() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let failing = TinyServer::start(|_| (500, vec![], b"down".to_vec()))?;
+    let target = TinyServer::start(|_| (200, vec![], b"test_gauge 1\n".to_vec()))?;
+    let config = format!(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: t\n    static_configs:\n      - targets: ['{}']\nremote_write:\n  - url: http://{}/api/v1/write\n    queue_config:\n      batch_send_deadline: 100ms\nstorage:\n  shutdown_timeout: 3s\n",
+        target.addr, failing.addr
+    );
+    let mut agent = Agent::start(dir.path(), &config)?;
+    poll("retries", Duration::from_secs(20), || Ok((agent.metric("sre_agent_remote_samples_retried_total", "")? > 0.0).then_some(())))?;
+    let started = Instant::now();
+    let status = agent.proc.signal("TERM")?.expect("exit status");
+    assert!(status.success(), "exit 0 after SIGTERM: {status:?}\n{}", agent.proc.log_text());
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(agent.proc.log_text().contains("unsent samples stay in the WAL"));
+
+    // The backlog is delivered by the next start to a working receiver.
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let g = got.clone();
+    let ok = TinyServer::start(move |_| {
+        g.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        (200, vec![], Vec::new())
+    })?;
+    std::fs::write(&agent.config, config.replace(&failing.addr, &ok.addr).replace(&target.addr, "127.0.0.1:1"))?;
+    let (cfg, storage) = (agent.config.clone(), agent.storage.clone());
+    drop(agent);
+    let agent = Agent::start_with(dir.path(), cfg, storage, free_port())?;
+    poll("backlog sent", Duration::from_secs(20), || {
+        Ok((agent.metric("sre_agent_remote_samples_sent_total", "")? >= 3.0).then_some(()))
+    })?;
+    Ok(())
+}
