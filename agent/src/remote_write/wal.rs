@@ -705,7 +705,9 @@ impl Wal {
     /// sender's opaque `extra` blob, atomically, then deletes fully acknowledged segments.
     ///
     /// The position may not move backwards nor past [`Wal::next_seq`]. Repeating the last
-    /// commit is free.
+    /// commit is free. If the commit file cannot be written (disk full) the error is
+    /// returned, the committed position stays, but the acknowledged segments are deleted
+    /// anyway to free space for the next attempt.
     pub fn commit(&self, next_unacked_seq: u64, extra: &[u8]) -> io::Result<()> {
         if extra.len() > MAX_COMMIT_EXTRA {
             return Err(invalid_input(format!(
@@ -724,11 +726,18 @@ impl Wal {
         if next_unacked_seq == committed && unchanged {
             return Ok(());
         }
-        write_commit(&self.dir, next_unacked_seq, extra)?;
+        let written = write_commit(&self.dir, next_unacked_seq, extra);
+        if written.is_err() {
+            let _ = fs::remove_file(self.dir.join(COMMIT_TMP));
+        }
+        // Acknowledged segments go even when the commit could not be written (disk full):
+        // the space is needed to write it, and their records were delivered.
         let acked = self.with_inner(|i| {
-            i.committed_seq = next_unacked_seq;
-            i.committed_extra.clear();
-            i.committed_extra.extend_from_slice(extra);
+            if written.is_ok() {
+                i.committed_seq = next_unacked_seq;
+                i.committed_extra.clear();
+                i.committed_extra.extend_from_slice(extra);
+            }
             let mut acked = Vec::new();
             while i.segments.len() > 1 && i.segments.front().is_some_and(|s| s.end_seq <= next_unacked_seq) {
                 if let Some(s) = i.segments.pop_front() {
@@ -739,10 +748,10 @@ impl Wal {
             acked
         });
         for index in acked {
-            // The commit is durable; a leftover file is deleted by the next open.
+            // A leftover file is below the commit position and deleted by the next open.
             let _ = remove_segment(&self.dir, index);
         }
-        Ok(())
+        written
     }
 
     /// A reader starting at `from_seq` (normally the committed position). Records that are
@@ -1325,6 +1334,24 @@ mod tests {
         let wal = open(dir.path(), opts(200, 1 << 20));
         assert_eq!((wal.next_seq(), wal.committed().0), (40, 40));
         assert!(read_all(&mut wal.reader(40)).is_empty());
+    }
+
+    #[test]
+    fn failed_commit_still_frees_acked_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = open(dir.path(), opts(200, 1 << 20));
+        for i in 0..40 {
+            wal.append(&payload(i), 1).unwrap();
+        }
+        let before = segment_files(dir.path()).len();
+        fs::create_dir(dir.path().join(COMMIT_TMP)).unwrap(); // makes writing the commit fail
+        assert!(wal.commit(30, b"x").is_err());
+        assert_eq!(wal.committed(), (0, Vec::new()));
+        assert!(segment_files(dir.path()).len() < before);
+        fs::remove_dir(dir.path().join(COMMIT_TMP)).unwrap();
+        wal.commit(30, b"x").unwrap();
+        assert_eq!(wal.committed(), (30, b"x".to_vec()));
+        assert_eq!(read_all(&mut wal.reader(30)).len(), 10);
     }
 
     #[test]

@@ -189,12 +189,10 @@ impl<'a> Iterator for LabelIter<'a> {
         // SAFETY: the parser validated the section before building the
         // iterator: names are ASCII and values are valid UTF-8.
         let (name, value) = unsafe { (assume_utf8(name), assume_utf8(value)) };
-        let value = if escaped {
-            unescape(value, true)
-        } else {
-            Cow::Borrowed(value)
-        };
-        Some((name, value))
+        if escaped {
+            return Some((name, unescape(value, true)));
+        }
+        Some((name, Cow::Borrowed(value)))
     }
 }
 

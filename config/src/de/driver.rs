@@ -82,8 +82,6 @@ impl Session<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[derive(Debug, serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Strict {
