@@ -333,6 +333,12 @@ impl<'a> Iterator for Parser<'a> {
     }
 }
 
+#[cold]
+#[inline(never)]
+fn fail_msg(msg: &'static str) -> Fail {
+    Fail::Msg(Cow::Borrowed(msg))
+}
+
 /// Why a line was rejected; turned into a [`ParseError`] with line context.
 #[derive(Debug)]
 enum Fail {
@@ -833,7 +839,7 @@ fn meta_entry<'a>(keyword: &str, metric: &'a str, text: &'a [u8], format: Format
 /// Scans a quoted label value whose opening quote is just before `start`;
 /// returns the index after the closing quote. `\` escapes the next byte.
 /// UTF-8 is validated only if a non-ASCII byte was seen.
-#[inline]
+#[inline(always)]
 fn quoted_value_end(line: &[u8], start: usize) -> Result<usize, Fail> {
     let mut non_ascii = false;
     let mut i = start;
@@ -845,11 +851,11 @@ fn quoted_value_end(line: &[u8], start: usize) -> Result<usize, Fail> {
                 non_ascii |= !line[i + 1].is_ascii();
                 i += 2;
             }
-            _ => return Err(Fail::Msg("unterminated label value".into())),
+            _ => return Err(fail_msg("unterminated label value")),
         }
     }
     if non_ascii && std::str::from_utf8(&line[start..i]).is_err() {
-        return Err(Fail::Msg("invalid UTF-8 in label value".into()));
+        return Err(fail_msg("invalid UTF-8 in label value"));
     }
     Ok(i + 1)
 }
@@ -870,11 +876,15 @@ fn next_raw_label<'a>(rest: &mut &'a [u8]) -> Option<(&'a [u8], &'a [u8], bool)>
     let name_start = i;
     i = scan_ident(bytes, i, false);
     let name = &bytes[name_start..i];
-    // Skip optional whitespace, `=`, optional whitespace and the opening quote.
-    while i < bytes.len() && bytes[i] != b'"' {
+    if bytes.get(i..i + 2) == Some(b"=\"") {
+        i += 2;
+    } else {
+        // Text format: optional whitespace around `=`.
+        while i < bytes.len() && bytes[i] != b'"' {
+            i += 1;
+        }
         i += 1;
     }
-    i += 1;
     let value_start = i;
     let mut escaped = false;
     let mut non_ascii = false;

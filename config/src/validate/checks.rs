@@ -251,7 +251,6 @@ impl Checker<'_> {
         self.http_client(path, &client);
     }
 
-
     fn remote_write(&mut self, path: &str, rw: &RemoteWriteConfig) {
         if rw.url.is_empty() {
             self.err(path, "url is required");

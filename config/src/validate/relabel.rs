@@ -19,7 +19,6 @@ pub const RELABEL_ACTIONS: &[&str] = &[
     "uppercase",
 ];
 
-
 impl Checker<'_> {
     pub(super) fn relabel(&mut self, path: &str, rc: &RelabelConfig) {
         let action = rc.action.to_ascii_lowercase();
