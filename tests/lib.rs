@@ -13,7 +13,10 @@ use serde_json::Value;
 
 /// A free loopback port (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// Polls `f` until it returns `Ok(Some(v))` or the deadline passes; the last error is reported.
@@ -52,7 +55,11 @@ impl Proc {
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {name}: {cmd:?}"))?;
-        Ok(Self { name: name.to_owned(), child: Some(child), log })
+        Ok(Self {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        })
     }
 
     /// PID of the process.
@@ -63,7 +70,11 @@ impl Proc {
     /// Sends `signal` (e.g. "TERM", "KILL", "HUP") and, for TERM/KILL, waits for exit.
     pub fn signal(&mut self, signal: &str) -> Result<Option<std::process::ExitStatus>> {
         let pid = self.pid();
-        let ok = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status()?.success();
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()?
+            .success();
         if !ok {
             bail!("kill -{signal} {pid} failed");
         }
@@ -172,16 +183,32 @@ impl Prometheus {
         let log = dir.join(format!("{name}.log"));
         let proc = Proc::spawn(name, cmd, log)?;
         let url = format!("http://127.0.0.1:{port}");
-        let p = Self { proc, url, port, data, config, receiver };
-        poll(&format!("{name} ready"), Duration::from_secs(60), || Ok(http_get(&format!("{}/-/ready", p.url)).ok().map(|_| ())))
-            .with_context(|| p.proc.log_text())?;
+        let p = Self {
+            proc,
+            url,
+            port,
+            data,
+            config,
+            receiver,
+        };
+        poll(&format!("{name} ready"), Duration::from_secs(60), || {
+            Ok(http_get(&format!("{}/-/ready", p.url)).ok().map(|_| ()))
+        })
+        .with_context(|| p.proc.log_text())?;
         Ok(p)
     }
 
     /// Stops it (SIGTERM) and returns what is needed to start it again on the same port/data.
     pub fn stop(mut self) -> Result<StoppedPrometheus> {
         self.proc.signal("TERM")?;
-        Ok(StoppedPrometheus { config: self.config.clone(), data: self.data.clone(), port: self.port, receiver: self.receiver, name: self.proc.name.clone(), dir: self.proc.log.parent().map(Path::to_path_buf).unwrap_or_default() })
+        Ok(StoppedPrometheus {
+            config: self.config.clone(),
+            data: self.data.clone(),
+            port: self.port,
+            receiver: self.receiver,
+            name: self.proc.name.clone(),
+            dir: self.proc.log.parent().map(Path::to_path_buf).unwrap_or_default(),
+        })
     }
 
     /// Runs an instant PromQL query; returns `data.result`.
@@ -196,9 +223,20 @@ impl Prometheus {
 
     /// All series matching `matcher` over the last hour, as sorted label-set strings.
     pub fn series(&self, matcher: &str) -> Result<Vec<String>> {
-        let url = format!("{}/api/v1/series?match[]={}&start={}", self.url, urlencode(matcher), now_s() - 3600.0);
+        let url = format!(
+            "{}/api/v1/series?match[]={}&start={}",
+            self.url,
+            urlencode(matcher),
+            now_s() - 3600.0
+        );
         let v: Value = serde_json::from_str(&http_get(&url)?)?;
-        let mut out: Vec<String> = v["data"].as_array().cloned().unwrap_or_default().iter().map(label_string).collect();
+        let mut out: Vec<String> = v["data"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(label_string)
+            .collect();
         out.sort();
         Ok(out)
     }
@@ -217,7 +255,14 @@ pub struct StoppedPrometheus {
 impl StoppedPrometheus {
     /// Starts it again on the same port and data directory.
     pub fn restart(self) -> Result<Prometheus> {
-        Prometheus::start_at(&self.dir, &format!("{}-again", self.name), self.config, self.data, self.port, self.receiver)
+        Prometheus::start_at(
+            &self.dir,
+            &format!("{}-again", self.name),
+            self.config,
+            self.data,
+            self.port,
+            self.receiver,
+        )
     }
 }
 
@@ -225,7 +270,11 @@ impl StoppedPrometheus {
 pub fn label_string(m: &Value) -> String {
     let mut pairs: Vec<(String, String)> = m
         .as_object()
-        .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned())).collect())
+        .map(|o| {
+            o.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect()
+        })
         .unwrap_or_default();
     pairs.sort();
     let inner: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
@@ -234,7 +283,10 @@ pub fn label_string(m: &Value) -> String {
 
 /// Current time in seconds.
 pub fn now_s() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Percent-encodes a query parameter.
@@ -265,7 +317,9 @@ impl NodeExporter {
         let mut cmd = Command::new("prometheus-node-exporter");
         cmd.arg(format!("--web.listen-address={addr}"));
         let proc = Proc::spawn("node_exporter", cmd, dir.join(format!("node_exporter-{port}.log")))?;
-        poll("node_exporter ready", Duration::from_secs(30), || Ok(http_get(&format!("http://{addr}/metrics")).ok().map(|_| ())))?;
+        poll("node_exporter ready", Duration::from_secs(30), || {
+            Ok(http_get(&format!("http://{addr}/metrics")).ok().map(|_| ()))
+        })?;
         Ok(Self { proc, addr })
     }
 }
@@ -307,9 +361,17 @@ impl Agent {
         let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
         let proc = Proc::spawn("agent", cmd, dir.join(format!("agent-{n}.log")))?;
         let url = format!("http://127.0.0.1:{port}");
-        let a = Self { proc, url, port, config, storage };
-        poll("agent ready", Duration::from_secs(30), || Ok(http_get(&format!("{}/readyz", a.url)).ok().map(|_| ())))
-            .with_context(|| a.proc.log_text())?;
+        let a = Self {
+            proc,
+            url,
+            port,
+            config,
+            storage,
+        };
+        poll("agent ready", Duration::from_secs(30), || {
+            Ok(http_get(&format!("{}/readyz", a.url)).ok().map(|_| ()))
+        })
+        .with_context(|| a.proc.log_text())?;
         Ok(a)
     }
 
@@ -417,7 +479,11 @@ fn serve_one(mut stream: std::net::TcpStream, handler: &dyn Fn(TinyRequest) -> T
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
-    let len: usize = headers.iter().find(|(n, _)| n == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+    let len: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
     let mut body = buf[header_end..].to_vec();
     while body.len() < len {
         let n = stream.read(&mut tmp)?;
@@ -426,8 +492,16 @@ fn serve_one(mut stream: std::net::TcpStream, handler: &dyn Fn(TinyRequest) -> T
         }
         body.extend_from_slice(&tmp[..n]);
     }
-    let (status, extra, resp_body) = handler(TinyRequest { method, path, headers, body });
-    let mut out = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n", resp_body.len());
+    let (status, extra, resp_body) = handler(TinyRequest {
+        method,
+        path,
+        headers,
+        body,
+    });
+    let mut out = format!(
+        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+        resp_body.len()
+    );
     for (n, v) in extra {
         out.push_str(&format!("{n}: {v}\r\n"));
     }

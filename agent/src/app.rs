@@ -20,7 +20,7 @@ use crate::remote_write::{file_sink::FileSink, Endpoint, Outputs};
 use crate::scrape::manager::{Job, Manager};
 use crate::scrape::scrape_loop::ScrapeSettings;
 use crate::scrape::target::JobDefaults;
-use crate::telemetry::server::{self, ReloadRequest, ServerState, TargetView};
+use crate::telemetry::server::{self, ReloadRequest, ServerState};
 use crate::telemetry::Metrics;
 
 /// Command-line settings that override the config file.
@@ -42,7 +42,9 @@ pub fn load(path: &Path) -> Result<(AgentConfig, Vec<String>), String> {
 
 /// The storage directory for a config and overrides.
 pub fn storage_dir(cfg: &AgentConfig, ov: &Overrides) -> PathBuf {
-    ov.storage_path.clone().unwrap_or_else(|| PathBuf::from(&cfg.storage.path))
+    ov.storage_path
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&cfg.storage.path))
 }
 
 /// Takes the exclusive lock on the storage directory.
@@ -67,10 +69,19 @@ pub fn lock_storage(dir: &Path) -> anyhow::Result<File> {
 
 /// The name of a remote_write entry: `name`, else derived from the URL.
 pub fn remote_name(rw: &RemoteWriteConfig) -> String {
-    let raw = rw.name.clone().unwrap_or_else(|| {
-        format!("{:016x}", xxhash_rust::xxh3::xxh3_64(rw.url.as_bytes()))[..6].to_owned()
-    });
-    raw.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+    let raw = rw
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(rw.url.as_bytes()))[..6].to_owned());
+    raw.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// One generation of running components (replaced on reload).
@@ -150,7 +161,10 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
         )
         .with_context(|| format!("opening WAL {}", dir.display()))?;
         let wal = Arc::new(wal);
-        let url: http::Uri = rw.url.parse().with_context(|| format!("remote_write url {:?}", rw.url))?;
+        let url: http::Uri = rw
+            .url
+            .parse()
+            .with_context(|| format!("remote_write url {:?}", rw.url))?;
         let mut headers = HeaderMap::new();
         for (k, v) in &rw.headers {
             headers.insert(
@@ -188,7 +202,9 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
     let file_sink = match &cfg.file_sink {
         Some(fs) => {
             let p = PathBuf::from(&fs.path);
-            Some(Arc::new(FileSink::open(&p).with_context(|| format!("opening file_sink {}", p.display()))?))
+            Some(Arc::new(
+                FileSink::open(&p).with_context(|| format!("opening file_sink {}", p.display()))?,
+            ))
         }
         None => None,
     };
@@ -206,7 +222,12 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
                 t.tick().await;
                 for (name, wal) in &wals {
                     let s = wal.stats();
-                    metrics.set_wal(name, s.bytes, s.segments as u64, s.next_seq.saturating_sub(s.committed_seq));
+                    metrics.set_wal(
+                        name,
+                        s.bytes,
+                        s.segments as u64,
+                        s.next_seq.saturating_sub(s.committed_seq),
+                    );
                     metrics.wal_corrupt_total(name, s.corrupt_records);
                 }
             }
@@ -229,7 +250,11 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
         for fsd in &sc.file_sd_configs {
             let (tx, r) = watch::channel(Vec::new());
             let files: Vec<PathBuf> = fsd.files.iter().map(|f| crate::http::resolve(&base, f)).collect();
-            providers.push(tokio::spawn(discovery::file::run(files, fsd.refresh_interval.get(), tx)));
+            providers.push(tokio::spawn(discovery::file::run(
+                files,
+                fsd.refresh_interval.get(),
+                tx,
+            )));
             rx.push(r);
         }
         for k in &sc.kubernetes_sd_configs {
@@ -266,7 +291,13 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
         });
     }
     let manager = Manager::start(jobs, outputs, metrics.clone());
-    Ok(Running { manager, senders, providers, _static_keep: static_keep, wal_stats })
+    Ok(Running {
+        manager,
+        senders,
+        providers,
+        _static_keep: static_keep,
+        wal_stats,
+    })
 }
 
 /// Runs the agent until SIGTERM/SIGINT. Returns after a clean shutdown.
@@ -278,12 +309,16 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
     let storage = storage_dir(&cfg, &ov);
     let _lock = lock_storage(&storage)?;
     let metrics = Arc::new(Metrics::new());
-    let listen = ov.listen_address.clone().unwrap_or_else(|| cfg.server.listen_address.clone());
-    let listener = server::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
+    let listen = ov
+        .listen_address
+        .clone()
+        .unwrap_or_else(|| cfg.server.listen_address.clone());
+    let listener = server::bind(&listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
     tracing::info!(address = %listen, config = %config_path.display(), storage = %storage.display(), "Agent starting.");
 
-    let status: Arc<std::sync::RwLock<Arc<dyn Fn() -> Vec<TargetView> + Send + Sync>>> =
-        Arc::new(std::sync::RwLock::new(Arc::new(Vec::new)));
+    let status: Arc<std::sync::RwLock<server::StatusSource>> = Arc::new(std::sync::RwLock::new(Arc::new(Vec::new)));
     let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
     let (stop_tx, stop_rx) = watch::channel(false);
     let status_for_server = status.clone();

@@ -93,8 +93,9 @@ pub fn auth_header(
     };
     value
         .map(|v| {
-            let mut hv = HeaderValue::from_str(&v)
-                .map_err(|_| HttpSetupError::Invalid("credentials contain characters not allowed in a header".into()))?;
+            let mut hv = HeaderValue::from_str(&v).map_err(|_| {
+                HttpSetupError::Invalid("credentials contain characters not allowed in a header".into())
+            })?;
             hv.set_sensitive(true);
             Ok(hv)
         })
@@ -128,10 +129,7 @@ pub fn build_client(base: &Path, tls: Option<&TlsConfig>) -> Result<HttpClient, 
 struct FixedServerName(String);
 
 impl hyper_rustls::ResolveServerName for FixedServerName {
-    fn resolve(
-        &self,
-        _uri: &http::Uri,
-    ) -> Result<ServerName<'static>, Box<dyn std::error::Error + Sync + Send>> {
+    fn resolve(&self, _uri: &http::Uri) -> Result<ServerName<'static>, Box<dyn std::error::Error + Sync + Send>> {
         Ok(ServerName::try_from(self.0.clone())?)
     }
 }
@@ -146,7 +144,11 @@ fn rustls_config(base: &Path, tls: Option<&TlsConfig>) -> Result<rustls::ClientC
     let versions: &[&'static rustls::SupportedProtocolVersion] = match tls.min_version.as_deref() {
         None | Some("TLS12") | Some("TLS10") | Some("TLS11") => rustls::ALL_VERSIONS,
         Some("TLS13") => &[&rustls::version::TLS13],
-        Some(other) => return Err(HttpSetupError::Invalid(format!("unknown TLS version {other:?} (expected TLS12 or TLS13)"))),
+        Some(other) => {
+            return Err(HttpSetupError::Invalid(format!(
+                "unknown TLS version {other:?} (expected TLS12 or TLS13)"
+            )))
+        }
     };
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)
@@ -166,10 +168,14 @@ fn rustls_config(base: &Path, tls: Option<&TlsConfig>) -> Result<rustls::ClientC
         match pem {
             Some(pem) => {
                 for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                    let cert = cert.map_err(|e| HttpSetupError::Pem { what: "tls_config.ca", message: e.to_string() })?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| HttpSetupError::Pem { what: "tls_config.ca", message: e.to_string() })?;
+                    let cert = cert.map_err(|e| HttpSetupError::Pem {
+                        what: "tls_config.ca",
+                        message: e.to_string(),
+                    })?;
+                    roots.add(cert).map_err(|e| HttpSetupError::Pem {
+                        what: "tls_config.ca",
+                        message: e.to_string(),
+                    })?;
                 }
             }
             None => {
@@ -194,9 +200,14 @@ fn rustls_config(base: &Path, tls: Option<&TlsConfig>) -> Result<rustls::ClientC
         (Some(cert), Some(key)) => {
             let certs = CertificateDer::pem_slice_iter(cert.as_bytes())
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| HttpSetupError::Pem { what: "tls_config.cert", message: e.to_string() })?;
-            let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
-                .map_err(|e| HttpSetupError::Pem { what: "tls_config.key", message: e.to_string() })?;
+                .map_err(|e| HttpSetupError::Pem {
+                    what: "tls_config.cert",
+                    message: e.to_string(),
+                })?;
+            let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| HttpSetupError::Pem {
+                what: "tls_config.key",
+                message: e.to_string(),
+            })?;
             builder
                 .with_client_auth_cert(certs, key)
                 .map_err(|e| HttpSetupError::Invalid(format!("client certificate: {e}")))

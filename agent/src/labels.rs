@@ -50,9 +50,7 @@ impl Labels {
 
     /// Value of `name`, if present.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.position(name)
-            .ok()
-            .map(|i| self.0[i].1.as_str())
+        self.position(name).ok().map(|i| self.0[i].1.as_str())
     }
 
     /// Value of `name`, or "" when absent (Prometheus semantics).

@@ -63,8 +63,11 @@ fn main() -> ExitCode {
         eprintln!("error: --config FILE is required\n\nUsage: agent --config FILE [--listen-address ADDR] [--storage-path DIR]\n       agent check-config FILE\n       agent --version");
         return ExitCode::from(2);
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if cli.log_json {
         builder.json().init();
     } else {
@@ -77,7 +80,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let ov = agent::app::Overrides { listen_address: cli.listen_address, storage_path: cli.storage_path };
+    let ov = agent::app::Overrides {
+        listen_address: cli.listen_address,
+        storage_path: cli.storage_path,
+    };
     match rt.block_on(agent::app::run(config, ov)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -7,7 +7,10 @@ use agent::scrape::target::{from_groups, JobDefaults};
 use k8s_openapi::api::core::v1::Pod;
 
 fn pod(name: &str, annotations: serde_json::Value, ports: &[u16]) -> Pod {
-    let ports: Vec<serde_json::Value> = ports.iter().map(|p| serde_json::json!({"containerPort": p, "protocol": "TCP"})).collect();
+    let ports: Vec<serde_json::Value> = ports
+        .iter()
+        .map(|p| serde_json::json!({"containerPort": p, "protocol": "TCP"}))
+        .collect();
     serde_json::from_value(serde_json::json!({
         "metadata": {"name": name, "namespace": "apps", "uid": "u-1", "labels": {"app": "web"}, "annotations": annotations},
         "spec": {"nodeName": "node-a", "containers": [{"name": "main", "image": "img", "ports": ports}]},
@@ -38,9 +41,17 @@ fn annotated_pods_are_scraped_with_their_port_path_and_scheme() {
             serde_json::json!({"prometheus.io/scrape": "true", "prometheus.io/port": "9102", "prometheus.io/path": "/m", "prometheus.io/scheme": "https"}),
             &[8080, 9102],
         )),
-        pod_target_group(&pod("plain", serde_json::json!({"prometheus.io/scrape": "true"}), &[8080])),
+        pod_target_group(&pod(
+            "plain",
+            serde_json::json!({"prometheus.io/scrape": "true"}),
+            &[8080],
+        )),
         pod_target_group(&pod("quiet", serde_json::json!({}), &[8080])),
-        pod_target_group(&pod("off", serde_json::json!({"prometheus.io/scrape": "false"}), &[8080])),
+        pod_target_group(&pod(
+            "off",
+            serde_json::json!({"prometheus.io/scrape": "false"}),
+            &[8080],
+        )),
     ];
     let (targets, not_scraped) = from_groups(&groups, &job, &rules);
     let urls: Vec<&str> = targets.iter().map(|t| t.url.as_str()).collect();

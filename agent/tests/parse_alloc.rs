@@ -55,7 +55,11 @@ static GLOBAL: CountingAllocator = CountingAllocator;
 fn page(format: Format) -> String {
     let om = format == Format::OpenMetrics;
     let mut out = String::new();
-    let cpu_total = if om { "node_cpu_seconds" } else { "node_cpu_seconds_total" };
+    let cpu_total = if om {
+        "node_cpu_seconds"
+    } else {
+        "node_cpu_seconds_total"
+    };
     writeln!(out, "# HELP {cpu_total} Seconds the CPUs spent in each mode.").unwrap();
     writeln!(out, "# TYPE {cpu_total} counter").unwrap();
     for cpu in 0..64 {
@@ -76,7 +80,11 @@ fn page(format: Format) -> String {
         } else {
             ""
         };
-        let exemplar = if om && dev % 10 == 0 { " # {trace_id=\"4bf92f3577b34da6\"} 1" } else { "" };
+        let exemplar = if om && dev % 10 == 0 {
+            " # {trace_id=\"4bf92f3577b34da6\"} 1"
+        } else {
+            ""
+        };
         writeln!(
             out,
             "node_network_receive_bytes_total{{device=\"veth{dev:04x}\",instance=\"10.0.0.1:9100\",job=\"node\"}} {}{ts}{exemplar}",
@@ -89,7 +97,12 @@ fn page(format: Format) -> String {
     for handler in 0..30 {
         let labels = format!("code=\"200\",handler=\"/api/v1/h{handler}\",method=\"GET\"");
         for (i, le) in ["0.005", "0.01", "0.05", "0.1", "0.5", "1", "+Inf"].iter().enumerate() {
-            writeln!(out, "http_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {}", i * 7).unwrap();
+            writeln!(
+                out,
+                "http_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {}",
+                i * 7
+            )
+            .unwrap();
         }
         writeln!(out, "http_request_duration_seconds_sum{{{labels}}} 12.5e-3").unwrap();
         writeln!(out, "http_request_duration_seconds_count{{{labels}}} 42").unwrap();

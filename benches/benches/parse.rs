@@ -53,19 +53,64 @@ impl Rng {
 /// labels, integer and float values, every eighth family with timestamps.
 fn synthetic_page(series: usize) -> Vec<u8> {
     const FAMILIES: &[(&str, &str, &[&str])] = &[
-        ("http_server_requests_total", "counter", &["code", "handler", "instance", "method"]),
-        ("container_cpu_usage_seconds_total", "counter", &["container", "namespace", "pod"]),
-        ("container_memory_working_set_bytes", "gauge", &["container", "id", "namespace", "pod"]),
+        (
+            "http_server_requests_total",
+            "counter",
+            &["code", "handler", "instance", "method"],
+        ),
+        (
+            "container_cpu_usage_seconds_total",
+            "counter",
+            &["container", "namespace", "pod"],
+        ),
+        (
+            "container_memory_working_set_bytes",
+            "gauge",
+            &["container", "id", "namespace", "pod"],
+        ),
         ("kube_pod_status_phase", "gauge", &["namespace", "phase", "pod", "uid"]),
-        ("node_network_receive_bytes_total", "counter", &["device", "instance", "job"]),
-        ("grpc_server_handling_seconds_bucket", "histogram", &["grpc_method", "grpc_service", "instance", "job", "le"]),
-        ("process_resident_memory_bytes", "gauge", &["instance", "job", "namespace"]),
-        ("apiserver_request_duration_seconds_sum", "summary", &["component", "resource", "scope", "verb"]),
+        (
+            "node_network_receive_bytes_total",
+            "counter",
+            &["device", "instance", "job"],
+        ),
+        (
+            "grpc_server_handling_seconds_bucket",
+            "histogram",
+            &["grpc_method", "grpc_service", "instance", "job", "le"],
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            &["instance", "job", "namespace"],
+        ),
+        (
+            "apiserver_request_duration_seconds_sum",
+            "summary",
+            &["component", "resource", "scope", "verb"],
+        ),
     ];
     const WORDS: &[&str] = &[
-        "api", "frontend", "checkout", "kube-system", "monitoring", "GET", "POST", "200", "503", "eth0",
-        "/api/v1/query_range", "node-exporter", "10.0.3.17:9100", "Running", "payments-7d9f8c6b5-x2x8q",
-        "cluster", "pods", "0.005", "+Inf", "2.5",
+        "api",
+        "frontend",
+        "checkout",
+        "kube-system",
+        "monitoring",
+        "GET",
+        "POST",
+        "200",
+        "503",
+        "eth0",
+        "/api/v1/query_range",
+        "node-exporter",
+        "10.0.3.17:9100",
+        "Running",
+        "payments-7d9f8c6b5-x2x8q",
+        "cluster",
+        "pods",
+        "0.005",
+        "+Inf",
+        "2.5",
     ];
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     let mut out = String::with_capacity(series * 130);
@@ -75,7 +120,11 @@ fn synthetic_page(series: usize) -> Vec<u8> {
         let (base, kind, label_names) = FAMILIES[family_no % FAMILIES.len()];
         let name = format!("{base}_{family_no}");
         let count = (50 + rng.below(1950) as usize).min(series - written);
-        writeln!(out, "# HELP {name} Synthetic {kind} number {family_no} for the parser bench.").unwrap();
+        writeln!(
+            out,
+            "# HELP {name} Synthetic {kind} number {family_no} for the parser bench."
+        )
+        .unwrap();
         writeln!(out, "# TYPE {name} {kind}").unwrap();
         for i in 0..count {
             out.push_str(&name);

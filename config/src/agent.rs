@@ -197,7 +197,10 @@ pub struct FileSdConfig {
 
 impl Default for FileSdConfig {
     fn default() -> Self {
-        Self { files: Vec::new(), refresh_interval: Duration::from_secs(300) }
+        Self {
+            files: Vec::new(),
+            refresh_interval: Duration::from_secs(300),
+        }
     }
 }
 
@@ -378,7 +381,9 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { listen_address: "0.0.0.0:9500".to_owned() }
+        Self {
+            listen_address: "0.0.0.0:9500".to_owned(),
+        }
     }
 }
 
@@ -416,24 +421,71 @@ pub struct FileSinkConfig {
 /// struct name). They are accepted with one warning each.
 pub fn ignored_key(strukt: &str, key: &str) -> bool {
     let keys: &[&str] = match strukt {
-        "AgentConfig" => &["rule_files", "alerting", "remote_read", "tracing", "scrape_config_files"],
+        "AgentConfig" => &[
+            "rule_files",
+            "alerting",
+            "remote_read",
+            "tracing",
+            "scrape_config_files",
+        ],
         "GlobalConfig" => &["evaluation_interval", "query_log_file", "keep_dropped_targets"],
         "ScrapeConfig" => &[
-            "proxy_url", "no_proxy", "proxy_from_environment", "proxy_connect_header", "oauth2",
-            "scrape_classic_histograms", "native_histogram_bucket_limit", "keep_dropped_targets",
-            "track_timestamps_staleness", "scrape_protocols", "enable_compression",
-            "azure_sd_configs", "consul_sd_configs", "digitalocean_sd_configs",
-            "docker_sd_configs", "dockerswarm_sd_configs", "dns_sd_configs", "ec2_sd_configs",
-            "eureka_sd_configs", "gce_sd_configs", "hetzner_sd_configs", "http_sd_configs",
-            "ionos_sd_configs", "kuma_sd_configs", "lightsail_sd_configs", "linode_sd_configs",
-            "marathon_sd_configs", "nerve_sd_configs", "nomad_sd_configs", "openstack_sd_configs",
-            "ovhcloud_sd_configs", "puppetdb_sd_configs", "scaleway_sd_configs",
-            "serverset_sd_configs", "triton_sd_configs", "uyuni_sd_configs", "vultr_sd_configs",
+            "proxy_url",
+            "no_proxy",
+            "proxy_from_environment",
+            "proxy_connect_header",
+            "oauth2",
+            "scrape_classic_histograms",
+            "native_histogram_bucket_limit",
+            "keep_dropped_targets",
+            "track_timestamps_staleness",
+            "scrape_protocols",
+            "enable_compression",
+            "azure_sd_configs",
+            "consul_sd_configs",
+            "digitalocean_sd_configs",
+            "docker_sd_configs",
+            "dockerswarm_sd_configs",
+            "dns_sd_configs",
+            "ec2_sd_configs",
+            "eureka_sd_configs",
+            "gce_sd_configs",
+            "hetzner_sd_configs",
+            "http_sd_configs",
+            "ionos_sd_configs",
+            "kuma_sd_configs",
+            "lightsail_sd_configs",
+            "linode_sd_configs",
+            "marathon_sd_configs",
+            "nerve_sd_configs",
+            "nomad_sd_configs",
+            "openstack_sd_configs",
+            "ovhcloud_sd_configs",
+            "puppetdb_sd_configs",
+            "scaleway_sd_configs",
+            "serverset_sd_configs",
+            "triton_sd_configs",
+            "uyuni_sd_configs",
+            "vultr_sd_configs",
         ],
-        "RemoteWriteConfig" => &["sigv4", "oauth2", "azuread", "proxy_url", "no_proxy",
-            "proxy_from_environment", "proxy_connect_header", "metadata_config"],
+        "RemoteWriteConfig" => &[
+            "sigv4",
+            "oauth2",
+            "azuread",
+            "proxy_url",
+            "no_proxy",
+            "proxy_from_environment",
+            "proxy_connect_header",
+            "metadata_config",
+        ],
         "StorageConfig" => &["tsdb", "exemplars"],
-        "KubernetesSdConfig" => &["proxy_url", "no_proxy", "proxy_from_environment", "proxy_connect_header", "oauth2"],
+        "KubernetesSdConfig" => &[
+            "proxy_url",
+            "no_proxy",
+            "proxy_from_environment",
+            "proxy_connect_header",
+            "oauth2",
+        ],
         "QueueConfig" => &["sample_age_limit"],
         "TlsConfig" => &["max_version"],
         _ => &[],

@@ -157,7 +157,12 @@ impl FromStr for ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (unit, size) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        for (unit, size) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
             if self.0 >= size && self.0.is_multiple_of(size) {
                 return write!(f, "{}{unit}", self.0 / size);
             }
@@ -197,7 +202,14 @@ mod tests {
 
     #[test]
     fn durations_round_trip_like_prometheus() {
-        for (text, ms) in [("15s", 15_000), ("1m30s", 90_000), ("500ms", 500), ("1h", 3_600_000), ("0", 0), ("2d", 172_800_000)] {
+        for (text, ms) in [
+            ("15s", 15_000),
+            ("1m30s", 90_000),
+            ("500ms", 500),
+            ("1h", 3_600_000),
+            ("0", 0),
+            ("2d", 172_800_000),
+        ] {
             let d: Duration = text.parse().unwrap();
             assert_eq!(d.0.as_millis() as u64, ms, "{text}");
         }

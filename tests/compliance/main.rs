@@ -34,7 +34,11 @@ impl Harness {
         let tb = target_body.clone();
         let target = TinyServer::start(move |_req| {
             let b = tb.lock().unwrap().clone();
-            (200, vec![("Content-Type".into(), "text/plain; version=0.0.4".into())], b.into_bytes())
+            (
+                200,
+                vec![("Content-Type".into(), "text/plain; version=0.0.4".into())],
+                b.into_bytes(),
+            )
         })?;
         let log: Log = Arc::new(Mutex::new(Vec::new()));
         let log2 = log.clone();
@@ -69,7 +73,14 @@ remote_write:
             target.addr, receiver.addr
         );
         let agent = Agent::start(dir.path(), &config)?;
-        Ok(Self { _dir: dir, target_body, target, _receiver: receiver, log, agent })
+        Ok(Self {
+            _dir: dir,
+            target_body,
+            target,
+            _receiver: receiver,
+            log,
+            agent,
+        })
     }
 
     fn ok(body: &str) -> Result<Self> {
@@ -83,7 +94,12 @@ remote_write:
             .unwrap()
             .iter()
             .filter(|(_, _, st)| *st < 300)
-            .flat_map(|(_, wr, _)| wr.timeseries.iter().map(|ts| (labels(ts), ts.samples.clone())).collect::<Vec<_>>())
+            .flat_map(|(_, wr, _)| {
+                wr.timeseries
+                    .iter()
+                    .map(|ts| (labels(ts), ts.samples.clone()))
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 
@@ -140,7 +156,7 @@ fn counter_gauge_histogram_summary_up_and_label_rules() -> Result<()> {
     // Empty label values are never sent.
     check("test_empty", &[], 1.0)?;
     for (l, _) in h.accepted() {
-        assert!(l.get("__name__").is_some(), "every series has __name__: {l:?}");
+        assert!(l.contains_key("__name__"), "every series has __name__: {l:?}");
         assert!(l.values().all(|v| !v.is_empty()), "no empty label values: {l:?}");
         assert_eq!(l.get("job").map(String::as_str), Some("test"));
         assert_eq!(l.get("instance"), Some(&inst));
@@ -149,7 +165,10 @@ fn counter_gauge_histogram_summary_up_and_label_rules() -> Result<()> {
     for (_, wr, _) in h.log.lock().unwrap().iter() {
         for ts in &wr.timeseries {
             let names: Vec<&str> = ts.labels.iter().map(|l| l.name.as_str()).collect();
-            assert!(names.windows(2).all(|w| w[0] < w[1]), "labels sorted and unique: {names:?}");
+            assert!(
+                names.windows(2).all(|w| w[0] < w[1]),
+                "labels sorted and unique: {names:?}"
+            );
         }
     }
     Ok(())
@@ -162,7 +181,14 @@ fn headers_timestamps_and_ordering() -> Result<()> {
     h.wait_series(&[("__name__", "test_gauge")])?;
     // A few more scrapes for ordering.
     poll("4 scrapes received", Duration::from_secs(20), || {
-        Ok((h.accepted().iter().filter(|(l, _)| l["__name__"] == "up").flat_map(|(_, s)| s).count() >= 4).then_some(()))
+        Ok((h
+            .accepted()
+            .iter()
+            .filter(|(l, _)| l["__name__"] == "up")
+            .flat_map(|(_, s)| s)
+            .count()
+            >= 4)
+            .then_some(()))
     })?;
     let log = h.log.lock().unwrap();
     let (req, _, _) = &log[0];
@@ -170,19 +196,36 @@ fn headers_timestamps_and_ordering() -> Result<()> {
     assert_eq!(req.header("content-encoding"), Some("snappy"));
     assert_eq!(req.header("content-type"), Some("application/x-protobuf"));
     assert_eq!(req.header("x-prometheus-remote-write-version"), Some("0.1.0"));
-    assert!(req.header("user-agent").unwrap_or_default().starts_with("sre-lab-agent/"), "{:?}", req.header("user-agent"));
+    assert!(
+        req.header("user-agent")
+            .unwrap_or_default()
+            .starts_with("sre-lab-agent/"),
+        "{:?}",
+        req.header("user-agent")
+    );
     drop(log);
     let now = sre_lab_tests::now_s() * 1000.0;
     let mut last: BTreeMap<BTreeMap<String, String>, i64> = BTreeMap::new();
     for (l, samples) in h.accepted() {
         for s in samples {
             if l["__name__"] == "test_ts" {
-                assert_eq!(s.timestamp, 1234567890123, "honor_timestamps keeps the exposed timestamp");
+                assert_eq!(
+                    s.timestamp, 1234567890123,
+                    "honor_timestamps keeps the exposed timestamp"
+                );
             } else {
-                assert!((s.timestamp as f64) >= started - 1000.0 && (s.timestamp as f64) <= now + 1000.0, "timestamp {} out of range", s.timestamp);
+                assert!(
+                    (s.timestamp as f64) >= started - 1000.0 && (s.timestamp as f64) <= now + 1000.0,
+                    "timestamp {} out of range",
+                    s.timestamp
+                );
             }
             if let Some(prev) = last.get(&l) {
-                assert!(s.timestamp > *prev || l["__name__"] == "test_ts", "{l:?}: {} after {prev}", s.timestamp);
+                assert!(
+                    s.timestamp > *prev || l["__name__"] == "test_ts",
+                    "{l:?}: {} after {prev}",
+                    s.timestamp
+                );
             }
             last.insert(l.clone(), s.timestamp);
         }
@@ -195,7 +238,10 @@ fn invalid_exposition_sends_up_0_only() -> Result<()> {
     let h = Harness::ok("test_ok 1\nthis is { not valid\n")?;
     let up = h.wait_series(&[("__name__", "up")])?;
     assert!(up.iter().all(|s| s.value == 0.0), "up must be 0: {up:?}");
-    assert!(!h.accepted().iter().any(|(l, _)| l["__name__"] == "test_ok"), "a failed scrape sends none of its samples");
+    assert!(
+        !h.accepted().iter().any(|(l, _)| l["__name__"] == "test_ok"),
+        "a failed scrape sends none of its samples"
+    );
     Ok(())
 }
 
@@ -203,7 +249,12 @@ fn invalid_exposition_sends_up_0_only() -> Result<()> {
 fn honor_labels_false_renames_and_true_keeps() -> Result<()> {
     let page = "test_honor{job=\"other\",instance=\"elsewhere\"} 1\n";
     let h = Harness::ok(page)?;
-    h.wait_series(&[("__name__", "test_honor"), ("job", "test"), ("exported_job", "other"), ("exported_instance", "elsewhere")])?;
+    h.wait_series(&[
+        ("__name__", "test_honor"),
+        ("job", "test"),
+        ("exported_job", "other"),
+        ("exported_instance", "elsewhere"),
+    ])?;
     drop(h);
     let h = Harness::start(page, "    honor_labels: true\n", Arc::new(|_| (200, vec![])))?;
     let found = h.wait_series(&[("__name__", "test_honor"), ("job", "other"), ("instance", "elsewhere")])?;
@@ -237,8 +288,11 @@ fn retries_on_500_and_429_with_retry_after() -> Result<()> {
     let first = poll("a failed request", Duration::from_secs(20), || {
         Ok(h.log.lock().unwrap().first().map(|(_, wr, _)| wr.clone()))
     })?;
-    let first_ts: Vec<(BTreeMap<String, String>, i64)> =
-        first.timeseries.iter().flat_map(|ts| ts.samples.iter().map(move |s| (labels(ts), s.timestamp))).collect();
+    let first_ts: Vec<(BTreeMap<String, String>, i64)> = first
+        .timeseries
+        .iter()
+        .flat_map(|ts| ts.samples.iter().map(move |s| (labels(ts), s.timestamp)))
+        .collect();
     assert!(!first_ts.is_empty());
     poll("resent samples accepted", Duration::from_secs(30), || {
         let acc = h.accepted();
@@ -255,20 +309,33 @@ fn retries_on_500_and_429_with_retry_after() -> Result<()> {
 fn no_retry_on_400() -> Result<()> {
     let policy: Policy = Arc::new(|n| if n == 0 { (400, vec![]) } else { (200, vec![]) });
     let h = Harness::start("test_gauge 1\n", "", policy)?;
-    poll("three requests", Duration::from_secs(20), || Ok((h.log.lock().unwrap().len() >= 3).then_some(())))?;
+    poll("three requests", Duration::from_secs(20), || {
+        Ok((h.log.lock().unwrap().len() >= 3).then_some(()))
+    })?;
     let log = h.log.lock().unwrap();
-    let rejected: Vec<(BTreeMap<String, String>, i64)> =
-        log[0].1.timeseries.iter().flat_map(|ts| ts.samples.iter().map(move |s| (labels(ts), s.timestamp))).collect();
+    let rejected: Vec<(BTreeMap<String, String>, i64)> = log[0]
+        .1
+        .timeseries
+        .iter()
+        .flat_map(|ts| ts.samples.iter().map(move |s| (labels(ts), s.timestamp)))
+        .collect();
     for (_, wr, _) in log.iter().skip(1) {
         for ts in &wr.timeseries {
             for s in &ts.samples {
-                assert!(!rejected.contains(&(labels(ts), s.timestamp)), "a sample rejected with 400 was sent again");
+                assert!(
+                    !rejected.contains(&(labels(ts), s.timestamp)),
+                    "a sample rejected with 400 was sent again"
+                );
             }
         }
     }
     drop(log);
     poll("dropped counter", Duration::from_secs(10), || {
-        Ok((h.agent.metric("sre_agent_remote_samples_dropped_total", "reason=\"http_4xx\"")? > 0.0).then_some(()))
+        Ok((h
+            .agent
+            .metric("sre_agent_remote_samples_dropped_total", "reason=\"http_4xx\"")?
+            > 0.0)
+            .then_some(()))
     })?;
     Ok(())
 }

@@ -19,7 +19,10 @@ fn usage_version_and_check_config() -> Result<()> {
 
     let dir = tempfile::tempdir()?;
     let good = dir.path().join("good.yml");
-    std::fs::write(&good, "scrape_configs:\n  - job_name: a\n    static_configs:\n      - targets: ['127.0.0.1:1']\n")?;
+    std::fs::write(
+        &good,
+        "scrape_configs:\n  - job_name: a\n    static_configs:\n      - targets: ['127.0.0.1:1']\n",
+    )?;
     let out = Command::new(&bin).arg("check-config").arg(&good).output()?;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
     assert!(out.status.success());
@@ -35,15 +38,34 @@ fn usage_version_and_check_config() -> Result<()> {
     let lines: Vec<&str> = text.lines().collect();
     let file = bad.display().to_string();
     assert!(lines.len() >= 3, "every error reported: {text}");
-    assert!(lines.iter().any(|l| l.starts_with(&format!("{file}:2:"))), "bad duration at line 2: {text}");
-    assert!(lines.iter().any(|l| l.starts_with(&format!("{file}:5:")) && l.contains("bogus")), "unknown key at line 5: {text}");
-    assert!(lines.iter().any(|l| l.starts_with(&format!("{file}:7:")) && l.contains("scrape_intervall")), "unknown key at line 7: {text}");
+    assert!(
+        lines.iter().any(|l| l.starts_with(&format!("{file}:2:"))),
+        "bad duration at line 2: {text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("{file}:5:")) && l.contains("bogus")),
+        "unknown key at line 5: {text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("{file}:7:")) && l.contains("scrape_intervall")),
+        "unknown key at line 7: {text}"
+    );
     Ok(())
 }
 
 fn job_names(agent: &Agent) -> Result<Vec<String>> {
     let v: serde_json::Value = serde_json::from_str(&http_get(&format!("{}/api/v1/targets", agent.url))?)?;
-    let mut jobs: Vec<String> = v.as_array().cloned().unwrap_or_default().iter().map(|t| t["job"].as_str().unwrap_or_default().to_owned()).collect();
+    let mut jobs: Vec<String> = v
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|t| t["job"].as_str().unwrap_or_default().to_owned())
+        .collect();
     jobs.sort();
     jobs.dedup();
     Ok(jobs)
@@ -55,7 +77,9 @@ fn reload_by_http_and_sighup_refuses_bad_config() -> Result<()> {
     let cfg = |jobs: &[&str]| -> String {
         let mut s = String::from("global:\n  scrape_interval: 1s\nscrape_configs:\n");
         for j in jobs {
-            s.push_str(&format!("  - job_name: {j}\n    static_configs:\n      - targets: ['127.0.0.1:1']\n"));
+            s.push_str(&format!(
+                "  - job_name: {j}\n    static_configs:\n      - targets: ['127.0.0.1:1']\n"
+            ));
         }
         s
     };
@@ -65,7 +89,9 @@ fn reload_by_http_and_sighup_refuses_bad_config() -> Result<()> {
     std::fs::write(&agent.config, cfg(&["one", "two"]))?;
     let (status, body) = http_post(&format!("{}/-/reload", agent.url))?;
     assert_eq!(status, 200, "{body}");
-    poll("job two", Duration::from_secs(10), || Ok((job_names(&agent)? == vec!["one", "two"]).then_some(())))?;
+    poll("job two", Duration::from_secs(10), || {
+        Ok((job_names(&agent)? == vec!["one", "two"]).then_some(()))
+    })?;
 
     // A broken config is refused with its error; the running one stays.
     std::fs::write(&agent.config, "scrape_configs:\n  - job_name: x\n    nope: 1\n")?;
@@ -77,10 +103,15 @@ fn reload_by_http_and_sighup_refuses_bad_config() -> Result<()> {
 
     std::fs::write(&agent.config, cfg(&["three"]))?;
     agent.proc.signal("HUP")?;
-    poll("job three after SIGHUP", Duration::from_secs(10), || Ok((job_names(&agent)? == vec!["three"]).then_some(())))?;
+    poll("job three after SIGHUP", Duration::from_secs(10), || {
+        Ok((job_names(&agent)? == vec!["three"]).then_some(()))
+    })?;
     assert_eq!(agent.metric("sre_agent_config_last_reload_successful", "")?, 1.0);
     let page = http_get(&format!("{}/status", agent.url))?;
-    assert!(page.contains("three") && page.contains("127.0.0.1:1"), "status page lists the target");
+    assert!(
+        page.contains("three") && page.contains("127.0.0.1:1"),
+        "status page lists the target"
+    );
     assert_eq!(http_get(&format!("{}/healthz", agent.url))?.trim(), "ok");
     Ok(())
 }
@@ -98,7 +129,11 @@ fn second_agent_on_the_same_storage_exits_with_a_clear_error() -> Result<()> {
         .arg(format!("127.0.0.1:{}", free_port()))
         .output()?;
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("locked by another agent"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("locked by another agent"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
@@ -112,10 +147,16 @@ fn sigterm_exits_0_in_time_while_the_receiver_fails_and_keeps_the_backlog() -> R
         target.addr, failing.addr
     );
     let mut agent = Agent::start(dir.path(), &config)?;
-    poll("retries", Duration::from_secs(20), || Ok((agent.metric("sre_agent_remote_samples_retried_total", "")? > 0.0).then_some(())))?;
+    poll("retries", Duration::from_secs(20), || {
+        Ok((agent.metric("sre_agent_remote_samples_retried_total", "")? > 0.0).then_some(()))
+    })?;
     let started = Instant::now();
     let status = agent.proc.signal("TERM")?.expect("exit status");
-    assert!(status.success(), "exit 0 after SIGTERM: {status:?}\n{}", agent.proc.log_text());
+    assert!(
+        status.success(),
+        "exit 0 after SIGTERM: {status:?}\n{}",
+        agent.proc.log_text()
+    );
     assert!(started.elapsed() < Duration::from_secs(30));
     assert!(agent.proc.log_text().contains("unsent samples stay in the WAL"));
 
@@ -126,7 +167,12 @@ fn sigterm_exits_0_in_time_while_the_receiver_fails_and_keeps_the_backlog() -> R
         g.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         (200, vec![], Vec::new())
     })?;
-    std::fs::write(&agent.config, config.replace(&failing.addr, &ok.addr).replace(&target.addr, "127.0.0.1:1"))?;
+    std::fs::write(
+        &agent.config,
+        config
+            .replace(&failing.addr, &ok.addr)
+            .replace(&target.addr, "127.0.0.1:1"),
+    )?;
     let (cfg, storage) = (agent.config.clone(), agent.storage.clone());
     drop(agent);
     let agent = Agent::start_with(dir.path(), cfg, storage, free_port())?;

@@ -49,8 +49,12 @@ pub fn sink_samples(sink: &Path, names: &[&str]) -> Result<BTreeMap<String, BTre
     let text = std::fs::read_to_string(sink)?;
     let mut out: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
     for line in text.lines() {
-        let Some((rest, ts)) = line.rsplit_once(' ') else { continue };
-        let Some((series, value)) = rest.rsplit_once(' ') else { continue };
+        let Some((rest, ts)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Some((series, value)) = rest.rsplit_once(' ') else {
+            continue;
+        };
         if value == "NaN" {
             continue; // staleness markers are not queryable samples
         }

@@ -18,7 +18,12 @@ fn same_series_and_values_as_prometheus_then_up_and_staleness() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let node = NodeExporter::start(dir.path())?;
     let receiver = Prometheus::start(dir.path(), "receiver", RECEIVER, true)?;
-    let oracle = Prometheus::start(dir.path(), "oracle", &format!("global:\n  scrape_interval: 1s\n{}", scrape_configs(&node.addr)), false)?;
+    let oracle = Prometheus::start(
+        dir.path(),
+        "oracle",
+        &format!("global:\n  scrape_interval: 1s\n{}", scrape_configs(&node.addr)),
+        false,
+    )?;
     let sink = dir.path().join("sink.txt");
     let agent = Agent::start(dir.path(), &agent_config(&node.addr, &receiver, &sink))?;
 
@@ -44,7 +49,11 @@ fn same_series_and_values_as_prometheus_then_up_and_staleness() -> Result<()> {
         Ok(None)
     });
     let series = same.map_err(|e| e.context(last_diff.clone()))?;
-    assert!(series.len() > 100, "node_exporter exposes hundreds of series, got {}", series.len());
+    assert!(
+        series.len() > 100,
+        "node_exporter exposes hundreds of series, got {}",
+        series.len()
+    );
     for name in [
         "up",
         "scrape_duration_seconds",
@@ -52,10 +61,21 @@ fn same_series_and_values_as_prometheus_then_up_and_staleness() -> Result<()> {
         "scrape_samples_post_metric_relabeling",
         "scrape_series_added",
     ] {
-        assert!(series.iter().any(|s| s.contains(&format!("__name__=\"{name}\""))), "{name} missing");
+        assert!(
+            series.iter().any(|s| s.contains(&format!("__name__=\"{name}\""))),
+            "{name} missing"
+        );
     }
-    assert!(!series.iter().any(|s| s.contains("go_memstats_")), "metric_relabel drop not applied");
-    assert!(series.iter().all(|s| s.contains("env=\"e2e\"") && s.contains("port=\"p")), "target labels missing");
+    assert!(
+        !series.iter().any(|s| s.contains("go_memstats_")),
+        "metric_relabel drop not applied"
+    );
+    assert!(
+        series
+            .iter()
+            .all(|s| s.contains("env=\"e2e\"") && s.contains("port=\"p")),
+        "target labels missing"
+    );
 
     // Same values for stable series.
     for q in [
@@ -74,13 +94,19 @@ fn same_series_and_values_as_prometheus_then_up_and_staleness() -> Result<()> {
 
     // The target stops: up flips to 0 and its series go stale (absent from instant queries).
     drop(node);
-    poll("up == 0 in receiver", Duration::from_secs(30), || Ok(value(&receiver, "up{job=\"node\"}")?.filter(|v| v == "0")))?;
+    poll("up == 0 in receiver", Duration::from_secs(30), || {
+        Ok(value(&receiver, "up{job=\"node\"}")?.filter(|v| v == "0"))
+    })?;
     poll("series stale in receiver", Duration::from_secs(30), || {
-        Ok(value(&receiver, "node_memory_MemTotal_bytes{job=\"node\"}")?.is_none().then_some(()))
+        Ok(value(&receiver, "node_memory_MemTotal_bytes{job=\"node\"}")?
+            .is_none()
+            .then_some(()))
     })?;
     // The oracle agrees.
     poll("series stale in oracle", Duration::from_secs(30), || {
-        Ok(value(&oracle, "node_memory_MemTotal_bytes{job=\"node\"}")?.is_none().then_some(()))
+        Ok(value(&oracle, "node_memory_MemTotal_bytes{job=\"node\"}")?
+            .is_none()
+            .then_some(()))
     })?;
     assert!(agent.metric("sre_agent_scrape_failures_total", "job=\"node\"")? >= 1.0);
     Ok(())

@@ -19,12 +19,22 @@ fn assert_nothing_lost(receiver: &Prometheus, sink: &std::path::Path) -> Result<
         let name = series.split('{').next().unwrap_or_default();
         let selector = format!("{name}{{job=\"node\"}}");
         let newest_sink = *ts.last().unwrap_or(&0);
-        let stored = poll(&format!("{series} up to {newest_sink} in receiver"), Duration::from_secs(60), || {
-            let s = stored_timestamps(receiver, &selector, "30m")?;
-            Ok(s.contains(&newest_sink).then_some(s))
-        })?;
+        let stored = poll(
+            &format!("{series} up to {newest_sink} in receiver"),
+            Duration::from_secs(60),
+            || {
+                let s = stored_timestamps(receiver, &selector, "30m")?;
+                Ok(s.contains(&newest_sink).then_some(s))
+            },
+        )?;
         let missing: BTreeSet<_> = ts.difference(&stored).collect();
-        assert!(missing.is_empty(), "{series}: {} of {} samples missing, e.g. {:?}", missing.len(), ts.len(), missing.iter().take(5).collect::<Vec<_>>());
+        assert!(
+            missing.is_empty(),
+            "{series}: {} of {} samples missing, e.g. {:?}",
+            missing.len(),
+            ts.len(),
+            missing.iter().take(5).collect::<Vec<_>>()
+        );
         checked += ts.len();
     }
     Ok(checked)
@@ -37,7 +47,9 @@ fn receiver_outage_of_30s_loses_nothing() -> Result<()> {
     let receiver = Prometheus::start(dir.path(), "receiver", RECEIVER, true)?;
     let sink = dir.path().join("sink.txt");
     let agent = Agent::start(dir.path(), &agent_config(&node.addr, &receiver, &sink))?;
-    poll("first samples", Duration::from_secs(30), || Ok((!receiver.query("up{job=\"node\"}")?.is_empty()).then_some(())))?;
+    poll("first samples", Duration::from_secs(30), || {
+        Ok((!receiver.query("up{job=\"node\"}")?.is_empty()).then_some(()))
+    })?;
 
     let stopped = receiver.stop()?;
     std::thread::sleep(Duration::from_secs(30)); // the outage itself
@@ -57,7 +69,9 @@ fn kill_9_with_backlog_then_restart_loses_nothing() -> Result<()> {
     let receiver = Prometheus::start(dir.path(), "receiver", RECEIVER, true)?;
     let sink = dir.path().join("sink.txt");
     let mut agent = Agent::start(dir.path(), &agent_config(&node.addr, &receiver, &sink))?;
-    poll("first samples", Duration::from_secs(30), || Ok((!receiver.query("up{job=\"node\"}")?.is_empty()).then_some(())))?;
+    poll("first samples", Duration::from_secs(30), || {
+        Ok((!receiver.query("up{job=\"node\"}")?.is_empty()).then_some(()))
+    })?;
 
     // Build a backlog: receiver down, agent keeps scraping into its WAL, then dies hard.
     let stopped = receiver.stop()?;

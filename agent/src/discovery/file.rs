@@ -28,9 +28,17 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<TargetGroup>, String> {
     let groups: Vec<FileGroup> = if path.extension().is_some_and(|e| e == "json") {
         serde_json::from_str(text).map_err(|e| format!("{}: {e}", path.display()))?
     } else {
-        let loaded = config::from_str::<Vec<FileGroupYaml>>(text, &path.display().to_string(), &|_| None, &|_, _| false)
-            .map_err(|errs| errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))?;
-        loaded.value.into_iter().map(|g| FileGroup { targets: g.targets, labels: g.labels }).collect()
+        let loaded =
+            config::from_str::<Vec<FileGroupYaml>>(text, &path.display().to_string(), &|_| None, &|_, _| false)
+                .map_err(|errs| errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))?;
+        loaded
+            .value
+            .into_iter()
+            .map(|g| FileGroup {
+                targets: g.targets,
+                labels: g.labels,
+            })
+            .collect()
     };
     Ok(groups
         .into_iter()
@@ -64,7 +72,10 @@ struct FileGroupYaml {
 pub fn expand(patterns: &[PathBuf]) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for p in patterns {
-        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if !name.contains('*') && !name.contains('?') {
             out.push(p.clone());
             continue;
@@ -117,7 +128,10 @@ pub async fn run(patterns: Vec<PathBuf>, refresh: Duration, out: watch::Sender<V
         let _ = tx.try_send(());
     })
     .ok();
-    let mut dirs: Vec<PathBuf> = patterns.iter().filter_map(|p| p.parent().map(Path::to_path_buf)).collect();
+    let mut dirs: Vec<PathBuf> = patterns
+        .iter()
+        .filter_map(|p| p.parent().map(Path::to_path_buf))
+        .collect();
     dirs.sort();
     dirs.dedup();
     if let Some(w) = watcher.as_mut() {
@@ -133,7 +147,10 @@ pub async fn run(patterns: Vec<PathBuf>, refresh: Duration, out: watch::Sender<V
         let files = expand(&patterns);
         let mut current = BTreeMap::new();
         for f in files {
-            match std::fs::read_to_string(&f).map_err(|e| e.to_string()).and_then(|t| parse_file(&f, &t)) {
+            match std::fs::read_to_string(&f)
+                .map_err(|e| e.to_string())
+                .and_then(|t| parse_file(&f, &t))
+            {
                 Ok(g) => {
                     current.insert(f, g);
                 }
@@ -166,7 +183,11 @@ mod tests {
 
     #[test]
     fn parses_json_and_yaml() {
-        let g = parse_file(Path::new("/x/t.json"), r#"[{"targets":["a:1","b:2"],"labels":{"env":"p"}}]"#).unwrap();
+        let g = parse_file(
+            Path::new("/x/t.json"),
+            r#"[{"targets":["a:1","b:2"],"labels":{"env":"p"}}]"#,
+        )
+        .unwrap();
         assert_eq!(g[0].targets.len(), 2);
         assert_eq!(g[0].labels.get("env"), Some("p"));
         assert_eq!(g[0].labels.get("__meta_filepath"), Some("/x/t.json"));

@@ -88,11 +88,17 @@ mod tests {
 
     #[test]
     fn formats_lines() {
-        let s = series_text("up", [("__name__", "up"), ("instance", "a\"b"), ("job", "j")].into_iter());
+        let s = series_text(
+            "up",
+            [("__name__", "up"), ("instance", "a\"b"), ("job", "j")].into_iter(),
+        );
         assert_eq!(s, r#"up{instance="a\"b",job="j"}"#);
         let mut buf = Vec::new();
         push_line(&mut buf, &s, 1.0, 1000);
         push_line(&mut buf, "x", f64::NEG_INFINITY, 5);
-        assert_eq!(String::from_utf8(buf).unwrap(), "up{instance=\"a\\\"b\",job=\"j\"} 1 1000\nx -Inf 5\n");
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            "up{instance=\"a\\\"b\",job=\"j\"} 1 1000\nx -Inf 5\n"
+        );
     }
 }

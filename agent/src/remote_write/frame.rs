@@ -32,7 +32,10 @@ pub struct Frames<'a> {
 impl<'a> Frames<'a> {
     /// Frames of `payload`.
     pub fn new(payload: &'a [u8]) -> Self {
-        Self { rest: payload, malformed: false }
+        Self {
+            rest: payload,
+            malformed: false,
+        }
     }
 }
 

@@ -122,7 +122,12 @@ impl SenderHandle {
 }
 
 /// The reader/commit loop. Returns after a shutdown request.
-pub async fn run(cfg: SenderConfig, wal: Arc<Wal>, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<Option<Instant>>) {
+pub async fn run(
+    cfg: SenderConfig,
+    wal: Arc<Wal>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<Option<Instant>>,
+) {
     let q = cfg.queue.clone();
     let mut nshards = q.min_shards.max(1);
     let (mut next_unacked, extra) = wal.committed();
@@ -209,7 +214,11 @@ pub async fn run(cfg: SenderConfig, wal: Arc<Wal>, metrics: Arc<Metrics>, mut sh
                 None => (nshards, vec![0; nshards]),
             };
             let mut seen = vec![0u32; split_n];
-            let mut part = Partial { nshards: split_n as u32, acked: already.clone(), remaining: 0 };
+            let mut part = Partial {
+                nshards: split_n as u32,
+                acked: already.clone(),
+                remaining: 0,
+            };
             let mut items: Vec<(usize, Item)> = Vec::new();
             let mut frames = frame::Frames::new(&payload);
             for (hash, body) in frames.by_ref() {
@@ -222,7 +231,14 @@ pub async fn run(cfg: SenderConfig, wal: Arc<Wal>, metrics: Arc<Metrics>, mut sh
                 // record's own split so it survives restarts.
                 let offset = body.as_ptr() as usize - payload.as_ptr() as usize;
                 let body = payload.slice(offset..offset + body.len());
-                items.push((k, Item { seq, split: k as u32, body }));
+                items.push((
+                    k,
+                    Item {
+                        seq,
+                        split: k as u32,
+                        body,
+                    },
+                ));
                 part.remaining += 1;
             }
             if frames.malformed {
@@ -408,15 +424,22 @@ async fn shard(
         }
         let started = Instant::now();
         let outcome = send_batch(&cfg, &batch, &mut raw, &mut compressed, &metrics, &shutdown).await;
-        stats
-            .busy_nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+        stats.busy_nanos.fetch_add(
+            started.elapsed().as_nanos() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         match outcome {
             Outcome::Sent => metrics.samples_sent(&cfg.name, batch.len() as u64),
             Outcome::Dropped(reason) => metrics.samples_dropped(&cfg.name, reason, batch.len() as u64),
             Outcome::Aborted => return, // shutdown deadline passed: no ack, the WAL keeps them
         }
-        if acks.send(Ack { counts: ack_counts(&mut batch) }).await.is_err() {
+        if acks
+            .send(Ack {
+                counts: ack_counts(&mut batch),
+            })
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -424,7 +447,11 @@ async fn shard(
     if !batch.is_empty() {
         if let Outcome::Sent = send_batch(&cfg, &batch, &mut raw, &mut compressed, &metrics, &shutdown).await {
             metrics.samples_sent(&cfg.name, batch.len() as u64);
-            let _ = acks.send(Ack { counts: ack_counts(&mut batch) }).await;
+            let _ = acks
+                .send(Ack {
+                    counts: ack_counts(&mut batch),
+                })
+                .await;
         }
     }
 }
@@ -432,7 +459,11 @@ async fn shard(
 fn ack_counts(batch: &mut Vec<Item>) -> Vec<(u64, u32, u32)> {
     let mut counts: Vec<(u64, u32, u32)> = Vec::new();
     for item in batch.drain(..) {
-        match counts.iter_mut().rev().find(|(s, k, _)| *s == item.seq && *k == item.split) {
+        match counts
+            .iter_mut()
+            .rev()
+            .find(|(s, k, _)| *s == item.seq && *k == item.split)
+        {
             Some((_, _, n)) => *n += 1,
             None => counts.push((item.seq, item.split, 1)),
         }
@@ -471,10 +502,14 @@ async fn send_batch(
         let retry_after = match result {
             Ok((status, _, _)) if status.is_success() => return Outcome::Sent,
             Ok((status, retry_after, text)) => {
-                let retryable = status.is_server_error() || (status == StatusCode::TOO_MANY_REQUESTS && q.retry_on_http_429);
+                let retryable =
+                    status.is_server_error() || (status == StatusCode::TOO_MANY_REQUESTS && q.retry_on_http_429);
                 if !retryable {
                     let lower = text.to_ascii_lowercase();
-                    let reason = if lower.contains("out of order") || lower.contains("out-of-order") || lower.contains("too old") {
+                    let reason = if lower.contains("out of order")
+                        || lower.contains("out-of-order")
+                        || lower.contains("too old")
+                    {
                         "out_of_order"
                     } else if lower.contains("duplicate") {
                         "duplicate"
@@ -522,13 +557,21 @@ async fn post(cfg: &SenderConfig, body: Bytes) -> Result<(StatusCode, Option<Dur
         req.headers_mut().insert(k.clone(), v.clone());
     }
     let work = async {
-        let resp = cfg.client.request(req).await.map_err(|e| crate::scrape::client::error_chain(&e))?;
+        let resp = cfg
+            .client
+            .request(req)
+            .await
+            .map_err(|e| crate::scrape::client::error_chain(&e))?;
         let status = resp.status();
         let retry_after = resp.headers().get(header::RETRY_AFTER).and_then(parse_retry_after);
         let text = if status.is_success() {
             String::new()
         } else {
-            let b = http_body_util::Limited::new(resp.into_body(), 4096).collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            let b = http_body_util::Limited::new(resp.into_body(), 4096)
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
             String::from_utf8_lossy(&b).into_owned()
         };
         Ok::<_, String>((status, retry_after, text))
@@ -556,8 +599,22 @@ mod tests {
     #[test]
     fn partials_round_trip() {
         let mut p = BTreeMap::new();
-        p.insert(7, Partial { nshards: 3, acked: vec![1, 0, 5], remaining: 2 });
-        p.insert(9, Partial { nshards: 2, acked: vec![0, 0], remaining: 4 });
+        p.insert(
+            7,
+            Partial {
+                nshards: 3,
+                acked: vec![1, 0, 5],
+                remaining: 2,
+            },
+        );
+        p.insert(
+            9,
+            Partial {
+                nshards: 2,
+                acked: vec![0, 0],
+                remaining: 4,
+            },
+        );
         let d = decode_partials(&encode_partials(&p));
         assert_eq!(d.len(), 1);
         assert_eq!(d[&7], (3, vec![1, 0, 5]));
@@ -565,8 +622,14 @@ mod tests {
 
     #[test]
     fn retry_after_forms() {
-        assert_eq!(parse_retry_after(&HeaderValue::from_static("3")), Some(Duration::from_secs(3)));
-        assert_eq!(parse_retry_after(&HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT")), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("3")),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT")),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
     }
 }

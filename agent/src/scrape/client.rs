@@ -91,13 +91,21 @@ pub async fn fetch(
         .header(header::ACCEPT, ACCEPT)
         .header(header::ACCEPT_ENCODING, "gzip")
         .header(header::USER_AGENT, user_agent())
-        .header("X-Prometheus-Scrape-Timeout-Seconds", format!("{}", timeout.as_secs_f64()));
+        .header(
+            "X-Prometheus-Scrape-Timeout-Seconds",
+            format!("{}", timeout.as_secs_f64()),
+        );
     if let Some(a) = auth {
         req = req.header(header::AUTHORIZATION, a.clone());
     }
-    let req = req.body(Full::new(Bytes::new())).map_err(|e| ScrapeError::Url(e.to_string()))?;
+    let req = req
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| ScrapeError::Url(e.to_string()))?;
     let work = async {
-        let resp = client.request(req).await.map_err(|e| ScrapeError::Connect(error_chain(&e)))?;
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| ScrapeError::Connect(error_chain(&e)))?;
         if resp.status() != StatusCode::OK {
             return Err(ScrapeError::Status(resp.status()));
         }

@@ -36,9 +36,12 @@ struct JobState {
     not_scraped: Vec<(Labels, TargetError)>,
 }
 
+/// A job's name, its loops, and the views of its targets that are not scraped.
+type JobEntry = (String, Arc<tokio::sync::Mutex<JobState>>, Arc<Mutex<Vec<TargetView>>>);
+
 /// Running jobs; dropping it does not stop them, call [`Manager::stop`].
 pub struct Manager {
-    jobs: Vec<(String, Arc<tokio::sync::Mutex<JobState>>, Arc<Mutex<Vec<TargetView>>>)>,
+    jobs: Vec<JobEntry>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     stop: watch::Sender<bool>,
 }
@@ -47,12 +50,23 @@ impl Manager {
     /// Starts every job.
     pub fn start(jobs: Vec<Job>, outputs: Arc<Outputs>, metrics: Arc<Metrics>) -> Self {
         let (stop, stop_rx) = watch::channel(false);
-        let mut out = Self { jobs: Vec::new(), tasks: Vec::new(), stop };
+        let mut out = Self {
+            jobs: Vec::new(),
+            tasks: Vec::new(),
+            stop,
+        };
         for job in jobs {
             let state = Arc::new(tokio::sync::Mutex::new(JobState::default()));
             let views = Arc::new(Mutex::new(Vec::new()));
             out.jobs.push((job.defaults.job.clone(), state.clone(), views.clone()));
-            out.tasks.push(tokio::spawn(run_job(job, state, views, outputs.clone(), metrics.clone(), stop_rx.clone())));
+            out.tasks.push(tokio::spawn(run_job(
+                job,
+                state,
+                views,
+                outputs.clone(),
+                metrics.clone(),
+                stop_rx.clone(),
+            )));
         }
         out
     }
@@ -73,7 +87,7 @@ impl Manager {
     }
 
     /// A closure that lists every target for the status page.
-    pub fn status_source(&self) -> Arc<dyn Fn() -> Vec<TargetView> + Send + Sync> {
+    pub fn status_source(&self) -> crate::telemetry::server::StatusSource {
         let jobs: Vec<_> = self.jobs.iter().map(|(_, s, v)| (s.clone(), v.clone())).collect();
         Arc::new(move || {
             let mut out = Vec::new();
@@ -112,13 +126,19 @@ async fn run_job(
 ) {
     let mut providers = job.providers;
     loop {
-        let groups: Vec<TargetGroup> = providers.iter_mut().flat_map(|p| p.borrow_and_update().clone()).collect();
+        let groups: Vec<TargetGroup> = providers
+            .iter_mut()
+            .flat_map(|p| p.borrow_and_update().clone())
+            .collect();
         let (mut targets, not_scraped) = target::from_groups(&groups, &job.defaults, &job.relabel);
         let mut invalid_limit = Vec::new();
         if job.target_limit > 0 && targets.len() as u64 > job.target_limit {
             tracing::warn!(job = %job.defaults.job, targets = targets.len(), limit = job.target_limit, "target_limit exceeded; scraping none of the job's targets.");
             for t in targets.drain(..) {
-                invalid_limit.push((t.discovered, TargetError::Invalid(format!("target_limit exceeded ({})", job.target_limit))));
+                invalid_limit.push((
+                    t.discovered,
+                    TargetError::Invalid(format!("target_limit exceeded ({})", job.target_limit)),
+                ));
             }
         }
         {
@@ -131,14 +151,22 @@ async fn run_job(
                 }
             }
             for (k, t) in wanted {
-                if !st.loops.contains_key(&k) {
-                    let h = LoopHandle::start(t, job.settings.clone(), outputs.clone(), metrics.clone());
-                    st.loops.insert(k, h);
-                }
+                st.loops
+                    .entry(k)
+                    .or_insert_with(|| LoopHandle::start(t, job.settings.clone(), outputs.clone(), metrics.clone()));
             }
             st.not_scraped = not_scraped.into_iter().chain(invalid_limit).collect();
-            let dropped = st.not_scraped.iter().filter(|(_, e)| *e == TargetError::Dropped).count();
-            metrics.set_targets(&job.defaults.job, st.loops.len(), dropped, st.not_scraped.len() - dropped);
+            let dropped = st
+                .not_scraped
+                .iter()
+                .filter(|(_, e)| *e == TargetError::Dropped)
+                .count();
+            metrics.set_targets(
+                &job.defaults.job,
+                st.loops.len(),
+                dropped,
+                st.not_scraped.len() - dropped,
+            );
             let mut v = views.lock().unwrap_or_else(|p| p.into_inner());
             *v = st
                 .not_scraped

@@ -254,7 +254,7 @@ impl<'a> Parser<'a> {
                 return None;
             }
             let rest = &body[start..];
-            let (line, has_nl) = match memchr(b'\n', rest) {
+            let (line, has_nl) = match find_newline(rest) {
                 Some(end) => (&rest[..end], true),
                 None => (rest, false),
             };
@@ -291,9 +291,7 @@ impl<'a> Parser<'a> {
                 self.done = true;
                 return Ok(None);
             }
-            Some(b'#') if line.starts_with(b"# EOF") => {
-                return Err(Fail::Msg("unexpected data after # EOF".into()))
-            }
+            Some(b'#') if line.starts_with(b"# EOF") => return Err(Fail::Msg("unexpected data after # EOF".into())),
             Some(b'#') => om_meta(line)?,
             _ => return Err(Fail::Expected("a metric name or '# '", 0)),
         };
@@ -440,6 +438,64 @@ fn find_quote(line: &[u8], mut i: usize, non_ascii: &mut bool) -> usize {
     i
 }
 
+/// End of a text-format value token: the first ` `, `\t` or `{` at or after
+/// `i`, else the line end.
+#[inline(always)]
+fn text_value_end(line: &[u8], mut i: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        while let Some(chunk) = line[i..].first_chunk::<16>() {
+            let stop = simd::value_end(chunk);
+            if stop != 0 {
+                return i + stop.trailing_zeros() as usize;
+            }
+            i += 16;
+        }
+        // Values usually end the line: check the rest with one overlapping
+        // load of the line's last 16 bytes, ignoring those before `i`.
+        if let Some(tail) = line.last_chunk::<16>() {
+            let tail_start = line.len() - 16;
+            let stop = simd::value_end(tail) >> (i - tail_start);
+            return if stop != 0 {
+                i + stop.trailing_zeros() as usize
+            } else {
+                line.len()
+            };
+        }
+    }
+    while i < line.len() && !has(line[i], C_TEXT_VALUE_END) {
+        i += 1;
+    }
+    i
+}
+
+/// Index of the first `\n` in `rest`. Most lines are short, so the first
+/// [`INLINE_NEWLINE_SCAN`] bytes are searched inline before paying for a
+/// `memchr` call.
+#[inline(always)]
+fn find_newline(rest: &[u8]) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut i = 0;
+        while i < INLINE_NEWLINE_SCAN {
+            let Some(chunk) = rest[i..].first_chunk::<16>() else {
+                break;
+            };
+            let found = simd::newline(chunk);
+            if found != 0 {
+                return Some(i + found.trailing_zeros() as usize);
+            }
+            i += 16;
+        }
+        memchr(b'\n', &rest[i..]).map(|at| i + at)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    memchr(b'\n', rest)
+}
+
+#[cfg(target_arch = "x86_64")]
+const INLINE_NEWLINE_SCAN: usize = 128;
+
 /// SSE2 versions of the hot byte scans, 16 bytes at a time. Each returns a
 /// bit mask with bit `n` set for byte `n`.
 ///
@@ -473,6 +529,27 @@ mod simd {
         }
     }
 
+    /// ` `, `\t` and `{` bytes.
+    #[inline(always)]
+    pub(super) fn value_end(chunk: &[u8; 16]) -> u32 {
+        unsafe {
+            let v = _mm_loadu_si128(chunk.as_ptr().cast());
+            let space = _mm_cmpeq_epi8(v, _mm_set1_epi8(b' ' as i8));
+            let tab = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\t' as i8));
+            let brace = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'{' as i8));
+            _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(space, tab), brace)) as u32
+        }
+    }
+
+    /// `\n` bytes.
+    #[inline(always)]
+    pub(super) fn newline(chunk: &[u8; 16]) -> u32 {
+        unsafe {
+            let v = _mm_loadu_si128(chunk.as_ptr().cast());
+            _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b'\n' as i8))) as u32
+        }
+    }
+
     /// (`"` or `\\` bytes, non-ASCII bytes).
     #[inline(always)]
     pub(super) fn quote_or_backslash(chunk: &[u8; 16]) -> (u32, u32) {
@@ -491,6 +568,17 @@ fn skip_ws(line: &[u8], i: usize) -> usize {
     scan(line, i, C_WS)
 }
 
+/// `from_utf8` with an inlined ASCII fast path.
+#[inline]
+fn to_str(bytes: &[u8]) -> Option<&str> {
+    if bytes.is_ascii() {
+        // SAFETY: ASCII is valid UTF-8.
+        Some(unsafe { assume_utf8(bytes) })
+    } else {
+        std::str::from_utf8(bytes).ok()
+    }
+}
+
 /// # Safety
 /// `bytes` must be valid UTF-8.
 #[inline(always)]
@@ -503,7 +591,7 @@ unsafe fn assume_utf8(bytes: &[u8]) -> &str {
 // ---------------------------------------------------------------------------
 // Prometheus text format
 
-#[inline]
+#[inline(always)]
 fn text_line(line: &[u8]) -> Result<Option<Entry<'_>>, Fail> {
     let Some(&first) = line.first() else {
         return Ok(None);
@@ -551,20 +639,25 @@ fn text_comment(line: &[u8], i: usize) -> Result<Option<Entry<'_>>, Fail> {
     meta_entry(keyword, metric, text, Format::Text).map(Some)
 }
 
+#[inline(always)]
 fn text_sample(line: &[u8], start: usize) -> Result<Sample<'_>, Fail> {
     let name_end = scan_ident(line, start + 1, true);
     let mut series_end = name_end;
     let mut labels = RawLabels::default();
     let mut i = skip_ws(line, name_end);
     if line.get(i) == Some(&b'{') {
-        let close = text_labels(line, i + 1, &mut labels)?;
+        // Clients emit the strict OpenMetrics shape; only fall back to the
+        // lenient grammar (whitespace, optional commas) when that fails.
+        let close;
+        (close, labels) = match om_labels(line, i + 1) {
+            Ok(strict) => strict,
+            Err(_) => text_labels(line, i + 1)?,
+        };
         series_end = close + 1;
         i = skip_ws(line, close + 1);
     }
     let value_start = i;
-    while i < line.len() && !has(line[i], C_TEXT_VALUE_END) {
-        i += 1;
-    }
+    i = text_value_end(line, i);
     if i == value_start {
         return Err(Fail::Expected("value after metric", i));
     }
@@ -599,7 +692,8 @@ fn text_sample(line: &[u8], start: usize) -> Result<Sample<'_>, Fail> {
 /// Validates a text-format label section starting just after `{`; returns the
 /// index of the closing `}`. Whitespace is allowed between all tokens, commas
 /// are optional and a trailing comma is fine (as in Prometheus).
-fn text_labels<'a>(line: &'a [u8], start: usize, out: &mut RawLabels<'a>) -> Result<usize, Fail> {
+#[inline(always)]
+fn text_labels(line: &[u8], start: usize) -> Result<(usize, RawLabels<'_>), Fail> {
     let mut dups = DupCheck::default();
     let mut i = start;
     loop {
@@ -626,11 +720,11 @@ fn text_labels<'a>(line: &'a [u8], start: usize, out: &mut RawLabels<'a>) -> Res
             i += 1;
         }
     }
-    *out = RawLabels {
+    let labels = RawLabels {
         bytes: &line[start..i],
         count: dups.count,
     };
-    Ok(i)
+    Ok((i, labels))
 }
 
 // ---------------------------------------------------------------------------
@@ -665,7 +759,9 @@ fn om_sample(line: &[u8]) -> Result<Sample<'_>, Fail> {
     let mut labels = RawLabels::default();
     let mut i = name_end;
     if line.get(i) == Some(&b'{') {
-        i = om_labels(line, i + 1, &mut labels)? + 1;
+        let close;
+        (close, labels) = om_labels(line, i + 1)?;
+        i = close + 1;
     }
     let series = &line[..i];
     let (value, mut i) = om_value(line, i, "value after metric")?;
@@ -703,10 +799,11 @@ fn om_sample(line: &[u8]) -> Result<Sample<'_>, Fail> {
 fn om_exemplar<'a>(line: &'a [u8], name: &[u8], start: usize) -> Result<Exemplar<'a>, Fail> {
     if !name.ends_with(b"_total") && !name.ends_with(b"_bucket") {
         let name = String::from_utf8_lossy(name);
-        return Err(Fail::Msg(format!("metric name {name} does not support exemplars").into()));
+        return Err(Fail::Msg(
+            format!("metric name {name} does not support exemplars").into(),
+        ));
     }
-    let mut labels = RawLabels::default();
-    let close = om_labels(line, start, &mut labels)?;
+    let (close, labels) = om_labels(line, start)?;
     let (value, i) = om_value(line, close + 1, "value after exemplar labels")?;
     let mut timestamp_ms = None;
     if i < line.len() {
@@ -768,38 +865,39 @@ fn om_timestamp(token: &[u8], what: &str) -> Result<i64, Fail> {
 
 /// Validates an OpenMetrics label section starting just after `{`; returns the
 /// index of the closing `}`. No whitespace, commas only between pairs.
-fn om_labels<'a>(line: &'a [u8], start: usize, out: &mut RawLabels<'a>) -> Result<usize, Fail> {
+#[inline(always)]
+fn om_labels(line: &[u8], start: usize) -> Result<(usize, RawLabels<'_>), Fail> {
     let mut dups = DupCheck::default();
     let mut i = start;
-    loop {
-        match line.get(i) {
-            Some(b'}') => break,
-            Some(b',') if i != start => {
-                i += 1;
-                if !line.get(i).is_some_and(|&b| has(b, C_LABEL_START)) {
-                    return Err(Fail::Expected("label name", i));
-                }
+    if line.get(i) != Some(&b'}') {
+        loop {
+            if !line.get(i).is_some_and(|&b| has(b, C_LABEL_START)) {
+                let what = if i == start { "label name or '}'" } else { "label name" };
+                return Err(Fail::Expected(what, i));
             }
-            Some(&b) if i == start && has(b, C_LABEL_START) => {}
-            _ if i == start => return Err(Fail::Expected("label name or '}'", i)),
-            _ => return Err(Fail::Expected("',' or '}'", i)),
+            let name_start = i;
+            i = scan_ident(line, i + 1, false);
+            dups.add(&line[start..name_start], &line[name_start..i])?;
+            if line.get(i..i + 2) != Some(b"=\"") {
+                return Err(if line.get(i) == Some(&b'=') {
+                    Fail::Expected("label value", i + 1)
+                } else {
+                    Fail::Expected("'='", i)
+                });
+            }
+            i = quoted_value_end(line, i + 2)?;
+            match line.get(i) {
+                Some(b',') => i += 1,
+                Some(b'}') => break,
+                _ => return Err(Fail::Expected("',' or '}'", i)),
+            }
         }
-        let name_start = i;
-        i = scan_ident(line, i + 1, false);
-        dups.add(&line[start..name_start], &line[name_start..i])?;
-        if line.get(i) != Some(&b'=') {
-            return Err(Fail::Expected("'='", i));
-        }
-        if line.get(i + 1) != Some(&b'"') {
-            return Err(Fail::Expected("label value", i + 1));
-        }
-        i = quoted_value_end(line, i + 2)?;
     }
-    *out = RawLabels {
+    let labels = RawLabels {
         bytes: &line[start..i],
         count: dups.count,
     };
-    Ok(i)
+    Ok((i, labels))
 }
 
 // ---------------------------------------------------------------------------
@@ -816,20 +914,19 @@ fn meta_entry<'a>(keyword: &str, metric: &'a str, text: &'a [u8], format: Format
             }
         },
         "HELP" => {
-            let text = std::str::from_utf8(text).map_err(|_| Fail::Msg("help text is not valid UTF-8".into()))?;
+            let text = to_str(text).ok_or_else(|| fail_msg("help text is not valid UTF-8"))?;
             Ok(Entry::Help {
                 metric,
                 text: unescape(text, format == Format::OpenMetrics),
             })
         }
         _ => {
-            let unit = std::str::from_utf8(text).map_err(|_| Fail::Msg("unit is not valid UTF-8".into()))?;
-            let suffix_ok = unit.is_empty()
-                || metric
-                    .strip_suffix(unit)
-                    .is_some_and(|head| head.ends_with('_'));
+            let unit = to_str(text).ok_or_else(|| fail_msg("unit is not valid UTF-8"))?;
+            let suffix_ok = unit.is_empty() || metric.strip_suffix(unit).is_some_and(|head| head.ends_with('_'));
             if !suffix_ok {
-                return Err(Fail::Msg(format!("unit {unit:?} not a suffix of metric {metric:?}").into()));
+                return Err(Fail::Msg(
+                    format!("unit {unit:?} not a suffix of metric {metric:?}").into(),
+                ));
             }
             Ok(Entry::Unit { metric, unit })
         }
@@ -1024,8 +1121,8 @@ impl ValueError {
 
 /// Exact powers of ten representable in an f64.
 const POW10: [f64; 23] = [
-    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18,
-    1e19, 1e20, 1e21, 1e22,
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20,
+    1e21, 1e22,
 ];
 
 /// Parses a sample value with Go `strconv.ParseFloat` acceptance (minus hex
@@ -1217,7 +1314,10 @@ mod tests {
     fn content_type_selects_format() {
         let om = "application/openmetrics-text; version=1.0.0; charset=utf-8";
         assert_eq!(Format::from_content_type(om), Format::OpenMetrics);
-        assert_eq!(Format::from_content_type(" Application/OpenMetrics-Text "), Format::OpenMetrics);
+        assert_eq!(
+            Format::from_content_type(" Application/OpenMetrics-Text "),
+            Format::OpenMetrics
+        );
         assert_eq!(Format::from_content_type("text/plain; version=0.0.4"), Format::Text);
         assert_eq!(Format::from_content_type(""), Format::Text);
         assert_eq!(Format::from_content_type("application/openmetrics-textx"), Format::Text);
@@ -1582,7 +1682,10 @@ mod tests {
             .collect();
         assert_eq!(samples.len(), 10);
         let s = samples[0];
-        assert_eq!((s.name, s.value, s.timestamp_ms), ("foo_total", 17.0, Some(1_520_879_607_789)));
+        assert_eq!(
+            (s.name, s.value, s.timestamp_ms),
+            ("foo_total", 17.0, Some(1_520_879_607_789))
+        );
         let ex = s.exemplar.unwrap();
         assert_eq!((ex.value, ex.timestamp_ms, ex.label_count()), (5.0, None, 1));
         let ex_labels: Labels = ex.labels().map(|(n, v)| (n.into(), v.into())).collect();
@@ -1591,7 +1694,10 @@ mod tests {
         assert_eq!(s.series, b"foo_total{a=\"b\"}");
         assert_eq!(labels(s), pairs(&[("a", "b")]));
         let ex = s.exemplar.unwrap();
-        assert_eq!((ex.value, ex.timestamp_ms, ex.labels().count()), (6.0, Some(1_520_879_607_500), 2));
+        assert_eq!(
+            (ex.value, ex.timestamp_ms, ex.labels().count()),
+            (6.0, Some(1_520_879_607_500), 2)
+        );
         assert_eq!((samples[2].value, samples[2].timestamp_ms), (1_520_872_607.123, None));
         let ex = samples[3].exemplar.unwrap();
         assert_eq!((ex.value, ex.label_count()), (0.05, 0));
@@ -1605,7 +1711,19 @@ mod tests {
             })
             .collect();
         use MetricType::*;
-        assert_eq!(kinds, [Counter, Histogram, GaugeHistogram, Info, StateSet, Summary, Gauge, Unknown]);
+        assert_eq!(
+            kinds,
+            [
+                Counter,
+                Histogram,
+                GaugeHistogram,
+                Info,
+                StateSet,
+                Summary,
+                Gauge,
+                Unknown
+            ]
+        );
         // Without the trailing newline after `# EOF` as well.
         let trimmed = OM_BODY.trim_end_matches('\n');
         assert_eq!(entries(trimmed, Format::OpenMetrics), got);
@@ -1626,18 +1744,30 @@ mod tests {
             (b"a\t1\n# EOF\n", "expected value after metric, got '\\t'"),
             (b"a  1\n# EOF\n", "expected value after metric, got ' '"),
             (b"a 1\t2\n# EOF\n", "invalid float \"1\\t2\""),
-            (b"a 1 2 \n# EOF\n", "expected end of line or exemplar after timestamp, got ' '"),
-            (b"a 1 2 #\n# EOF\n", "expected end of line or exemplar after timestamp, got ' '"),
+            (
+                b"a 1 2 \n# EOF\n",
+                "expected end of line or exemplar after timestamp, got ' '",
+            ),
+            (
+                b"a 1 2 #\n# EOF\n",
+                "expected end of line or exemplar after timestamp, got ' '",
+            ),
             (b"a 1 \n# EOF\n", "expected timestamp or exemplar, got end of line"),
             (b"a 1 1z\n# EOF\n", "invalid float \"1z\""),
-            (b"a 1 1 1\n# EOF\n", "expected end of line or exemplar after timestamp, got ' '"),
+            (
+                b"a 1 1 1\n# EOF\n",
+                "expected end of line or exemplar after timestamp, got ' '",
+            ),
             (b"a 1 NaN\n# EOF\n", "invalid timestamp NaN"),
             (b"a 1 -Inf\n# EOF\n", "invalid timestamp -Inf"),
             (b"a 1 1e300\n# EOF\n", "timestamp out of range: 1e300"),
             (b"# TYPE u untyped\n# EOF\n", "invalid metric type \"untyped\""),
             (b"# TYPE c counter \n# EOF\n", "invalid metric type \"counter \""),
             (b"# TYPE c  counter\n# EOF\n", "invalid metric type \" counter\""),
-            (b"#  TYPE c counter\n# EOF\n", "expected HELP, TYPE, UNIT or EOF after '# '"),
+            (
+                b"#  TYPE c counter\n# EOF\n",
+                "expected HELP, TYPE, UNIT or EOF after '# '",
+            ),
             (b"#\tTYPE c counter\n# EOF\n", "expected ' ' after '#', got '\\t'"),
             (b"# a comment\n# EOF\n", "expected HELP, TYPE, UNIT or EOF after '# '"),
             (b"#EOF\n", "expected ' ' after '#', got 'E'"),
@@ -1645,9 +1775,18 @@ mod tests {
             (b"# TYPE m\n# EOF\n", "expected text in TYPE"),
             (b"# HELP m\n# EOF\n", "expected text in HELP"),
             (b"# UNIT m\n# EOF\n", "expected text in UNIT"),
-            (b"# UNIT metric suffix\n# EOF\n", "unit \"suffix\" not a suffix of metric \"metric\""),
-            (b"# UNIT metricsuffix suffix\n# EOF\n", "unit \"suffix\" not a suffix of metric \"metricsuffix\""),
-            (b"# UNIT m suffix\n# EOF\n", "unit \"suffix\" not a suffix of metric \"m\""),
+            (
+                b"# UNIT metric suffix\n# EOF\n",
+                "unit \"suffix\" not a suffix of metric \"metric\"",
+            ),
+            (
+                b"# UNIT metricsuffix suffix\n# EOF\n",
+                "unit \"suffix\" not a suffix of metric \"metricsuffix\"",
+            ),
+            (
+                b"# UNIT m suffix\n# EOF\n",
+                "unit \"suffix\" not a suffix of metric \"m\"",
+            ),
             (b"# EOF\na 1\n", "unexpected data after # EOF"),
             (b"# EOF\n\n", "unexpected data after # EOF"),
             (b"# EOFa 1\n", "unexpected data after # EOF"),
@@ -1664,14 +1803,35 @@ mod tests {
             (b"foo 1_2\n# EOF\n", "unsupported character in float \"1_2\""),
             (b"foo 0 1_2\n# EOF\n", "unsupported character in float \"1_2\""),
             (b"m_total 1 # {aa=bb}\n# EOF\n", "expected label value, got 'b'"),
-            (b"m_total 1 # {aa=\"bb\"}\n# EOF\n", "expected value after exemplar labels, got end of line"),
-            (b"m 1 # {aa=\"bb\"} 1\n# EOF\n", "metric name m does not support exemplars"),
-            (b"m_total 1 # {aa=\"bb\",,cc=\"dd\"} 1\n# EOF\n", "expected label name, got ','"),
+            (
+                b"m_total 1 # {aa=\"bb\"}\n# EOF\n",
+                "expected value after exemplar labels, got end of line",
+            ),
+            (
+                b"m 1 # {aa=\"bb\"} 1\n# EOF\n",
+                "metric name m does not support exemplars",
+            ),
+            (
+                b"m_total 1 # {aa=\"bb\",,cc=\"dd\"} 1\n# EOF\n",
+                "expected label name, got ','",
+            ),
             (b"m_total 1 # {aa=\"bb\"} true\n# EOF\n", "invalid float \"true\""),
-            (b"m_total 1 # {aa=\"bb\"} 1 NaN\n# EOF\n", "invalid exemplar timestamp NaN"),
-            (b"m_total 1 # {aa=\"bb\"} 1 2 3\n# EOF\n", "expected end of line after exemplar timestamp, got ' '"),
-            (b"m_bucket 1 # {a=\"b\"} 1 2 \n# EOF\n", "expected end of line after exemplar timestamp, got ' '"),
-            (b"m_total 1 # {a=\"b\"} 1 \n# EOF\n", "expected exemplar timestamp, got end of line"),
+            (
+                b"m_total 1 # {aa=\"bb\"} 1 NaN\n# EOF\n",
+                "invalid exemplar timestamp NaN",
+            ),
+            (
+                b"m_total 1 # {aa=\"bb\"} 1 2 3\n# EOF\n",
+                "expected end of line after exemplar timestamp, got ' '",
+            ),
+            (
+                b"m_bucket 1 # {a=\"b\"} 1 2 \n# EOF\n",
+                "expected end of line after exemplar timestamp, got ' '",
+            ),
+            (
+                b"m_total 1 # {a=\"b\"} 1 \n# EOF\n",
+                "expected exemplar timestamp, got end of line",
+            ),
             (b"{b=\"c\"} 1\n# EOF\n", "expected a metric name or '# ', got '{'"),
         ];
         for (input, want) in cases {
@@ -1691,7 +1851,10 @@ mod tests {
         assert_eq!(e.line, 3);
         assert_eq!(e.message, "expected label value, got '}'");
         let shown = e.to_string();
-        assert!(shown.starts_with("expected label value, got '}' at line 3: bad{a=} xxx"), "{shown}");
+        assert!(
+            shown.starts_with("expected label value, got '}' at line 3: bad{a=} xxx"),
+            "{shown}"
+        );
         assert_eq!(e.context.chars().count(), CONTEXT_CHARS + 1);
         assert!(e.context.ends_with('…'));
         // The parser is fused after an error.

@@ -84,11 +84,19 @@ pub enum StopMode {
 impl LoopHandle {
     /// Starts the loop for `target`.
     pub fn start(target: Target, settings: Arc<ScrapeSettings>, outputs: Arc<Outputs>, metrics: Arc<Metrics>) -> Self {
-        let status = Arc::new(Mutex::new(TargetStatus { health: "unknown", ..Default::default() }));
+        let status = Arc::new(Mutex::new(TargetStatus {
+            health: "unknown",
+            ..Default::default()
+        }));
         let (stop, stop_rx) = watch::channel(None);
         let mut sl = ScrapeLoop::new(target.clone(), settings, outputs, metrics, status.clone());
         let task = tokio::spawn(async move { sl.run(stop_rx).await });
-        Self { target, status, stop, task }
+        Self {
+            target,
+            status,
+            stop,
+            task,
+        }
     }
 
     /// Stops the loop and waits for it.
@@ -167,7 +175,10 @@ struct ScrapeLoop {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl ScrapeLoop {
@@ -189,7 +200,11 @@ impl ScrapeLoop {
             hasher: FxBuildHasher,
             report: Vec::new(),
             iter: 0,
-            batch: Batch { per_endpoint: vec![Vec::new(); n], file: Vec::new(), samples: 0 },
+            batch: Batch {
+                per_endpoint: vec![Vec::new(); n],
+                file: Vec::new(),
+                samples: 0,
+            },
             scratch: Labels::new(),
         };
         sl.report = REPORT_NAMES
@@ -208,7 +223,10 @@ impl ScrapeLoop {
     fn offset(&self) -> Duration {
         let h = xxhash_rust::xxh3::xxh3_64(self.target.key().as_bytes());
         let iv = self.target.interval.as_nanos().max(1) as u64;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
         let base = now % iv;
         let want = h % iv;
         Duration::from_nanos((want + iv - base) % iv)
@@ -243,7 +261,14 @@ impl ScrapeLoop {
         self.iter += 1;
         self.batch.clear();
         let s = self.settings.clone();
-        let fetched = client::fetch(&s.client, &self.target.url, s.auth.as_ref(), self.target.timeout, s.body_size_limit).await;
+        let fetched = client::fetch(
+            &s.client,
+            &self.target.url,
+            s.auth.as_ref(),
+            self.target.timeout,
+            s.body_size_limit,
+        )
+        .await;
         let result = match fetched {
             Ok(f) => {
                 let format = Format::from_content_type(&f.content_type);
@@ -297,7 +322,11 @@ impl ScrapeLoop {
             scraped += 1;
             let iter = self.iter;
             let hash = self.hasher.hash_one(sample.series);
-            let entry = match self.cache.entry(hash, |(k, _)| **k == *sample.series, |(k, _)| self.hasher.hash_one(&**k)) {
+            let entry = match self.cache.entry(
+                hash,
+                |(k, _)| **k == *sample.series,
+                |(k, _)| self.hasher.hash_one(&**k),
+            ) {
                 hashbrown::hash_table::Entry::Occupied(o) => &mut o.into_mut().1,
                 hashbrown::hash_table::Entry::Vacant(v) => {
                     added += 1;
@@ -316,7 +345,10 @@ impl ScrapeLoop {
             }
             post += 1;
             if s.sample_limit > 0 && post > s.sample_limit {
-                return Err(ScrapeError::SampleLimit { got: post, limit: s.sample_limit });
+                return Err(ScrapeError::SampleLimit {
+                    got: post,
+                    limit: s.sample_limit,
+                });
             }
             let t = match sample.timestamp_ms {
                 Some(t) if s.honor_timestamps => t,
@@ -406,69 +438,84 @@ fn build_entry(
     outputs: &Outputs,
     scratch: &mut Labels,
 ) -> Result<CacheEntry, ScrapeError> {
-        let l = &mut *scratch;
-        l.clear();
-        l.set(METRIC_NAME, sample.name);
-        for (n, v) in sample.labels() {
-            l.set(n, &v);
-        }
-        // Target labels, as Prometheus's mutateSampleLabels.
-        if s.honor_labels {
-            for (n, v) in target_labels.iter() {
-                if l.get(n).is_none() {
-                    l.set(n, v);
-                }
-            }
-        } else {
-            for (n, v) in target_labels.iter() {
-                if let Some(existing) = l.get(n).map(str::to_owned) {
-                    let mut exported = format!("exported_{n}");
-                    while l.get(&exported).is_some() {
-                        exported = format!("exported_{exported}");
-                    }
-                    l.set(&exported, &existing);
-                }
+    let l = &mut *scratch;
+    l.clear();
+    l.set(METRIC_NAME, sample.name);
+    for (n, v) in sample.labels() {
+        l.set(n, &v);
+    }
+    // Target labels, as Prometheus's mutateSampleLabels.
+    if s.honor_labels {
+        for (n, v) in target_labels.iter() {
+            if l.get(n).is_none() {
                 l.set(n, v);
             }
         }
-        let mut l = std::mem::take(scratch);
-        let keep = relabel::process(&mut l, &s.metric_relabel) && l.get(METRIC_NAME).is_some();
-        let result = if keep {
-            check_label_limits(&l, &s).map(|()| finish_entry(outputs, &l, false))
-        } else {
-            Ok(CacheEntry { iter: 0, dropped: true, explicit_ts: false, per_endpoint: Box::new([]), text: None })
-        };
-        *scratch = l;
-        result
+    } else {
+        for (n, v) in target_labels.iter() {
+            if let Some(existing) = l.get(n).map(str::to_owned) {
+                let mut exported = format!("exported_{n}");
+                while l.get(&exported).is_some() {
+                    exported = format!("exported_{exported}");
+                }
+                l.set(&exported, &existing);
+            }
+            l.set(n, v);
+        }
     }
+    let mut l = std::mem::take(scratch);
+    let keep = relabel::process(&mut l, &s.metric_relabel) && l.get(METRIC_NAME).is_some();
+    let result = if keep {
+        check_label_limits(&l, s).map(|()| finish_entry(outputs, &l, false))
+    } else {
+        Ok(CacheEntry {
+            iter: 0,
+            dropped: true,
+            explicit_ts: false,
+            per_endpoint: Box::new([]),
+            text: None,
+        })
+    };
+    *scratch = l;
+    result
+}
 
 /// Encodes a final label set for every output.
 fn finish_entry(outputs: &Outputs, l: &Labels, dropped: bool) -> CacheEntry {
-        let mut full = l.clone();
-        for (n, v) in outputs.external_labels.iter() {
-            if full.get(n).is_none() {
-                full.set(n, v);
-            }
+    let mut full = l.clone();
+    for (n, v) in outputs.external_labels.iter() {
+        if full.get(n).is_none() {
+            full.set(n, v);
         }
-        let per_endpoint = outputs
-            .endpoints
-            .iter()
-            .map(|ep| {
-                let mut w = full.clone();
-                if !relabel::process(&mut w, &ep.write_relabel) || w.get(METRIC_NAME).is_none() {
-                    return None;
-                }
-                let mut buf = Vec::with_capacity(128);
-                proto::encode_labels(w.iter(), &mut buf);
-                Some(Encoded { hash: frame::series_hash(&buf), labels: buf.into_boxed_slice() })
-            })
-            .collect();
-        let text = outputs
-            .file_sink
-            .as_ref()
-            .map(|_| file_sink::series_text(full.get_or_empty(METRIC_NAME), full.iter()).into_boxed_str());
-        CacheEntry { iter: 0, dropped, explicit_ts: false, per_endpoint, text }
     }
+    let per_endpoint = outputs
+        .endpoints
+        .iter()
+        .map(|ep| {
+            let mut w = full.clone();
+            if !relabel::process(&mut w, &ep.write_relabel) || w.get(METRIC_NAME).is_none() {
+                return None;
+            }
+            let mut buf = Vec::with_capacity(128);
+            proto::encode_labels(w.iter(), &mut buf);
+            Some(Encoded {
+                hash: frame::series_hash(&buf),
+                labels: buf.into_boxed_slice(),
+            })
+        })
+        .collect();
+    let text = outputs
+        .file_sink
+        .as_ref()
+        .map(|_| file_sink::series_text(full.get_or_empty(METRIC_NAME), full.iter()).into_boxed_str());
+    CacheEntry {
+        iter: 0,
+        dropped,
+        explicit_ts: false,
+        per_endpoint,
+        text,
+    }
+}
 
 fn check_label_limits(l: &Labels, s: &ScrapeSettings) -> Result<(), ScrapeError> {
     if s.label_limit > 0 && l.len() as u64 > s.label_limit {

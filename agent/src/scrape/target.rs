@@ -154,7 +154,13 @@ pub fn populate(discovered: Labels, job: &JobDefaults, rules: &[Rule]) -> Result
             return Err(TargetError::Invalid(format!("invalid label name {n:?}")));
         }
     }
-    Ok(Target { labels: final_labels, discovered, url, interval, timeout })
+    Ok(Target {
+        labels: final_labels,
+        discovered,
+        url,
+        interval,
+        timeout,
+    })
 }
 
 /// All targets of a set of groups, with errors for the status page.
@@ -178,7 +184,7 @@ pub fn from_groups(
         }
     }
     // Two discovered targets can end up identical after relabeling; scrape each once.
-    ok.sort_by(|a, b| a.key().cmp(&b.key()));
+    ok.sort_by_key(Target::key);
     ok.dedup_by(|a, b| a.key() == b.key());
     (ok, bad)
 }
@@ -225,8 +231,16 @@ mod tests {
 
     #[test]
     fn defaults_instance_and_url() {
-        let t = populate(Labels::from_pairs([("__address__", "127.0.0.1:9100"), ("env", "x")]), &job(), &[]).unwrap();
-        assert_eq!(t.labels.to_string(), r#"{env="x", instance="127.0.0.1:9100", job="node"}"#);
+        let t = populate(
+            Labels::from_pairs([("__address__", "127.0.0.1:9100"), ("env", "x")]),
+            &job(),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            t.labels.to_string(),
+            r#"{env="x", instance="127.0.0.1:9100", job="node"}"#
+        );
         assert_eq!(t.url, "http://127.0.0.1:9100/metrics?module=a&module=b");
         assert_eq!(t.interval, Duration::from_secs(15));
     }
@@ -253,23 +267,45 @@ mod tests {
             },
         ])
         .unwrap();
-        let t = populate(Labels::from_pairs([("__address__", "x"), ("__meta_port", "8080")]), &job(), &rules).unwrap();
+        let t = populate(
+            Labels::from_pairs([("__address__", "x"), ("__meta_port", "8080")]),
+            &job(),
+            &rules,
+        )
+        .unwrap();
         assert_eq!(t.url, "http://10.0.0.1:8080/m?module=z");
         assert_eq!(t.labels.get("instance"), Some("10.0.0.1:8080"));
         assert!(t.labels.get("__meta_port").is_none());
 
-        let drop = relabel::compile(&[RelabelConfig { action: "drop".into(), source_labels: vec!["env".into()], regex: "dev".into(), ..Default::default() }]).unwrap();
+        let drop = relabel::compile(&[RelabelConfig {
+            action: "drop".into(),
+            source_labels: vec!["env".into()],
+            regex: "dev".into(),
+            ..Default::default()
+        }])
+        .unwrap();
         assert_eq!(
-            populate(Labels::from_pairs([("__address__", "a:1"), ("env", "dev")]), &job(), &drop),
+            populate(
+                Labels::from_pairs([("__address__", "a:1"), ("env", "dev")]),
+                &job(),
+                &drop
+            ),
             Err(TargetError::Dropped)
         );
     }
 
     #[test]
     fn invalid_targets() {
-        assert!(matches!(populate(Labels::new(), &job(), &[]), Err(TargetError::Invalid(_))));
         assert!(matches!(
-            populate(Labels::from_pairs([("__address__", "a:1"), ("__scrape_timeout__", "1m")]), &job(), &[]),
+            populate(Labels::new(), &job(), &[]),
+            Err(TargetError::Invalid(_))
+        ));
+        assert!(matches!(
+            populate(
+                Labels::from_pairs([("__address__", "a:1"), ("__scrape_timeout__", "1m")]),
+                &job(),
+                &[]
+            ),
             Err(TargetError::Invalid(_))
         ));
     }

@@ -81,27 +81,100 @@ impl Metrics {
             ready: AtomicBool::new(false),
         };
         r.register("scrapes", "Scrapes performed, by job.", m.scrapes.clone());
-        r.register("scrape_failures", "Failed scrapes, by job and reason.", m.scrape_failures.clone());
-        r.register("scrape_duration_seconds", "Duration of scrapes, by job.", m.scrape_duration.clone());
-        r.register("scraped_samples", "Samples parsed from scrapes, by job.", m.scraped_samples.clone());
-        r.register("duplicate_samples", "Samples of a series repeated within one scrape, dropped.", m.duplicate_samples.clone());
-        r.register("wal_samples_appended", "Samples written to the WAL, by remote.", m.appended.clone());
-        r.register("remote_samples_sent", "Samples the receiver accepted, by remote.", m.sent.clone());
-        r.register("remote_samples_retried", "Samples sent again after a failed request, by remote.", m.retried.clone());
-        r.register("remote_samples_dropped", "Samples dropped, by remote and reason.", m.dropped.clone());
-        r.register("remote_send_duration_seconds", "Duration of remote-write requests, by remote.", m.send_duration.clone());
-        r.register("remote_shards", "Current number of sending shards, by remote.", m.shards.clone());
-        r.register("wal_size_bytes", "Bytes on disk in the WAL, by remote.", m.wal_bytes.clone());
-        r.register("wal_segments", "Segment files in the WAL, by remote.", m.wal_segments.clone());
-        r.register("wal_pending_records", "WAL records not yet acknowledged by the receiver, by remote.", m.wal_pending_records.clone());
-        r.register("wal_corrupt_records", "Corrupt WAL records skipped, by remote.", m.wal_corrupt.clone());
-        r.register("wal_errors", "WAL read/commit errors, by remote and operation.", m.wal_errors.clone());
-        r.register("targets", "Scrape targets, by job and state (active, dropped, invalid).", m.targets.clone());
+        r.register(
+            "scrape_failures",
+            "Failed scrapes, by job and reason.",
+            m.scrape_failures.clone(),
+        );
+        r.register(
+            "scrape_duration_seconds",
+            "Duration of scrapes, by job.",
+            m.scrape_duration.clone(),
+        );
+        r.register(
+            "scraped_samples",
+            "Samples parsed from scrapes, by job.",
+            m.scraped_samples.clone(),
+        );
+        r.register(
+            "duplicate_samples",
+            "Samples of a series repeated within one scrape, dropped.",
+            m.duplicate_samples.clone(),
+        );
+        r.register(
+            "wal_samples_appended",
+            "Samples written to the WAL, by remote.",
+            m.appended.clone(),
+        );
+        r.register(
+            "remote_samples_sent",
+            "Samples the receiver accepted, by remote.",
+            m.sent.clone(),
+        );
+        r.register(
+            "remote_samples_retried",
+            "Samples sent again after a failed request, by remote.",
+            m.retried.clone(),
+        );
+        r.register(
+            "remote_samples_dropped",
+            "Samples dropped, by remote and reason.",
+            m.dropped.clone(),
+        );
+        r.register(
+            "remote_send_duration_seconds",
+            "Duration of remote-write requests, by remote.",
+            m.send_duration.clone(),
+        );
+        r.register(
+            "remote_shards",
+            "Current number of sending shards, by remote.",
+            m.shards.clone(),
+        );
+        r.register(
+            "wal_size_bytes",
+            "Bytes on disk in the WAL, by remote.",
+            m.wal_bytes.clone(),
+        );
+        r.register(
+            "wal_segments",
+            "Segment files in the WAL, by remote.",
+            m.wal_segments.clone(),
+        );
+        r.register(
+            "wal_pending_records",
+            "WAL records not yet acknowledged by the receiver, by remote.",
+            m.wal_pending_records.clone(),
+        );
+        r.register(
+            "wal_corrupt_records",
+            "Corrupt WAL records skipped, by remote.",
+            m.wal_corrupt.clone(),
+        );
+        r.register(
+            "wal_errors",
+            "WAL read/commit errors, by remote and operation.",
+            m.wal_errors.clone(),
+        );
+        r.register(
+            "targets",
+            "Scrape targets, by job and state (active, dropped, invalid).",
+            m.targets.clone(),
+        );
         r.register("config_reloads", "Configuration reloads, by result.", m.reloads.clone());
-        r.register("config_last_reload_successful", "1 when the last reload succeeded.", m.reload_ok.clone());
-        r.register("file_sink_errors", "Failed writes to the file sink.", m.file_sink_errors.clone());
+        r.register(
+            "config_last_reload_successful",
+            "1 when the last reload succeeded.",
+            m.reload_ok.clone(),
+        );
+        r.register(
+            "file_sink_errors",
+            "Failed writes to the file sink.",
+            m.file_sink_errors.clone(),
+        );
         let info: Family<L, Gauge> = Family::default();
-        info.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_owned())]).set(1);
+        info.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_owned())])
+            .set(1);
         r.register("build_info", "Version of the agent.", info);
         m.reload_ok.set(1);
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = r;
@@ -126,7 +199,9 @@ impl Metrics {
     /// A scrape finished (successfully or not).
     pub fn scrape_done(&self, job: &str, d: Duration, samples: u64) {
         self.scrapes.get_or_create(&Self::job(job)).inc();
-        self.scrape_duration.get_or_create(&Self::job(job)).observe(d.as_secs_f64());
+        self.scrape_duration
+            .get_or_create(&Self::job(job))
+            .observe(d.as_secs_f64());
         self.scraped_samples.get_or_create(&Self::job(job)).inc_by(samples);
     }
     /// A scrape failed for `reason`.
@@ -159,7 +234,9 @@ impl Metrics {
     }
     /// A remote-write request finished.
     pub fn observe_send(&self, remote: &str, d: Duration) {
-        self.send_duration.get_or_create(&Self::remote(remote)).observe(d.as_secs_f64());
+        self.send_duration
+            .get_or_create(&Self::remote(remote))
+            .observe(d.as_secs_f64());
     }
     /// Current shard count.
     pub fn set_shards(&self, remote: &str, n: i64) {
@@ -168,8 +245,12 @@ impl Metrics {
     /// WAL gauges.
     pub fn set_wal(&self, remote: &str, bytes: u64, segments: u64, pending_records: u64) {
         self.wal_bytes.get_or_create(&Self::remote(remote)).set(bytes as i64);
-        self.wal_segments.get_or_create(&Self::remote(remote)).set(segments as i64);
-        self.wal_pending_records.get_or_create(&Self::remote(remote)).set(pending_records as i64);
+        self.wal_segments
+            .get_or_create(&Self::remote(remote))
+            .set(segments as i64);
+        self.wal_pending_records
+            .get_or_create(&Self::remote(remote))
+            .set(pending_records as i64);
     }
     /// A corrupt WAL record was skipped.
     pub fn wal_corrupt(&self, remote: &str) {
@@ -185,11 +266,15 @@ impl Metrics {
     }
     /// A WAL read failed.
     pub fn wal_read_error(&self, remote: &str) {
-        self.wal_errors.get_or_create(&vec![("remote", remote.to_owned()), ("op", "read".to_owned())]).inc();
+        self.wal_errors
+            .get_or_create(&vec![("remote", remote.to_owned()), ("op", "read".to_owned())])
+            .inc();
     }
     /// A WAL commit failed.
     pub fn wal_commit_error(&self, remote: &str) {
-        self.wal_errors.get_or_create(&vec![("remote", remote.to_owned()), ("op", "commit".to_owned())]).inc();
+        self.wal_errors
+            .get_or_create(&vec![("remote", remote.to_owned()), ("op", "commit".to_owned())])
+            .inc();
     }
     /// Target counts of a job.
     pub fn set_targets(&self, job: &str, active: usize, dropped: usize, invalid: usize) {

@@ -59,9 +59,12 @@ pub struct ServerState {
 
 /// Binds `addr` (before spawning, so an address in use fails start-up).
 pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
-    let addr: SocketAddr = addr
-        .parse()
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("listen address {addr:?}: {e}")))?;
+    let addr: SocketAddr = addr.parse().map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("listen address {addr:?}: {e}"),
+        )
+    })?;
     TcpListener::bind(addr).await
 }
 
@@ -100,7 +103,11 @@ fn respond(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> R
 async fn handle(req: Request<Incoming>, state: ServerState) -> Result<Response<Full<Bytes>>, Infallible> {
     let text = "text/plain; charset=utf-8";
     let resp = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", state.metrics.render()),
+        (&Method::GET, "/metrics") => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            state.metrics.render(),
+        ),
         (&Method::GET, "/healthz") => respond(StatusCode::OK, text, "ok\n"),
         (&Method::GET, "/readyz") => {
             if state.metrics.is_ready() {
@@ -113,7 +120,11 @@ async fn handle(req: Request<Incoming>, state: ServerState) -> Result<Response<F
             let body = serde_json::to_vec(&(state.status)()).unwrap_or_default();
             respond(StatusCode::OK, "application/json", body)
         }
-        (&Method::GET, "/" | "/status" | "/targets") => respond(StatusCode::OK, "text/html; charset=utf-8", status_page(&(state.status)())),
+        (&Method::GET, "/" | "/status" | "/targets") => respond(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            status_page(&(state.status)()),
+        ),
         (&Method::POST | &Method::PUT, "/-/reload") => {
             let (tx, rx) = oneshot::channel();
             if state.reload.send(tx).await.is_err() {
@@ -121,23 +132,37 @@ async fn handle(req: Request<Incoming>, state: ServerState) -> Result<Response<F
             } else {
                 match rx.await {
                     Ok(Ok(())) => respond(StatusCode::OK, text, "config reloaded\n"),
-                    Ok(Err(e)) => respond(StatusCode::BAD_REQUEST, text, format!("config not reloaded, the previous one keeps running:\n{e}\n")),
+                    Ok(Err(e)) => respond(
+                        StatusCode::BAD_REQUEST,
+                        text,
+                        format!("config not reloaded, the previous one keeps running:\n{e}\n"),
+                    ),
                     Err(_) => respond(StatusCode::SERVICE_UNAVAILABLE, text, "shutting down\n"),
                 }
             }
         }
         (_, "/-/reload") => respond(StatusCode::METHOD_NOT_ALLOWED, text, "use POST\n"),
-        _ => respond(StatusCode::NOT_FOUND, text, "not found; try /status, /metrics, /healthz, /readyz\n"),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            text,
+            "not found; try /status, /metrics, /healthz, /readyz\n",
+        ),
     };
     Ok(resp)
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn fmt_labels(l: &[(String, String)]) -> String {
-    l.iter().map(|(n, v)| format!("{n}=\"{v}\"")).collect::<Vec<_>>().join(", ")
+    l.iter()
+        .map(|(n, v)| format!("{n}=\"{v}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Renders the targets page, grouped by job like Prometheus's /targets.
@@ -155,13 +180,20 @@ pub fn status_page(targets: &[TargetView]) -> String {
          td,th{border:1px solid #ccc;padding:4px;text-align:left;vertical-align:top;font-size:13px}\
          .up{color:#070}.down{color:#b00}.unknown{color:#777}.dropped,.invalid{color:#a60}</style></head><body>",
     );
-    h.push_str(&format!("<h1>sre-lab agent {}</h1><p><a href=\"/metrics\">/metrics</a> · <a href=\"/api/v1/targets\">JSON</a></p>", env!("CARGO_PKG_VERSION")));
+    h.push_str(&format!(
+        "<h1>sre-lab agent {}</h1><p><a href=\"/metrics\">/metrics</a> · <a href=\"/api/v1/targets\">JSON</a></p>",
+        env!("CARGO_PKG_VERSION")
+    ));
     for job in jobs {
         let ts: Vec<&TargetView> = targets.iter().filter(|t| t.job == job).collect();
         let up = ts.iter().filter(|t| t.health == "up").count();
         h.push_str(&format!("<h2>{} ({up}/{} up)</h2><table><tr><th>Endpoint</th><th>State</th><th>Labels</th><th>Last scrape</th><th>Duration</th><th>Samples</th><th>Error</th></tr>", esc(job), ts.len()));
         for t in ts {
-            let ago = if t.last_scrape_ms > 0 { format!("{:.1}s ago", (now - t.last_scrape_ms) as f64 / 1000.0) } else { "never".into() };
+            let ago = if t.last_scrape_ms > 0 {
+                format!("{:.1}s ago", (now - t.last_scrape_ms) as f64 / 1000.0)
+            } else {
+                "never".into()
+            };
             h.push_str(&format!(
                 "<tr><td>{}</td><td class=\"{}\">{}</td><td title=\"discovered: {}\">{}</td><td>{ago}</td><td>{:.3}s</td><td>{}</td><td>{}</td></tr>",
                 esc(&t.url),
