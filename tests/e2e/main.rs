@@ -5,3 +5,4 @@ mod cli;
 mod common;
 mod metrics_oracle;
 mod outage;
+mod scrape_options;

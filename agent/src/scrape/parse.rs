@@ -138,7 +138,7 @@ pub struct Sample<'a> {
 impl<'a> Sample<'a> {
     /// The label pairs in input order, values unescaped.
     pub fn labels(&self) -> LabelIter<'a> {
-        LabelIter { raw: self.labels }
+        LabelIter::new(self.labels)
     }
 
     /// Number of label pairs (what [`Sample::labels`] yields).
@@ -158,7 +158,7 @@ pub struct Exemplar<'a> {
 impl<'a> Exemplar<'a> {
     /// The exemplar's label pairs in input order, values unescaped.
     pub fn labels(&self) -> LabelIter<'a> {
-        LabelIter { raw: self.labels }
+        LabelIter::new(self.labels)
     }
 
     /// Number of label pairs.
@@ -172,12 +172,33 @@ impl<'a> Exemplar<'a> {
 struct RawLabels<'a> {
     bytes: &'a [u8],
     count: u32,
+    /// Validated by [`simple_labels`]: `name="value"` pairs joined by single
+    /// commas, no whitespace, no escapes.
+    simple: bool,
 }
 
 /// Iterator over `(name, value)` label pairs of a validated label section.
 #[derive(Clone, Debug)]
 pub struct LabelIter<'a> {
-    raw: RawLabels<'a>,
+    bytes: &'a [u8],
+    pos: usize,
+    simple: bool,
+    /// Simple sections: positions (relative to `base`) of the quotes not yet
+    /// consumed in the current window.
+    quotes: u64,
+    base: usize,
+}
+
+impl<'a> LabelIter<'a> {
+    fn new(raw: RawLabels<'a>) -> Self {
+        LabelIter {
+            bytes: raw.bytes,
+            pos: 0,
+            simple: raw.simple,
+            quotes: 0,
+            base: 0,
+        }
+    }
 }
 
 impl<'a> Iterator for LabelIter<'a> {
@@ -185,7 +206,32 @@ impl<'a> Iterator for LabelIter<'a> {
 
     #[inline]
     fn next(&mut self) -> Option<Self::Item> {
-        let (name, value, escaped) = next_raw_label(&mut self.raw.bytes)?;
+        if self.simple {
+            if self.pos >= self.bytes.len() {
+                return None;
+            }
+            // Quotes pair up (no escapes): take the next two from the window.
+            if self.quotes & self.quotes.wrapping_sub(1) == 0 {
+                self.base = self.pos;
+                self.quotes = quote_mask(self.bytes, self.pos);
+            }
+            if self.quotes & self.quotes.wrapping_sub(1) != 0 {
+                let open = self.base + self.quotes.trailing_zeros() as usize;
+                self.quotes &= self.quotes - 1;
+                let close = self.base + self.quotes.trailing_zeros() as usize;
+                self.quotes &= self.quotes - 1;
+                let name = self.bytes.get(self.pos..open.checked_sub(1)?)?;
+                let value = self.bytes.get(open + 1..close)?;
+                self.pos = close + 2;
+                // SAFETY: validated section: ASCII names, UTF-8 values.
+                return Some(unsafe { (assume_utf8(name), Cow::Borrowed(assume_utf8(value))) });
+            }
+            // A value longer than the window: scan this pair below.
+            self.quotes = 0;
+        }
+        let mut rest = self.bytes.get(self.pos..)?;
+        let (name, value, escaped) = next_raw_label(&mut rest)?;
+        self.pos = self.bytes.len() - rest.len();
         // SAFETY: the parser validated the section before building the
         // iterator: names are ASCII and values are valid UTF-8.
         let (name, value) = unsafe { (assume_utf8(name), assume_utf8(value)) };
@@ -400,32 +446,28 @@ fn scan(line: &[u8], mut i: usize, class: u8) -> usize {
 /// Index of the first byte at or after `i` that cannot continue a metric name
 /// (`colon`) or a label name.
 #[inline(always)]
-fn scan_ident(line: &[u8], mut i: usize, colon: bool) -> usize {
+fn scan_ident(line: &[u8], i: usize, colon: bool) -> usize {
     #[cfg(target_arch = "x86_64")]
-    while let Some(chunk) = line[i..].first_chunk::<16>() {
-        let stop = simd::non_ident(chunk, colon);
-        if stop != 0 {
-            return i + stop.trailing_zeros() as usize;
-        }
-        i += 16;
+    if let Some(end) = simd_scan(line, i, |chunk, skip| simd::non_ident(chunk, colon) >> skip) {
+        return end;
     }
     scan(line, i, if colon { C_NAME } else { C_LABEL })
 }
 
-/// Index of the first `"` or `\` at or after `i` (`line.len()` if none);
+/// Index of the first `"` or `\\` at or after `i` (`line.len()` if none);
 /// sets `non_ascii` if a byte before it is not ASCII.
 #[inline(always)]
 fn find_quote(line: &[u8], mut i: usize, non_ascii: &mut bool) -> usize {
     #[cfg(target_arch = "x86_64")]
-    while let Some(chunk) = line[i..].first_chunk::<16>() {
+    if let Some(end) = simd_scan(line, i, |chunk, skip| {
         let (stop, high) = simd::quote_or_backslash(chunk);
-        if stop != 0 {
-            let at = stop.trailing_zeros();
-            *non_ascii |= high & ((1 << at) - 1) != 0;
-            return i + at as usize;
-        }
-        *non_ascii |= high != 0;
-        i += 16;
+        let (stop, high) = (stop >> skip, high >> skip);
+        // Bits below the first stop bit (all bits if there is none).
+        let before = (stop & stop.wrapping_neg()).wrapping_sub(1);
+        *non_ascii |= high & before != 0;
+        stop
+    }) {
+        return end;
     }
     while i < line.len() {
         let b = line[i];
@@ -441,32 +483,39 @@ fn find_quote(line: &[u8], mut i: usize, non_ascii: &mut bool) -> usize {
 /// End of a text-format value token: the first ` `, `\t` or `{` at or after
 /// `i`, else the line end.
 #[inline(always)]
-fn text_value_end(line: &[u8], mut i: usize) -> usize {
+fn text_value_end(line: &[u8], i: usize) -> usize {
     #[cfg(target_arch = "x86_64")]
-    {
-        while let Some(chunk) = line[i..].first_chunk::<16>() {
-            let stop = simd::value_end(chunk);
-            if stop != 0 {
-                return i + stop.trailing_zeros() as usize;
-            }
-            i += 16;
-        }
-        // Values usually end the line: check the rest with one overlapping
-        // load of the line's last 16 bytes, ignoring those before `i`.
-        if let Some(tail) = line.last_chunk::<16>() {
-            let tail_start = line.len() - 16;
-            let stop = simd::value_end(tail) >> (i - tail_start);
-            return if stop != 0 {
-                i + stop.trailing_zeros() as usize
-            } else {
-                line.len()
-            };
-        }
+    if let Some(end) = simd_scan(line, i, |chunk, skip| simd::value_end(chunk) >> skip) {
+        return end;
     }
+    let mut i = i;
     while i < line.len() && !has(line[i], C_TEXT_VALUE_END) {
         i += 1;
     }
     i
+}
+
+/// Runs `flagged` over `hay[i..]` in 16-byte chunks and returns the index of
+/// the first flagged byte (`hay.len()` if none), or `None` if `hay` is shorter
+/// than one chunk. The last chunk is the final 16 bytes of `hay`, overlapping
+/// already scanned ones; `flagged` gets the number of leading bytes to ignore
+/// and must shift its mask right by it.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn simd_scan(hay: &[u8], mut i: usize, mut flagged: impl FnMut(&[u8; 16], usize) -> u32) -> Option<usize> {
+    let last_start = hay.len().checked_sub(16)?;
+    loop {
+        let start = i.min(last_start);
+        let chunk = hay[start..].first_chunk::<16>()?;
+        let mask = flagged(chunk, i - start);
+        if mask != 0 {
+            return Some(i + mask.trailing_zeros() as usize);
+        }
+        if start == last_start {
+            return Some(hay.len());
+        }
+        i += 16;
+    }
 }
 
 /// Index of the first `\n` in `rest`. Most lines are short, so the first
@@ -538,6 +587,15 @@ mod simd {
             let tab = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\t' as i8));
             let brace = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'{' as i8));
             _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(space, tab), brace)) as u32
+        }
+    }
+
+    /// `"` bytes.
+    #[inline(always)]
+    pub(super) fn quotes(chunk: &[u8; 16]) -> u32 {
+        unsafe {
+            let v = _mm_loadu_si128(chunk.as_ptr().cast());
+            _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8))) as u32
         }
     }
 
@@ -695,6 +753,7 @@ fn text_sample(line: &[u8], start: usize) -> Result<Sample<'_>, Fail> {
 #[inline(always)]
 fn text_labels(line: &[u8], start: usize) -> Result<(usize, RawLabels<'_>), Fail> {
     let mut dups = DupCheck::default();
+    let mut escaped = false;
     let mut i = start;
     loop {
         i = skip_ws(line, i);
@@ -714,7 +773,7 @@ fn text_labels(line: &[u8], start: usize) -> Result<(usize, RawLabels<'_>), Fail
         if line.get(i) != Some(&b'"') {
             return Err(Fail::Expected("label value", i));
         }
-        i = quoted_value_end(line, i + 1)?;
+        i = quoted_value_end(line, i + 1, &mut escaped)?;
         i = skip_ws(line, i);
         if line.get(i) == Some(&b',') {
             i += 1;
@@ -723,6 +782,7 @@ fn text_labels(line: &[u8], start: usize) -> Result<(usize, RawLabels<'_>), Fail
     let labels = RawLabels {
         bytes: &line[start..i],
         count: dups.count,
+        simple: false,
     };
     Ok((i, labels))
 }
@@ -868,6 +928,7 @@ fn om_timestamp(token: &[u8], what: &str) -> Result<i64, Fail> {
 #[inline(always)]
 fn om_labels(line: &[u8], start: usize) -> Result<(usize, RawLabels<'_>), Fail> {
     let mut dups = DupCheck::default();
+    let mut escaped = false;
     let mut i = start;
     if line.get(i) != Some(&b'}') {
         loop {
@@ -885,7 +946,7 @@ fn om_labels(line: &[u8], start: usize) -> Result<(usize, RawLabels<'_>), Fail> 
                     Fail::Expected("'='", i)
                 });
             }
-            i = quoted_value_end(line, i + 2)?;
+            i = quoted_value_end(line, i + 2, &mut escaped)?;
             match line.get(i) {
                 Some(b',') => i += 1,
                 Some(b'}') => break,
@@ -896,6 +957,7 @@ fn om_labels(line: &[u8], start: usize) -> Result<(usize, RawLabels<'_>), Fail> 
     let labels = RawLabels {
         bytes: &line[start..i],
         count: dups.count,
+        simple: !escaped,
     };
     Ok((i, labels))
 }
@@ -933,11 +995,41 @@ fn meta_entry<'a>(keyword: &str, metric: &'a str, text: &'a [u8], format: Format
     }
 }
 
+/// Positions of the `"` bytes in `hay[base..base + 64]` as a bit mask, bit
+/// `n` for byte `base + n` (fewer bits at the end of `hay`).
+#[inline(always)]
+fn quote_mask(hay: &[u8], base: usize) -> u64 {
+    let mut mask = 0;
+    let end = hay.len().min(base + 64);
+    let mut i = base;
+    #[cfg(target_arch = "x86_64")]
+    while i < end {
+        // The chunk at `i`, or the last 16 bytes of `hay` with the bytes
+        // before `i` shifted out.
+        let (chunk, skip) = match hay[i..].first_chunk::<16>() {
+            Some(chunk) => (chunk, 0),
+            None => match hay.last_chunk::<16>() {
+                Some(tail) => (tail, i - (hay.len() - 16)),
+                None => break,
+            },
+        };
+        mask |= u64::from(simd::quotes(chunk) >> skip) << (i - base);
+        i += 16;
+    }
+    // Inputs shorter than a chunk, and other architectures.
+    while i < end {
+        mask |= u64::from(hay[i] == b'"') << (i - base);
+        i += 1;
+    }
+    mask
+}
+
 /// Scans a quoted label value whose opening quote is just before `start`;
-/// returns the index after the closing quote. `\` escapes the next byte.
+/// returns the index after the closing quote. `\` escapes the next byte
+/// (and sets `escaped`).
 /// UTF-8 is validated only if a non-ASCII byte was seen.
 #[inline(always)]
-fn quoted_value_end(line: &[u8], start: usize) -> Result<usize, Fail> {
+fn quoted_value_end(line: &[u8], start: usize, escaped: &mut bool) -> Result<usize, Fail> {
     let mut non_ascii = false;
     let mut i = start;
     loop {
@@ -945,6 +1037,7 @@ fn quoted_value_end(line: &[u8], start: usize) -> Result<usize, Fail> {
         match line.get(i) {
             Some(b'"') => break,
             Some(_) if i + 1 < line.len() => {
+                *escaped = true;
                 non_ascii |= !line[i + 1].is_ascii();
                 i += 2;
             }
@@ -1014,17 +1107,11 @@ struct DupCheck<'a> {
 }
 
 impl<'a> DupCheck<'a> {
-    #[inline]
+    #[inline(always)]
     fn add(&mut self, prefix: &'a [u8], name: &'a [u8]) -> Result<(), Fail> {
         if self.count > 0 && (self.unsorted || !sorts_after(name, self.last)) {
             self.unsorted = true;
-            let mut rest = prefix;
-            while let Some((seen, _, _)) = next_raw_label(&mut rest) {
-                if seen == name {
-                    let name = String::from_utf8_lossy(name);
-                    return Err(Fail::Msg(format!("duplicate label name {name:?}").into()));
-                }
-            }
+            check_unseen(prefix, name)?;
         }
         self.last = name;
         self.count += 1;
@@ -1032,14 +1119,34 @@ impl<'a> DupCheck<'a> {
     }
 }
 
-/// `a > b`, deciding on the first byte when it differs (the common case)
+/// Rejects `name` if the validated label section `prefix` already has it.
+#[inline(never)]
+fn check_unseen(prefix: &[u8], name: &[u8]) -> Result<(), Fail> {
+    let mut rest = prefix;
+    while let Some((seen, _, _)) = next_raw_label(&mut rest) {
+        if seen == name {
+            let name = String::from_utf8_lossy(name);
+            return Err(Fail::Msg(format!("duplicate label name {name:?}").into()));
+        }
+    }
+    Ok(())
+}
+
+/// `a > b`, usually decided by comparing 8-byte (or 1-byte) prefixes
 /// without a `memcmp` call.
 #[inline(always)]
 fn sorts_after(a: &[u8], b: &[u8]) -> bool {
-    match (a.first(), b.first()) {
-        (Some(x), Some(y)) if x != y => x > y,
-        _ => a > b,
+    if let (Some(x), Some(y)) = (a.first_chunk::<8>(), b.first_chunk::<8>()) {
+        let (x, y) = (u64::from_be_bytes(*x), u64::from_be_bytes(*y));
+        if x != y {
+            return x > y;
+        }
+    } else if let (Some(x), Some(y)) = (a.first(), b.first()) {
+        if x != y {
+            return x > y;
+        }
     }
+    a > b
 }
 
 /// Undoes `\\`, `\n` and (if `quote`) `\"`; other escapes are kept verbatim,
@@ -1170,7 +1277,7 @@ fn parse_value(token: &[u8]) -> Result<f64, ValueError> {
         frac_digits = i - frac_start;
         digits += frac_digits;
     }
-    if digits == 0 || digits > 19 {
+    if digits == 0 {
         return parse_value_slow(token);
     }
     let mut exp: i32 = 0;
@@ -1188,12 +1295,13 @@ fn parse_value(token: &[u8]) -> Result<f64, ValueError> {
             _ => false,
         };
         let exp_start = i;
-        while i < len && i - exp_start < 4 {
+        while i < len {
             let d = token[i].wrapping_sub(b'0');
             if d > 9 {
                 break;
             }
-            exp = exp * 10 + i32::from(d);
+            // Saturate: anything this large is out of range either way.
+            exp = (exp * 10 + i32::from(d)).min(100_000);
             i += 1;
         }
         if i == exp_start {
@@ -1206,9 +1314,11 @@ fn parse_value(token: &[u8]) -> Result<f64, ValueError> {
     if i != len {
         return parse_value_slow(token);
     }
-    let exp10 = exp - frac_digits as i32;
-    if mantissa > 1 << 53 || !(-22..=22).contains(&exp10) {
-        return parse_value_slow(token);
+    // The token is a valid decimal here. Mantissas of up to 19 digits fit
+    // the u64; the exact path also needs it below 2^53.
+    let exp10 = exp - frac_digits.min(100_000) as i32;
+    if digits > 19 || mantissa > 1 << 53 || !(-22..=22).contains(&exp10) {
+        return parse_decimal_std(token);
     }
     let m = mantissa as f64;
     let value = if exp10 >= 0 {
@@ -1217,6 +1327,19 @@ fn parse_value(token: &[u8]) -> Result<f64, ValueError> {
         m / POW10[(-exp10) as usize]
     };
     Ok(if negative { -value } else { value })
+}
+
+/// A token already known to match the decimal grammar, via the standard
+/// library (correctly rounded, like Go).
+#[inline(never)]
+fn parse_decimal_std(token: &[u8]) -> Result<f64, ValueError> {
+    // SAFETY: the caller checked that the token is ASCII digits, sign, `.`, `e`.
+    let text = unsafe { assume_utf8(token) };
+    match text.parse::<f64>() {
+        Ok(v) if v.is_infinite() => Err(ValueError::Range),
+        Ok(v) => Ok(v),
+        Err(_) => Err(ValueError::Syntax),
+    }
 }
 
 #[cold]
