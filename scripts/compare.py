@@ -428,7 +428,7 @@ def error_counters(name, metrics):
         if name == "agent":
             if not n.startswith("sre_agent_"):
                 continue
-            if re.search(r"(fail|error|dropped|evicted|rejected|timeout)", n) and \
+            if re.search(r"(fail|error|dropped|evicted|rejected|timeout|corrupt)", n) and \
                     not n.endswith(("_bucket", "_sum", "_count")):
                 out[key] = v
         elif name == "vmagent":

@@ -20,7 +20,12 @@ fn scraped(agent: &Agent, job: &str) -> Result<(String, String)> {
         Ok(targets(agent)?
             .into_iter()
             .find(|t| t["job"] == job && t["last_scrape_ms"].as_i64().unwrap_or(0) > 0)
-            .map(|t| (t["health"].as_str().unwrap_or_default().to_owned(), t["last_error"].as_str().unwrap_or_default().to_owned())))
+            .map(|t| {
+                (
+                    t["health"].as_str().unwrap_or_default().to_owned(),
+                    t["last_error"].as_str().unwrap_or_default().to_owned(),
+                )
+            }))
     })
     .map_err(|e| e.context(agent.proc.log_text()))
 }
@@ -38,7 +43,11 @@ fn auth_params_path_gzip_and_limits() -> Result<()> {
         if req.header("accept-encoding").is_some_and(|v| v.contains("gzip")) {
             let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
             enc.write_all(page.as_bytes()).unwrap();
-            return (200, vec![("Content-Encoding".into(), "gzip".into())], enc.finish().unwrap());
+            return (
+                200,
+                vec![("Content-Encoding".into(), "gzip".into())],
+                enc.finish().unwrap(),
+            );
         }
         (200, vec![], page.as_bytes().to_vec())
     })?;
@@ -61,9 +70,18 @@ fn auth_params_path_gzip_and_limits() -> Result<()> {
     let agent = Agent::start(dir.path(), &config)?;
 
     assert_eq!(scraped(&agent, "ok")?, ("up".to_owned(), String::new()));
-    let req = seen.lock().unwrap().iter().find(|r| r.path.starts_with("/custom")).cloned().expect("a request");
+    let req = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| r.path.starts_with("/custom"))
+        .cloned()
+        .expect("a request");
     assert_eq!(req.path, "/custom?module=m1");
-    assert!(req.header("accept").unwrap_or_default().starts_with("application/openmetrics-text"));
+    assert!(req
+        .header("accept")
+        .unwrap_or_default()
+        .starts_with("application/openmetrics-text"));
     assert!(req.header("x-prometheus-scrape-timeout-seconds").is_some());
 
     let (h, e) = scraped(&agent, "samples")?;
@@ -106,22 +124,32 @@ fn file_sd_changes_are_picked_up() -> Result<()> {
     let b = TinyServer::start(|_| (200, vec![], b"x 2\n".to_vec()))?;
     let dir = tempfile::tempdir()?;
     let sd = dir.path().join("targets.json");
-    std::fs::write(&sd, format!(r#"[{{"targets": ["{}"], "labels": {{"team": "a"}}}}]"#, a.addr))?;
+    std::fs::write(
+        &sd,
+        format!(r#"[{{"targets": ["{}"], "labels": {{"team": "a"}}}}]"#, a.addr),
+    )?;
     let agent = Agent::start(
         dir.path(),
         "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: f\n    file_sd_configs:\n      - files: ['*.json']\n        refresh_interval: 1m\n",
     )?;
     let url_of = |agent: &Agent| -> Result<Vec<String>> {
-        let mut v: Vec<String> = targets(agent)?.iter().map(|t| t["url"].as_str().unwrap_or_default().to_owned()).collect();
+        let mut v: Vec<String> = targets(agent)?
+            .iter()
+            .map(|t| t["url"].as_str().unwrap_or_default().to_owned())
+            .collect();
         v.sort();
         Ok(v)
     };
-    poll("first file target", Duration::from_secs(20), || Ok((url_of(&agent)? == vec![format!("http://{}/metrics", a.addr)]).then_some(())))?;
+    poll("first file target", Duration::from_secs(20), || {
+        Ok((url_of(&agent)? == vec![format!("http://{}/metrics", a.addr)]).then_some(()))
+    })?;
     let labels = targets(&agent)?[0]["labels"].to_string();
     assert!(labels.contains("team") && labels.contains("\"a\""), "{labels}");
     std::fs::write(&sd, format!(r#"[{{"targets": ["{}"]}}]"#, b.addr))?;
-    poll("changed file target (inotify, not the 1m refresh)", Duration::from_secs(20), || {
-        Ok((url_of(&agent)? == vec![format!("http://{}/metrics", b.addr)]).then_some(()))
-    })?;
+    poll(
+        "changed file target (inotify, not the 1m refresh)",
+        Duration::from_secs(20),
+        || Ok((url_of(&agent)? == vec![format!("http://{}/metrics", b.addr)]).then_some(())),
+    )?;
     Ok(())
 }

@@ -1309,7 +1309,7 @@ mod tests {
             before
                 .iter()
                 .map(|&i| fs::metadata(segment_path(dir.path(), i)).unwrap().len())
-                .sum()
+                .sum::<u64>()
         );
         wal.commit(20, b"").unwrap();
         let after = segment_files(dir.path());
@@ -1325,7 +1325,7 @@ mod tests {
             after
                 .iter()
                 .map(|&i| fs::metadata(segment_path(dir.path(), i)).unwrap().len())
-                .sum()
+                .sum::<u64>()
         );
         // Everything acked: only the active segment stays.
         wal.commit(40, b"").unwrap();

@@ -14,6 +14,11 @@
 //! validated, so iterating its labels cannot fail. After an error the parser
 //! yields `None`; the caller is expected to abandon the scrape.
 //!
+//! Speed comes from working line by line with 16-byte SSE2 scans on x86_64
+//! (byte loops elsewhere), an exact fast path for short decimal values, and
+//! label iteration that pairs up quote positions from a bit mask when the
+//! section has no escapes and no whitespace (what client libraries emit).
+//!
 //! Deliberate differences from Prometheus: a raw newline inside a quoted label
 //! value is rejected in the text format too, duplicate label names (also in
 //! exemplars) are a parse error, and OpenMetrics timestamps that do not fit an
@@ -231,7 +236,8 @@ impl<'a> Iterator for LabelIter<'a> {
         }
         let mut rest = self.bytes.get(self.pos..)?;
         let (name, value, escaped) = next_raw_label(&mut rest)?;
-        self.pos = self.bytes.len() - rest.len();
+        // Simple sections expect `pos` at a name: step over the comma.
+        self.pos = self.bytes.len() - rest.len() + usize::from(self.simple);
         // SAFETY: the parser validated the section before building the
         // iterator: names are ASCII and values are valid UTF-8.
         let (name, value) = unsafe { (assume_utf8(name), assume_utf8(value)) };
@@ -294,7 +300,7 @@ impl<'a> Parser<'a> {
             if start >= body.len() {
                 self.done = true;
                 if self.format == Format::OpenMetrics {
-                    let fail = Fail::Msg("data does not end with # EOF".into());
+                    let fail = fail_msg("data does not end with # EOF");
                     return Some(Err(self.error(fail, b"", false)));
                 }
                 return None;
@@ -332,17 +338,17 @@ impl<'a> Parser<'a> {
             Some(&b) if has(b, C_NAME_START) => Entry::Sample(om_sample(line)?),
             Some(b'#') if line == b"# EOF" => {
                 if self.pos < self.body.len() {
-                    return Err(Fail::Msg("unexpected data after # EOF".into()));
+                    return Err(fail_msg("unexpected data after # EOF"));
                 }
                 self.done = true;
                 return Ok(None);
             }
-            Some(b'#') if line.starts_with(b"# EOF") => return Err(Fail::Msg("unexpected data after # EOF".into())),
+            Some(b'#') if line.starts_with(b"# EOF") => return Err(fail_msg("unexpected data after # EOF")),
             Some(b'#') => om_meta(line)?,
             _ => return Err(Fail::Expected("a metric name or '# '", 0)),
         };
         if !has_nl {
-            return Err(Fail::Msg("data does not end with # EOF".into()));
+            return Err(fail_msg("data does not end with # EOF"));
         }
         Ok(Some(entry))
     }
@@ -372,6 +378,7 @@ impl<'a> Parser<'a> {
 impl<'a> Iterator for Parser<'a> {
     type Item = Result<Entry<'a>, ParseError>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         self.next_entry()
     }
@@ -392,7 +399,7 @@ enum Fail {
 }
 
 // ---------------------------------------------------------------------------
-// Character classes
+// Byte classes and scans
 
 const C_NAME_START: u8 = 1; // [a-zA-Z_:]
 const C_NAME: u8 = 1 << 1; // [a-zA-Z0-9_:]
@@ -750,7 +757,7 @@ fn text_sample(line: &[u8], start: usize) -> Result<Sample<'_>, Fail> {
 /// Validates a text-format label section starting just after `{`; returns the
 /// index of the closing `}`. Whitespace is allowed between all tokens, commas
 /// are optional and a trailing comma is fine (as in Prometheus).
-#[inline(always)]
+#[inline(never)]
 fn text_labels(line: &[u8], start: usize) -> Result<(usize, RawLabels<'_>), Fail> {
     let mut dups = DupCheck::default();
     let mut escaped = false;
@@ -799,7 +806,7 @@ fn om_meta(line: &[u8]) -> Result<Entry<'_>, Fail> {
         Some(b"HELP ") => ("HELP", "metric name after HELP"),
         Some(b"TYPE ") => ("TYPE", "metric name after TYPE"),
         Some(b"UNIT ") => ("UNIT", "metric name after UNIT"),
-        _ => return Err(Fail::Msg("expected HELP, TYPE, UNIT or EOF after '# '".into())),
+        _ => return Err(fail_msg("expected HELP, TYPE, UNIT or EOF after '# '")),
     };
     if !line.get(7).is_some_and(|&b| has(b, C_NAME_START)) {
         return Err(Fail::Expected(what, 7));
@@ -1114,7 +1121,7 @@ impl<'a> DupCheck<'a> {
             check_unseen(prefix, name)?;
         }
         self.last = name;
-        self.count += 1;
+        self.count = self.count.saturating_add(1);
         Ok(())
     }
 }
@@ -1389,7 +1396,7 @@ fn parse_int_timestamp(digits: &[u8]) -> Result<i64, Fail> {
         ts = ts
             .checked_mul(10)
             .and_then(|t| t.checked_add(i64::from(d - b'0')))
-            .ok_or_else(|| Fail::Msg("timestamp out of range".into()))?;
+            .ok_or_else(|| fail_msg("timestamp out of range"))?;
     }
     Ok(ts)
 }
@@ -1995,6 +2002,75 @@ mod tests {
         assert!(entries("# EOF", Format::OpenMetrics).is_empty());
     }
 
+    #[test]
+    fn byte_scans_match_scalar_reference() {
+        const ALPHABET: &[u8] = b"aZ_:9\"\\ \t{}=,\n\xc3\xa9\xff.";
+        let mut rng = XorShift(0x1234_5678_9abc_def1);
+        for _ in 0..3000 {
+            let len = rng.below(100) as usize;
+            let hay: Vec<u8> = (0..len)
+                .map(|_| ALPHABET[rng.below(ALPHABET.len() as u64) as usize])
+                .collect();
+            let newline = hay.iter().position(|&b| b == b'\n');
+            assert_eq!(find_newline(&hay), newline);
+            for i in 0..=len {
+                let rest = &hay[i..];
+                let first = |pred: &dyn Fn(u8) -> bool| i + rest.iter().position(|&b| pred(b)).unwrap_or(rest.len());
+                assert_eq!(scan_ident(&hay, i, true), first(&|b| !has(b, C_NAME)));
+                assert_eq!(scan_ident(&hay, i, false), first(&|b| !has(b, C_LABEL)));
+                assert_eq!(text_value_end(&hay, i), first(&|b| matches!(b, b' ' | b'\t' | b'{')));
+                let quote = first(&|b| b == b'"' || b == b'\\');
+                let mut non_ascii = false;
+                assert_eq!(find_quote(&hay, i, &mut non_ascii), quote);
+                assert_eq!(non_ascii, !hay[i..quote].is_ascii(), "{hay:?} {i}");
+                let mask = (0..64.min(len - i))
+                    .filter(|&n| hay[i + n] == b'"')
+                    .fold(0u64, |m, n| m | 1 << n);
+                assert_eq!(quote_mask(&hay, i), mask);
+            }
+        }
+    }
+
+    #[test]
+    fn long_and_many_labels_iterate_exactly() {
+        let mut rng = XorShift(42);
+        for round in 0..400 {
+            let count = 1 + rng.below(12) as usize;
+            let mut expected = Vec::new();
+            let mut section = String::new();
+            for n in 0..count {
+                let value: String = (0..rng.below(150))
+                    .map(|_| match rng.below(10) {
+                        0 => 'é',
+                        1 => ' ',
+                        2 => '🦀',
+                        _ => (b'a' + rng.below(26) as u8) as char,
+                    })
+                    .collect();
+                if n > 0 {
+                    section.push(',');
+                }
+                section.push_str(&format!("l{n}=\"{value}\""));
+                expected.push((format!("l{n}"), value));
+            }
+            let (body, format) = if round % 2 == 0 {
+                (format!("m{{{section}}} 1\n"), Format::Text)
+            } else {
+                (
+                    format!("m_total{{{section}}} 1 # {{{section}}} 2\n# EOF\n"),
+                    Format::OpenMetrics,
+                )
+            };
+            let got = samples(&body, format);
+            assert_eq!(labels(&got[0]), expected);
+            assert_eq!(got[0].label_count(), count);
+            if let Some(ex) = got[0].exemplar {
+                let ex_labels: Labels = ex.labels().map(|(n, v)| (n.into(), v.into())).collect();
+                assert_eq!(ex_labels, expected);
+            }
+        }
+    }
+
     /// Tiny xorshift64* generator: deterministic, no extra crate.
     struct XorShift(u64);
 
@@ -2019,11 +2095,20 @@ mod tests {
                 Ok(Entry::Sample(s)) => {
                     assert!(s.series.starts_with(s.name.as_bytes()));
                     assert_eq!(s.labels().count(), s.label_count());
-                    for (name, value) in s.labels() {
-                        assert!(!name.is_empty());
-                        assert!(name.bytes().all(|b| has(b, C_LABEL)));
-                        assert!(!value.contains('\u{fffd}') || std::str::from_utf8(body).is_ok());
+                    // The fast iterator agrees with a plain scan of the section.
+                    let mut rest = s.labels.bytes;
+                    let mut reference = Vec::new();
+                    while let Some((name, value, _)) = next_raw_label(&mut rest) {
+                        let value = std::str::from_utf8(value).expect("validated UTF-8");
+                        reference.push((
+                            std::str::from_utf8(name).unwrap().to_owned(),
+                            unescape(value, true).into_owned(),
+                        ));
                     }
+                    assert_eq!(labels(&s), reference);
+                    assert!(reference
+                        .iter()
+                        .all(|(n, _)| !n.is_empty() && n.bytes().all(|b| has(b, C_LABEL))));
                     if let Some(ex) = s.exemplar {
                         assert_eq!(ex.labels().count(), ex.label_count());
                     }
@@ -2040,14 +2125,19 @@ mod tests {
     #[test]
     fn fuzz_random_and_mutated_inputs_never_panic() {
         const ALPHABET: &[u8] = b"ab_:{}=\",# \t\n\\01.e+-IifnNaTYPEHELPUNITEOF\xff\xc3\x28";
-        let seeds: [&[u8]; 4] = [
+        let seeds: [&[u8]; 5] = [
             OM_BODY.as_bytes(),
             b"# HELP m h\\n\n# TYPE m counter\nm_total{a=\"x\\\"y\",b=\"2\"} 1.5e3 1700000000000\nm{} NaN\n",
             b"a{b=\"c\",} +Inf\n a { b = \"c\" } -Inf 12\n",
             b"h_bucket{le=\"0.5\"} 1 # {t=\"1\"} 0.5 1.5\n# EOF\n",
+            b"k_total{a=\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\",b=\"\xc3\xa9\",\
+              c=\"cccccccccccccccccccc\",e=\"\"} 7 # {f=\"ffffffffffffffffffffffffffffffffffffffffffffffffff\"} 1\n\
+              k_total{a=\"\",d=\"x\\\\y\"} 7\n# EOF\n",
         ];
         let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
-        for round in 0..6000 {
+        // PARSE_FUZZ_ROUNDS=1000000 for a longer local run.
+        let rounds = std::env::var("PARSE_FUZZ_ROUNDS").map_or(6000, |r| r.parse().unwrap());
+        for round in 0..rounds {
             let body: Vec<u8> = if round % 3 == 0 {
                 let len = rng.below(120) as usize;
                 (0..len)

@@ -121,9 +121,13 @@ pub fn populate(discovered: Labels, job: &JobDefaults, rules: &[Rule]) -> Result
     let mut query: Vec<(String, String)> = Vec::new();
     for (name, values) in &job.params {
         let label = format!("{}{name}", labels::PARAM_PREFIX);
-        match l.get(&label) {
-            Some(v) => query.push((name.clone(), v.to_owned())),
-            None => query.extend(values.iter().map(|v| (name.clone(), v.clone()))),
+        // As Prometheus: the label replaces the first configured value, the others stay.
+        for (i, v) in values.iter().enumerate() {
+            let v = match l.get(&label) {
+                Some(lv) if i == 0 => lv,
+                _ => v.as_str(),
+            };
+            query.push((name.clone(), v.to_owned()));
         }
     }
     for (name, value) in l.iter() {
@@ -273,7 +277,7 @@ mod tests {
             &rules,
         )
         .unwrap();
-        assert_eq!(t.url, "http://10.0.0.1:8080/m?module=z");
+        assert_eq!(t.url, "http://10.0.0.1:8080/m?module=z&module=b");
         assert_eq!(t.labels.get("instance"), Some("10.0.0.1:8080"));
         assert!(t.labels.get("__meta_port").is_none());
 
