@@ -50,6 +50,7 @@ CONTENDERS = ("agent", "vmagent", "prometheus")
 # scrape_samples_post_metric_relabeling, scrape_series_added.
 AUTO_SERIES = 5
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+LOADAVG = "?"
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,6 +568,8 @@ def measure(name, args, workdir, ports, receiver):
         r1, m1 = receiver.counters(), c.metrics()
         hwm = proc_status_kib(pid, "VmHWM")
         log1 = os.path.getsize(c.log_path)
+        res["rss_parts"] = {k: proc_status_kib(pid, k) / 1024.0
+                            for k in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}
         if c.proc.poll() is not None:
             raise RuntimeError(f"{name} exited with code {c.proc.returncode} while measured")
         elapsed = t1 - t0
@@ -662,7 +665,7 @@ def print_markdown(rows, args, versions, sizes):
     print("```")
     print()
     print(f"- machine: {os.cpu_count()} CPUs (`nproc` {nproc()}), {cpu_model()}, "
-          f"Linux {platform.release()}")
+          f"Linux {platform.release()}, load average at start {LOADAVG}")
     for k, v in versions.items():
         print(f"- {k}: `{v}`")
     raw, gz = sizes
@@ -708,6 +711,10 @@ def print_details(results):
                   f"scraped (sum of scrape_samples_scraped) {r.get('scraped', 0):,.0f}; "
                   f"failed scrapes {r.get('scrapes_failed', '?')}; "
                   f"receiver write errors {r['receiver_errors']:.0f}")
+        if r.get("rss_parts"):
+            print("  memory at the end (MiB): " + ", ".join(
+                f"{k} {v:.1f}" for k, v in r["rss_parts"].items())
+                + f"; peak VmHWM {r['rss_mib']:.1f}")
         if r.get("scrapes_note"):
             print(f"  {r['scrapes_note']}")
         for k, v in sorted(r.get("own_errors", {}).items()):
@@ -779,6 +786,12 @@ def main():
     versions["receiver"] = (run_version(["victoria-metrics", "-version"])
                             or f"victoria-metrics debian {deb_version('victoria-metrics')}")
 
+    global LOADAVG
+    try:
+        with open("/proc/loadavg") as f:
+            LOADAVG = " ".join(f.read().split()[:3])
+    except OSError:
+        pass
     workdir = tempfile.mkdtemp(prefix="sre-lab-compare-")
     targets = receiver = None
     results = []

@@ -229,6 +229,7 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
                         s.next_seq.saturating_sub(s.committed_seq),
                     );
                     metrics.wal_corrupt_total(name, s.corrupt_records);
+                    metrics.wal_evicted_total(name, s.evicted_samples);
                 }
             }
         })

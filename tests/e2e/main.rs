@@ -5,4 +5,5 @@ mod cli;
 mod common;
 mod metrics_oracle;
 mod outage;
+mod queue;
 mod scrape_options;

@@ -675,7 +675,21 @@ impl Wal {
             if file.set_len(prev_len).is_err() {
                 inner.needs_roll = true;
             }
-            return Err(e);
+            // The disk may be full of records that are all acknowledged already: replace the
+            // active segment and try once more.
+            let committed = inner.committed_seq;
+            if !inner.reset_acked_active(&self.dir, committed) || inner.needs_roll {
+                return Err(e);
+            }
+            let file = inner.active.clone();
+            let mut again = inner.write_record(&file);
+            if again.is_ok() && self.opts.fsync == FsyncPolicy::Always {
+                again = file.sync_data();
+            }
+            if let Err(e) = again {
+                let _ = file.set_len(SEGMENT_HEADER_LEN);
+                return Err(e);
+            }
         }
 
         let seq = inner.next_seq;
@@ -745,6 +759,11 @@ impl Wal {
                     acked.push(s.index);
                 }
             }
+            // A full disk held by an all-acknowledged active segment: start a fresh one so the
+            // commit (and new appends) find room.
+            if written.is_err() {
+                i.reset_acked_active(&self.dir, next_unacked_seq);
+            }
             acked
         });
         for index in acked {
@@ -811,6 +830,54 @@ impl Inner {
             samples_before: self.samples_total,
         });
         Ok(())
+    }
+
+    /// Replaces an active segment whose records are all acknowledged (`upto` covers them) by
+    /// a fresh one, deleting the old file first so this works on a full disk. Returns whether
+    /// it did. If the new file cannot be created the next append retries through `needs_roll`.
+    fn reset_acked_active(&mut self, dir: &Path, upto: u64) -> bool {
+        let Some(active) = self.segments.back() else {
+            return false;
+        };
+        if active.readable == 0 || active.end_seq > upto || self.segments.len() != 1 {
+            return false;
+        }
+        let Some(old) = self.segments.pop_back() else {
+            return false;
+        };
+        self.total_bytes -= old.bytes;
+        let _ = remove_segment(dir, old.index);
+        let first_seq = old.end_seq;
+        match create_segment(dir, old.index + 1, first_seq, FsyncPolicy::Never) {
+            Ok(file) => {
+                self.active = Arc::new(file);
+                self.total_bytes += SEGMENT_HEADER_LEN;
+                self.segments.push_back(Segment {
+                    index: old.index + 1,
+                    first_seq,
+                    readable: 0,
+                    end_seq: first_seq,
+                    samples: Vec::new(),
+                    bytes: SEGMENT_HEADER_LEN,
+                    samples_before: self.samples_total,
+                });
+                self.needs_roll = false;
+            }
+            Err(_) => {
+                // Keep an empty placeholder so indexes continue; the next append rolls.
+                self.segments.push_back(Segment {
+                    index: old.index,
+                    first_seq,
+                    readable: 0,
+                    end_seq: first_seq,
+                    samples: Vec::new(),
+                    bytes: 0,
+                    samples_before: self.samples_total,
+                });
+                self.needs_roll = true;
+            }
+        }
+        true
     }
 
     /// Deletes the oldest segments (never the active one) until `incoming` more bytes fit.

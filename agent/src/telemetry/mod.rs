@@ -264,6 +264,18 @@ impl Metrics {
             c.inc_by(total - cur);
         }
     }
+    /// Sets the samples evicted from the WAL by its size bound (a `samples_dropped` reason; it
+    /// only grows).
+    pub fn wal_evicted_total(&self, remote: &str, total: u64) {
+        let c = self.dropped.get_or_create(&vec![
+            ("remote", remote.to_owned()),
+            ("reason", "wal_evicted".to_owned()),
+        ]);
+        let cur = c.get();
+        if total > cur {
+            c.inc_by(total - cur);
+        }
+    }
     /// A WAL read failed.
     pub fn wal_read_error(&self, remote: &str) {
         self.wal_errors

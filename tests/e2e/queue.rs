@@ -1,0 +1,147 @@
+//! The remote-write queue under pressure: shards grow with a backlog, the WAL stays within
+//! `wal_max_size` (evictions counted), and a full disk is counted, not fatal.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use sre_lab_tests::{poll, Agent, TinyServer};
+
+/// A page of `n` series.
+fn page(n: usize) -> Vec<u8> {
+    let mut s = String::new();
+    for i in 0..n {
+        s.push_str(&format!("test_series{{idx=\"{i}\",group=\"g{}\"}} {i}\n", i % 10));
+    }
+    s.into_bytes()
+}
+
+fn config(target: &str, receiver: &str, extra_queue: &str, storage: &str) -> String {
+    format!(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: q\n    static_configs:\n      - targets: ['{target}']\nremote_write:\n  - url: http://{receiver}/api/v1/write\n    queue_config:\n      batch_send_deadline: 100ms\n      max_samples_per_send: 500\n      min_backoff: 50ms\n      max_backoff: 500ms\n{extra_queue}{storage}"
+    )
+}
+
+#[test]
+fn shards_grow_with_a_backlog() -> Result<()> {
+    let body = page(5000);
+    let target = TinyServer::start(move |_| (200, vec![], body.clone()))?;
+    // A receiver that needs 300 ms per request: one shard sends ~1700 samples/s of 5000/s.
+    let receiver = TinyServer::start(|_| {
+        std::thread::sleep(Duration::from_millis(300));
+        (200, vec![], Vec::new())
+    })?;
+    let dir = tempfile::tempdir()?;
+    let agent = Agent::start(
+        dir.path(),
+        &config(&target.addr, &receiver.addr, "      max_shards: 8\n", ""),
+    )?;
+    assert_eq!(agent.metric("sre_agent_remote_shards", "")?, 1.0);
+    poll("more shards", Duration::from_secs(60), || {
+        Ok((agent.metric("sre_agent_remote_shards", "")? >= 2.0).then_some(()))
+    })
+    .map_err(|e| e.context(agent.proc.log_text()))?;
+    Ok(())
+}
+
+#[test]
+fn wal_stays_within_its_bound_and_counts_evictions() -> Result<()> {
+    let body = page(5000);
+    let target = TinyServer::start(move |_| (200, vec![], body.clone()))?;
+    let receiver = TinyServer::start(|_| (503, vec![], b"down".to_vec()))?;
+    let dir = tempfile::tempdir()?;
+    let agent = Agent::start(
+        dir.path(),
+        &config(&target.addr, &receiver.addr, "", "storage:\n  wal_max_size: 2MiB\n"),
+    )?;
+    poll("evictions", Duration::from_secs(60), || {
+        Ok((agent.metric("sre_agent_remote_samples_dropped_total", "reason=\"wal_evicted\"")? > 0.0).then_some(()))
+    })
+    .map_err(|e| e.context(agent.proc.log_text()))?;
+    let size = agent.metric("sre_agent_wal_size_bytes", "")?;
+    assert!(size <= (2 << 20) as f64, "WAL size {size} over its 2MiB bound");
+    Ok(())
+}
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Result<Self> {
+        let p = dir.join("small-disk");
+        std::fs::create_dir_all(&p)?;
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&p)
+            .status()?;
+        if !st.success() {
+            bail!("mounting a tmpfs needs root: {st}");
+        }
+        Ok(Self(p))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_disk_is_counted_and_recovers() -> Result<()> {
+    let body = page(2000);
+    let target = TinyServer::start(move |_| (200, vec![], body.clone()))?;
+    let up = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (up2, acc2) = (up.clone(), accepted.clone());
+    let receiver = TinyServer::start(move |_| {
+        if up2.load(Ordering::SeqCst) {
+            acc2.fetch_add(1, Ordering::SeqCst);
+            (200, vec![], Vec::new())
+        } else {
+            (503, vec![], Vec::new())
+        }
+    })?;
+    let dir = tempfile::tempdir()?;
+    let disk = Tmpfs::mount(dir.path(), "3m")?;
+    let storage = format!("storage:\n  path: {}\n  wal_max_size: 100MiB\n", disk.0.display());
+    let cfg_path = dir.path().join("agent.yml");
+    std::fs::write(&cfg_path, config(&target.addr, &receiver.addr, "", &storage))?;
+    let agent = Agent::start_with(dir.path(), cfg_path, disk.0.clone(), sre_lab_tests::free_port())?;
+    poll("WAL write errors on the full disk", Duration::from_secs(60), || {
+        Ok((agent.metric("sre_agent_remote_samples_dropped_total", "reason=\"wal_write_error\"")? > 0.0).then_some(()))
+    })
+    .map_err(|e| e.context(agent.proc.log_text()))?;
+    // Still alive and serving.
+    assert_eq!(sre_lab_tests::http_get(&format!("{}/healthz", agent.url))?.trim(), "ok");
+    // The receiver comes back: the backlog drains, commits free the disk, appends work again.
+    up.store(true, Ordering::SeqCst);
+    let appended_before = agent.metric("sre_agent_wal_samples_appended_total", "")?;
+    poll(
+        "appends resume after the backlog drained",
+        Duration::from_secs(60),
+        || Ok((agent.metric("sre_agent_wal_samples_appended_total", "")? > appended_before + 4000.0).then_some(())),
+    )
+    .map_err(|e| {
+        let m = sre_lab_tests::http_get(&format!("{}/metrics", agent.url)).unwrap_or_default();
+        let m: Vec<&str> = m
+            .lines()
+            .filter(|l| l.starts_with("sre_agent_wal") || l.starts_with("sre_agent_remote_samples"))
+            .collect();
+        e.context(format!(
+            "{}\n{}",
+            m.join("\n"),
+            std::process::Command::new("ls")
+                .arg("-la")
+                .arg(disk.0.join("wal"))
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        ))
+    })?;
+    assert!(accepted.load(Ordering::SeqCst) > 0);
+    drop(agent);
+    Ok(())
+}
