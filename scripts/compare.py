@@ -752,6 +752,7 @@ def main():
                    help="our agent binary")
     args = p.parse_args()
     args.interval_s = parse_duration(args.interval)
+    args.agent_bin = os.path.abspath(args.agent_bin)  # contenders run in their own directory
     only = [x.strip() for x in args.only.split(",") if x.strip()]
     bad = [x for x in only if x not in CONTENDERS]
     if bad or not only:

@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p sre-lab-agent
-exec python3 scripts/compare.py --agent-bin target/release/agent "$@"
+exec python3 scripts/compare.py "$@"

@@ -111,3 +111,96 @@ fn same_series_and_values_as_prometheus_then_up_and_staleness() -> Result<()> {
     assert!(agent.metric("sre_agent_scrape_failures_total", "job=\"node\"")? >= 1.0);
     Ok(())
 }
+
+const OPENMETRICS_PAGE: &str = r#"# TYPE om_requests counter
+# HELP om_requests Requests.
+om_requests_total{path="/a"} 12 # {trace_id="abc"} 1.0 1700000000.000
+om_requests_created{path="/a"} 1.7e9
+# TYPE om_latency histogram
+om_latency_bucket{le="0.1"} 2
+om_latency_bucket{le="1.0"} 5
+om_latency_bucket{le="+Inf"} 6
+om_latency_sum 3.5
+om_latency_count 6
+# TYPE om_temp_celsius gauge
+# UNIT om_temp_celsius celsius
+om_temp_celsius{room="a \"quoted\" \\ value"} -4.5
+# TYPE om_build info
+om_build_info{version="1.2.3"} 1
+# TYPE om_state stateset
+om_state{om_state="on"} 1
+om_state{om_state="off"} 0
+# EOF
+"#;
+
+const TEXT_PAGE: &str = "# HELP edge_escapes A help with \\\\ and \\n.\n# TYPE edge_escapes gauge\n\
+edge_escapes{v=\"line\\nbreak\",w=\"back\\\\slash\"} 1\n\
+edge_special{kind=\"nan\"} NaN\nedge_special{kind=\"pinf\"} +Inf\nedge_special{kind=\"ninf\"} -Inf\n\
+edge_trailing_comma{a=\"1\",} 2\nedge_exp 1.5e+3\n";
+
+/// Prometheus and the agent scrape an OpenMetrics page and a text page full of edge cases;
+/// the receiver must hold the same series and values as the oracle.
+#[test]
+fn openmetrics_and_text_edge_cases_match_prometheus() -> Result<()> {
+    let om = sre_lab_tests::TinyServer::start(|req| {
+        let om = req.header("accept").unwrap_or_default().contains("openmetrics");
+        let ct = if om {
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        } else {
+            "text/plain; version=0.0.4"
+        };
+        let body = if om { OPENMETRICS_PAGE } else { "wrong_format 1\n" };
+        (200, vec![("Content-Type".into(), ct.into())], body.as_bytes().to_vec())
+    })?;
+    let text = sre_lab_tests::TinyServer::start(|_| (200, vec![], TEXT_PAGE.as_bytes().to_vec()))?;
+    let scrape = format!(
+        "scrape_configs:\n  - job_name: om\n    scrape_interval: 1s\n    static_configs:\n      - targets: ['{}']\n  - job_name: text\n    scrape_interval: 1s\n    static_configs:\n      - targets: ['{}']\n",
+        om.addr, text.addr
+    );
+    let dir = tempfile::tempdir()?;
+    let receiver = Prometheus::start(dir.path(), "receiver", RECEIVER, true)?;
+    let oracle = Prometheus::start(
+        dir.path(),
+        "oracle",
+        &format!("global:\n  scrape_interval: 1s\n{scrape}"),
+        false,
+    )?;
+    let agent = Agent::start(
+        dir.path(),
+        &format!(
+            "{scrape}remote_write:\n  - url: {}/api/v1/write\n    queue_config:\n      batch_send_deadline: 200ms\n",
+            receiver.url
+        ),
+    )?;
+    for job in ["om", "text"] {
+        let sel = format!("{{job=\"{job}\"}}");
+        let mut diff = String::new();
+        poll(&format!("identical {job} series"), Duration::from_secs(30), || {
+            let a = receiver.series(&sel)?;
+            let b = oracle.series(&sel)?;
+            let errors = sre_lab_tests::http_get(&format!("{}/api/v1/targets", oracle.url)).unwrap_or_default();
+            diff = format!("receiver: {a:#?}\noracle: {b:#?}\noracle targets: {errors}");
+            Ok((a == b && b.len() > 5).then_some(()))
+        })
+        .map_err(|e| e.context(diff.clone()).context(agent.proc.log_text()))?;
+    }
+    for q in [
+        "om_requests_total",
+        "om_requests_created",
+        "om_latency_bucket{le=\"1.0\"}",
+        "om_temp_celsius",
+        "om_build_info",
+        "om_state{om_state=\"off\"}",
+        "edge_escapes",
+        "edge_special{kind=\"pinf\"}",
+        "edge_special{kind=\"ninf\"}",
+        "edge_special{kind=\"nan\"}",
+        "edge_trailing_comma",
+        "edge_exp",
+    ] {
+        let a = value(&receiver, q)?;
+        assert!(a.is_some(), "{q} missing in receiver");
+        assert_eq!(a, value(&oracle, q)?, "{q}");
+    }
+    Ok(())
+}
