@@ -360,6 +360,8 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
                     // Stop the old generation (no staleness markers; senders keep their WAL
                     // position), then start the new one.
                     let old = running;
+                    let keep = new_cfg.scrape_configs.iter().map(|s| s.job_name.clone()).collect();
+                    old.manager.retire_jobs(&keep).await;
                     old.stop(Duration::ZERO).await;
                     match start(&new_cfg, &config_path, &storage, &metrics) {
                         Ok(r) => {

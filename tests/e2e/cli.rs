@@ -74,8 +74,12 @@ fn job_names(agent: &Agent) -> Result<Vec<String>> {
 #[test]
 fn reload_by_http_and_sighup_refuses_bad_config() -> Result<()> {
     let dir = tempfile::tempdir()?;
+    let sink = dir.path().join("sink.txt");
     let cfg = |jobs: &[&str]| -> String {
-        let mut s = String::from("global:\n  scrape_interval: 1s\nscrape_configs:\n");
+        let mut s = format!(
+            "file_sink:\n  path: {}\nglobal:\n  scrape_interval: 1s\nscrape_configs:\n",
+            sink.display()
+        );
         for j in jobs {
             s.push_str(&format!(
                 "  - job_name: {j}\n    static_configs:\n      - targets: ['127.0.0.1:1']\n"
@@ -93,6 +97,13 @@ fn reload_by_http_and_sighup_refuses_bad_config() -> Result<()> {
         Ok((job_names(&agent)? == vec!["one", "two"]).then_some(()))
     })?;
 
+    poll("a scrape of job two", Duration::from_secs(10), || {
+        Ok(std::fs::read_to_string(&sink)
+            .unwrap_or_default()
+            .contains("job=\"two\"")
+            .then_some(()))
+    })?;
+
     // A broken config is refused with its error; the running one stays.
     std::fs::write(&agent.config, "scrape_configs:\n  - job_name: x\n    nope: 1\n")?;
     let (status, body) = http_post(&format!("{}/-/reload", agent.url))?;
@@ -107,6 +118,14 @@ fn reload_by_http_and_sighup_refuses_bad_config() -> Result<()> {
         Ok((job_names(&agent)? == vec!["three"]).then_some(()))
     })?;
     assert_eq!(agent.metric("sre_agent_config_last_reload_successful", "")?, 1.0);
+    // The removed jobs' series end with staleness markers.
+    poll("staleness markers of removed job two", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&sink)?;
+        Ok(text
+            .lines()
+            .any(|l| l.starts_with("up{instance=\"127.0.0.1:1\",job=\"two\"} NaN"))
+            .then_some(()))
+    })?;
     let page = http_get(&format!("{}/status", agent.url))?;
     assert!(
         page.contains("three") && page.contains("127.0.0.1:1"),

@@ -86,6 +86,22 @@ impl Manager {
         }
     }
 
+    /// Stops, with staleness markers, the loops of jobs not in `keep` (jobs removed by a
+    /// reload: their series end now rather than after the receiver's lookback).
+    pub async fn retire_jobs(&self, keep: &std::collections::HashSet<String>) {
+        for (name, state, views) in &self.jobs {
+            if keep.contains(name) {
+                continue;
+            }
+            let mut st = state.lock().await;
+            let loops = std::mem::take(&mut st.loops);
+            for (_, l) in loops {
+                l.stop(StopMode::TargetGone).await;
+            }
+            views.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+    }
+
     /// A closure that lists every target for the status page.
     pub fn status_source(&self) -> crate::telemetry::server::StatusSource {
         let jobs: Vec<_> = self.jobs.iter().map(|(_, s, v)| (s.clone(), v.clone())).collect();
