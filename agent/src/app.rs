@@ -251,10 +251,13 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
         for fsd in &sc.file_sd_configs {
             let (tx, r) = watch::channel(Vec::new());
             let files: Vec<PathBuf> = fsd.files.iter().map(|f| crate::http::resolve(&base, f)).collect();
+            let (m, job) = (metrics.clone(), sc.job_name.clone());
+            let on_error = move || m.discovery_error(&job, "file");
             providers.push(tokio::spawn(discovery::file::run(
                 files,
                 fsd.refresh_interval.get(),
                 tx,
+                on_error,
             )));
             rx.push(r);
         }
@@ -263,13 +266,31 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
             let k = k.clone();
             let node = node_name.clone();
             let job = sc.job_name.clone();
+            let m = metrics.clone();
             providers.push(tokio::spawn(async move {
-                let result = match discovery::kubernetes::client_for(&k).await {
-                    Ok(client) => discovery::kubernetes::run(client, &k, node, tx).await,
+                let started = match discovery::kubernetes::PodDiscovery::new(&k, node) {
+                    Ok(pd) => discovery::kubernetes::client_for(&k).await.map(|c| (pd, c)),
                     Err(e) => Err(e),
                 };
-                if let Err(e) = result {
-                    tracing::error!(%job, error = %e, "Kubernetes discovery cannot start; no targets from it.");
+                let (pd, client) = match started {
+                    Ok(v) => v,
+                    Err(e) => {
+                        m.discovery_error(&job, "kubernetes");
+                        tracing::error!(%job, error = %e, "Kubernetes discovery cannot start; no targets from it.");
+                        return;
+                    }
+                };
+                let stats = pd.stats();
+                let publish = async {
+                    let mut t = tokio::time::interval(Duration::from_secs(5));
+                    loop {
+                        t.tick().await;
+                        m.discovery_totals(&job, "kubernetes", stats.watch_errors(), stats.updates());
+                    }
+                };
+                tokio::select! {
+                    _ = pd.run(client, tx) => {}
+                    _ = publish => {}
                 }
             }));
             rx.push(r);

@@ -124,13 +124,17 @@ fn file_sd_changes_are_picked_up() -> Result<()> {
     let b = TinyServer::start(|_| (200, vec![], b"x 2\n".to_vec()))?;
     let dir = tempfile::tempdir()?;
     let sd = dir.path().join("targets.json");
+    let sink = dir.path().join("sink.txt");
     std::fs::write(
         &sd,
         format!(r#"[{{"targets": ["{}"], "labels": {{"team": "a"}}}}]"#, a.addr),
     )?;
     let agent = Agent::start(
         dir.path(),
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: f\n    file_sd_configs:\n      - files: ['*.json']\n        refresh_interval: 1m\n",
+        &format!(
+            "global:\n  scrape_interval: 1s\nfile_sink:\n  path: {}\nscrape_configs:\n  - job_name: f\n    file_sd_configs:\n      - files: ['*.json']\n        refresh_interval: 1m\n",
+            sink.display()
+        ),
     )?;
     let url_of = |agent: &Agent| -> Result<Vec<String>> {
         let mut v: Vec<String> = targets(agent)?
@@ -145,11 +149,30 @@ fn file_sd_changes_are_picked_up() -> Result<()> {
     })?;
     let labels = targets(&agent)?[0]["labels"].to_string();
     assert!(labels.contains("team") && labels.contains("\"a\""), "{labels}");
+    poll("a scrape of the first target", Duration::from_secs(10), || {
+        Ok(std::fs::read_to_string(&sink)
+            .unwrap_or_default()
+            .contains("x{")
+            .then_some(()))
+    })?;
     std::fs::write(&sd, format!(r#"[{{"targets": ["{}"]}}]"#, b.addr))?;
     poll(
         "changed file target (inotify, not the 1m refresh)",
         Duration::from_secs(20),
         || Ok((url_of(&agent)? == vec![format!("http://{}/metrics", b.addr)]).then_some(())),
     )?;
+    // The target that went away ends its series with staleness markers.
+    let gone = format!("x{{instance=\"{}\",job=\"f\",team=\"a\"}} NaN", a.addr);
+    poll(
+        "staleness markers of the removed target",
+        Duration::from_secs(10),
+        || Ok(std::fs::read_to_string(&sink)?.contains(&gone).then_some(())),
+    )?;
+    // A broken file keeps the previous targets and is counted.
+    std::fs::write(&sd, "[{")?;
+    poll("discovery error counted", Duration::from_secs(10), || {
+        Ok((agent.metric("sre_agent_discovery_errors_total", "mechanism=\"file\"")? >= 1.0).then_some(()))
+    })?;
+    assert_eq!(url_of(&agent)?, vec![format!("http://{}/metrics", b.addr)]);
     Ok(())
 }

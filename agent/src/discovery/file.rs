@@ -121,7 +121,12 @@ fn wildcard(pat: &str, s: &str) -> bool {
 }
 
 /// Watches the files and publishes their groups until the sender is dropped.
-pub async fn run(patterns: Vec<PathBuf>, refresh: Duration, out: watch::Sender<Vec<TargetGroup>>) {
+pub async fn run(
+    patterns: Vec<PathBuf>,
+    refresh: Duration,
+    out: watch::Sender<Vec<TargetGroup>>,
+    on_error: impl Fn() + Send + 'static,
+) {
     use notify::Watcher;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
@@ -156,6 +161,7 @@ pub async fn run(patterns: Vec<PathBuf>, refresh: Duration, out: watch::Sender<V
                 }
                 Err(e) => {
                     tracing::warn!(file = %f.display(), error = %e, "Reading file_sd file failed; keeping its previous targets.");
+                    on_error();
                     if let Some(prev) = last.get(&f) {
                         current.insert(f, prev.clone());
                     }

@@ -41,6 +41,8 @@ pub struct Metrics {
     wal_errors: Family<L, Counter>,
     targets: Family<L, Gauge>,
     reloads: Family<L, Counter>,
+    discovery_errors: Family<L, Counter>,
+    discovery_updates: Family<L, Counter>,
     reload_ok: Gauge,
     file_sink_errors: Counter,
     ready: AtomicBool,
@@ -76,6 +78,8 @@ impl Metrics {
             wal_errors: Family::default(),
             targets: Family::default(),
             reloads: Family::default(),
+            discovery_errors: Family::default(),
+            discovery_updates: Family::default(),
             reload_ok: Gauge::default(),
             file_sink_errors: Counter::default(),
             ready: AtomicBool::new(false),
@@ -160,6 +164,16 @@ impl Metrics {
             "targets",
             "Scrape targets, by job and state (active, dropped, invalid).",
             m.targets.clone(),
+        );
+        r.register(
+            "discovery_errors",
+            "Service discovery errors (watch failures, unreadable files), by job and mechanism.",
+            m.discovery_errors.clone(),
+        );
+        r.register(
+            "discovery_updates",
+            "Target group updates published by service discovery, by job and mechanism.",
+            m.discovery_updates.clone(),
         );
         r.register("config_reloads", "Configuration reloads, by result.", m.reloads.clone());
         r.register(
@@ -294,6 +308,23 @@ impl Metrics {
             self.targets
                 .get_or_create(&vec![("job", job.to_owned()), ("state", state.to_owned())])
                 .set(n as i64);
+        }
+    }
+    /// A discovery error for `job` from `mechanism` (`file`, `kubernetes`).
+    pub fn discovery_error(&self, job: &str, mechanism: &'static str) {
+        self.discovery_errors
+            .get_or_create(&vec![("job", job.to_owned()), ("mechanism", mechanism.to_owned())])
+            .inc();
+    }
+    /// Brings the discovery counters of `job`/`mechanism` up to the provider's own totals.
+    pub fn discovery_totals(&self, job: &str, mechanism: &'static str, errors: u64, updates: u64) {
+        let l = vec![("job", job.to_owned()), ("mechanism", mechanism.to_owned())];
+        for (family, total) in [(&self.discovery_errors, errors), (&self.discovery_updates, updates)] {
+            let c = family.get_or_create(&l);
+            let cur = c.get();
+            if total > cur {
+                c.inc_by(total - cur);
+            }
         }
     }
     /// A reload finished.
