@@ -2,6 +2,7 @@
 //! its HTTP fetch ([`client`]) and zero-copy parser ([`parse`]), and the [`manager`] that keeps
 //! one loop per target.
 
+pub mod appender;
 pub mod client;
 pub mod manager;
 pub mod parse;

@@ -1,0 +1,441 @@
+//! The series side of a scrape: turns a parsed body into encoded samples for every output,
+//! with the series cache, staleness markers and the five report series.
+//!
+//! The cache maps the raw series text of the exposition (`name{labels}` as scraped) to the
+//! finished, encoded label set of every output, so a steady-state scrape does a hash lookup
+//! and a memcpy per sample and allocates nothing per sample.
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustc_hash::FxBuildHasher;
+
+use super::client::ScrapeError;
+use super::parse::{Entry, Format, Parser};
+use super::scrape_loop::ScrapeSettings;
+use crate::labels::{Labels, METRIC_NAME};
+use crate::relabel;
+use crate::remote_write::{file_sink, frame, proto, Outputs};
+use crate::telemetry::Metrics;
+
+struct Encoded {
+    hash: u64,
+    labels: Box<[u8]>,
+}
+
+struct CacheEntry {
+    /// Iteration in which the series was last seen.
+    iter: u64,
+    /// Dropped by metric relabeling (or invalid): skip.
+    dropped: bool,
+    /// The sample carried its own timestamp (no staleness tracking, as Prometheus).
+    explicit_ts: bool,
+    /// One per output endpoint; None when dropped by that endpoint's write relabeling.
+    per_endpoint: Box<[Option<Encoded>]>,
+    /// `name{labels}` for the file sink.
+    text: Option<Box<str>>,
+}
+
+/// Series of the synthetic per-scrape metrics.
+const REPORT_NAMES: [&str; 5] = [
+    "up",
+    "scrape_duration_seconds",
+    "scrape_samples_scraped",
+    "scrape_samples_post_metric_relabeling",
+    "scrape_series_added",
+];
+
+/// Per-output buffers of one scrape.
+struct Batch {
+    per_endpoint: Vec<Vec<u8>>,
+    file: Vec<u8>,
+    samples: u32,
+}
+
+impl Batch {
+    fn clear(&mut self) {
+        self.per_endpoint.iter_mut().for_each(Vec::clear);
+        self.file.clear();
+        self.samples = 0;
+    }
+
+    fn push(&mut self, entry_endpoints: &[Option<Encoded>], text: Option<&str>, value: f64, ts: i64) {
+        for (buf, enc) in self.per_endpoint.iter_mut().zip(entry_endpoints) {
+            if let Some(enc) = enc {
+                frame::push(buf, enc.hash, &enc.labels, value, ts);
+            }
+        }
+        if let Some(t) = text {
+            file_sink::push_line(&mut self.file, t, value, ts);
+        }
+        self.samples += 1;
+    }
+}
+
+/// Per-target series state and the buffers of the scrape in progress.
+pub struct Appender {
+    target_labels: Labels,
+    settings: Arc<ScrapeSettings>,
+    outputs: Arc<Outputs>,
+    metrics: Arc<Metrics>,
+    cache: hashbrown::HashTable<(Box<[u8]>, CacheEntry)>,
+    hasher: FxBuildHasher,
+    report: Vec<CacheEntry>,
+    iter: u64,
+    batch: Batch,
+    scratch: Labels,
+}
+
+/// Outcome of one scrape, for the status page and metrics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ScrapeReport {
+    /// 1 when the scrape succeeded.
+    pub up: f64,
+    /// Samples in the body.
+    pub scraped: u64,
+    /// Samples after metric relabeling.
+    pub post_relabel: u64,
+    /// Series new to the cache.
+    pub added: u64,
+}
+
+impl Appender {
+    /// State for a target with these (final) labels.
+    pub fn new(
+        target_labels: Labels,
+        settings: Arc<ScrapeSettings>,
+        outputs: Arc<Outputs>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let n = outputs.endpoints.len();
+        let report = REPORT_NAMES
+            .iter()
+            .map(|name| {
+                let mut l = target_labels.clone();
+                l.set(METRIC_NAME, name);
+                finish_entry(&outputs, &l, false)
+            })
+            .collect();
+        Self {
+            target_labels,
+            settings,
+            outputs,
+            metrics,
+            cache: hashbrown::HashTable::new(),
+            hasher: FxBuildHasher,
+            report,
+            iter: 0,
+            batch: Batch {
+                per_endpoint: vec![Vec::new(); n],
+                file: Vec::new(),
+                samples: 0,
+            },
+            scratch: Labels::new(),
+        }
+    }
+
+    /// Starts a scrape: a new iteration with empty buffers.
+    pub fn begin(&mut self) {
+        self.iter += 1;
+        self.batch.clear();
+    }
+
+    /// Ends a scrape: staleness, cache upkeep, the report series, then appends everything to
+    /// the outputs. `result` is what [`Appender::append_body`] returned (or the fetch error).
+    pub fn finish(
+        &mut self,
+        result: Result<(u64, u64, u64), &ScrapeError>,
+        ts: i64,
+        duration: Duration,
+    ) -> ScrapeReport {
+        let report = match result {
+            Ok((scraped, post_relabel, added)) => {
+                self.write_stale_missing(ts);
+                ScrapeReport {
+                    up: 1.0,
+                    scraped,
+                    post_relabel,
+                    added,
+                }
+            }
+            Err(_) => {
+                // Discard whatever this scrape buffered and end the series of the previous one.
+                self.batch.clear();
+                self.write_stale_previous(ts);
+                ScrapeReport::default()
+            }
+        };
+        self.evict_old();
+        let values = [
+            report.up,
+            duration.as_secs_f64(),
+            report.scraped as f64,
+            report.post_relabel as f64,
+            report.added as f64,
+        ];
+        for (e, v) in self.report.iter().zip(values) {
+            self.batch.push(&e.per_endpoint, e.text.as_deref(), v, ts);
+        }
+        self.flush();
+        report
+    }
+
+    /// Samples buffered in the scrape in progress.
+    pub fn buffered_samples(&self) -> u32 {
+        self.batch.samples
+    }
+
+    /// Parses `body` and buffers its samples (see [`Appender::finish`]).
+    pub fn scrape_body(&mut self, body: &[u8], format: Format, ts: i64) -> Result<(u64, u64, u64), ScrapeError> {
+        self.append_body(body, format, ts)
+    }
+
+    /// Parses the body and appends its samples to the batch. Returns (scraped,
+    /// post-relabeling, series added).
+    pub fn append_body(&mut self, body: &[u8], format: Format, ts: i64) -> Result<(u64, u64, u64), ScrapeError> {
+        let s = self.settings.clone();
+        let mut parser = Parser::new(body, format);
+        let (mut scraped, mut post, mut added) = (0u64, 0u64, 0u64);
+        while let Some(entry) = parser.next_entry() {
+            let sample = match entry.map_err(|e| ScrapeError::Parse(e.to_string()))? {
+                Entry::Sample(sample) => sample,
+                _ => continue,
+            };
+            scraped += 1;
+            let iter = self.iter;
+            let hash = self.hasher.hash_one(sample.series);
+            let entry = match self.cache.entry(
+                hash,
+                |(k, _)| **k == *sample.series,
+                |(k, _)| self.hasher.hash_one(&**k),
+            ) {
+                hashbrown::hash_table::Entry::Occupied(o) => &mut o.into_mut().1,
+                hashbrown::hash_table::Entry::Vacant(v) => {
+                    added += 1;
+                    let e = build_entry(&sample, &s, &self.target_labels, &self.outputs, &mut self.scratch)?;
+                    &mut v.insert((sample.series.into(), e)).into_mut().1
+                }
+            };
+            if entry.iter == iter {
+                // The same series twice in one scrape: Prometheus rejects the duplicate.
+                self.metrics.duplicate_sample(&s.job);
+                continue;
+            }
+            entry.iter = iter;
+            if entry.dropped {
+                continue;
+            }
+            post += 1;
+            if s.sample_limit > 0 && post > s.sample_limit {
+                return Err(ScrapeError::SampleLimit {
+                    got: post,
+                    limit: s.sample_limit,
+                });
+            }
+            let t = match sample.timestamp_ms {
+                Some(t) if s.honor_timestamps => t,
+                _ => ts,
+            };
+            entry.explicit_ts = sample.timestamp_ms.is_some() && s.honor_timestamps;
+            for (buf, enc) in self.batch.per_endpoint.iter_mut().zip(entry.per_endpoint.iter()) {
+                if let Some(enc) = enc {
+                    frame::push(buf, enc.hash, &enc.labels, sample.value, t);
+                }
+            }
+            if let Some(text) = &entry.text {
+                file_sink::push_line(&mut self.batch.file, text, sample.value, t);
+            }
+            self.batch.samples += 1;
+        }
+        Ok((scraped, post, added))
+    }
+
+    /// Staleness markers for series seen in the previous iteration but not in this one.
+    fn write_stale_missing(&mut self, ts: i64) {
+        let prev = self.iter - 1;
+        let stale = f64::from_bits(proto::STALE_NAN_BITS);
+        for (_, e) in self.cache.iter() {
+            if e.iter == prev && !e.dropped && !e.explicit_ts {
+                self.batch.push(&e.per_endpoint, e.text.as_deref(), stale, ts);
+            }
+        }
+    }
+
+    /// A failed scrape: staleness markers for every series of the previous iteration and
+    /// for the series this scrape touched before it failed (none of its samples are sent);
+    /// the latter are forgotten so the next scrape treats them as new.
+    fn write_stale_previous(&mut self, ts: i64) {
+        let (prev, cur) = (self.iter - 1, self.iter);
+        let stale = f64::from_bits(proto::STALE_NAN_BITS);
+        for (_, e) in self.cache.iter_mut() {
+            if (e.iter == prev || e.iter == cur) && !e.dropped && !e.explicit_ts {
+                self.batch.push(&e.per_endpoint, e.text.as_deref(), stale, ts);
+            }
+            if e.iter == cur {
+                e.iter = 0;
+            }
+        }
+    }
+
+    /// Target gone: staleness markers for every series of the last scrape and the report series.
+    pub fn write_stale_all(&mut self, ts: i64) {
+        self.batch.clear();
+        let stale = f64::from_bits(proto::STALE_NAN_BITS);
+        let last = self.iter;
+        for (_, e) in self.cache.iter() {
+            if e.iter == last && !e.dropped && !e.explicit_ts {
+                self.batch.push(&e.per_endpoint, e.text.as_deref(), stale, ts);
+            }
+        }
+        if self.iter > 0 {
+            for e in &self.report {
+                self.batch.push(&e.per_endpoint, e.text.as_deref(), stale, ts);
+            }
+        }
+        self.flush();
+    }
+
+    /// Forgets series not seen in this or the previous iteration.
+    fn evict_old(&mut self) {
+        let keep_from = self.iter.saturating_sub(1);
+        self.cache.retain(|(_, e)| e.iter >= keep_from);
+    }
+
+    /// Appends the batch to every output.
+    pub fn flush(&mut self) {
+        let samples = self.batch.samples;
+        if samples == 0 {
+            return;
+        }
+        for (ep, buf) in self.outputs.endpoints.iter().zip(&self.batch.per_endpoint) {
+            if buf.is_empty() {
+                continue;
+            }
+            let n = frame::Frames::new(buf).count() as u32;
+            ep.append(buf, n, &self.metrics);
+        }
+        if let Some(sink) = &self.outputs.file_sink {
+            if let Err(e) = sink.write_block(&self.batch.file) {
+                self.metrics.file_sink_error();
+                tracing::error!(error = %e, "Writing to the file sink failed; samples lost for that sink.");
+            }
+        }
+        self.batch.clear();
+    }
+}
+
+/// Builds the cache entry for a series seen for the first time.
+fn build_entry(
+    sample: &super::parse::Sample<'_>,
+    s: &ScrapeSettings,
+    target_labels: &Labels,
+    outputs: &Outputs,
+    scratch: &mut Labels,
+) -> Result<CacheEntry, ScrapeError> {
+    let l = &mut *scratch;
+    l.clear();
+    l.set(METRIC_NAME, sample.name);
+    for (n, v) in sample.labels() {
+        l.set(n, &v);
+    }
+    // Target labels, as Prometheus's mutateSampleLabels.
+    if s.honor_labels {
+        for (n, v) in target_labels.iter() {
+            if l.get(n).is_none() {
+                l.set(n, v);
+            }
+        }
+    } else {
+        for (n, v) in target_labels.iter() {
+            if let Some(existing) = l.get(n).map(str::to_owned) {
+                let mut exported = format!("exported_{n}");
+                while l.get(&exported).is_some() {
+                    exported = format!("exported_{exported}");
+                }
+                l.set(&exported, &existing);
+            }
+            l.set(n, v);
+        }
+    }
+    let mut l = std::mem::take(scratch);
+    let keep = relabel::process(&mut l, &s.metric_relabel) && l.get(METRIC_NAME).is_some();
+    let result = if keep {
+        check_label_limits(&l, s).map(|()| finish_entry(outputs, &l, false))
+    } else {
+        Ok(CacheEntry {
+            iter: 0,
+            dropped: true,
+            explicit_ts: false,
+            per_endpoint: Box::new([]),
+            text: None,
+        })
+    };
+    *scratch = l;
+    result
+}
+
+/// Encodes a final label set for every output.
+fn finish_entry(outputs: &Outputs, l: &Labels, dropped: bool) -> CacheEntry {
+    let mut full = l.clone();
+    for (n, v) in outputs.external_labels.iter() {
+        if full.get(n).is_none() {
+            full.set(n, v);
+        }
+    }
+    let per_endpoint = outputs
+        .endpoints
+        .iter()
+        .map(|ep| {
+            let mut w = full.clone();
+            if !relabel::process(&mut w, &ep.write_relabel) || w.get(METRIC_NAME).is_none() {
+                return None;
+            }
+            let mut buf = Vec::with_capacity(128);
+            proto::encode_labels(w.iter(), &mut buf);
+            Some(Encoded {
+                hash: frame::series_hash(&buf),
+                labels: buf.into_boxed_slice(),
+            })
+        })
+        .collect();
+    let text = outputs
+        .file_sink
+        .as_ref()
+        .map(|_| file_sink::series_text(full.get_or_empty(METRIC_NAME), full.iter()).into_boxed_str());
+    CacheEntry {
+        iter: 0,
+        dropped,
+        explicit_ts: false,
+        per_endpoint,
+        text,
+    }
+}
+
+fn check_label_limits(l: &Labels, s: &ScrapeSettings) -> Result<(), ScrapeError> {
+    if s.label_limit > 0 && l.len() as u64 > s.label_limit {
+        return Err(ScrapeError::LabelLimit(format!(
+            "label_limit exceeded (metric: {}, number of labels: {}, limit: {})",
+            l.get_or_empty(METRIC_NAME),
+            l.len(),
+            s.label_limit
+        )));
+    }
+    for (n, v) in l.iter() {
+        if s.label_name_length_limit > 0 && n.len() as u64 > s.label_name_length_limit {
+            return Err(ScrapeError::LabelLimit(format!(
+                "label_name_length_limit exceeded (metric: {}, label name: {n}, limit: {})",
+                l.get_or_empty(METRIC_NAME),
+                s.label_name_length_limit
+            )));
+        }
+        if s.label_value_length_limit > 0 && v.len() as u64 > s.label_value_length_limit {
+            return Err(ScrapeError::LabelLimit(format!(
+                "label_value_length_limit exceeded (metric: {}, label name: {n}, limit: {})",
+                l.get_or_empty(METRIC_NAME),
+                s.label_value_length_limit
+            )));
+        }
+    }
+    Ok(())
+}

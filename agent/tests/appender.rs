@@ -1,0 +1,138 @@
+//! Series bookkeeping of a scrape, read back from the WAL: staleness after a failed scrape,
+//! series that disappear, duplicates, report series.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent::labels::Labels;
+use agent::remote_write::wal::{FsyncPolicy, Wal, WalOptions};
+use agent::remote_write::{frame, proto, Endpoint, Outputs};
+use agent::scrape::appender::Appender;
+use agent::scrape::parse::Format;
+use agent::scrape::scrape_loop::ScrapeSettings;
+use agent::telemetry::Metrics;
+use prost::Message;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    wal: Arc<Wal>,
+    next: u64,
+    a: Appender,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Arc::new(
+            Wal::open(
+                dir.path().join("wal"),
+                WalOptions {
+                    fsync: FsyncPolicy::Never,
+                    ..WalOptions::default()
+                },
+            )
+            .unwrap(),
+        );
+        let outputs = Arc::new(Outputs {
+            endpoints: vec![Arc::new(Endpoint {
+                name: "r".into(),
+                wal: wal.clone(),
+                write_relabel: vec![],
+            })],
+            external_labels: Labels::new(),
+            file_sink: None,
+        });
+        let settings = Arc::new(ScrapeSettings {
+            job: "j".into(),
+            client: agent::http::build_client(dir.path(), None).unwrap(),
+            auth: None,
+            honor_labels: false,
+            honor_timestamps: true,
+            sample_limit: 0,
+            label_limit: 0,
+            label_name_length_limit: 0,
+            label_value_length_limit: 0,
+            body_size_limit: 0,
+            metric_relabel: vec![],
+        });
+        let a = Appender::new(
+            Labels::from_pairs([("job", "j"), ("instance", "i")]),
+            settings,
+            outputs,
+            Arc::new(Metrics::new()),
+        );
+        Self {
+            _dir: dir,
+            wal,
+            next: 0,
+            a,
+        }
+    }
+
+    /// One scrape of `body` at `ts`; returns the (name, value) pairs written, report series excluded.
+    fn scrape(&mut self, body: &str, ts: i64) -> Vec<(String, f64)> {
+        self.a.begin();
+        let r = self.a.scrape_body(body.as_bytes(), Format::Text, ts);
+        self.a.finish(r.as_ref().map(|r| *r), ts, Duration::from_millis(1));
+        let mut reader = self.wal.reader(self.next);
+        let mut out = Vec::new();
+        while let Some(rec) = reader.next().unwrap() {
+            self.next = rec.seq + 1;
+            for (_, body) in frame::Frames::new(&rec.payload) {
+                let ts = proto::TimeSeries::decode(body).unwrap();
+                let name = ts.labels.iter().find(|l| l.name == "__name__").unwrap().value.clone();
+                if !name.starts_with("scrape_") {
+                    out.push((name, ts.samples[0].value));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
+
+fn stale(v: &[(String, f64)], name: &str) -> bool {
+    v.iter().any(|(n, x)| n == name && proto::is_stale_nan(*x))
+}
+
+#[test]
+fn failed_scrape_marks_every_previous_series_stale_even_ones_parsed_before_the_error() {
+    let mut f = Fixture::new();
+    let first = f.scrape("a 1\nb 2\n", 1000);
+    assert_eq!(first, vec![("a".into(), 1.0), ("b".into(), 2.0), ("up".into(), 1.0)]);
+    let failed = f.scrape("a 1\nbroken{\n", 2000);
+    assert!(stale(&failed, "a") && stale(&failed, "b"), "{failed:?}");
+    assert!(failed.iter().any(|(n, v)| n == "up" && *v == 0.0));
+    // Recovery: a and b are new again, nothing stale.
+    let again = f.scrape("a 1\nb 2\n", 3000);
+    assert_eq!(again, vec![("a".into(), 1.0), ("b".into(), 2.0), ("up".into(), 1.0)]);
+}
+
+#[test]
+fn disappearing_series_and_target_end_with_staleness() {
+    let mut f = Fixture::new();
+    f.scrape("a 1\nb 2\n", 1000);
+    let second = f.scrape("a 1\n", 2000);
+    assert!(stale(&second, "b") && !stale(&second, "a"), "{second:?}");
+    let third = f.scrape("a 1\n", 3000);
+    assert!(!stale(&third, "b"), "a stale marker is written once: {third:?}");
+    f.a.write_stale_all(4000);
+    let mut reader = f.wal.reader(f.next);
+    let rec = reader.next().unwrap().expect("a record of staleness markers");
+    let names: Vec<String> = frame::Frames::new(&rec.payload)
+        .map(|(_, b)| proto::TimeSeries::decode(b).unwrap())
+        .filter(|ts| proto::is_stale_nan(ts.samples[0].value))
+        .map(|ts| ts.labels.iter().find(|l| l.name == "__name__").unwrap().value.clone())
+        .collect();
+    assert!(
+        names.contains(&"a".to_owned()) && names.contains(&"up".to_owned()),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn duplicate_series_in_one_scrape_is_sent_once() {
+    let mut f = Fixture::new();
+    let out = f.scrape("a 1\na 2\n", 1000);
+    assert_eq!(out.iter().filter(|(n, _)| n == "a").count(), 1);
+}

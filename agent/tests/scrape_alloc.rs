@@ -1,0 +1,128 @@
+//! The steady-state scrape path allocates nothing per sample: parse, series-cache lookup and
+//! encoding into the output buffers of a warm target make no heap allocation at all, and the
+//! whole scrape (report series, WAL append, metrics) allocates a small constant that does not
+//! grow with the number of samples.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent::labels::Labels;
+use agent::remote_write::wal::{FsyncPolicy, Wal, WalOptions};
+use agent::remote_write::{Endpoint, Outputs};
+use agent::scrape::appender::Appender;
+use agent::scrape::parse::Format;
+use agent::scrape::scrape_loop::ScrapeSettings;
+use agent::telemetry::Metrics;
+
+thread_local! {
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
+}
+
+struct Counting;
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocs() -> u64 {
+    ALLOCS.with(Cell::get)
+}
+
+fn page(n: usize) -> String {
+    let mut s = String::from("# HELP http_requests_total Requests.\n# TYPE http_requests_total counter\n");
+    for i in 0..n {
+        s.push_str(&format!(
+            "http_requests_total{{method=\"GET\",handler=\"/api/v{}\",code=\"{}\"}} {}\n",
+            i / 10,
+            200 + i % 10,
+            i * 7
+        ));
+    }
+    s
+}
+
+fn appender(dir: &std::path::Path) -> Appender {
+    let wal = Wal::open(
+        dir.join("wal"),
+        WalOptions {
+            fsync: FsyncPolicy::Never,
+            ..WalOptions::default()
+        },
+    )
+    .unwrap();
+    let outputs = Arc::new(Outputs {
+        endpoints: vec![Arc::new(Endpoint {
+            name: "r".into(),
+            wal: Arc::new(wal),
+            write_relabel: vec![],
+        })],
+        external_labels: Labels::from_pairs([("cluster", "c1")]),
+        file_sink: None,
+    });
+    let settings = Arc::new(ScrapeSettings {
+        job: "j".into(),
+        client: agent::http::build_client(dir, None).unwrap(),
+        auth: None,
+        honor_labels: false,
+        honor_timestamps: true,
+        sample_limit: 0,
+        label_limit: 0,
+        label_name_length_limit: 0,
+        label_value_length_limit: 0,
+        body_size_limit: 0,
+        metric_relabel: vec![],
+    });
+    let target = Labels::from_pairs([("job", "j"), ("instance", "10.0.0.1:9100")]);
+    Appender::new(target, settings, outputs, Arc::new(Metrics::new()))
+}
+
+/// Allocations of (scrape_body, whole scrape) for a warm appender.
+fn measure(n: usize) -> (u64, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = appender(dir.path());
+    let body = page(n);
+    let mut ts = 1_700_000_000_000;
+    for _ in 0..3 {
+        a.begin();
+        let r = a.scrape_body(body.as_bytes(), Format::Text, ts);
+        a.finish(r.as_ref().map(|r| *r).map_err(|e| e), ts, Duration::from_millis(5));
+        ts += 15_000;
+    }
+    let before = allocs();
+    a.begin();
+    let r = a.scrape_body(body.as_bytes(), Format::Text, ts);
+    let body_allocs = allocs() - before;
+    assert_eq!(r.unwrap(), (n as u64, n as u64, 0));
+    assert_eq!(a.buffered_samples(), n as u32);
+    let report = a.finish(Ok((n as u64, n as u64, 0)), ts, Duration::from_millis(5));
+    assert_eq!(report.up, 1.0);
+    (body_allocs, allocs() - before)
+}
+
+#[test]
+fn warm_scrape_allocates_nothing_per_sample() {
+    let (body_small, whole_small) = measure(1_000);
+    let (body_large, whole_large) = measure(10_000);
+    assert_eq!(body_small, 0, "parse + cache + encode of 1k samples allocated");
+    assert_eq!(body_large, 0, "parse + cache + encode of 10k samples allocated");
+    assert_eq!(
+        whole_small, whole_large,
+        "per-scrape allocations must not grow with samples"
+    );
+    assert!(whole_small < 64, "per-scrape constant: {whole_small}");
+}
