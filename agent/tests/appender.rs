@@ -136,3 +136,12 @@ fn duplicate_series_in_one_scrape_is_sent_once() {
     let out = f.scrape("a 1\na 2\n", 1000);
     assert_eq!(out.iter().filter(|(n, _)| n == "a").count(), 1);
 }
+
+#[test]
+fn series_new_in_a_failed_scrape_get_no_marker() {
+    let mut f = Fixture::new();
+    let failed = f.scrape("fresh 1\nbroken{\n", 1000);
+    assert_eq!(failed, vec![("up".into(), 0.0)]);
+    let failed = f.scrape("fresh 1\nbroken{\n", 2000);
+    assert_eq!(failed, vec![("up".into(), 0.0)]);
+}

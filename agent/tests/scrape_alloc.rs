@@ -100,7 +100,7 @@ fn measure(n: usize) -> (u64, u64) {
     for _ in 0..3 {
         a.begin();
         let r = a.scrape_body(body.as_bytes(), Format::Text, ts);
-        a.finish(r.as_ref().map(|r| *r).map_err(|e| e), ts, Duration::from_millis(5));
+        a.finish(r.as_ref().map(|r| *r), ts, Duration::from_millis(5));
         ts += 15_000;
     }
     let before = allocs();

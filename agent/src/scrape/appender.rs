@@ -27,6 +27,8 @@ struct Encoded {
 struct CacheEntry {
     /// Iteration in which the series was last seen.
     iter: u64,
+    /// The value of `iter` before this iteration updated it.
+    prev_iter: u64,
     /// Dropped by metric relabeling (or invalid): skip.
     dropped: bool,
     /// The sample carried its own timestamp (no staleness tracking, as Prometheus).
@@ -222,6 +224,7 @@ impl Appender {
                 self.metrics.duplicate_sample(&s.job);
                 continue;
             }
+            entry.prev_iter = entry.iter;
             entry.iter = iter;
             if entry.dropped {
                 continue;
@@ -256,24 +259,25 @@ impl Appender {
         let prev = self.iter - 1;
         let stale = f64::from_bits(proto::STALE_NAN_BITS);
         for (_, e) in self.cache.iter() {
-            if e.iter == prev && !e.dropped && !e.explicit_ts {
+            if prev > 0 && e.iter == prev && !e.dropped && !e.explicit_ts {
                 self.batch.push(&e.per_endpoint, e.text.as_deref(), stale, ts);
             }
         }
     }
 
-    /// A failed scrape: staleness markers for every series of the previous iteration and
-    /// for the series this scrape touched before it failed (none of its samples are sent);
-    /// the latter are forgotten so the next scrape treats them as new.
+    /// A failed scrape: staleness markers for every series of the previous iteration,
+    /// including those this scrape touched before it failed (none of its samples are sent);
+    /// series new in the failed scrape get none, as in Prometheus.
     fn write_stale_previous(&mut self, ts: i64) {
         let (prev, cur) = (self.iter - 1, self.iter);
         let stale = f64::from_bits(proto::STALE_NAN_BITS);
         for (_, e) in self.cache.iter_mut() {
-            if (e.iter == prev || e.iter == cur) && !e.dropped && !e.explicit_ts {
-                self.batch.push(&e.per_endpoint, e.text.as_deref(), stale, ts);
-            }
             if e.iter == cur {
-                e.iter = 0;
+                // Touched by the failed scrape: undo, so it counts as unseen in this one.
+                e.iter = e.prev_iter;
+            }
+            if prev > 0 && e.iter == prev && !e.dropped && !e.explicit_ts {
+                self.batch.push(&e.per_endpoint, e.text.as_deref(), stale, ts);
             }
         }
     }
@@ -365,6 +369,7 @@ fn build_entry(
     } else {
         Ok(CacheEntry {
             iter: 0,
+            prev_iter: 0,
             dropped: true,
             explicit_ts: false,
             per_endpoint: Box::new([]),
@@ -405,6 +410,7 @@ fn finish_entry(outputs: &Outputs, l: &Labels, dropped: bool) -> CacheEntry {
         .map(|_| file_sink::series_text(full.get_or_empty(METRIC_NAME), full.iter()).into_boxed_str());
     CacheEntry {
         iter: 0,
+        prev_iter: 0,
         dropped,
         explicit_ts: false,
         per_endpoint,
