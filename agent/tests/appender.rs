@@ -145,3 +145,13 @@ fn series_new_in_a_failed_scrape_get_no_marker() {
     let failed = f.scrape("fresh 1\nbroken{\n", 2000);
     assert_eq!(failed, vec![("up".into(), 0.0)]);
 }
+
+#[test]
+fn same_labels_in_another_order_are_one_series() {
+    let mut f = Fixture::new();
+    let out = f.scrape("a{x=\"1\",y=\"2\"} 1\na{y=\"2\",x=\"1\"} 2\n", 1000);
+    assert_eq!(out, vec![("a".into(), 1.0), ("up".into(), 1.0)]);
+    // Next scrape only has the second spelling: the series continues, no staleness marker.
+    let out = f.scrape("a{y=\"2\",x=\"1\"} 3\n", 2000);
+    assert_eq!(out, vec![("a".into(), 3.0), ("up".into(), 1.0)]);
+}

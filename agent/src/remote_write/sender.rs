@@ -132,12 +132,20 @@ pub async fn run(
     let mut nshards = q.min_shards.max(1);
     let (mut next_unacked, extra) = wal.committed();
     let mut carried = decode_partials(&extra);
+    // Records partly acked before a restart were split with the shard count of that run; use
+    // it again so their remaining frames and new records of the same series share a shard.
+    if let Some((n, _)) = carried.values().next() {
+        nshards = (*n as usize).max(1);
+    }
     let mut reads_from = next_unacked;
     let stats = Arc::new(ShardStats::default());
     loop {
         metrics.set_shards(&cfg.name, nshards as i64);
         // One generation of shards; it ends on reshard or shutdown.
-        let (ack_tx, mut ack_rx) = mpsc::channel::<Ack>(nshards * 4 + 16);
+        // Unbounded on purpose: acks are bounded by the batches in flight (shards × channel
+        // capacity / batch size), and a bounded ack channel could deadlock against the reader
+        // waiting for room in a shard channel.
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Ack>();
         let mut txs = Vec::with_capacity(nshards);
         let mut tasks = Vec::with_capacity(nshards);
         for i in 0..nshards {
@@ -252,12 +260,23 @@ pub async fn run(
                 // a current shard; the hash keeps series → shard stable within a generation.
                 let target = k % nshards;
                 let tx = &txs[target];
-                tokio::select! {
-                    r = tx.send(item) => { if r.is_err() { break 'feed; } }
-                    _ = shutdown.changed() => { break 'feed; }
-                }
-                while let Ok(ack) = ack_rx.try_recv() {
-                    apply_ack(&mut pending, ack);
+                // Wait for room in the shard while still taking acks (and committing them).
+                loop {
+                    tokio::select! {
+                        biased;
+                        Some(ack) = ack_rx.recv() => {
+                            apply_ack(&mut pending, ack);
+                            commit(&wal, &mut pending, &mut next_unacked, reads_from, &metrics, &cfg.name);
+                        }
+                        permit = tx.reserve() => match permit {
+                            Ok(p) => {
+                                p.send(item);
+                                break;
+                            }
+                            Err(_) => break 'feed,
+                        },
+                        _ = shutdown.changed() => break 'feed,
+                    }
                 }
             }
             if reshard_tick_ready(&mut reshard_tick) {
@@ -270,12 +289,10 @@ pub async fn run(
         // Drain this generation: close the channels, let shards finish (they stop retrying once
         // the shutdown deadline passes), collect their acks.
         drop(txs);
-        let drain = async {
-            while let Some(ack) = ack_rx.recv().await {
-                apply_ack(&mut pending, ack);
-            }
-        };
-        drain.await;
+        while let Some(ack) = ack_rx.recv().await {
+            apply_ack(&mut pending, ack);
+            commit(&wal, &mut pending, &mut next_unacked, reads_from, &metrics, &cfg.name);
+        }
         for t in tasks {
             let _ = t.await;
         }
@@ -388,7 +405,7 @@ async fn shard(
     _index: usize,
     cfg: SenderConfig,
     mut rx: mpsc::Receiver<Item>,
-    acks: mpsc::Sender<Ack>,
+    acks: mpsc::UnboundedSender<Ack>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<Option<Instant>>,
     stats: Arc<ShardStats>,
@@ -432,7 +449,6 @@ async fn shard(
             .send(Ack {
                 counts: ack_counts(&mut batch),
             })
-            .await
             .is_err()
         {
             return;
@@ -440,14 +456,14 @@ async fn shard(
     }
     // Channel closed: flush what is left.
     if !batch.is_empty() {
-        if let Outcome::Sent = send_batch(&cfg, &batch, &mut raw, &mut compressed, &metrics, &shutdown).await {
-            metrics.samples_sent(&cfg.name, batch.len() as u64);
-            let _ = acks
-                .send(Ack {
-                    counts: ack_counts(&mut batch),
-                })
-                .await;
+        match send_batch(&cfg, &batch, &mut raw, &mut compressed, &metrics, &shutdown).await {
+            Outcome::Sent => metrics.samples_sent(&cfg.name, batch.len() as u64),
+            Outcome::Dropped(reason) => metrics.samples_dropped(&cfg.name, reason, batch.len() as u64),
+            Outcome::Aborted => return,
         }
+        let _ = acks.send(Ack {
+            counts: ack_counts(&mut batch),
+        });
     }
 }
 
@@ -492,7 +508,28 @@ async fn send_batch(
             }
         }
         let started = Instant::now();
-        let result = post(cfg, body.clone()).await;
+        let deadline = *shutdown.borrow();
+        let result = match deadline {
+            // Shutting down: an in-flight request may not outlast the deadline.
+            Some(d) => match tokio::time::timeout_at(d.into(), post(cfg, body.clone())).await {
+                Ok(r) => r,
+                Err(_) => return Outcome::Aborted,
+            },
+            None => {
+                let mut sd = shutdown.clone();
+                tokio::select! {
+                    r = post(cfg, body.clone()) => r,
+                    _ = sd.changed() => {
+                        // Shutdown began mid-request: give it until the deadline.
+                        let d = (*sd.borrow()).unwrap_or_else(Instant::now);
+                        match tokio::time::timeout_at(d.into(), post(cfg, body.clone())).await {
+                            Ok(r) => r,
+                            Err(_) => return Outcome::Aborted,
+                        }
+                    }
+                }
+            }
+        };
         metrics.observe_send(&cfg.name, started.elapsed());
         let retry_after = match result {
             Ok((status, _, _)) if status.is_success() => return Outcome::Sent,

@@ -29,6 +29,9 @@ struct CacheEntry {
     iter: u64,
     /// The value of `iter` before this iteration updated it.
     prev_iter: u64,
+    /// Hash of the final label set: two raw series that end up with the same labels (label
+    /// order, metric relabeling) are one series, and only its first sample per scrape counts.
+    series_id: u64,
     /// Dropped by metric relabeling (or invalid): skip.
     dropped: bool,
     /// The sample carried its own timestamp (no staleness tracking, as Prometheus).
@@ -87,6 +90,8 @@ pub struct Appender {
     iter: u64,
     batch: Batch,
     scratch: Labels,
+    /// Series ids of the scrape in progress, to drop duplicates.
+    seen: hashbrown::HashSet<u64, FxBuildHasher>,
 }
 
 /// Outcome of one scrape, for the status page and metrics.
@@ -134,6 +139,7 @@ impl Appender {
                 samples: 0,
             },
             scratch: Labels::new(),
+            seen: hashbrown::HashSet::default(),
         }
     }
 
@@ -141,6 +147,7 @@ impl Appender {
     pub fn begin(&mut self) {
         self.iter += 1;
         self.batch.clear();
+        self.seen.clear();
     }
 
     /// Ends a scrape: staleness, cache upkeep, the report series, then appends everything to
@@ -214,8 +221,10 @@ impl Appender {
             ) {
                 hashbrown::hash_table::Entry::Occupied(o) => &mut o.into_mut().1,
                 hashbrown::hash_table::Entry::Vacant(v) => {
-                    added += 1;
                     let e = build_entry(&sample, &s, &self.target_labels, &self.outputs, &mut self.scratch)?;
+                    if !e.dropped {
+                        added += 1;
+                    }
                     &mut v.insert((sample.series.into(), e)).into_mut().1
                 }
             };
@@ -227,6 +236,12 @@ impl Appender {
             entry.prev_iter = entry.iter;
             entry.iter = iter;
             if entry.dropped {
+                continue;
+            }
+            if !self.seen.insert(entry.series_id) {
+                // Another raw series with the same final labels: Prometheus keeps the first
+                // sample and rejects the duplicate.
+                self.metrics.duplicate_sample(&s.job);
                 continue;
             }
             post += 1;
@@ -259,7 +274,7 @@ impl Appender {
         let prev = self.iter - 1;
         let stale = f64::from_bits(proto::STALE_NAN_BITS);
         for (_, e) in self.cache.iter() {
-            if prev > 0 && e.iter == prev && !e.dropped && !e.explicit_ts {
+            if prev > 0 && e.iter == prev && !e.dropped && !e.explicit_ts && !self.seen.contains(&e.series_id) {
                 self.batch.push(&e.per_endpoint, e.text.as_deref(), stale, ts);
             }
         }
@@ -370,6 +385,7 @@ fn build_entry(
         Ok(CacheEntry {
             iter: 0,
             prev_iter: 0,
+            series_id: 0,
             dropped: true,
             explicit_ts: false,
             per_endpoint: Box::new([]),
@@ -408,9 +424,12 @@ fn finish_entry(outputs: &Outputs, l: &Labels, dropped: bool) -> CacheEntry {
         .file_sink
         .as_ref()
         .map(|_| file_sink::series_text(full.get_or_empty(METRIC_NAME), full.iter()).into_boxed_str());
+    let mut key = Vec::with_capacity(128);
+    proto::encode_labels(l.iter(), &mut key);
     CacheEntry {
         iter: 0,
         prev_iter: 0,
+        series_id: frame::series_hash(&key),
         dropped,
         explicit_ts: false,
         per_endpoint,

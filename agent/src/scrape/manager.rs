@@ -77,13 +77,17 @@ impl Manager {
         for t in self.tasks {
             let _ = t.await;
         }
+        // Signal every loop first, then wait: stopping is bounded by the slowest loop, not
+        // the sum of them.
+        let mut all = Vec::new();
         for (_, state, _) in self.jobs {
             let mut st = state.lock().await;
-            let loops = std::mem::take(&mut st.loops);
-            for (_, l) in loops {
-                l.stop(StopMode::Shutdown).await;
+            for (_, l) in std::mem::take(&mut st.loops) {
+                l.signal(StopMode::Shutdown);
+                all.push(l);
             }
         }
+        futures::future::join_all(all.into_iter().map(LoopHandle::join)).await;
     }
 
     /// Stops, with staleness markers, the loops of jobs not in `keep` (jobs removed by a
@@ -94,10 +98,9 @@ impl Manager {
                 continue;
             }
             let mut st = state.lock().await;
-            let loops = std::mem::take(&mut st.loops);
-            for (_, l) in loops {
-                l.stop(StopMode::TargetGone).await;
-            }
+            let loops: Vec<LoopHandle> = std::mem::take(&mut st.loops).into_values().collect();
+            loops.iter().for_each(|l| l.signal(StopMode::TargetGone));
+            futures::future::join_all(loops.into_iter().map(LoopHandle::join)).await;
             views.lock().unwrap_or_else(|p| p.into_inner()).clear();
         }
     }

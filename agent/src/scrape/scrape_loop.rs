@@ -96,7 +96,17 @@ impl LoopHandle {
 
     /// Stops the loop and waits for it.
     pub async fn stop(self, mode: StopMode) {
+        self.signal(mode);
+        self.join().await;
+    }
+
+    /// Asks the loop to stop (a shutdown also abandons a scrape in progress).
+    pub fn signal(&self, mode: StopMode) {
         let _ = self.stop.send(Some(mode));
+    }
+
+    /// Waits for the loop to end.
+    pub async fn join(self) {
         let _ = self.task.await;
     }
 }
@@ -158,10 +168,23 @@ impl ScrapeLoop {
                 _ = stop.changed() => break,
                 _ = ticker.tick() => {}
             }
-            // A scrape in progress is not interrupted by a stop request, which is honoured
-            // right after it.
-            self.scrape_once().await;
-            if stop.borrow().is_some() {
+            // A shutdown abandons a scrape in progress (nothing of it is written); a target
+            // that goes away lets it finish, then ends its series.
+            let mut stop2 = stop.clone();
+            let abandoned = tokio::select! {
+                _ = self.scrape_once() => false,
+                _ = async {
+                    loop {
+                        if *stop2.borrow_and_update() == Some(StopMode::Shutdown) {
+                            break;
+                        }
+                        if stop2.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                } => true,
+            };
+            if abandoned || stop.borrow().is_some() {
                 break;
             }
         }
