@@ -84,6 +84,27 @@ pub fn remote_name(rw: &RemoteWriteConfig) -> String {
         .collect()
 }
 
+/// Logs WAL directories no configured remote_write uses (a removed entry, or a changed URL
+/// without a `name`): their data is kept, not sent, until removed by hand.
+fn warn_orphaned_wals(dir: &Path, names: &[String]) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if names.contains(&name) {
+            continue;
+        }
+        let bytes: u64 = std::fs::read_dir(e.path())
+            .map(|d| d.flatten().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum())
+            .unwrap_or(0);
+        tracing::warn!(
+            wal = %e.path().display(),
+            bytes,
+            "WAL of a remote_write that is no longer configured; its samples will not be sent. \
+             Set `name` on remote_write entries to keep a queue across URL changes, or delete the directory."
+        );
+    }
+}
+
 /// One generation of running components (replaced on reload).
 struct Running {
     manager: Manager,
@@ -148,6 +169,17 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
     let mut endpoints = Vec::new();
     let mut senders = Vec::new();
     let mut wals = Vec::new();
+    let names: Vec<String> = cfg.remote_write.iter().map(remote_name).collect();
+    for (i, n) in names.iter().enumerate() {
+        if names[..i].contains(n) {
+            return Err(anyhow!(
+                "remote_write entries {} and {} would share the queue {n:?}; give them distinct `name`s",
+                names[..i].iter().position(|x| x == n).unwrap_or(0) + 1,
+                i + 1
+            ));
+        }
+    }
+    warn_orphaned_wals(&storage.join("wal"), &names);
     for rw in &cfg.remote_write {
         let name = remote_name(rw);
         let dir = storage.join("wal").join(&name);

@@ -145,3 +145,90 @@ fn full_disk_is_counted_and_recovers() -> Result<()> {
     drop(agent);
     Ok(())
 }
+
+/// An acknowledged batch is never sent again, across a `kill -9` and a restart, with several
+/// shards and batches smaller than a scrape (so records are partly acknowledged); and nothing
+/// scraped is missing.
+#[test]
+fn acknowledged_batches_are_never_resent_after_kill_9() -> Result<()> {
+    use agent::remote_write::proto::{self, WriteRequest};
+    use prost::Message;
+    use std::collections::BTreeMap;
+
+    let body = page(50);
+    let target = TinyServer::start(move |_| (200, vec![], body.clone()))?;
+    let failing = Arc::new(AtomicBool::new(false));
+    let accepted: Arc<std::sync::Mutex<Vec<(String, i64)>>> = Arc::default();
+    let (f2, a2) = (failing.clone(), accepted.clone());
+    let receiver = TinyServer::start(move |req| {
+        if f2.load(Ordering::SeqCst) {
+            return (503, vec![], Vec::new());
+        }
+        let mut raw = Vec::new();
+        proto::decompress(&req.body, 64 << 20, &mut raw).unwrap();
+        let wr = WriteRequest::decode(raw.as_slice()).unwrap();
+        let mut acc = a2.lock().unwrap();
+        for ts in wr.timeseries {
+            let key: Vec<String> = ts.labels.iter().map(|l| format!("{}={}", l.name, l.value)).collect();
+            for s in ts.samples {
+                acc.push((key.join(","), s.timestamp));
+            }
+        }
+        (200, vec![], Vec::new())
+    })?;
+    let dir = tempfile::tempdir()?;
+    let sink = dir.path().join("sink.txt");
+    let cfg = format!(
+        "{}file_sink:\n  path: {}\n",
+        config(
+            &target.addr,
+            &receiver.addr,
+            "      min_shards: 3\n      max_shards: 3\n",
+            ""
+        ),
+        sink.display()
+    )
+    .replace("max_samples_per_send: 500", "max_samples_per_send: 20");
+    let mut agent = Agent::start(dir.path(), &cfg)?;
+    poll("some accepted scrapes", Duration::from_secs(30), || {
+        Ok((accepted.lock().unwrap().len() > 150).then_some(()))
+    })?;
+    failing.store(true, Ordering::SeqCst);
+    poll("a backlog", Duration::from_secs(30), || {
+        Ok((agent.metric("sre_agent_remote_samples_retried_total", "")? > 50.0).then_some(()))
+    })?;
+    agent.proc.signal("KILL")?;
+    let (config_path, storage, port) = (agent.config.clone(), agent.storage.clone(), agent.port);
+    drop(agent);
+    failing.store(false, Ordering::SeqCst);
+    let restarted_at = sre_lab_tests::now_s() as i64 * 1000;
+    let agent = Agent::start_with(dir.path(), config_path, storage, port)?;
+    poll("samples scraped after the restart", Duration::from_secs(30), || {
+        Ok(accepted
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, t)| *t > restarted_at + 2000)
+            .then_some(()))
+    })
+    .map_err(|e| e.context(agent.proc.log_text()))?;
+    drop(agent);
+
+    let acc = accepted.lock().unwrap().clone();
+    let mut counts: BTreeMap<&(String, i64), usize> = BTreeMap::new();
+    for k in &acc {
+        *counts.entry(k).or_default() += 1;
+    }
+    let dups: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(dups.is_empty(), "acknowledged samples sent twice: {dups:?}");
+    // Nothing scraped before the kill is missing.
+    let scraped = std::fs::read_to_string(&sink)?;
+    let stamps: std::collections::BTreeSet<i64> = acc.iter().map(|(_, t)| *t).collect();
+    let missing = scraped
+        .lines()
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, t)| t.parse::<i64>().ok()))
+        .filter(|t| *t < restarted_at && !stamps.contains(t))
+        .count();
+    assert_eq!(missing, 0, "samples scraped before the kill never arrived");
+    Ok(())
+}

@@ -89,7 +89,7 @@ pub fn populate(discovered: Labels, job: &JobDefaults, rules: &[Rule]) -> Result
         return Err(TargetError::Dropped);
     }
 
-    let address = l
+    let mut address = l
         .get(labels::ADDRESS)
         .filter(|a| !a.is_empty())
         .ok_or_else(|| TargetError::Invalid("no address".to_owned()))?
@@ -100,6 +100,11 @@ pub fn populate(discovered: Labels, job: &JobDefaults, rules: &[Rule]) -> Result
     let scheme = l.get_or_empty(labels::SCHEME).to_owned();
     if scheme != "http" && scheme != "https" {
         return Err(TargetError::Invalid(format!("invalid scheme {scheme:?}")));
+    }
+    // As Prometheus 2.42: an address without a port gets the scheme's default port.
+    if !has_port(&address) {
+        address = format!("{address}:{}", if scheme == "https" { 443 } else { 80 });
+        l.set(labels::ADDRESS, &address);
     }
     let interval = parse_duration_label(&l, labels::SCRAPE_INTERVAL)?;
     let timeout = parse_duration_label(&l, labels::SCRAPE_TIMEOUT)?;
@@ -149,7 +154,7 @@ pub fn populate(discovered: Labels, job: &JobDefaults, rules: &[Rule]) -> Result
 
     // Final labels: drop everything starting with "__", default instance to the address.
     let mut final_labels = l;
-    final_labels.retain(|n, _| !n.starts_with(labels::RESERVED_PREFIX));
+    final_labels.retain(|n, v| !n.starts_with(labels::RESERVED_PREFIX) && !v.is_empty());
     if final_labels.get("instance").is_none() {
         final_labels.set("instance", &address);
     }
@@ -191,6 +196,19 @@ pub fn from_groups(
     ok.sort_by_key(Target::key);
     ok.dedup_by(|a, b| a.key() == b.key());
     (ok, bad)
+}
+
+/// Whether `host:port` / `[v6]:port` carries a port.
+fn has_port(address: &str) -> bool {
+    if let Some(rest) = address.strip_prefix('[') {
+        return rest
+            .split_once(']')
+            .is_some_and(|(_, p)| p.starts_with(':') && p.len() > 1);
+    }
+    match address.rsplit_once(':') {
+        Some((host, port)) => !host.contains(':') && !port.is_empty(),
+        None => false,
+    }
 }
 
 fn parse_duration_label(l: &Labels, name: &str) -> Result<Duration, TargetError> {
@@ -296,6 +314,20 @@ mod tests {
             ),
             Err(TargetError::Dropped)
         );
+    }
+
+    #[test]
+    fn default_port_and_empty_labels_as_prometheus_2_42() {
+        let t = populate(
+            Labels::from_pairs([("__address__", "localhost"), ("empty", "")]),
+            &job(),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(t.labels.get("instance"), Some("localhost:80"));
+        assert!(t.labels.get("empty").is_none());
+        assert!(t.url.starts_with("http://localhost:80/metrics"));
+        assert!(has_port("[::1]:9100") && !has_port("[::1]") && has_port("a:1") && !has_port("a"));
     }
 
     #[test]
