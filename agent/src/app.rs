@@ -153,6 +153,44 @@ fn scrape_settings(sc: &ScrapeConfig, cfg: &AgentConfig, base: &Path) -> anyhow:
     })
 }
 
+/// Builds everything of `cfg` that can fail on files or settings (clients, TLS, credentials,
+/// rules, the file sink) without starting anything, so a reload can refuse a config that
+/// would not start while the running one keeps going.
+fn preflight(cfg: &AgentConfig, config_path: &Path) -> anyhow::Result<()> {
+    let base = config_path.parent().map(Path::to_path_buf).unwrap_or_default();
+    for sc in &cfg.scrape_configs {
+        scrape_settings(sc, cfg, &base)?;
+        relabel::compile(&sc.relabel_configs)
+            .map_err(|e| anyhow!("scrape config {:?}: relabel_configs: {e}", sc.job_name))?;
+    }
+    let names: Vec<String> = cfg.remote_write.iter().map(remote_name).collect();
+    for (i, rw) in cfg.remote_write.iter().enumerate() {
+        if names[..i].contains(&names[i]) {
+            return Err(anyhow!(
+                "remote_write entries share the queue {:?}; give them distinct `name`s",
+                names[i]
+            ));
+        }
+        rw.url
+            .parse::<http::Uri>()
+            .with_context(|| format!("remote_write url {:?}", rw.url))?;
+        crate::http::build_client(&base, rw.tls_config.as_ref())?;
+        crate::http::auth_header(
+            &base,
+            rw.basic_auth.as_ref(),
+            rw.authorization.as_ref(),
+            rw.bearer_token.as_deref(),
+            rw.bearer_token_file.as_deref(),
+        )?;
+        relabel::compile(&rw.write_relabel_configs)
+            .map_err(|e| anyhow!("remote_write {:?}: write_relabel_configs: {e}", rw.url))?;
+    }
+    if let Some(fs) = &cfg.file_sink {
+        FileSink::open(Path::new(&fs.path)).with_context(|| format!("opening file_sink {}", fs.path))?;
+    }
+    Ok(())
+}
+
 /// Interval and timeout of a scrape config with Prometheus's defaulting.
 pub fn interval_timeout(sc: &ScrapeConfig, cfg: &AgentConfig) -> (Duration, Duration) {
     let interval = sc.scrape_interval.unwrap_or(cfg.global.scrape_interval).get();
@@ -409,6 +447,8 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
                 }
                 if storage_dir(&new_cfg, &ov) != storage {
                     Err("storage.path cannot change on reload; restart the agent".to_owned())
+                } else if let Err(e) = preflight(&new_cfg, &config_path) {
+                    Err(format!("{e:#}"))
                 } else {
                     // Stop the old generation (no staleness markers; senders keep their WAL
                     // position), then start the new one.

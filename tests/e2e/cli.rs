@@ -111,6 +111,15 @@ fn reload_by_http_and_sighup_refuses_bad_config() -> Result<()> {
     assert!(body.contains("nope") && body.contains(":3:"), "{body}");
     assert_eq!(job_names(&agent)?, vec!["one", "two"]);
     assert_eq!(agent.metric("sre_agent_config_last_reload_successful", "")?, 0.0);
+    // Valid YAML whose files are missing is refused too, before anything is stopped.
+    std::fs::write(
+        &agent.config,
+        "scrape_configs:\n  - job_name: x\n    tls_config:\n      ca_file: /nonexistent/ca.pem\n    static_configs:\n      - targets: ['127.0.0.1:1']\n",
+    )?;
+    let (status, body) = http_post(&format!("{}/-/reload", agent.url))?;
+    assert_eq!(status, 400);
+    assert!(body.contains("/nonexistent/ca.pem"), "{body}");
+    assert_eq!(job_names(&agent)?, vec!["one", "two"]);
 
     std::fs::write(&agent.config, cfg(&["three"]))?;
     agent.proc.signal("HUP")?;
