@@ -129,7 +129,7 @@ fn scrape_settings(sc: &ScrapeConfig, cfg: &AgentConfig, base: &Path) -> anyhow:
     let g = &cfg.global;
     let client = crate::http::build_client(base, sc.tls_config.as_ref())
         .with_context(|| format!("scrape config {:?}", sc.job_name))?;
-    let auth = crate::http::auth_header(
+    let auth = crate::http::Auth::new(
         base,
         sc.basic_auth.as_ref(),
         sc.authorization.as_ref(),
@@ -148,6 +148,7 @@ fn scrape_settings(sc: &ScrapeConfig, cfg: &AgentConfig, base: &Path) -> anyhow:
         label_name_length_limit: sc.label_name_length_limit.unwrap_or(g.label_name_length_limit),
         label_value_length_limit: sc.label_value_length_limit.unwrap_or(g.label_value_length_limit),
         body_size_limit: sc.body_size_limit.unwrap_or(g.body_size_limit).0,
+        follow_redirects: sc.follow_redirects.unwrap_or(true),
         metric_relabel: relabel::compile(&sc.metric_relabel_configs)
             .map_err(|e| anyhow!("scrape config {:?}: metric_relabel_configs: {e}", sc.job_name))?,
     })
@@ -175,7 +176,7 @@ fn preflight(cfg: &AgentConfig, config_path: &Path) -> anyhow::Result<()> {
             .parse::<http::Uri>()
             .with_context(|| format!("remote_write url {:?}", rw.url))?;
         crate::http::build_client(&base, rw.tls_config.as_ref())?;
-        crate::http::auth_header(
+        crate::http::Auth::new(
             &base,
             rw.basic_auth.as_ref(),
             rw.authorization.as_ref(),
@@ -189,6 +190,30 @@ fn preflight(cfg: &AgentConfig, config_path: &Path) -> anyhow::Result<()> {
         FileSink::open(Path::new(&fs.path)).with_context(|| format!("opening file_sink {}", fs.path))?;
     }
     Ok(())
+}
+
+/// The Kubernetes SD config with its file paths made relative to the config file's directory.
+fn resolve_sd_paths(k: &config::agent::KubernetesSdConfig, base: &Path) -> config::agent::KubernetesSdConfig {
+    let r = |p: &mut Option<String>| {
+        if let Some(v) = p.as_mut() {
+            *v = crate::http::resolve(base, v).display().to_string();
+        }
+    };
+    let mut k = k.clone();
+    r(&mut k.kubeconfig_file);
+    r(&mut k.bearer_token_file);
+    if let Some(a) = k.authorization.as_mut() {
+        r(&mut a.credentials_file);
+    }
+    if let Some(b) = k.basic_auth.as_mut() {
+        r(&mut b.password_file);
+    }
+    if let Some(t) = k.tls_config.as_mut() {
+        r(&mut t.ca_file);
+        r(&mut t.cert_file);
+        r(&mut t.key_file);
+    }
+    k
 }
 
 /// Interval and timeout of a scrape config with Prometheus's defaulting.
@@ -242,21 +267,20 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
                 HeaderValue::from_str(v).with_context(|| format!("remote_write header {k:?} value"))?,
             );
         }
-        if let Some(a) = crate::http::auth_header(
+        let auth = crate::http::Auth::new(
             &base,
             rw.basic_auth.as_ref(),
             rw.authorization.as_ref(),
             rw.bearer_token.as_deref(),
             rw.bearer_token_file.as_deref(),
-        )? {
-            headers.insert(http::header::AUTHORIZATION, a);
-        }
+        )?;
         let client = crate::http::build_client(&base, rw.tls_config.as_ref())?;
         let sc = SenderConfig {
             name: name.clone(),
             url,
             client,
             headers,
+            auth,
             timeout: rw.remote_timeout.map(|d| d.get()).unwrap_or(Duration::from_secs(30)),
             queue: rw.queue_config.clone(),
         };
@@ -333,7 +357,7 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
         }
         for k in &sc.kubernetes_sd_configs {
             let (tx, r) = watch::channel(Vec::new());
-            let k = k.clone();
+            let k = resolve_sd_paths(k, &base);
             let node = node_name.clone();
             let job = sc.job_name.clone();
             let m = metrics.clone();

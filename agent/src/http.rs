@@ -55,51 +55,107 @@ pub fn resolve(base: &Path, path: &str) -> PathBuf {
 }
 
 fn read_file(base: &Path, path: &str) -> Result<String, HttpSetupError> {
-    let path = resolve(base, path);
-    std::fs::read_to_string(&path).map_err(|source| HttpSetupError::Read { path, source })
+    read_path(&resolve(base, path))
 }
 
-/// Computes the `Authorization` header value from `basic_auth`, `authorization` or the
-/// deprecated `bearer_token`/`bearer_token_file`. Files are read now.
-pub fn auth_header(
-    base: &Path,
-    basic: Option<&BasicAuth>,
-    authz: Option<&Authorization>,
-    bearer_token: Option<&str>,
-    bearer_token_file: Option<&str>,
-) -> Result<Option<HeaderValue>, HttpSetupError> {
-    let value = if let Some(b) = basic {
-        let password = match (&b.password, &b.password_file) {
-            (Some(p), _) => p.clone(),
-            (None, Some(f)) => read_file(base, f)?.trim_end_matches(['\n', '\r']).to_owned(),
-            (None, None) => String::new(),
+/// Where the `Authorization` header comes from. Files are read again for every request, as
+/// Prometheus does, so rotated tokens (Kubernetes service-account tokens) are picked up.
+#[derive(Clone, Debug, Default)]
+pub enum Auth {
+    /// No header.
+    #[default]
+    None,
+    /// A fixed value.
+    Static(HeaderValue),
+    /// `basic_auth` with `password_file`.
+    BasicFile {
+        /// User name.
+        username: String,
+        /// The password file.
+        path: PathBuf,
+    },
+    /// `authorization.credentials_file` or `bearer_token_file`: `<kind> <file content>`.
+    CredentialsFile {
+        /// The scheme, e.g. `Bearer`.
+        kind: String,
+        /// The credentials file.
+        path: PathBuf,
+    },
+}
+
+impl Auth {
+    /// Builds the source from the Prometheus settings and reads any file once to check it.
+    pub fn new(
+        base: &Path,
+        basic: Option<&BasicAuth>,
+        authz: Option<&Authorization>,
+        bearer_token: Option<&str>,
+        bearer_token_file: Option<&str>,
+    ) -> Result<Self, HttpSetupError> {
+        let auth = if let Some(b) = basic {
+            match (&b.password, &b.password_file) {
+                (None, Some(f)) => Auth::BasicFile {
+                    username: b.username.clone(),
+                    path: resolve(base, f),
+                },
+                (p, _) => Auth::Static(basic_value(&b.username, p.as_deref().unwrap_or(""))?),
+            }
+        } else if let Some(a) = authz {
+            let kind = a.kind.clone().unwrap_or_else(|| "Bearer".to_owned());
+            match (&a.credentials, &a.credentials_file) {
+                (None, Some(f)) => Auth::CredentialsFile {
+                    kind,
+                    path: resolve(base, f),
+                },
+                (c, _) => Auth::Static(header_value(&format!("{kind} {}", c.as_deref().unwrap_or("")))?),
+            }
+        } else if let Some(t) = bearer_token {
+            Auth::Static(header_value(&format!("Bearer {t}"))?)
+        } else if let Some(f) = bearer_token_file {
+            Auth::CredentialsFile {
+                kind: "Bearer".to_owned(),
+                path: resolve(base, f),
+            }
+        } else {
+            Auth::None
         };
-        let token = base64::engine::general_purpose::STANDARD.encode(format!("{}:{password}", b.username));
-        Some(format!("Basic {token}"))
-    } else if let Some(a) = authz {
-        let kind = a.kind.clone().unwrap_or_else(|| "Bearer".to_owned());
-        let creds = match (&a.credentials, &a.credentials_file) {
-            (Some(c), _) => c.clone(),
-            (None, Some(f)) => read_file(base, f)?.trim().to_owned(),
-            (None, None) => String::new(),
-        };
-        Some(format!("{kind} {creds}"))
-    } else if let Some(t) = bearer_token {
-        Some(format!("Bearer {t}"))
-    } else if let Some(f) = bearer_token_file {
-        Some(format!("Bearer {}", read_file(base, f)?.trim()))
-    } else {
-        None
-    };
-    value
-        .map(|v| {
-            let mut hv = HeaderValue::from_str(&v).map_err(|_| {
-                HttpSetupError::Invalid("credentials contain characters not allowed in a header".into())
-            })?;
-            hv.set_sensitive(true);
-            Ok(hv)
-        })
-        .transpose()
+        auth.header()?;
+        Ok(auth)
+    }
+
+    /// The header value now (reading files).
+    pub fn header(&self) -> Result<Option<HeaderValue>, HttpSetupError> {
+        match self {
+            Auth::None => Ok(None),
+            Auth::Static(v) => Ok(Some(v.clone())),
+            Auth::BasicFile { username, path } => {
+                let p = read_path(path)?;
+                Ok(Some(basic_value(username, p.trim_end_matches(['\n', '\r']))?))
+            }
+            Auth::CredentialsFile { kind, path } => {
+                Ok(Some(header_value(&format!("{kind} {}", read_path(path)?.trim()))?))
+            }
+        }
+    }
+}
+
+fn read_path(path: &Path) -> Result<String, HttpSetupError> {
+    std::fs::read_to_string(path).map_err(|source| HttpSetupError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn basic_value(user: &str, password: &str) -> Result<HeaderValue, HttpSetupError> {
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    header_value(&format!("Basic {token}"))
+}
+
+fn header_value(v: &str) -> Result<HeaderValue, HttpSetupError> {
+    let mut hv = HeaderValue::from_str(v)
+        .map_err(|_| HttpSetupError::Invalid("credentials contain characters not allowed in a header".into()))?;
+    hv.set_sensitive(true);
+    Ok(hv)
 }
 
 /// Builds a keep-alive HTTP(S) client for the given TLS settings.

@@ -45,7 +45,7 @@ impl Fixture {
         let settings = Arc::new(ScrapeSettings {
             job: "j".into(),
             client: agent::http::build_client(dir.path(), None).unwrap(),
-            auth: None,
+            auth: agent::http::Auth::None,
             honor_labels: false,
             honor_timestamps: true,
             sample_limit: 0,
@@ -54,6 +54,7 @@ impl Fixture {
             label_value_length_limit: 0,
             body_size_limit: 0,
             metric_relabel: vec![],
+            follow_redirects: true,
         });
         let a = Appender::new(
             Labels::from_pairs([("job", "j"), ("instance", "i")]),

@@ -77,7 +77,7 @@ fn appender(dir: &std::path::Path) -> Appender {
     let settings = Arc::new(ScrapeSettings {
         job: "j".into(),
         client: agent::http::build_client(dir, None).unwrap(),
-        auth: None,
+        auth: agent::http::Auth::None,
         honor_labels: false,
         honor_timestamps: true,
         sample_limit: 0,
@@ -86,6 +86,7 @@ fn appender(dir: &std::path::Path) -> Appender {
         label_value_length_limit: 0,
         body_size_limit: 0,
         metric_relabel: vec![],
+        follow_redirects: true,
     });
     let target = Labels::from_pairs([("job", "j"), ("instance", "10.0.0.1:9100")]);
     Appender::new(target, settings, outputs, Arc::new(Metrics::new()))

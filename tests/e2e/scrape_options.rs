@@ -37,6 +37,9 @@ fn auth_params_path_gzip_and_limits() -> Result<()> {
     let page = "a 1\nb{x=\"1\"} 2\nc{x=\"1\",y=\"2\",z=\"3\"} 3\n";
     let target = TinyServer::start(move |req| {
         s2.lock().unwrap().push(req.clone());
+        if req.path.starts_with("/old") {
+            return (302, vec![("Location".into(), "/custom?module=m1".into())], Vec::new());
+        }
         if req.header("authorization") != Some("Basic dXNlcjpzZWNyZXQ=") {
             return (401, vec![], b"who are you".to_vec());
         }
@@ -60,11 +63,12 @@ fn auth_params_path_gzip_and_limits() -> Result<()> {
         )
     };
     let config = format!(
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n{}{}{}{}{}",
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n{}{}{}{}{}{}",
         job("ok", ""),
         job("samples", "    sample_limit: 2\n"),
         job("labels", "    label_limit: 4\n"),
         job("body", "    body_size_limit: 10\n"),
+        job("redirected", "").replace("metrics_path: /custom", "metrics_path: /old"),
         "  - job_name: noauth\n    static_configs:\n      - targets: ['".to_owned() + &target.addr + "']\n",
     );
     let agent = Agent::start(dir.path(), &config)?;
@@ -84,6 +88,11 @@ fn auth_params_path_gzip_and_limits() -> Result<()> {
         .starts_with("application/openmetrics-text"));
     assert!(req.header("x-prometheus-scrape-timeout-seconds").is_some());
 
+    assert_eq!(
+        scraped(&agent, "redirected")?,
+        ("up".to_owned(), String::new()),
+        "302 followed"
+    );
     let (h, e) = scraped(&agent, "samples")?;
     assert_eq!(h, "down");
     assert!(e.contains("sample limit exceeded"), "{e}");
@@ -93,6 +102,14 @@ fn auth_params_path_gzip_and_limits() -> Result<()> {
     let (h, e) = scraped(&agent, "body")?;
     assert_eq!(h, "down");
     assert!(e.contains("body size limit"), "{e}");
+    // password_file is read for every scrape: a rotated (here: wrong) password takes effect.
+    std::fs::write(dir.path().join("password"), "rotated\n")?;
+    poll("401 after the password file changed", Duration::from_secs(20), || {
+        Ok(targets(&agent)?
+            .iter()
+            .any(|t| t["job"] == "ok" && t["last_error"].as_str().unwrap_or_default().contains("401"))
+            .then_some(()))
+    })?;
     let (h, e) = scraped(&agent, "noauth")?;
     assert_eq!(h, "down");
     assert!(e.contains("401"), "{e}");

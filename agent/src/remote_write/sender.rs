@@ -32,8 +32,10 @@ pub struct SenderConfig {
     pub url: http::Uri,
     /// Client (TLS of this endpoint).
     pub client: HttpClient,
-    /// Static headers: configured `headers` and `Authorization`.
+    /// Configured `headers`.
     pub headers: HeaderMap,
+    /// The `Authorization` header's source (files are re-read per request).
+    pub auth: crate::http::Auth,
     /// Request timeout.
     pub timeout: Duration,
     /// Queue tuning.
@@ -587,6 +589,9 @@ async fn post(cfg: &SenderConfig, body: Bytes) -> Result<(StatusCode, Option<Dur
         .map_err(|e| e.to_string())?;
     for (k, v) in &cfg.headers {
         req.headers_mut().insert(k.clone(), v.clone());
+    }
+    if let Some(a) = cfg.auth.header().map_err(|e| e.to_string())? {
+        req.headers_mut().insert(header::AUTHORIZATION, a);
     }
     let work = async {
         let resp = cfg

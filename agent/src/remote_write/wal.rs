@@ -361,7 +361,10 @@ fn read_commit(dir: &Path) -> io::Result<Option<(u64, Vec<u8>)>> {
     Ok(Some((u64_at(&b, 8), b[20..20 + extra_len].to_vec())))
 }
 
-fn write_commit(dir: &Path, seq: u64, extra: &[u8]) -> io::Result<()> {
+/// Writes the commit file atomically (temp file + rename). With `durable` the data and the
+/// directory are fsynced too, so the commit survives a power loss; a process crash (`kill -9`)
+/// keeps it either way because the rename is atomic in the page cache.
+fn write_commit(dir: &Path, seq: u64, extra: &[u8], durable: bool) -> io::Result<()> {
     let mut b = Vec::with_capacity(24 + extra.len());
     b.extend_from_slice(COMMIT_MAGIC);
     b.extend_from_slice(&VERSION.to_le_bytes());
@@ -373,10 +376,15 @@ fn write_commit(dir: &Path, seq: u64, extra: &[u8]) -> io::Result<()> {
     let tmp = dir.join(COMMIT_TMP);
     let mut f = File::create(&tmp)?;
     f.write_all(&b)?;
-    f.sync_all()?;
+    if durable {
+        f.sync_all()?;
+    }
     drop(f);
     fs::rename(&tmp, dir.join(COMMIT_FILE))?;
-    sync_dir(dir)
+    if durable {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// Segment files of `dir`, sorted by index.
@@ -740,7 +748,12 @@ impl Wal {
         if next_unacked_seq == committed && unchanged {
             return Ok(());
         }
-        let written = write_commit(&self.dir, next_unacked_seq, extra);
+        let written = write_commit(
+            &self.dir,
+            next_unacked_seq,
+            extra,
+            self.opts.fsync != FsyncPolicy::Never,
+        );
         if written.is_err() {
             let _ = fs::remove_file(self.dir.join(COMMIT_TMP));
         }

@@ -49,6 +49,9 @@ pub enum ScrapeError {
     /// A label limit was exceeded.
     #[error("{0}")]
     LabelLimit(String),
+    /// Credentials could not be read.
+    #[error("reading credentials: {0}")]
+    Auth(String),
     /// The request could not be built (bad URL).
     #[error("invalid scrape URL: {0}")]
     Url(String),
@@ -67,6 +70,7 @@ impl ScrapeError {
             ScrapeError::SampleLimit { .. } => "sample_limit",
             ScrapeError::LabelLimit(_) => "label_limit",
             ScrapeError::Url(_) => "url",
+            ScrapeError::Auth(_) => "auth",
         }
     }
 }
@@ -79,33 +83,51 @@ pub struct Fetched {
     pub content_type: String,
 }
 
-/// Fetches `url`. `limit` of 0 means no size limit.
+/// How many redirects a scrape follows (Go's default, which Prometheus uses).
+const MAX_REDIRECTS: usize = 10;
+
+/// Fetches `url`. `limit` of 0 means no size limit. With `follow_redirects`, 3xx answers
+/// with a `Location` are followed (at most 10), as Prometheus does by default.
 pub async fn fetch(
     client: &HttpClient,
     url: &str,
     auth: Option<&HeaderValue>,
     timeout: Duration,
     limit: u64,
+    follow_redirects: bool,
 ) -> Result<Fetched, ScrapeError> {
-    let mut req = Request::get(url)
-        .header(header::ACCEPT, ACCEPT)
-        .header(header::ACCEPT_ENCODING, "gzip")
-        .header(header::USER_AGENT, user_agent())
-        .header(
-            "X-Prometheus-Scrape-Timeout-Seconds",
-            format!("{}", timeout.as_secs_f64()),
-        );
-    if let Some(a) = auth {
-        req = req.header(header::AUTHORIZATION, a.clone());
-    }
-    let req = req
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| ScrapeError::Url(e.to_string()))?;
+    let build = |url: &str| {
+        let mut req = Request::get(url)
+            .header(header::ACCEPT, ACCEPT)
+            .header(header::ACCEPT_ENCODING, "gzip")
+            .header(header::USER_AGENT, user_agent())
+            .header(
+                "X-Prometheus-Scrape-Timeout-Seconds",
+                format!("{}", timeout.as_secs_f64()),
+            );
+        if let Some(a) = auth {
+            req = req.header(header::AUTHORIZATION, a.clone());
+        }
+        req.body(Full::new(Bytes::new()))
+            .map_err(|e| ScrapeError::Url(e.to_string()))
+    };
     let work = async {
-        let resp = client
-            .request(req)
-            .await
-            .map_err(|e| ScrapeError::Connect(error_chain(&e)))?;
+        let mut current = url.to_owned();
+        let mut hops = 0;
+        let resp = loop {
+            let resp = client
+                .request(build(&current)?)
+                .await
+                .map_err(|e| ScrapeError::Connect(error_chain(&e)))?;
+            let location = resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok());
+            match location {
+                Some(loc) if follow_redirects && resp.status().is_redirection() && hops < MAX_REDIRECTS => {
+                    current = join_location(&current, loc);
+                    hops += 1;
+                }
+                _ => break resp,
+            }
+        };
         if resp.status() != StatusCode::OK {
             return Err(ScrapeError::Status(resp.status()));
         }
@@ -143,6 +165,25 @@ pub async fn fetch(
     }
 }
 
+/// Resolves a `Location` header against the URL that answered it.
+fn join_location(base: &str, loc: &str) -> String {
+    if loc.starts_with("http://") || loc.starts_with("https://") {
+        return loc.to_owned();
+    }
+    let (scheme, rest) = base.split_once("://").unwrap_or(("http", base));
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    if let Some(p) = loc.strip_prefix("//") {
+        return format!("{scheme}://{p}");
+    }
+    if loc.starts_with('/') {
+        return format!("{scheme}://{authority}{loc}");
+    }
+    let path = &rest[authority.len()..];
+    let path = path.split('?').next().unwrap_or("");
+    let dir = path.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+    format!("{scheme}://{authority}{dir}/{loc}")
+}
+
 fn gunzip(data: &[u8], limit: u64) -> Result<Bytes, ScrapeError> {
     let mut out = Vec::with_capacity(data.len() * 4);
     let cap = if limit == 0 { u64::MAX } else { limit + 1 };
@@ -169,4 +210,17 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::join_location;
+
+    #[test]
+    fn locations() {
+        assert_eq!(join_location("http://a:1/x/metrics?q=1", "/m"), "http://a:1/m");
+        assert_eq!(join_location("http://a:1/x/metrics", "other"), "http://a:1/x/other");
+        assert_eq!(join_location("http://a:1/x", "https://b/y"), "https://b/y");
+        assert_eq!(join_location("https://a:1/x", "//c/z"), "https://c/z");
+    }
 }

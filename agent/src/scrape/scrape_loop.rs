@@ -4,7 +4,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use http::HeaderValue;
 use tokio::sync::watch;
 
 use super::appender::Appender;
@@ -23,7 +22,7 @@ pub struct ScrapeSettings {
     /// HTTP client (TLS settings of the job).
     pub client: HttpClient,
     /// `Authorization` header, if any.
-    pub auth: Option<HeaderValue>,
+    pub auth: crate::http::Auth,
     /// `honor_labels`.
     pub honor_labels: bool,
     /// `honor_timestamps`.
@@ -40,6 +39,8 @@ pub struct ScrapeSettings {
     pub body_size_limit: u64,
     /// `metric_relabel_configs`.
     pub metric_relabel: Vec<Rule>,
+    /// `follow_redirects` (default true).
+    pub follow_redirects: bool,
 }
 
 /// What the status page shows about a target.
@@ -199,14 +200,20 @@ impl ScrapeLoop {
         let ts = now_ms();
         self.appender.begin();
         let s = self.settings.clone();
-        let fetched = client::fetch(
-            &s.client,
-            &self.target.url,
-            s.auth.as_ref(),
-            self.target.timeout,
-            s.body_size_limit,
-        )
-        .await;
+        let fetched = match s.auth.header() {
+            Ok(auth) => {
+                client::fetch(
+                    &s.client,
+                    &self.target.url,
+                    auth.as_ref(),
+                    self.target.timeout,
+                    s.body_size_limit,
+                    s.follow_redirects,
+                )
+                .await
+            }
+            Err(e) => Err(client::ScrapeError::Auth(e.to_string())),
+        };
         let result = fetched.and_then(|f| {
             let format = Format::from_content_type(&f.content_type);
             self.appender.scrape_body(&f.body, format, ts)
