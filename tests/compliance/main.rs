@@ -21,6 +21,8 @@ struct Harness {
     target: TinyServer,
     _receiver: TinyServer,
     log: Log,
+    /// Arrival time of every request.
+    times: Arc<Mutex<Vec<std::time::Instant>>>,
     agent: Agent,
 }
 
@@ -29,6 +31,16 @@ type Policy = Arc<dyn Fn(usize) -> (u16, Vec<(String, String)>) + Send + Sync>;
 
 impl Harness {
     fn start(body: &str, scrape_extra: &str, policy: Policy) -> Result<Self> {
+        Self::start_with(body, scrape_extra, "", "", policy)
+    }
+
+    fn start_with(
+        body: &str,
+        scrape_extra: &str,
+        global_extra: &str,
+        remote_extra: &str,
+        policy: Policy,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let target_body = Arc::new(Mutex::new(body.to_owned()));
         let tb = target_body.clone();
@@ -42,7 +54,10 @@ impl Harness {
         })?;
         let log: Log = Arc::new(Mutex::new(Vec::new()));
         let log2 = log.clone();
+        let times: Arc<Mutex<Vec<std::time::Instant>>> = Arc::default();
+        let times2 = times.clone();
         let receiver = TinyServer::start(move |req| {
+            times2.lock().unwrap().push(std::time::Instant::now());
             let mut raw = Vec::new();
             let decoded = proto::decompress(&req.body, 64 << 20, &mut raw)
                 .ok()
@@ -54,24 +69,10 @@ impl Harness {
             (status, headers, Vec::new())
         })?;
         let config = format!(
-            r#"
-global:
-  scrape_interval: 1s
-  scrape_timeout: 900ms
-scrape_configs:
-  - job_name: test
-    static_configs:
-      - targets: ['{}']
-{scrape_extra}
-remote_write:
-  - url: http://{}/api/v1/write
-    queue_config:
-      batch_send_deadline: 100ms
-      min_backoff: 50ms
-      max_backoff: 200ms
-"#,
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n{global_extra}scrape_configs:\n  - job_name: test\n    static_configs:\n      - targets: ['{}']\n{scrape_extra}remote_write:\n  - url: http://{}/api/v1/write\n    queue_config:\n      batch_send_deadline: 100ms\n      min_backoff: 50ms\n      max_backoff: 200ms\n{remote_extra}",
             target.addr, receiver.addr
         );
+        std::fs::write(dir.path().join("token"), "t0k3n\n")?;
         let agent = Agent::start(dir.path(), &config)?;
         Ok(Self {
             _dir: dir,
@@ -79,6 +80,7 @@ remote_write:
             target,
             _receiver: receiver,
             log,
+            times,
             agent,
         })
     }
@@ -302,6 +304,19 @@ fn retries_on_500_and_429_with_retry_after() -> Result<()> {
             .then_some(()))
     })?;
     assert!(h.agent.metric("sre_agent_remote_samples_retried_total", "")? > 0.0);
+    // Backoff grows between the 500s, and the Retry-After of the 429 (1 s) is honoured.
+    let t = h.times.lock().unwrap().clone();
+    assert!(t.len() >= 5);
+    assert!(
+        t[4] - t[3] >= Duration::from_millis(950),
+        "Retry-After: 1 honoured: {:?}",
+        t[4] - t[3]
+    );
+    assert!(
+        t[2] - t[1] >= Duration::from_millis(45),
+        "backoff between retries: {:?}",
+        t[2] - t[1]
+    );
     Ok(())
 }
 
@@ -337,5 +352,65 @@ fn no_retry_on_400() -> Result<()> {
             > 0.0)
             .then_some(()))
     })?;
+    Ok(())
+}
+
+#[test]
+fn remote_auth_headers_write_relabel_external_labels_and_honor_timestamps_false() -> Result<()> {
+    let h = Harness::start_with(
+        "kept 1\ndropped 2\nwith_ts 3 1234567890123\n",
+        "    honor_timestamps: false\n    authorization:\n      credentials_file: token\n",
+        "  external_labels:\n    cluster: c1\n    job: not-this\n",
+        "    headers:\n      X-Scope-OrgID: tenant-a\n    basic_auth:\n      username: u\n      password: p\n    write_relabel_configs:\n      - source_labels: [__name__]\n        regex: dropped\n        action: drop\n",
+        Arc::new(|_| (200, vec![])),
+    )?;
+    let kept = h.wait_series(&[("__name__", "kept"), ("cluster", "c1"), ("job", "test")])?;
+    assert!(
+        !kept.is_empty(),
+        "external label added, the series' own job wins over it"
+    );
+    let ts = h.wait_series(&[("__name__", "with_ts")])?;
+    assert!(
+        ts.iter().all(|s| s.timestamp != 1234567890123),
+        "honor_timestamps: false uses the scrape time"
+    );
+    assert!(
+        !h.accepted().iter().any(|(l, _)| l["__name__"] == "dropped"),
+        "write_relabel_configs drop"
+    );
+    let log = h.log.lock().unwrap();
+    let (req, _, _) = &log[0];
+    assert_eq!(req.header("x-scope-orgid"), Some("tenant-a"));
+    assert_eq!(req.header("authorization"), Some("Basic dTpw"));
+    Ok(())
+}
+
+#[test]
+fn scrape_authorization_credentials_file() -> Result<()> {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let s2 = seen.clone();
+    let target = TinyServer::start(move |req| {
+        s2.lock()
+            .unwrap()
+            .push(req.header("authorization").unwrap_or_default().to_owned());
+        (200, vec![], b"x 1\n".to_vec())
+    })?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("token"), "t0k3n\n")?;
+    let _agent = Agent::start(
+        dir.path(),
+        &format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: a\n    authorization:\n      credentials_file: token\n    static_configs:\n      - targets: ['{}']\n  - job_name: b\n    bearer_token_file: token\n    static_configs:\n      - targets: ['{}']\n",
+            target.addr, target.addr
+        ),
+    )?;
+    poll("two scrapes", Duration::from_secs(20), || {
+        Ok((seen.lock().unwrap().len() >= 2).then_some(()))
+    })?;
+    assert!(
+        seen.lock().unwrap().iter().all(|a| a == "Bearer t0k3n"),
+        "{:?}",
+        seen.lock().unwrap()
+    );
     Ok(())
 }
