@@ -7,3 +7,4 @@ mod metrics_oracle;
 mod outage;
 mod queue;
 mod scrape_options;
+mod tls;
