@@ -306,6 +306,7 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
         endpoints,
         external_labels: Labels::from_pairs(cfg.global.external_labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
         file_sink,
+        pool: Default::default(),
     });
 
     let wal_stats = {

@@ -41,6 +41,7 @@ impl Fixture {
             })],
             external_labels: Labels::new(),
             file_sink: None,
+            pool: Default::default(),
         });
         let settings = Arc::new(ScrapeSettings {
             job: "j".into(),

@@ -40,6 +40,33 @@ impl Endpoint {
     }
 }
 
+/// Scrape-sized buffers shared by all scrape loops (bounded: at most [`BufferPool::KEEP`]
+/// are kept; others are freed).
+#[derive(Default)]
+pub struct BufferPool(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl BufferPool {
+    /// Buffers kept for reuse.
+    pub const KEEP: usize = 4;
+
+    /// An empty buffer, with capacity when one is available.
+    pub fn take(&self) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default()
+    }
+
+    /// Returns a buffer for reuse.
+    pub fn give(&self, mut buf: Vec<u8>) {
+        if buf.capacity() == 0 {
+            return;
+        }
+        buf.clear();
+        let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < Self::KEEP {
+            pool.push(buf);
+        }
+    }
+}
+
 /// Everything scraped samples are written to.
 #[derive(Default)]
 pub struct Outputs {
@@ -49,4 +76,6 @@ pub struct Outputs {
     pub external_labels: Labels,
     /// The file sink, if configured.
     pub file_sink: Option<Arc<file_sink::FileSink>>,
+    /// Buffers for scrapes in progress.
+    pub pool: BufferPool,
 }

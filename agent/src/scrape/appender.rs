@@ -5,7 +5,6 @@
 //! finished, encoded label set of every output, so a steady-state scrape does a hash lookup
 //! and a memcpy per sample and allocates nothing per sample.
 
-use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,6 +58,28 @@ struct Batch {
 }
 
 impl Batch {
+    /// Takes empty buffers from the shared pool for the scrape in progress.
+    fn acquire(&mut self, pool: &crate::remote_write::BufferPool) {
+        for b in self.per_endpoint.iter_mut() {
+            if b.capacity() == 0 {
+                *b = pool.take();
+            }
+        }
+        if self.file.capacity() == 0 {
+            self.file = pool.take();
+        }
+    }
+
+    /// Gives the buffers back: targets scrape at different moments, so a few buffers serve
+    /// them all instead of one scrape-sized buffer per target and output.
+    fn release(&mut self, pool: &crate::remote_write::BufferPool) {
+        for b in self.per_endpoint.iter_mut() {
+            pool.give(std::mem::take(b));
+        }
+        pool.give(std::mem::take(&mut self.file));
+        self.samples = 0;
+    }
+
     fn clear(&mut self) {
         self.per_endpoint.iter_mut().for_each(Vec::clear);
         self.file.clear();
@@ -84,8 +105,10 @@ pub struct Appender {
     settings: Arc<ScrapeSettings>,
     outputs: Arc<Outputs>,
     metrics: Arc<Metrics>,
-    cache: hashbrown::HashTable<(Box<[u8]>, CacheEntry)>,
-    hasher: FxBuildHasher,
+    /// Keyed by the 128-bit xxh3 of the raw series text (not the text itself: 16 bytes per
+    /// series instead of ~100; a collision between two series of one target is
+    /// practically impossible).
+    cache: hashbrown::HashTable<(u128, CacheEntry)>,
     report: Vec<CacheEntry>,
     iter: u64,
     batch: Batch,
@@ -130,7 +153,6 @@ impl Appender {
             outputs,
             metrics,
             cache: hashbrown::HashTable::new(),
-            hasher: FxBuildHasher,
             report,
             iter: 0,
             batch: Batch {
@@ -146,6 +168,7 @@ impl Appender {
     /// Starts a scrape: a new iteration with empty buffers.
     pub fn begin(&mut self) {
         self.iter += 1;
+        self.batch.acquire(&self.outputs.pool);
         self.batch.clear();
         self.seen.clear();
     }
@@ -213,19 +236,15 @@ impl Appender {
             };
             scraped += 1;
             let iter = self.iter;
-            let hash = self.hasher.hash_one(sample.series);
-            let entry = match self.cache.entry(
-                hash,
-                |(k, _)| **k == *sample.series,
-                |(k, _)| self.hasher.hash_one(&**k),
-            ) {
+            let key = xxhash_rust::xxh3::xxh3_128(sample.series);
+            let entry = match self.cache.entry(key as u64, |(k, _)| *k == key, |(k, _)| *k as u64) {
                 hashbrown::hash_table::Entry::Occupied(o) => &mut o.into_mut().1,
                 hashbrown::hash_table::Entry::Vacant(v) => {
                     let e = build_entry(&sample, &s, &self.target_labels, &self.outputs, &mut self.scratch)?;
                     if !e.dropped {
                         added += 1;
                     }
-                    &mut v.insert((sample.series.into(), e)).into_mut().1
+                    &mut v.insert((key, e)).into_mut().1
                 }
             };
             if entry.iter == iter {
@@ -299,6 +318,7 @@ impl Appender {
 
     /// Target gone: staleness markers for every series of the last scrape and the report series.
     pub fn write_stale_all(&mut self, ts: i64) {
+        self.batch.acquire(&self.outputs.pool);
         self.batch.clear();
         let stale = f64::from_bits(proto::STALE_NAN_BITS);
         let last = self.iter;
@@ -325,6 +345,7 @@ impl Appender {
     pub fn flush(&mut self) {
         let samples = self.batch.samples;
         if samples == 0 {
+            self.batch.release(&self.outputs.pool);
             return;
         }
         for (ep, buf) in self.outputs.endpoints.iter().zip(&self.batch.per_endpoint) {
@@ -340,7 +361,7 @@ impl Appender {
                 tracing::error!(error = %e, "Writing to the file sink failed; samples lost for that sink.");
             }
         }
-        self.batch.clear();
+        self.batch.release(&self.outputs.pool);
     }
 }
 
