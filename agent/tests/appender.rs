@@ -157,3 +157,13 @@ fn same_labels_in_another_order_are_one_series() {
     let out = f.scrape("a{y=\"2\",x=\"1\"} 3\n", 2000);
     assert_eq!(out, vec![("a".into(), 3.0), ("up".into(), 1.0)]);
 }
+
+#[test]
+fn failed_scrape_reports_counts_reached() {
+    let mut f = Fixture::new();
+    f.a.begin();
+    let r = f.a.scrape_body(b"a 1\nb 2\nbroken{\n", Format::Text, 1000);
+    assert!(r.is_err());
+    let report = f.a.finish(r.as_ref().map(|r| *r), 1000, Duration::from_millis(1));
+    assert_eq!((report.up, report.scraped, report.post_relabel), (0.0, 2, 2));
+}

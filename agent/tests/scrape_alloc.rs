@@ -73,7 +73,7 @@ fn appender(dir: &std::path::Path) -> Appender {
         })],
         external_labels: Labels::from_pairs([("cluster", "c1")]),
         file_sink: None,
-            pool: Default::default(),
+        pool: Default::default(),
     });
     let settings = Arc::new(ScrapeSettings {
         job: "j".into(),

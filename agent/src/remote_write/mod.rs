@@ -51,7 +51,11 @@ impl BufferPool {
 
     /// An empty buffer, with capacity when one is available.
     pub fn take(&self) -> Vec<u8> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default()
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default()
     }
 
     /// Returns a buffer for reuse.

@@ -113,6 +113,8 @@ pub struct Appender {
     iter: u64,
     batch: Batch,
     scratch: Labels,
+    /// (scraped, post-relabeling, added) of the scrape in progress, kept when it fails.
+    counts: (u64, u64, u64),
     /// Series ids of the scrape in progress, to drop duplicates.
     seen: hashbrown::HashSet<u64, FxBuildHasher>,
 }
@@ -162,12 +164,14 @@ impl Appender {
             },
             scratch: Labels::new(),
             seen: hashbrown::HashSet::default(),
+            counts: (0, 0, 0),
         }
     }
 
     /// Starts a scrape: a new iteration with empty buffers.
     pub fn begin(&mut self) {
         self.iter += 1;
+        self.counts = (0, 0, 0);
         self.batch.acquire(&self.outputs.pool);
         self.batch.clear();
         self.seen.clear();
@@ -193,9 +197,16 @@ impl Appender {
             }
             Err(_) => {
                 // Discard whatever this scrape buffered and end the series of the previous one.
+                // The report keeps the counts reached before the failure, as Prometheus does.
                 self.batch.clear();
                 self.write_stale_previous(ts);
-                ScrapeReport::default()
+                let (scraped, post_relabel, added) = self.counts;
+                ScrapeReport {
+                    up: 0.0,
+                    scraped,
+                    post_relabel,
+                    added,
+                }
             }
         };
         self.evict_old();
@@ -229,12 +240,14 @@ impl Appender {
         let s = self.settings.clone();
         let mut parser = Parser::new(body, format);
         let (mut scraped, mut post, mut added) = (0u64, 0u64, 0u64);
+        let mut limit_hit = false;
         while let Some(entry) = parser.next_entry() {
             let sample = match entry.map_err(|e| ScrapeError::Parse(e.to_string()))? {
                 Entry::Sample(sample) => sample,
                 _ => continue,
             };
             scraped += 1;
+            self.counts.0 = scraped;
             let iter = self.iter;
             let key = xxhash_rust::xxh3::xxh3_128(sample.series);
             let entry = match self.cache.entry(key as u64, |(k, _)| *k == key, |(k, _)| *k as u64) {
@@ -264,11 +277,11 @@ impl Appender {
                 continue;
             }
             post += 1;
+            self.counts = (scraped, post, added);
             if s.sample_limit > 0 && post > s.sample_limit {
-                return Err(ScrapeError::SampleLimit {
-                    got: post,
-                    limit: s.sample_limit,
-                });
+                // Keep counting (the report shows the real totals), send nothing.
+                limit_hit = true;
+                continue;
             }
             let t = match sample.timestamp_ms {
                 Some(t) if s.honor_timestamps => t,
@@ -284,6 +297,13 @@ impl Appender {
                 file_sink::push_line(&mut self.batch.file, text, sample.value, t);
             }
             self.batch.samples += 1;
+        }
+        self.counts = (scraped, post, added);
+        if limit_hit {
+            return Err(ScrapeError::SampleLimit {
+                got: post,
+                limit: s.sample_limit,
+            });
         }
         Ok((scraped, post, added))
     }
