@@ -87,12 +87,43 @@ pub fn from_str<T: DeserializeOwned>(
     env: &dyn Fn(&str) -> Option<String>,
     ignored: &dyn Fn(&str, &str) -> bool,
 ) -> Result<Loaded<T>, Vec<ConfigError>> {
+    let partial = from_str_partial::<T>(text, file, env, ignored);
+    match partial.value {
+        Some(value) if partial.errors.is_empty() => Ok(Loaded {
+            value,
+            warnings: partial.warnings,
+            spans: partial.spans,
+        }),
+        _ => Err(partial.errors),
+    }
+}
+
+/// What a load produced even when it failed: the value read without the nodes that failed.
+struct Partial<T> {
+    value: Option<T>,
+    errors: Vec<ConfigError>,
+    warnings: Vec<Warning>,
+    spans: SpanTable,
+}
+
+fn from_str_partial<T: DeserializeOwned>(
+    text: &str,
+    file: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    ignored: &dyn Fn(&str, &str) -> bool,
+) -> Partial<T> {
     let mut diags = Diagnostics::new(file);
     let doc = match yaml::parse(text) {
         Ok(doc) => doc,
         Err((pos, message)) => {
             diags.error(pos, message);
-            return Err(diags.finish().0);
+            let (errors, warnings) = diags.finish();
+            return Partial {
+                value: None,
+                errors,
+                warnings,
+                spans: SpanTable::default(),
+            };
         }
     };
     for (pos, message) in doc.errors {
@@ -106,9 +137,11 @@ pub fn from_str<T: DeserializeOwned>(
     }
     let spans = SpanTable::from_tree(&doc.root);
     let (errors, warnings) = diags.finish();
-    match value {
-        Some(value) if errors.is_empty() => Ok(Loaded { value, warnings, spans }),
-        _ => Err(errors),
+    Partial {
+        value,
+        errors,
+        warnings,
+        spans,
     }
 }
 
@@ -119,14 +152,30 @@ pub fn agent_config_from_str(
     file: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Loaded<AgentConfig>, Vec<ConfigError>> {
-    let mut loaded = from_str::<AgentConfig>(text, file, env, &agent::ignored_key)?;
-    validate::settle_global(&mut loaded.value.global, &loaded.spans);
-    let errors = validate::validate(&loaded.value, &loaded.spans, file);
+    let partial = from_str_partial::<AgentConfig>(text, file, env, &agent::ignored_key);
+    let mut errors = partial.errors;
+    let Some(mut value) = partial.value else {
+        return Err(errors);
+    };
+    // Semantic checks run even after type errors (on what could be read), so one run reports
+    // everything; a finding on a line that already has an error is left out as a likely echo.
+    validate::settle_global(&mut value.global, &partial.spans);
+    let read_error_lines: Vec<usize> = errors.iter().map(|e| e.line).collect();
+    for e in validate::validate(&value, &partial.spans, file) {
+        if !read_error_lines.contains(&e.line) {
+            errors.push(e);
+        }
+    }
     if !errors.is_empty() {
+        errors.sort_by_key(|e| (e.line, e.column));
         return Err(errors);
     }
-    validate::apply_defaults(&mut loaded.value);
-    Ok(loaded)
+    validate::apply_defaults(&mut value);
+    Ok(Loaded {
+        value,
+        warnings: partial.warnings,
+        spans: partial.spans,
+    })
 }
 
 /// Reads the agent configuration file at `path`: `${VAR}` expanded from the process

@@ -480,3 +480,28 @@ mod empty_values {
         );
     }
 }
+
+#[test]
+fn type_errors_and_semantic_errors_are_reported_in_one_run() {
+    let text = "scrape_configs:\n  - job_name: a\n    scrape_interval: 10s\n    scrape_timeout: 20s\n    honor_labels: maybe\n  - job_name: a\n";
+    let errs = config::agent_config_from_str(text, "c.yml", &|_| None).unwrap_err();
+    let lines: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("c.yml:5:") && l.contains("honor_labels")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("c.yml:4:") && l.contains("scrape timeout greater")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("c.yml:6:") && l.contains("job_name")),
+        "{lines:#?}"
+    );
+}
