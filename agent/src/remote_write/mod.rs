@@ -47,7 +47,7 @@ pub struct BufferPool(std::sync::Mutex<Vec<Vec<u8>>>);
 
 impl BufferPool {
     /// Buffers kept for reuse.
-    pub const KEEP: usize = 4;
+    pub const KEEP: usize = 8;
 
     /// An empty buffer, with capacity when one is available.
     pub fn take(&self) -> Vec<u8> {

@@ -42,12 +42,17 @@ pub struct SenderConfig {
     pub queue: config::agent::QueueConfig,
 }
 
-/// A frame on its way to a shard.
+/// Consecutive frames of one record and split on their way to a shard (at most
+/// `max_samples_per_send`), already framed as `WriteRequest.timeseries` entries, so a shard
+/// builds its request body by concatenation. Moving chunks rather than single frames keeps
+/// channel and wake-up costs per batch, not per sample.
 struct Item {
     seq: u64,
-    /// Index of the frame's part when the record was split (hash % split count).
+    /// Index of the frames' part when the record was split (hash % split count).
     split: u32,
-    body: Bytes,
+    /// Number of frames (samples).
+    count: u32,
+    body: Vec<u8>,
 }
 
 /// Ack from a shard: how many frames of each record it finished (sent or dropped).
@@ -151,7 +156,8 @@ pub async fn run(
         let mut txs = Vec::with_capacity(nshards);
         let mut tasks = Vec::with_capacity(nshards);
         for i in 0..nshards {
-            let (tx, rx) = mpsc::channel::<Item>(q.capacity.max(q.max_samples_per_send));
+            let chunks = (q.capacity / q.max_samples_per_send.max(1)).max(2);
+            let (tx, rx) = mpsc::channel::<Item>(chunks);
             txs.push(tx);
             tasks.push(tokio::spawn(shard(
                 i,
@@ -212,7 +218,7 @@ pub async fn run(
             };
             let _ = reader.take_evicted();
             let seq = record.seq;
-            let payload = Bytes::from(record.payload);
+            let payload = record.payload;
             let skip = carried.remove(&seq);
             let (split_n, mut already) = match &skip {
                 Some((n, acked)) => (*n as usize, acked.clone()),
@@ -224,6 +230,15 @@ pub async fn run(
                 acked: already.clone(),
                 remaining: 0,
             };
+            let per_send = q.max_samples_per_send.max(1) as u32;
+            let mut open: Vec<Item> = (0..split_n)
+                .map(|k| Item {
+                    seq,
+                    split: k as u32,
+                    count: 0,
+                    body: Vec::new(),
+                })
+                .collect();
             let mut items: Vec<(usize, Item)> = Vec::new();
             let mut frames = frame::Frames::new(&payload);
             for (hash, body) in frames.by_ref() {
@@ -232,19 +247,27 @@ pub async fn run(
                 if seen[k] <= already[k] {
                     continue;
                 }
-                // Route with the current shard count; the partial-ack accounting stays in the
-                // record's own split so it survives restarts.
-                let offset = body.as_ptr() as usize - payload.as_ptr() as usize;
-                let body = payload.slice(offset..offset + body.len());
-                items.push((
-                    k,
-                    Item {
-                        seq,
-                        split: k as u32,
-                        body,
-                    },
-                ));
+                let chunk = &mut open[k];
+                proto::frame_timeseries(body, &mut chunk.body);
+                chunk.count += 1;
                 part.remaining += 1;
+                if chunk.count == per_send {
+                    let full = std::mem::replace(
+                        chunk,
+                        Item {
+                            seq,
+                            split: k as u32,
+                            count: 0,
+                            body: Vec::new(),
+                        },
+                    );
+                    items.push((k, full));
+                }
+            }
+            for (k, chunk) in open.into_iter().enumerate() {
+                if chunk.count > 0 {
+                    items.push((k, chunk));
+                }
             }
             if frames.malformed {
                 metrics.wal_corrupt(&cfg.name);
@@ -415,24 +438,36 @@ async fn shard(
     let q = &cfg.queue;
     let max = q.max_samples_per_send.max(1);
     let deadline = q.batch_send_deadline.get();
-    let mut batch: Vec<Item> = Vec::with_capacity(max);
+    let mut batch: Vec<Item> = Vec::new();
+    let mut carry: Option<Item> = None;
     let mut raw = Vec::new();
     let mut compressed = Vec::new();
     let mut closed = false;
-    while !closed {
-        // Fill a batch: wait for the first item, then until full or the deadline.
-        match rx.recv().await {
-            Some(item) => batch.push(item),
-            None => break,
-        }
+    loop {
+        // Fill a batch: the carried chunk or the first to arrive, then more until full (never
+        // over max_samples_per_send) or the deadline.
+        let first = match carry.take() {
+            Some(item) => item,
+            None if closed => break,
+            None => match rx.recv().await {
+                Some(item) => item,
+                None => break,
+            },
+        };
+        let mut samples = first.count as usize;
+        batch.push(first);
         let until = tokio::time::Instant::now() + deadline;
-        while batch.len() < max {
+        while samples < max && !closed {
             match tokio::time::timeout_at(until, rx.recv()).await {
-                Ok(Some(item)) => batch.push(item),
-                Ok(None) => {
-                    closed = true;
-                    break;
+                Ok(Some(item)) => {
+                    if samples + item.count as usize > max {
+                        carry = Some(item);
+                        break;
+                    }
+                    samples += item.count as usize;
+                    batch.push(item);
                 }
+                Ok(None) => closed = true,
                 Err(_) => break,
             }
         }
@@ -443,8 +478,8 @@ async fn shard(
             std::sync::atomic::Ordering::Relaxed,
         );
         match outcome {
-            Outcome::Sent => metrics.samples_sent(&cfg.name, batch.len() as u64),
-            Outcome::Dropped(reason) => metrics.samples_dropped(&cfg.name, reason, batch.len() as u64),
+            Outcome::Sent => metrics.samples_sent(&cfg.name, samples as u64),
+            Outcome::Dropped(reason) => metrics.samples_dropped(&cfg.name, reason, samples as u64),
             Outcome::Aborted => return, // shutdown deadline passed: no ack, the WAL keeps them
         }
         if acks
@@ -456,17 +491,6 @@ async fn shard(
             return;
         }
     }
-    // Channel closed: flush what is left.
-    if !batch.is_empty() {
-        match send_batch(&cfg, &batch, &mut raw, &mut compressed, &metrics, &shutdown).await {
-            Outcome::Sent => metrics.samples_sent(&cfg.name, batch.len() as u64),
-            Outcome::Dropped(reason) => metrics.samples_dropped(&cfg.name, reason, batch.len() as u64),
-            Outcome::Aborted => return,
-        }
-        let _ = acks.send(Ack {
-            counts: ack_counts(&mut batch),
-        });
-    }
 }
 
 fn ack_counts(batch: &mut Vec<Item>) -> Vec<(u64, u32, u32)> {
@@ -477,8 +501,8 @@ fn ack_counts(batch: &mut Vec<Item>) -> Vec<(u64, u32, u32)> {
             .rev()
             .find(|(s, k, _)| *s == item.seq && *k == item.split)
         {
-            Some((_, _, n)) => *n += 1,
-            None => counts.push((item.seq, item.split, 1)),
+            Some((_, _, n)) => *n += item.count,
+            None => counts.push((item.seq, item.split, item.count)),
         }
     }
     counts
@@ -495,7 +519,7 @@ async fn send_batch(
 ) -> Outcome {
     raw.clear();
     for item in batch {
-        proto::frame_timeseries(&item.body, raw);
+        raw.extend_from_slice(&item.body);
     }
     compressed.clear();
     proto::compress(raw, compressed);
@@ -550,7 +574,7 @@ async fn send_batch(
                     } else {
                         "http_4xx"
                     };
-                    tracing::warn!(remote = %cfg.name, %status, body = %text.trim(), samples = batch.len(), "Receiver rejected a batch; dropped.");
+                    tracing::warn!(remote = %cfg.name, %status, body = %text.trim(), samples = batch.iter().map(|i| i.count).sum::<u32>(), "Receiver rejected a batch; dropped.");
                     return Outcome::Dropped(reason);
                 }
                 tracing::warn!(remote = %cfg.name, %status, body = %text.trim(), "Receiver failed; retrying.");
@@ -561,7 +585,7 @@ async fn send_batch(
                 None
             }
         };
-        metrics.samples_retried(&cfg.name, batch.len() as u64);
+        metrics.samples_retried(&cfg.name, batch.iter().map(|i| u64::from(i.count)).sum());
         let mut wait = retry_after.unwrap_or(backoff);
         if let Some(deadline) = *shutdown.borrow() {
             let left = deadline.saturating_duration_since(Instant::now());

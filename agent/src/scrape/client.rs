@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 
 use crate::http::HttpClient;
 
@@ -75,10 +75,8 @@ impl ScrapeError {
     }
 }
 
-/// A fetched body and its content type.
+/// What a fetch returns besides the body (which goes into the caller's buffer).
 pub struct Fetched {
-    /// Uncompressed body.
-    pub body: Bytes,
     /// `Content-Type` of the answer.
     pub content_type: String,
 }
@@ -86,8 +84,11 @@ pub struct Fetched {
 /// How many redirects a scrape follows (Go's default, which Prometheus uses).
 const MAX_REDIRECTS: usize = 10;
 
-/// Fetches `url`. `limit` of 0 means no size limit. With `follow_redirects`, 3xx answers
-/// with a `Location` are followed (at most 10), as Prometheus does by default.
+/// Fetches `url` into `body` (uncompressed; `scratch` holds the compressed form). Both are
+/// reused buffers, so a steady-state scrape does not allocate its body. `limit` of 0 means no
+/// size limit. With `follow_redirects`, 3xx answers with a `Location` are followed (at most
+/// 10), as Prometheus does by default.
+#[allow(clippy::too_many_arguments)]
 pub async fn fetch(
     client: &HttpClient,
     url: &str,
@@ -95,7 +96,11 @@ pub async fn fetch(
     timeout: Duration,
     limit: u64,
     follow_redirects: bool,
+    body: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
 ) -> Result<Fetched, ScrapeError> {
+    body.clear();
+    scratch.clear();
     let build = |url: &str| {
         let mut req = Request::get(url)
             .header(header::ACCEPT, ACCEPT)
@@ -141,23 +146,22 @@ pub async fn fetch(
             .headers()
             .get(header::CONTENT_ENCODING)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
-        let cap = if limit == 0 { usize::MAX } else { limit as usize + 1 };
-        let body = Limited::new(resp.into_body(), cap)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    ScrapeError::BodyTooLarge(limit)
-                } else {
-                    ScrapeError::Connect(format!("reading body: {e}"))
+        let cap = if limit == 0 { u64::MAX } else { limit };
+        let raw: &mut Vec<u8> = if gzip { &mut *scratch } else { &mut *body };
+        let mut incoming = resp.into_body();
+        while let Some(frame) = incoming.frame().await {
+            let frame = frame.map_err(|e| ScrapeError::Connect(format!("reading body: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                if (raw.len() + data.len()) as u64 > cap {
+                    return Err(ScrapeError::BodyTooLarge(limit));
                 }
-            })?
-            .to_bytes();
-        if limit != 0 && body.len() as u64 > limit {
-            return Err(ScrapeError::BodyTooLarge(limit));
+                raw.extend_from_slice(&data);
+            }
         }
-        let body = if gzip { gunzip(&body, limit)? } else { body };
-        Ok(Fetched { body, content_type })
+        if gzip {
+            gunzip(scratch, limit, body)?;
+        }
+        Ok(Fetched { content_type })
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
@@ -184,17 +188,16 @@ fn join_location(base: &str, loc: &str) -> String {
     format!("{scheme}://{authority}{dir}/{loc}")
 }
 
-fn gunzip(data: &[u8], limit: u64) -> Result<Bytes, ScrapeError> {
-    let mut out = Vec::with_capacity(data.len() * 4);
+fn gunzip(data: &[u8], limit: u64, out: &mut Vec<u8>) -> Result<(), ScrapeError> {
     let cap = if limit == 0 { u64::MAX } else { limit + 1 };
     flate2::read::MultiGzDecoder::new(data)
         .take(cap)
-        .read_to_end(&mut out)
+        .read_to_end(out)
         .map_err(|e| ScrapeError::Decompress(e.to_string()))?;
     if limit != 0 && out.len() as u64 > limit {
         return Err(ScrapeError::BodyTooLarge(limit));
     }
-    Ok(Bytes::from(out))
+    Ok(())
 }
 
 /// Renders an error with its sources, `a: b: c`.

@@ -117,6 +117,7 @@ struct ScrapeLoop {
     settings: Arc<ScrapeSettings>,
     metrics: Arc<Metrics>,
     status: Arc<Mutex<TargetStatus>>,
+    outputs: Arc<Outputs>,
     appender: Appender,
 }
 
@@ -135,12 +136,18 @@ impl ScrapeLoop {
         metrics: Arc<Metrics>,
         status: Arc<Mutex<TargetStatus>>,
     ) -> Self {
-        let appender = Appender::new(target.labels.clone(), settings.clone(), outputs, metrics.clone());
+        let appender = Appender::new(
+            target.labels.clone(),
+            settings.clone(),
+            outputs.clone(),
+            metrics.clone(),
+        );
         Self {
             target,
             settings,
             metrics,
             status,
+            outputs,
             appender,
         }
     }
@@ -200,6 +207,8 @@ impl ScrapeLoop {
         let ts = now_ms();
         self.appender.begin();
         let s = self.settings.clone();
+        let mut body = self.outputs.pool.take();
+        let mut scratch = self.outputs.pool.take();
         let fetched = match s.auth.header() {
             Ok(auth) => {
                 client::fetch(
@@ -209,15 +218,19 @@ impl ScrapeLoop {
                     self.target.timeout,
                     s.body_size_limit,
                     s.follow_redirects,
+                    &mut body,
+                    &mut scratch,
                 )
                 .await
             }
             Err(e) => Err(client::ScrapeError::Auth(e.to_string())),
         };
+        self.outputs.pool.give(scratch);
         let result = fetched.and_then(|f| {
             let format = Format::from_content_type(&f.content_type);
-            self.appender.scrape_body(&f.body, format, ts)
+            self.appender.scrape_body(&body, format, ts)
         });
+        self.outputs.pool.give(body);
         let duration = started.elapsed();
         let report = self.appender.finish(result.as_ref().map(|r| *r), ts, duration);
         let err = match &result {
