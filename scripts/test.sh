@@ -7,7 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
-for pair in prometheus:prometheus prometheus-node-exporter:prometheus-node-exporter vmagent:victoria-metrics; do
+# Real peers, plus what the tests use to drive them: openssl (TLS certificates), python3 (TLS
+# test servers), procps (kill), util-linux (mount, for the full-disk test on a tmpfs).
+for pair in prometheus:prometheus prometheus-node-exporter:prometheus-node-exporter vmagent:victoria-metrics \
+            openssl:openssl python3:python3 kill:procps mount:util-linux; do
   bin=${pair%%:*}; pkg=${pair##*:}
   command -v "$bin" >/dev/null 2>&1 || need_pkgs+=("$pkg")
 done

@@ -315,7 +315,10 @@ impl NodeExporter {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let mut cmd = Command::new("prometheus-node-exporter");
-        cmd.arg(format!("--web.listen-address={addr}"));
+        // Mounts come and go under /tmp while tests run (the full-disk test mounts a tmpfs):
+        // keep them out so two scrapers of one exporter see the same series.
+        cmd.arg(format!("--web.listen-address={addr}"))
+            .arg("--collector.filesystem.mount-points-exclude=^/(dev|proc|run|sys|tmp|var/lib/docker)($|/)");
         let proc = Proc::spawn("node_exporter", cmd, dir.join(format!("node_exporter-{port}.log")))?;
         poll("node_exporter ready", Duration::from_secs(30), || {
             Ok(http_get(&format!("http://{addr}/metrics")).ok().map(|_| ()))

@@ -157,7 +157,7 @@ fn scrape_settings(sc: &ScrapeConfig, cfg: &AgentConfig, base: &Path) -> anyhow:
 /// Builds everything of `cfg` that can fail on files or settings (clients, TLS, credentials,
 /// rules, the file sink) without starting anything, so a reload can refuse a config that
 /// would not start while the running one keeps going.
-fn preflight(cfg: &AgentConfig, config_path: &Path) -> anyhow::Result<()> {
+pub fn preflight(cfg: &AgentConfig, config_path: &Path) -> anyhow::Result<()> {
     let base = config_path.parent().map(Path::to_path_buf).unwrap_or_default();
     for sc in &cfg.scrape_configs {
         scrape_settings(sc, cfg, &base)?;
@@ -187,7 +187,14 @@ fn preflight(cfg: &AgentConfig, config_path: &Path) -> anyhow::Result<()> {
             .map_err(|e| anyhow!("remote_write {:?}: write_relabel_configs: {e}", rw.url))?;
     }
     if let Some(fs) = &cfg.file_sink {
-        FileSink::open(Path::new(&fs.path)).with_context(|| format!("opening file_sink {}", fs.path))?;
+        // Checked without creating anything: an existing file must be writable.
+        let p = Path::new(&fs.path);
+        if fs.path != "-" && p.exists() {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening file_sink {}", fs.path))?;
+        }
     }
     Ok(())
 }
@@ -448,14 +455,15 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
         reload: reload_tx,
     };
     let server_task = tokio::spawn(server::serve(listener, state, stop_rx));
+    // Handlers before anything slow (WAL recovery), so a signal during start-up is handled.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
 
     let mut running = start(&cfg, &config_path, &storage, &metrics)?;
     *status.write().unwrap_or_else(|p| p.into_inner()) = running.manager.status_source();
     metrics.set_ready(true);
 
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
         let reply = tokio::select! {
             _ = hup.recv() => None,

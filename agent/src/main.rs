@@ -55,7 +55,11 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     if let Some(Command::CheckConfig { file }) = &cli.command {
-        return match agent::app::load(file) {
+        return match agent::app::load(file).and_then(|(cfg, warnings)| {
+            // Also what only shows when starting: TLS and credential files, rules, the sink.
+            agent::app::preflight(&cfg, file).map_err(|e| format!("{}: {e:#}", file.display()))?;
+            Ok((cfg, warnings))
+        }) {
             Ok((_, warnings)) => {
                 for w in warnings {
                     eprintln!("warning: {w}");

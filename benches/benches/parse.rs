@@ -165,6 +165,13 @@ fn bench_parse(c: &mut Criterion) {
         group.bench_function(name, |b| b.iter(|| full_parse(black_box(body))));
     }
     group.finish();
+    // The same parses reported in samples/s.
+    let mut group = c.benchmark_group("parse_samples");
+    for (name, body) in [("node_exporter", NODE_EXPORTER), ("synthetic_100k", &synthetic[..])] {
+        group.throughput(Throughput::Elements(full_parse(body) as u64));
+        group.bench_function(name, |b| b.iter(|| full_parse(black_box(body))));
+    }
+    group.finish();
 }
 
 criterion_group!(benches, bench_parse);

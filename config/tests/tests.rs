@@ -331,13 +331,13 @@ storage:
 
     #[test]
     fn ignored_keys_warn_once_each() {
-        let loaded = load("rule_files: [a.yml]\nalerting:\n  alertmanagers: []\nscrape_configs:\n  - job_name: a\n    proxy_url: http://p:3128\n");
+        let loaded = load("rule_files: [a.yml]\nalerting:\n  alertmanagers: []\nscrape_configs:\n  - job_name: a\n    scrape_classic_histograms: true\n");
         assert_eq!(
             loaded.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
             [
                 "agent.yml:1:1: key `rule_files` is accepted for Prometheus compatibility and ignored",
                 "agent.yml:2:1: key `alerting` is accepted for Prometheus compatibility and ignored",
-                "agent.yml:6:5: scrape_configs[0]: key `proxy_url` is accepted for Prometheus compatibility and ignored",
+                "agent.yml:6:5: scrape_configs[0]: key `scrape_classic_histograms` is accepted for Prometheus compatibility and ignored",
             ]
         );
     }
@@ -345,6 +345,14 @@ storage:
 
 mod validation {
     use super::*;
+
+    #[test]
+    fn settings_that_change_requests_are_errors_not_warnings() {
+        // Ignoring these would send unauthenticated or unproxied requests and lose data.
+        let e = errors("scrape_configs:\n  - job_name: a\n    proxy_url: http://p:3128\nremote_write:\n  - url: http://r/api/v1/write\n    sigv4: {}\n");
+        assert!(e.iter().any(|l| l.contains("proxy_url")), "{e:?}");
+        assert!(e.iter().any(|l| l.contains("sigv4")), "{e:?}");
+    }
 
     #[test]
     fn duplicate_and_missing_job_names() {

@@ -414,3 +414,47 @@ fn scrape_authorization_credentials_file() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn repeated_label_names_fail_the_scrape() -> Result<()> {
+    let h = Harness::ok("test_repeated{a=\"1\",a=\"2\"} 1\n")?;
+    let up = h.wait_series(&[("__name__", "up")])?;
+    assert!(
+        up.iter().all(|s| s.value == 0.0),
+        "a sample with a repeated label name fails the scrape: {up:?}"
+    );
+    assert!(!h.accepted().iter().any(|(l, _)| l["__name__"] == "test_repeated"));
+    Ok(())
+}
+
+#[test]
+fn out_of_order_rejection_counts_as_duplicate_not_loss() -> Result<()> {
+    let target = TinyServer::start(|_| (200, vec![], b"test_gauge 1\n".to_vec()))?;
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n2 = n.clone();
+    let receiver = TinyServer::start(move |_| {
+        if n2.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            (400, vec![], b"out of order sample".to_vec())
+        } else {
+            (200, vec![], Vec::new())
+        }
+    })?;
+    let dir = tempfile::tempdir()?;
+    let agent = Agent::start(
+        dir.path(),
+        &format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: t\n    static_configs:\n      - targets: ['{}']\nremote_write:\n  - url: http://{}/api/v1/write\n    queue_config:\n      batch_send_deadline: 100ms\n",
+            target.addr, receiver.addr
+        ),
+    )?;
+    poll("duplicate counted", Duration::from_secs(20), || {
+        Ok((agent.metric("sre_agent_remote_samples_duplicate_total", "")? > 0.0).then_some(()))
+    })
+    .map_err(|e| e.context(agent.proc.log_text()))?;
+    assert_eq!(
+        agent.metric("sre_agent_remote_samples_dropped_total", "")?,
+        0.0,
+        "not counted as loss"
+    );
+    Ok(())
+}

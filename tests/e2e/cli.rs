@@ -88,7 +88,9 @@ fn reload_by_http_and_sighup_refuses_bad_config() -> Result<()> {
         s
     };
     let mut agent = Agent::start(dir.path(), &cfg(&["one"]))?;
-    assert_eq!(job_names(&agent)?, vec!["one"]);
+    poll("job one", Duration::from_secs(10), || {
+        Ok((job_names(&agent)? == vec!["one"]).then_some(()))
+    })?;
 
     std::fs::write(&agent.config, cfg(&["one", "two"]))?;
     let (status, body) = http_post(&format!("{}/-/reload", agent.url))?;
@@ -109,7 +111,9 @@ fn reload_by_http_and_sighup_refuses_bad_config() -> Result<()> {
     let (status, body) = http_post(&format!("{}/-/reload", agent.url))?;
     assert_eq!(status, 400);
     assert!(body.contains("nope") && body.contains(":3:"), "{body}");
-    assert_eq!(job_names(&agent)?, vec!["one", "two"]);
+    poll("jobs unchanged", Duration::from_secs(10), || {
+        Ok((job_names(&agent)? == vec!["one", "two"]).then_some(()))
+    })?;
     assert_eq!(agent.metric("sre_agent_config_last_reload_successful", "")?, 0.0);
     // Valid YAML whose files are missing is refused too, before anything is stopped.
     std::fs::write(
@@ -119,7 +123,9 @@ fn reload_by_http_and_sighup_refuses_bad_config() -> Result<()> {
     let (status, body) = http_post(&format!("{}/-/reload", agent.url))?;
     assert_eq!(status, 400);
     assert!(body.contains("/nonexistent/ca.pem"), "{body}");
-    assert_eq!(job_names(&agent)?, vec!["one", "two"]);
+    poll("jobs unchanged", Duration::from_secs(10), || {
+        Ok((job_names(&agent)? == vec!["one", "two"]).then_some(()))
+    })?;
 
     std::fs::write(&agent.config, cfg(&["three"]))?;
     agent.proc.signal("HUP")?;
@@ -220,5 +226,24 @@ fn sigterm_exits_0_in_time_while_the_receiver_fails_and_keeps_the_backlog() -> R
         Duration::from_secs(20),
         || Ok((old.lock().unwrap().iter().filter(|t| (**t as f64) < stopped_at).count() >= 3).then_some(())),
     )?;
+    Ok(())
+}
+
+#[test]
+fn shipped_example_configs_pass_check_config() -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for example in ["examples/quickstart.yml", "examples/kubernetes.yml"] {
+        let out = Command::new(workspace_bin("agent"))
+            .arg("check-config")
+            .arg(root.join(example))
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{example}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok", "{example}");
+    }
     Ok(())
 }

@@ -58,6 +58,26 @@ fn receiver_outage_of_30s_loses_nothing() -> Result<()> {
     let checked = assert_nothing_lost(&receiver, &sink).map_err(|e| e.context(agent.proc.log_text()))?;
     assert!(checked >= 3 * 30, "expected at least 90 checked samples, got {checked}");
     assert!(retried > 0.0, "the outage must have caused retries");
+    // Self-telemetry the issue lists: scrapes, samples sent/retried, queue and WAL size,
+    // shards, send latency.
+    let text = sre_lab_tests::http_get(&format!("{}/metrics", agent.url))?;
+    for name in [
+        "sre_agent_scrapes_total{",
+        "sre_agent_scrape_duration_seconds_bucket{",
+        "sre_agent_scraped_samples_total{",
+        "sre_agent_wal_samples_appended_total{",
+        "sre_agent_remote_samples_sent_total{",
+        "sre_agent_remote_samples_retried_total{",
+        "sre_agent_remote_send_duration_seconds_bucket{",
+        "sre_agent_remote_shards{",
+        "sre_agent_wal_size_bytes{",
+        "sre_agent_wal_segments{",
+        "sre_agent_wal_pending_records{",
+        "sre_agent_targets{",
+        "sre_agent_build_info{",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
     assert_eq!(agent.metric("sre_agent_remote_samples_dropped_total", "")?, 0.0);
     Ok(())
 }

@@ -421,6 +421,8 @@ fn decide_shards(n: usize, q: &config::agent::QueueConfig, stats: &ShardStats, w
 
 enum Outcome {
     Sent,
+    /// Rejected as already present (out of order / duplicate): counted apart from loss.
+    Duplicate,
     Dropped(&'static str),
     Aborted,
 }
@@ -479,6 +481,7 @@ async fn shard(
         );
         match outcome {
             Outcome::Sent => metrics.samples_sent(&cfg.name, samples as u64),
+            Outcome::Duplicate => metrics.samples_duplicate(&cfg.name, samples as u64),
             Outcome::Dropped(reason) => metrics.samples_dropped(&cfg.name, reason, samples as u64),
             Outcome::Aborted => return, // shutdown deadline passed: no ack, the WAL keeps them
         }
@@ -564,18 +567,25 @@ async fn send_batch(
                     status.is_server_error() || (status == StatusCode::TOO_MANY_REQUESTS && q.retry_on_http_429);
                 if !retryable {
                     let lower = text.to_ascii_lowercase();
-                    let reason = if lower.contains("out of order")
-                        || lower.contains("out-of-order")
-                        || lower.contains("too old")
+                    let samples = batch.iter().map(|i| i.count).sum::<u32>();
+                    // A receiver that already has these samples (a resend after a crash between
+                    // its answer and our commit) rejects them as out of order / duplicate:
+                    // that is not loss.
+                    if [
+                        "out of order",
+                        "out-of-order",
+                        "too old",
+                        "out of bounds",
+                        "duplicate sample",
+                    ]
+                    .iter()
+                    .any(|m| lower.contains(m))
                     {
-                        "out_of_order"
-                    } else if lower.contains("duplicate") {
-                        "duplicate"
-                    } else {
-                        "http_4xx"
-                    };
-                    tracing::warn!(remote = %cfg.name, %status, body = %text.trim(), samples = batch.iter().map(|i| i.count).sum::<u32>(), "Receiver rejected a batch; dropped.");
-                    return Outcome::Dropped(reason);
+                        tracing::info!(remote = %cfg.name, %status, body = %text.trim(), samples, "Receiver already had a batch (out of order or duplicate); not resent.");
+                        return Outcome::Duplicate;
+                    }
+                    tracing::warn!(remote = %cfg.name, %status, body = %text.trim(), samples, "Receiver rejected a batch; dropped.");
+                    return Outcome::Dropped("http_4xx");
                 }
                 tracing::warn!(remote = %cfg.name, %status, body = %text.trim(), "Receiver failed; retrying.");
                 retry_after

@@ -32,6 +32,7 @@ pub struct Metrics {
     sent: Family<L, Counter>,
     retried: Family<L, Counter>,
     dropped: Family<L, Counter>,
+    duplicate: Family<L, Counter>,
     send_duration: Family<L, Histogram, fn() -> Histogram>,
     shards: Family<L, Gauge>,
     wal_bytes: Family<L, Gauge>,
@@ -69,6 +70,7 @@ impl Metrics {
             sent: Family::default(),
             retried: Family::default(),
             dropped: Family::default(),
+            duplicate: Family::default(),
             send_duration: Family::new_with_constructor(hist),
             shards: Family::default(),
             wal_bytes: Family::default(),
@@ -124,6 +126,11 @@ impl Metrics {
             "remote_samples_dropped",
             "Samples dropped, by remote and reason.",
             m.dropped.clone(),
+        );
+        r.register(
+            "remote_samples_duplicate",
+            "Samples the receiver already had (rejected as out of order or duplicate; not loss), by remote.",
+            m.duplicate.clone(),
         );
         r.register(
             "remote_send_duration_seconds",
@@ -239,6 +246,10 @@ impl Metrics {
     /// Samples will be sent again.
     pub fn samples_retried(&self, remote: &str, n: u64) {
         self.retried.get_or_create(&Self::remote(remote)).inc_by(n);
+    }
+    /// Samples the receiver already had.
+    pub fn samples_duplicate(&self, remote: &str, n: u64) {
+        self.duplicate.get_or_create(&Self::remote(remote)).inc_by(n);
     }
     /// Samples were dropped.
     pub fn samples_dropped(&self, remote: &str, reason: &'static str, n: u64) {
