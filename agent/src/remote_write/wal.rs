@@ -18,7 +18,9 @@
 //! The sequence number of a record is `first_seq` of its segment plus its index in the
 //! segment; a new segment starts where the previous one ended, so sequence numbers grow
 //! monotonically across rolls and restarts. The commit file is replaced atomically (temp
-//! file, fsync, rename, fsync of the directory).
+//! file, rename); with a fsync policy other than `Never` the file and the directory are also
+//! fsynced, for power loss. A process crash (`kill -9`) loses nothing either way: every append
+//! and commit is in the page cache when the call returns.
 //!
 //! # Recovery
 //!
