@@ -178,9 +178,12 @@ fn sigterm_exits_0_in_time_while_the_receiver_fails_and_keeps_the_backlog() -> R
     let dir = tempfile::tempdir()?;
     let failing = TinyServer::start(|_| (500, vec![], b"down".to_vec()))?;
     let target = TinyServer::start(|_| (200, vec![], b"test_gauge 1\n".to_vec()))?;
+    let sink = dir.path().join("sink.txt");
     let config = format!(
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: t\n    static_configs:\n      - targets: ['{}']\nremote_write:\n  - url: http://{}/api/v1/write\n    name: main\n    queue_config:\n      batch_send_deadline: 100ms\nstorage:\n  shutdown_timeout: 3s\n",
-        target.addr, failing.addr
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: t\n    static_configs:\n      - targets: ['{}']\nremote_write:\n  - url: http://{}/api/v1/write\n    name: main\n    queue_config:\n      batch_send_deadline: 100ms\nstorage:\n  shutdown_timeout: 3s\nfile_sink:\n  path: {}\n",
+        target.addr,
+        failing.addr,
+        sink.display()
     );
     let mut agent = Agent::start(dir.path(), &config)?;
     poll("retries", Duration::from_secs(20), || {
@@ -196,6 +199,9 @@ fn sigterm_exits_0_in_time_while_the_receiver_fails_and_keeps_the_backlog() -> R
     );
     assert!(started.elapsed() < Duration::from_secs(30));
     assert!(agent.proc.log_text().contains("unsent samples stay in the WAL"));
+    let sunk = std::fs::read_to_string(&sink)?;
+    assert!(sunk.contains("test_gauge"), "scraped before the stop");
+    assert!(!sunk.contains(" NaN "), "SIGTERM writes no staleness markers:\n{sunk}");
 
     // The backlog (samples scraped before the stop) is delivered by the next start to a working
     // receiver at a new URL: the queue is kept by its `name`.
@@ -245,5 +251,29 @@ fn shipped_example_configs_pass_check_config() -> Result<()> {
         );
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok", "{example}");
     }
+    Ok(())
+}
+
+#[test]
+fn storage_and_listen_address_defaults_come_from_the_config() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port();
+    std::fs::write(
+        dir.path().join("agent.yml"),
+        format!("server:\n  listen_address: 127.0.0.1:{port}\nscrape_configs: []\n"),
+    )?;
+    let log = dir.path().join("agent.log");
+    let mut cmd = Command::new(workspace_bin("agent"));
+    cmd.arg("--config").arg("agent.yml").current_dir(dir.path());
+    let mut proc = sre_lab_tests::Proc::spawn("agent", cmd, log)?;
+    poll("listening on server.listen_address", Duration::from_secs(20), || {
+        Ok(http_get(&format!("http://127.0.0.1:{port}/readyz")).ok().map(|_| ()))
+    })?;
+    assert!(
+        dir.path().join("data").join("lock").exists(),
+        "storage.path defaults to ./data"
+    );
+    let st = proc.signal("TERM")?.expect("exit status");
+    assert!(st.success());
     Ok(())
 }

@@ -62,6 +62,18 @@ fn wal_stays_within_its_bound_and_counts_evictions() -> Result<()> {
     .map_err(|e| e.context(agent.proc.log_text()))?;
     let size = agent.metric("sre_agent_wal_size_bytes", "")?;
     assert!(size <= (2 << 20) as f64, "WAL size {size} over its 2MiB bound");
+    // And on disk, measured a few times while it keeps growing and evicting.
+    for _ in 0..5 {
+        let on_disk: u64 = std::fs::read_dir(agent.storage.join("wal"))?
+            .flatten()
+            .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+            .filter(|f| f.file_name().to_string_lossy().ends_with(".seg"))
+            .filter_map(|f| f.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        assert!(on_disk <= 2 << 20, "segments on disk {on_disk} over the 2MiB bound");
+        std::thread::sleep(Duration::from_millis(700));
+    }
     Ok(())
 }
 
@@ -221,6 +233,13 @@ fn acknowledged_batches_are_never_resent_after_kill_9() -> Result<()> {
     }
     let dups: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(5).collect();
     assert!(dups.is_empty(), "acknowledged samples sent twice: {dups:?}");
+    // Per-series order held across 3 shards, the outage and the restart.
+    let mut last: BTreeMap<&str, i64> = BTreeMap::new();
+    for (series, t) in &acc {
+        if let Some(prev) = last.insert(series.as_str(), *t) {
+            assert!(*t > prev, "{series}: {t} arrived after {prev}");
+        }
+    }
     // Nothing scraped before the kill is missing.
     let scraped = std::fs::read_to_string(&sink)?;
     let stamps: std::collections::BTreeSet<i64> = acc.iter().map(|(_, t)| *t).collect();
