@@ -514,3 +514,25 @@ fn serve_one(mut stream: std::net::TcpStream, handler: &dyn Fn(TinyRequest) -> T
     stream.flush()?;
     Ok(())
 }
+
+/// The agent's targets as its `/api/v1/targets` lists them.
+pub fn targets(agent: &Agent) -> Result<Vec<Value>> {
+    let v: Value = serde_json::from_str(&http_get(&format!("{}/api/v1/targets", agent.url))?)?;
+    Ok(v.as_array().cloned().unwrap_or_default())
+}
+
+/// Waits until the target of `job` has been scraped and returns (health, last_error).
+pub fn scraped(agent: &Agent, job: &str) -> Result<(String, String)> {
+    poll(&format!("a scrape of {job}"), Duration::from_secs(20), || {
+        Ok(targets(agent)?
+            .into_iter()
+            .find(|t| t["job"] == job && t["last_scrape_ms"].as_i64().unwrap_or(0) > 0)
+            .map(|t| {
+                (
+                    t["health"].as_str().unwrap_or_default().to_owned(),
+                    t["last_error"].as_str().unwrap_or_default().to_owned(),
+                )
+            }))
+    })
+    .map_err(|e| e.context(agent.proc.log_text()))
+}

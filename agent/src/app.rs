@@ -176,13 +176,7 @@ pub fn preflight(cfg: &AgentConfig, config_path: &Path) -> anyhow::Result<()> {
             .parse::<http::Uri>()
             .with_context(|| format!("remote_write url {:?}", rw.url))?;
         crate::http::build_client(&base, rw.tls_config.as_ref())?;
-        crate::http::Auth::new(
-            &base,
-            rw.basic_auth.as_ref(),
-            rw.authorization.as_ref(),
-            rw.bearer_token.as_deref(),
-            rw.bearer_token_file.as_deref(),
-        )?;
+        remote_auth(&base, rw)?;
         relabel::compile(&rw.write_relabel_configs)
             .map_err(|e| anyhow!("remote_write {:?}: write_relabel_configs: {e}", rw.url))?;
     }
@@ -221,6 +215,17 @@ fn resolve_sd_paths(k: &config::agent::KubernetesSdConfig, base: &Path) -> confi
         r(&mut t.key_file);
     }
     k
+}
+
+/// The `Authorization` source of a remote_write entry.
+fn remote_auth(base: &Path, rw: &RemoteWriteConfig) -> Result<crate::http::Auth, crate::http::HttpSetupError> {
+    crate::http::Auth::new(
+        base,
+        rw.basic_auth.as_ref(),
+        rw.authorization.as_ref(),
+        rw.bearer_token.as_deref(),
+        rw.bearer_token_file.as_deref(),
+    )
 }
 
 /// Interval and timeout of a scrape config with Prometheus's defaulting.
@@ -274,13 +279,7 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
                 HeaderValue::from_str(v).with_context(|| format!("remote_write header {k:?} value"))?,
             );
         }
-        let auth = crate::http::Auth::new(
-            &base,
-            rw.basic_auth.as_ref(),
-            rw.authorization.as_ref(),
-            rw.bearer_token.as_deref(),
-            rw.bearer_token_file.as_deref(),
-        )?;
+        let auth = remote_auth(&base, rw)?;
         let client = crate::http::build_client(&base, rw.tls_config.as_ref())?;
         let sc = SenderConfig {
             name: name.clone(),

@@ -1,6 +1,8 @@
 //! Series bookkeeping of a scrape, read back from the WAL: staleness after a failed scrape,
 //! series that disappear, duplicates, report series.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +11,6 @@ use agent::remote_write::wal::{FsyncPolicy, Wal, WalOptions};
 use agent::remote_write::{frame, proto, Endpoint, Outputs};
 use agent::scrape::appender::Appender;
 use agent::scrape::parse::Format;
-use agent::scrape::scrape_loop::ScrapeSettings;
 use agent::telemetry::Metrics;
 use prost::Message;
 
@@ -43,20 +44,7 @@ impl Fixture {
             file_sink: None,
             pool: Default::default(),
         });
-        let settings = Arc::new(ScrapeSettings {
-            job: "j".into(),
-            client: agent::http::build_client(dir.path(), None).unwrap(),
-            auth: agent::http::Auth::None,
-            honor_labels: false,
-            honor_timestamps: true,
-            sample_limit: 0,
-            label_limit: 0,
-            label_name_length_limit: 0,
-            label_value_length_limit: 0,
-            body_size_limit: 0,
-            metric_relabel: vec![],
-            follow_redirects: true,
-        });
+        let settings = Arc::new(common::plain_settings(dir.path()));
         let a = Appender::new(
             Labels::from_pairs([("job", "j"), ("instance", "i")]),
             settings,

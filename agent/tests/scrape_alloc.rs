@@ -3,6 +3,8 @@
 //! whole scrape (report series, WAL append, metrics) allocates a small constant that does not
 //! grow with the number of samples.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
@@ -13,7 +15,6 @@ use agent::remote_write::wal::{FsyncPolicy, Wal, WalOptions};
 use agent::remote_write::{Endpoint, Outputs};
 use agent::scrape::appender::Appender;
 use agent::scrape::parse::Format;
-use agent::scrape::scrape_loop::ScrapeSettings;
 use agent::telemetry::Metrics;
 
 thread_local! {
@@ -75,20 +76,7 @@ fn appender(dir: &std::path::Path) -> Appender {
         file_sink: None,
         pool: Default::default(),
     });
-    let settings = Arc::new(ScrapeSettings {
-        job: "j".into(),
-        client: agent::http::build_client(dir, None).unwrap(),
-        auth: agent::http::Auth::None,
-        honor_labels: false,
-        honor_timestamps: true,
-        sample_limit: 0,
-        label_limit: 0,
-        label_name_length_limit: 0,
-        label_value_length_limit: 0,
-        body_size_limit: 0,
-        metric_relabel: vec![],
-        follow_redirects: true,
-    });
+    let settings = Arc::new(common::plain_settings(dir));
     let target = Labels::from_pairs([("job", "j"), ("instance", "10.0.0.1:9100")]);
     Appender::new(target, settings, outputs, Arc::new(Metrics::new()))
 }

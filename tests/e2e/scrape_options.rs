@@ -6,29 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
-use serde_json::Value;
-use sre_lab_tests::{http_get, poll, Agent, TinyServer};
-
-fn targets(agent: &Agent) -> Result<Vec<Value>> {
-    let v: Value = serde_json::from_str(&http_get(&format!("{}/api/v1/targets", agent.url))?)?;
-    Ok(v.as_array().cloned().unwrap_or_default())
-}
-
-/// Waits until the target of `job` has been scraped and returns (health, last_error).
-fn scraped(agent: &Agent, job: &str) -> Result<(String, String)> {
-    poll(&format!("a scrape of {job}"), Duration::from_secs(20), || {
-        Ok(targets(agent)?
-            .into_iter()
-            .find(|t| t["job"] == job && t["last_scrape_ms"].as_i64().unwrap_or(0) > 0)
-            .map(|t| {
-                (
-                    t["health"].as_str().unwrap_or_default().to_owned(),
-                    t["last_error"].as_str().unwrap_or_default().to_owned(),
-                )
-            }))
-    })
-    .map_err(|e| e.context(agent.proc.log_text()))
-}
+use sre_lab_tests::{http_get, poll, scraped, targets, Agent, TinyServer};
 
 #[test]
 fn auth_params_path_gzip_and_limits() -> Result<()> {

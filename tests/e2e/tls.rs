@@ -8,29 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
-use sre_lab_tests::{free_port, http_get, poll, Agent, Proc};
-
-fn targets(agent: &Agent) -> Result<Vec<Value>> {
-    let v: Value = serde_json::from_str(&http_get(&format!("{}/api/v1/targets", agent.url))?)?;
-    Ok(v.as_array().cloned().unwrap_or_default())
-}
-
-/// Waits until the target of `job` has been scraped and returns (health, last_error).
-fn scraped(agent: &Agent, job: &str) -> Result<(String, String)> {
-    poll(&format!("a scrape of {job}"), Duration::from_secs(20), || {
-        Ok(targets(agent)?
-            .into_iter()
-            .find(|t| t["job"] == job && t["last_scrape_ms"].as_i64().unwrap_or(0) > 0)
-            .map(|t| {
-                (
-                    t["health"].as_str().unwrap_or_default().to_owned(),
-                    t["last_error"].as_str().unwrap_or_default().to_owned(),
-                )
-            }))
-    })
-    .map_err(|e| e.context(agent.proc.log_text()))
-}
+use sre_lab_tests::{free_port, poll, scraped, Agent, Proc};
 
 /// Runs `openssl ARGS` in `dir`; fails with its stderr.
 fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
