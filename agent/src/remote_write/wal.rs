@@ -834,17 +834,22 @@ impl Inner {
         let file = create_segment(dir, index, first_seq, fsync)?;
         self.active = Arc::new(file);
         self.needs_roll = false;
-        self.total_bytes += SEGMENT_HEADER_LEN;
+        self.push_empty_segment(index, first_seq, SEGMENT_HEADER_LEN);
+        Ok(())
+    }
+
+    /// Records a new, empty segment of `bytes` (its header, or 0 for a placeholder).
+    fn push_empty_segment(&mut self, index: u64, first_seq: u64, bytes: u64) {
+        self.total_bytes += bytes;
         self.segments.push_back(Segment {
             index,
             first_seq,
             readable: 0,
             end_seq: first_seq,
             samples: Vec::new(),
-            bytes: SEGMENT_HEADER_LEN,
+            bytes,
             samples_before: self.samples_total,
         });
-        Ok(())
     }
 
     /// Replaces an active segment whose records are all acknowledged (`upto` covers them) by
@@ -866,29 +871,12 @@ impl Inner {
         match create_segment(dir, old.index + 1, first_seq, FsyncPolicy::Never) {
             Ok(file) => {
                 self.active = Arc::new(file);
-                self.total_bytes += SEGMENT_HEADER_LEN;
-                self.segments.push_back(Segment {
-                    index: old.index + 1,
-                    first_seq,
-                    readable: 0,
-                    end_seq: first_seq,
-                    samples: Vec::new(),
-                    bytes: SEGMENT_HEADER_LEN,
-                    samples_before: self.samples_total,
-                });
+                self.push_empty_segment(old.index + 1, first_seq, SEGMENT_HEADER_LEN);
                 self.needs_roll = false;
             }
             Err(_) => {
                 // Keep an empty placeholder so indexes continue; the next append rolls.
-                self.segments.push_back(Segment {
-                    index: old.index,
-                    first_seq,
-                    readable: 0,
-                    end_seq: first_seq,
-                    samples: Vec::new(),
-                    bytes: 0,
-                    samples_before: self.samples_total,
-                });
+                self.push_empty_segment(old.index, first_seq, 0);
                 self.needs_roll = true;
             }
         }
