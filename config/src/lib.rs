@@ -21,7 +21,9 @@ mod validate;
 mod yaml;
 
 pub use error::{ConfigError, Pos, Warning};
-pub use load::{agent_config_from_str, from_str, load_agent_config, Loaded, SpanTable};
+pub use load::{
+    agent_config_from_str, from_str, lab_config_from_str, load_agent_config, load_lab_config, Loaded, SpanTable,
+};
 pub use units::{ByteSize, Duration};
 pub use validate::{
     apply_defaults, effective_interval, effective_timeout, valid_label_name, validate, RELABEL_ACTIONS,

@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 
 use crate::agent::{self, AgentConfig};
+use crate::lab::{self, LabConfig};
 use crate::error::{ConfigError, Diagnostics, Pos, Warning};
 use crate::yaml::{self, Node};
 use crate::{de, validate};
@@ -185,9 +186,48 @@ pub fn agent_config_from_str(
 /// [`apply_defaults`]: crate::apply_defaults
 pub fn load_agent_config(path: &Path) -> Result<Loaded<AgentConfig>, Vec<ConfigError>> {
     let file = path.display().to_string();
+    let text = read_config_file(path, &file)?;
+    agent_config_from_str(&text, &file, &|name| std::env::var(name).ok())
+}
+
+/// Reads and checks the installer's lab file: type errors, unknown keys and the rules of
+/// [`lab::validate`], each as `FILE:LINE:COL: path: message`.
+pub fn lab_config_from_str(
+    text: &str,
+    file: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Loaded<LabConfig>, Vec<ConfigError>> {
+    let loaded = from_str::<LabConfig>(text, file, env, &|_, _| false)?;
+    let errors: Vec<ConfigError> = lab::validate(&loaded.value)
+        .into_iter()
+        .map(|(path, message)| {
+            let pos = loaded.spans.nearest(&path);
+            ConfigError {
+                file: file.to_owned(),
+                line: pos.line,
+                column: pos.column,
+                message: format!("{path}: {message}"),
+            }
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(errors)
+    }
+}
+
+/// [`lab_config_from_str`] on a file, with `${VAR}` taken from the environment.
+pub fn load_lab_config(path: &Path) -> Result<Loaded<LabConfig>, Vec<ConfigError>> {
+    let file = path.display().to_string();
+    let text = read_config_file(path, &file)?;
+    lab_config_from_str(&text, &file, &|name| std::env::var(name).ok())
+}
+
+fn read_config_file(path: &Path, file: &str) -> Result<String, Vec<ConfigError>> {
     let whole_file = |message: String| {
         vec![ConfigError {
-            file: file.clone(),
+            file: file.to_owned(),
             line: 0,
             column: 0,
             message,
@@ -203,5 +243,5 @@ pub fn load_agent_config(path: &Path) -> Result<Loaded<AgentConfig>, Vec<ConfigE
             "configuration file is larger than {MAX_FILE_BYTES} bytes"
         )));
     }
-    agent_config_from_str(&text, &file, &|name| std::env::var(name).ok())
+    Ok(text)
 }
