@@ -106,8 +106,8 @@ pub struct Versions {
 impl Default for Versions {
     fn default() -> Self {
         Self {
-            talos: "v1.13.0".to_owned(),
-            kubernetes: "1.34.1".to_owned(),
+            talos: "v1.13.9".to_owned(),
+            kubernetes: "1.36.3".to_owned(),
         }
     }
 }
@@ -116,13 +116,14 @@ impl Default for Versions {
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Charts {
-    /// cilium/cilium.
+    /// cilium/cilium. 1.18 by default: 1.19 with kube-proxy replacement broke host
+    /// networking on Talos (cilium/cilium#46010).
     pub cilium: String,
     /// prometheus-community/kube-prometheus-stack.
     pub kube_prometheus_stack: String,
-    /// grafana/loki.
+    /// grafana-community/loki (the OSS chart moved there from grafana/loki in March 2026).
     pub loki: String,
-    /// containeroo/local-path-provisioner or rancher's chart.
+    /// containeroo/local-path-provisioner (rancher publishes no Helm repository).
     pub local_path: String,
     /// traefik/traefik.
     pub traefik: String,
@@ -133,12 +134,12 @@ pub struct Charts {
 impl Default for Charts {
     fn default() -> Self {
         Self {
-            cilium: "1.18.2".to_owned(),
-            kube_prometheus_stack: "77.12.0".to_owned(),
-            loki: "6.41.1".to_owned(),
-            local_path: "0.0.32".to_owned(),
-            traefik: "37.1.1".to_owned(),
-            metallb: "0.15.2".to_owned(),
+            cilium: "1.18.12".to_owned(),
+            kube_prometheus_stack: "88.5.3".to_owned(),
+            loki: "18.11.0".to_owned(),
+            local_path: "0.0.37".to_owned(),
+            traefik: "41.3.0".to_owned(),
+            metallb: "0.16.1".to_owned(),
         }
     }
 }
@@ -230,6 +231,22 @@ pub fn validate(lab: &LabConfig) -> Vec<(String, String)> {
                 out.push((
                     "nodes.control_planes".into(),
                     "at least one control plane is needed".into(),
+                ));
+            }
+            if lab.provider == Provider::Docker && lab.nodes.control_planes > 1 {
+                out.push((
+                    "nodes.control_planes".into(),
+                    "`talosctl cluster create docker` makes exactly one control plane; use provider qemu or nodes for more"
+                        .into(),
+                ));
+            }
+            if lab.nodes.memory_mib < 1024 {
+                out.push((
+                    "nodes.memory_mib".into(),
+                    format!(
+                        "{} MiB is too little for a Talos node (at least 1024)",
+                        lab.nodes.memory_mib
+                    ),
                 ));
             }
         }

@@ -8,8 +8,8 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 
 use crate::agent::{self, AgentConfig};
-use crate::lab::{self, LabConfig};
 use crate::error::{ConfigError, Diagnostics, Pos, Warning};
+use crate::lab::{self, LabConfig};
 use crate::yaml::{self, Node};
 use crate::{de, validate};
 

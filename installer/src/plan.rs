@@ -1,0 +1,956 @@
+//! The ordered steps of `up` and `down`, built from the lab file alone: `plan` and
+//! `up --dry-run` print them, `up` runs them. Nothing here runs anything.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use config::lab::{LabConfig, Provider};
+use md5::{Digest, Md5};
+use serde::Serialize;
+
+use crate::runner::Cmd;
+use crate::state::Paths;
+use crate::values::{self, CiliumPhase, MONITORING_NS};
+
+/// The agent's manifests (kustomize `deploy/overlays/lab`, rendered by scripts/render-deploy.sh).
+pub const AGENT_MANIFESTS: &str = include_str!("../../deploy/rendered/lab.yaml");
+/// The agent without eBPF capabilities (`deploy/overlays/no-ebpf`).
+pub const AGENT_MANIFESTS_NO_EBPF: &str = include_str!("../../deploy/rendered/no-ebpf.yaml");
+/// The sample workload (`deploy/sample-app`).
+pub const SAMPLE_APP_MANIFESTS: &str = include_str!("../../deploy/rendered/sample-app.yaml");
+
+/// Helm repositories of the charts.
+pub mod repos {
+    /// Cilium.
+    pub const CILIUM: &str = "https://helm.cilium.io";
+    /// prometheus-community.
+    pub const PROMETHEUS_COMMUNITY: &str = "https://prometheus-community.github.io/helm-charts";
+    /// grafana-community (Loki's OSS chart since March 2026).
+    pub const GRAFANA_COMMUNITY: &str = "https://grafana-community.github.io/helm-charts";
+    /// containeroo (local-path-provisioner).
+    pub const CONTAINEROO: &str = "https://charts.containeroo.ch";
+    /// Traefik.
+    pub const TRAEFIK: &str = "https://traefik.github.io/charts";
+    /// MetalLB.
+    pub const METALLB: &str = "https://metallb.github.io/metallb";
+}
+
+/// How long Helm waits for a release's resources.
+const HELM_TIMEOUT: &str = "10m";
+
+/// One thing a step does.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Action {
+    /// Writes a generated file (values, patch).
+    Write {
+        /// Destination.
+        path: PathBuf,
+        /// Contents.
+        contents: String,
+    },
+    /// Runs an external tool.
+    Run {
+        /// The command.
+        cmd: Cmd,
+    },
+    /// Runs `helm template` and writes its output, verbatim, as a Talos inline-manifest patch.
+    RenderInline {
+        /// The `helm template` command.
+        cmd: Cmd,
+        /// Inline manifest name.
+        name: String,
+        /// The patch file.
+        path: PathBuf,
+    },
+    /// Runs `helm template` and server-side applies the documents of the given kinds
+    /// (ConfigMaps only when they carry `label`).
+    ApplyRendered {
+        /// What it is, for output.
+        what: String,
+        /// The `helm template` command.
+        cmd: Cmd,
+        /// Kinds kept.
+        kinds: Vec<String>,
+        /// Label a kept ConfigMap must have.
+        label: Option<String>,
+    },
+    /// Server-side applies multi-document YAML with kube-rs.
+    Apply {
+        /// What it is, for output.
+        what: String,
+        /// The manifests.
+        manifests: String,
+    },
+    /// Waits with a kube-rs watcher until a workload is rolled out.
+    WaitRollout {
+        /// `DaemonSet` or `Deployment`.
+        kind: String,
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// How long to wait.
+        timeout_secs: u64,
+    },
+    /// Generates the Grafana admin password once (kept in the state directory, 0600) and
+    /// applies it as a Secret.
+    GrafanaSecret {
+        /// Namespace.
+        namespace: String,
+        /// Secret name.
+        name: String,
+    },
+    /// Removes the contexts `installer kubeconfig --merge` added to other kubeconfigs and the
+    /// state directory; with `keep_config`, kubeconfig, talosconfig and secrets stay.
+    Cleanup {
+        /// The state directory.
+        dir: PathBuf,
+        /// Keep the cluster's configs.
+        keep_config: bool,
+    },
+    /// Makes a file private (kubeconfig, talosconfig).
+    Private {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+impl serde::Serialize for Cmd {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.shell_line())
+    }
+}
+
+/// What makes a step unnecessary, checked before running it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Probe {
+    /// The command exits 0 (e.g. the cluster's first container exists).
+    Succeeds {
+        /// The command.
+        cmd: Cmd,
+    },
+    /// The file exists.
+    Exists {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// One step of `up` or `down`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Step {
+    /// Stable identifier (recorded in the state file).
+    pub id: String,
+    /// What it does, for humans.
+    pub title: String,
+    /// Its actions, in order.
+    pub actions: Vec<Action>,
+    /// When set, checked first: a true probe skips the step, whatever the state file says;
+    /// when the step does run, later steps' records are cleared (a new cluster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skip_if: Option<Probe>,
+    /// Failed commands are retried until this many seconds have passed (Talos nodes reboot
+    /// after install, so bootstrap and kubeconfig retry).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_secs: Option<u64>,
+    /// What to try when the step fails.
+    pub hint: String,
+}
+
+impl Step {
+    fn new(id: &str, title: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self {
+            id: id.to_owned(),
+            title: title.into(),
+            actions: Vec::new(),
+            skip_if: None,
+            retry_secs: None,
+            hint: hint.into(),
+        }
+    }
+
+    fn act(mut self, a: Action) -> Self {
+        self.actions.push(a);
+        self
+    }
+
+    fn run(self, cmd: Cmd) -> Self {
+        self.act(Action::Run { cmd })
+    }
+
+    /// A digest of the step's actions: a step whose commands or files changed runs again.
+    pub fn fingerprint(&self) -> String {
+        let text = serde_json::to_string(&self.actions).expect("serializable");
+        let digest = Md5::digest(text.as_bytes());
+        digest.iter().fold(String::new(), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    }
+
+    /// The retry budget as a duration.
+    pub fn retry(&self) -> Option<Duration> {
+        self.retry_secs.map(Duration::from_secs)
+    }
+}
+
+/// Everything the steps need to know besides the lab file.
+#[derive(Clone, Debug)]
+pub struct Context<'a> {
+    /// The lab file.
+    pub lab: &'a LabConfig,
+    /// The cluster's state directory.
+    pub paths: &'a Paths,
+}
+
+/// The first control plane's address: Talos in Docker/QEMU numbers nodes from .2 of its subnet.
+pub fn first_control_plane(lab: &LabConfig) -> String {
+    match lab.provider {
+        Provider::Docker | Provider::Qemu => "10.5.0.2".to_owned(),
+        Provider::Nodes => lab.machines.control_planes.first().cloned().unwrap_or_default(),
+    }
+}
+
+fn talosctl(ctx: &Context<'_>, args: &[&str]) -> Cmd {
+    let t = ctx.paths.talosconfig();
+    let mut c = Cmd::new("talosctl", ["--talosconfig".to_owned(), t.display().to_string()]);
+    c.args.extend(args.iter().map(|s| (*s).to_owned()));
+    c
+}
+
+fn helm_install(
+    ctx: &Context<'_>,
+    release: &str,
+    chart: &str,
+    repo: &str,
+    version: &str,
+    ns: &str,
+    values: &str,
+) -> Cmd {
+    let kubeconfig = ctx.paths.kubeconfig().display().to_string();
+    Cmd::new(
+        "helm",
+        [
+            "upgrade",
+            "--install",
+            release,
+            chart,
+            "--repo",
+            repo,
+            "--version",
+            version,
+            "--namespace",
+            ns,
+            "--create-namespace",
+            "--values",
+            values,
+            "--wait",
+            "--timeout",
+            HELM_TIMEOUT,
+            "--kubeconfig",
+            &kubeconfig,
+        ],
+    )
+}
+
+fn write_values(ctx: &Context<'_>, file: &str, contents: String) -> (Action, String) {
+    let path = ctx.paths.rendered(file);
+    let shown = path.display().to_string();
+    (Action::Write { path, contents }, shown)
+}
+
+/// The namespaces the lab's privileged workloads run in (hostPath, hostNetwork): labelled
+/// for Pod Security admission, which Talos enforces at `baseline` by default.
+pub fn namespaces(lab: &LabConfig) -> String {
+    let mut names = vec![MONITORING_NS];
+    if lab.addons.local_path {
+        names.push("local-path-storage");
+    }
+    if lab.addons.metallb {
+        names.push("metallb-system");
+    }
+    if lab.addons.sample_app {
+        names.push("sre-lab-sample");
+    }
+    let mut out = String::new();
+    for n in names {
+        let level = if n == "sre-lab-sample" {
+            "restricted"
+        } else {
+            "privileged"
+        };
+        let _ = write!(
+            out,
+            "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {n}\n  labels:\n    app.kubernetes.io/managed-by: sre-lab-installer\n    pod-security.kubernetes.io/enforce: {level}\n    pod-security.kubernetes.io/audit: {level}\n    pod-security.kubernetes.io/warn: {level}\n"
+        );
+    }
+    out
+}
+
+/// `--endpoints` for node-targeted talosctl commands: Talos in Docker/QEMU talosconfigs
+/// already point at the host-mapped API endpoint; existing machines are reached directly.
+fn node_args(lab: &LabConfig, ip: &str) -> Vec<String> {
+    let mut v = vec!["--nodes".to_owned(), ip.to_owned()];
+    if lab.provider == Provider::Nodes {
+        v.extend(["--endpoints".to_owned(), ip.to_owned()]);
+    }
+    v
+}
+
+fn talosctl_on(ctx: &Context<'_>, ip: &str, args: &[&str]) -> Cmd {
+    let mut c = talosctl(ctx, &[]);
+    c.args.extend(node_args(ctx.lab, ip));
+    c.args.extend(args.iter().map(|s| (*s).to_owned()));
+    c
+}
+
+/// `manifests` without the documents of `kind` (documents are split on `---` lines).
+pub fn without_kind(manifests: &str, kind: &str) -> String {
+    let needle = format!("\nkind: {kind}\n");
+    manifests
+        .split("\n---\n")
+        .filter(|doc| !format!("\n{doc}\n").contains(&needle))
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
+/// The steps of `up`, in order.
+pub fn up(ctx: &Context<'_>) -> Vec<Step> {
+    let lab = ctx.lab;
+    let paths = ctx.paths;
+    let name = lab.cluster_name.as_str();
+    let mut steps = Vec::new();
+
+    let (patch_action, patch_file) = write_values(ctx, "talos-patch.yaml", values::talos_patch(lab));
+    let patch_arg = format!("@{patch_file}");
+    let inline_file = paths.rendered("cilium-inline-patch.yaml");
+    let inline_arg = format!("@{}", inline_file.display());
+    let cp = first_control_plane(lab);
+    let kubeconfig = paths.kubeconfig().display().to_string();
+
+    let helm_step = |id: &str,
+                     title: &str,
+                     release: &str,
+                     chart: &str,
+                     repo: &str,
+                     version: &str,
+                     ns: &str,
+                     file: &str,
+                     vals: String| {
+        let (w, path) = write_values(ctx, file, vals);
+        Step::new(
+            id,
+            title,
+            format!("`helm status {release} -n {ns} --kubeconfig {kubeconfig}` and the pods in {ns} say why; re-run `installer up` to continue"),
+        )
+        .act(w)
+        .run(helm_install(ctx, release, chart, repo, version, ns, &path))
+    };
+
+    // Cilium goes into the machine config as an inline manifest rendered by `helm template`:
+    // Talos applies it while bootstrapping, so nodes become Ready without anything waiting
+    // on them first (`talosctl cluster create docker` always waits for Ready nodes).
+    if lab.addons.cilium {
+        let (w, values_path) = write_values(
+            ctx,
+            "cilium-values.yaml",
+            values::render(lab, "cilium", values::cilium(lab, CiliumPhase::Network)),
+        );
+        steps.push(
+            Step::new(
+                "cilium-manifest",
+                format!(
+                    "Render Cilium {}{} for the machine config (helm template)",
+                    lab.charts.cilium,
+                    if lab.addons.hubble { " with Hubble" } else { "" }
+                ),
+                "helm must reach https://helm.cilium.io; check the chart version in the lab file",
+            )
+            .act(w)
+            .act(Action::RenderInline {
+                cmd: Cmd::new(
+                    "helm",
+                    [
+                        "template",
+                        "cilium",
+                        "cilium",
+                        "--repo",
+                        repos::CILIUM,
+                        "--version",
+                        &lab.charts.cilium,
+                        "--namespace",
+                        "kube-system",
+                        "--kube-version",
+                        &lab.versions.kubernetes,
+                        "--values",
+                        &values_path,
+                    ],
+                ),
+                name: "cilium".into(),
+                path: inline_file.clone(),
+            }),
+        );
+    }
+
+    match lab.provider {
+        Provider::Docker | Provider::Qemu => {
+            let provisioner = if lab.provider == Provider::Docker {
+                "docker"
+            } else {
+                "qemu"
+            };
+            let cpus = format!("{:.1}", lab.nodes.cpus);
+            let memory = format!("{}MiB", lab.nodes.memory_mib);
+            let mut create = Cmd::new(
+                "talosctl",
+                [
+                    "cluster",
+                    "create",
+                    provisioner,
+                    "--name",
+                    name,
+                    "--state",
+                    &paths.talos_state().display().to_string(),
+                    "--talosconfig-destination",
+                    &paths.talosconfig().display().to_string(),
+                ],
+            );
+            if lab.provider == Provider::Qemu {
+                create
+                    .args
+                    .extend(["--controlplanes".to_owned(), lab.nodes.control_planes.to_string()]);
+                create
+                    .args
+                    .extend(["--talos-version".to_owned(), lab.versions.talos.clone()]);
+            } else {
+                create.args.extend([
+                    "--image".to_owned(),
+                    format!("ghcr.io/siderolabs/talos:{}", lab.versions.talos),
+                ]);
+            }
+            for (flag, value) in [
+                ("--workers", lab.nodes.workers.to_string()),
+                ("--cpus-controlplanes", cpus.clone()),
+                ("--cpus-workers", cpus),
+                ("--memory-controlplanes", memory.clone()),
+                ("--memory-workers", memory),
+                ("--kubernetes-version", lab.versions.kubernetes.clone()),
+                ("--config-patch", patch_arg.clone()),
+            ] {
+                create.args.extend([flag.to_owned(), value]);
+            }
+            if lab.addons.cilium {
+                create
+                    .args
+                    .extend(["--config-patch-controlplanes".to_owned(), inline_arg.clone()]);
+            }
+            // talosctl merges the admin kubeconfig (API server mapped to 127.0.0.1) into the
+            // single file $KUBECONFIG names: make that the lab's own.
+            let create = create.env("KUBECONFIG", kubeconfig.clone());
+            let probe = if lab.provider == Provider::Docker {
+                Probe::Succeeds {
+                    cmd: Cmd::new(
+                        "docker",
+                        [
+                            "container",
+                            "inspect",
+                            "--format",
+                            "{{.Name}}",
+                            &format!("{name}-controlplane-1"),
+                        ],
+                    ),
+                }
+            } else {
+                Probe::Exists {
+                    path: paths.talos_state().join(name),
+                }
+            };
+            let mut s = Step::new(
+                "cluster",
+                format!("Create Talos {} cluster {name:?} in {provisioner} ({} control plane, {} workers)", lab.versions.talos, lab.nodes.control_planes, lab.nodes.workers),
+                format!("`installer check-deps`; `talosctl cluster destroy --name {name} --state {}` clears a half-made cluster", paths.talos_state().display()),
+            )
+            .act(patch_action)
+            .run(create)
+            .act(Action::Private { path: paths.talosconfig() })
+            .act(Action::Private { path: paths.kubeconfig() });
+            s.skip_if = Some(probe);
+            steps.push(s);
+        }
+        Provider::Nodes => {
+            let m = &lab.machines;
+            let mut secrets = Step::new(
+                "secrets",
+                "Generate the Talos secrets bundle (kept for idempotent re-runs)",
+                "talosctl must be installed; see `installer check-deps`",
+            )
+            .run(Cmd::new(
+                "talosctl",
+                [
+                    "gen",
+                    "secrets",
+                    "--output-file",
+                    &paths.secrets().display().to_string(),
+                ],
+            ))
+            .act(Action::Private { path: paths.secrets() });
+            secrets.skip_if = Some(Probe::Exists { path: paths.secrets() });
+            steps.push(secrets);
+
+            let out_dir = paths.machine_configs();
+            let mut gen = Cmd::new(
+                "talosctl",
+                [
+                    "gen",
+                    "config",
+                    name,
+                    &format!("https://{cp}:6443"),
+                    "--with-secrets",
+                    &paths.secrets().display().to_string(),
+                    "--install-disk",
+                    &m.install_disk,
+                    "--talos-version",
+                    &lab.versions.talos,
+                    "--kubernetes-version",
+                    &lab.versions.kubernetes,
+                    "--config-patch",
+                    &patch_arg,
+                ],
+            );
+            if lab.addons.cilium {
+                gen.args
+                    .extend(["--config-patch-control-plane".to_owned(), inline_arg.clone()]);
+            }
+            gen.args.extend([
+                "--output".to_owned(),
+                out_dir.display().to_string(),
+                "--force".to_owned(),
+            ]);
+            let mut endpoints = talosctl(ctx, &["config", "endpoint"]);
+            endpoints.args.extend(m.control_planes.iter().cloned());
+            let mut nodes = talosctl(ctx, &["config", "node"]);
+            nodes.args.push(cp.clone());
+            steps.push(
+                Step::new(
+                    "machine-configs",
+                    "Generate machine configs from the secrets bundle",
+                    "check the lab file's machines section",
+                )
+                .act(patch_action)
+                .run(gen)
+                .act(Action::Private {
+                    path: out_dir.join("controlplane.yaml"),
+                })
+                .act(Action::Private {
+                    path: out_dir.join("worker.yaml"),
+                })
+                .run(Cmd::new(
+                    "cp",
+                    [
+                        out_dir.join("talosconfig").display().to_string(),
+                        paths.talosconfig().display().to_string(),
+                    ],
+                ))
+                .act(Action::Private {
+                    path: paths.talosconfig(),
+                })
+                .run(endpoints)
+                .run(nodes),
+            );
+            for (role, ips, file) in [
+                ("control-plane", &m.control_planes, "controlplane.yaml"),
+                ("worker", &m.workers, "worker.yaml"),
+            ] {
+                for ip in ips {
+                    let mut s = Step::new(
+                        &format!("apply-config-{ip}"),
+                        format!("Apply the {role} config to {ip} (maintenance mode)"),
+                        format!("is {ip} booted from the Talos ISO and reachable on port 50000? `talosctl --nodes {ip} get disks --insecure` lists its disks"),
+                    )
+                    .run(Cmd::new("talosctl", ["apply-config", "--insecure", "--nodes", ip, "--file", &out_dir.join(file).display().to_string()]));
+                    // A configured node answers on its authenticated API: nothing to apply.
+                    s.skip_if = Some(Probe::Succeeds {
+                        cmd: talosctl_on(ctx, ip, &["version"]),
+                    });
+                    steps.push(s);
+                }
+            }
+            let mut boot = Step::new(
+                "bootstrap",
+                format!("Bootstrap etcd on {cp} (once)"),
+                "the node reboots after installing; if this keeps failing, `talosctl dmesg` on it says why",
+            )
+            .run(talosctl_on(ctx, &cp, &["bootstrap"]));
+            boot.skip_if = Some(Probe::Succeeds {
+                cmd: talosctl_on(ctx, &cp, &["etcd", "status"]),
+            });
+            boot.retry_secs = Some(600);
+            steps.push(boot);
+        }
+    }
+
+    let mut kc = Step::new(
+        "kubeconfig",
+        "Fetch the admin kubeconfig (mode 0600)",
+        "the API server may still be starting; re-run `installer up`",
+    )
+    .run(talosctl_on(
+        ctx,
+        &cp,
+        &["kubeconfig", "--merge=false", "--force", &kubeconfig],
+    ))
+    .act(Action::Private {
+        path: paths.kubeconfig(),
+    });
+    kc.skip_if = Some(Probe::Exists {
+        path: paths.kubeconfig(),
+    });
+    kc.retry_secs = Some(300);
+    steps.push(kc);
+
+    steps.push(
+        Step::new(
+            "namespaces",
+            "Create the lab's namespaces with their Pod Security levels",
+            "is the API server up? `installer status`",
+        )
+        .act(Action::Apply {
+            what: "namespaces".into(),
+            manifests: namespaces(lab),
+        }),
+    );
+    steps.push(
+        Step::new(
+            "health",
+            "Wait for the cluster to be healthy (etcd, API server, nodes Ready)",
+            "`talosctl health` prints which check fails",
+        )
+        .run(talosctl_on(ctx, &cp, &["health", "--wait-timeout", "10m"])),
+    );
+
+    if lab.addons.local_path {
+        steps.push(helm_step(
+            "local-path",
+            &format!(
+                "Install local-path-provisioner {} on {}",
+                lab.charts.local_path,
+                values::LOCAL_PATH_DIR
+            ),
+            "local-path-provisioner",
+            "local-path-provisioner",
+            repos::CONTAINEROO,
+            &lab.charts.local_path,
+            "local-path-storage",
+            "local-path-values.yaml",
+            values::render(lab, "local_path", values::local_path(lab)),
+        ));
+    }
+    if lab.addons.grafana {
+        steps.push(
+            Step::new(
+                "grafana-password",
+                "Store the generated Grafana admin password in a Secret",
+                "is the API server up? `installer status`",
+            )
+            .act(Action::GrafanaSecret {
+                namespace: MONITORING_NS.into(),
+                name: values::GRAFANA_SECRET.into(),
+            }),
+        );
+    }
+    if lab.addons.prometheus || lab.addons.grafana || lab.addons.alertmanager {
+        steps.push(helm_step(
+            "kube-prometheus-stack",
+            &format!(
+                "Install kube-prometheus-stack {} (Prometheus, Alertmanager, Grafana)",
+                lab.charts.kube_prometheus_stack
+            ),
+            "kube-prometheus-stack",
+            "kube-prometheus-stack",
+            repos::PROMETHEUS_COMMUNITY,
+            &lab.charts.kube_prometheus_stack,
+            MONITORING_NS,
+            "kube-prometheus-stack-values.yaml",
+            values::render(lab, "kube_prometheus_stack", values::kube_prometheus_stack(lab)),
+        ));
+    }
+    if lab.addons.cilium && (lab.addons.prometheus || lab.addons.grafana) {
+        let (w, values_path) = write_values(
+            ctx,
+            "cilium-monitoring-values.yaml",
+            values::render(lab, "cilium", values::cilium(lab, CiliumPhase::Monitoring)),
+        );
+        steps.push(
+            Step::new(
+                "cilium-monitoring",
+                "Add Cilium's and Hubble's ServiceMonitors and Grafana dashboards",
+                "the Prometheus operator's CRDs come with kube-prometheus-stack; is it installed?",
+            )
+            .act(w)
+            .act(Action::ApplyRendered {
+                what: "Cilium ServiceMonitors and dashboards".into(),
+                cmd: Cmd::new(
+                    "helm",
+                    [
+                        "template",
+                        "cilium",
+                        "cilium",
+                        "--repo",
+                        repos::CILIUM,
+                        "--version",
+                        &lab.charts.cilium,
+                        "--namespace",
+                        "kube-system",
+                        "--kube-version",
+                        &lab.versions.kubernetes,
+                        "--api-versions",
+                        "monitoring.coreos.com/v1",
+                        "--values",
+                        &values_path,
+                    ],
+                ),
+                kinds: vec!["ServiceMonitor".into(), "ConfigMap".into()],
+                label: Some("grafana_dashboard".into()),
+            }),
+        );
+    }
+    if lab.addons.loki {
+        steps.push(helm_step(
+            "loki",
+            &format!("Install Loki {} (single binary, filesystem)", lab.charts.loki),
+            "loki",
+            "loki",
+            repos::GRAFANA_COMMUNITY,
+            &lab.charts.loki,
+            MONITORING_NS,
+            "loki-values.yaml",
+            values::render(lab, "loki", values::loki(lab)),
+        ));
+    }
+    if lab.addons.metallb {
+        steps.push(
+            helm_step(
+                "metallb",
+                &format!("Install MetalLB {}", lab.charts.metallb),
+                "metallb",
+                "metallb",
+                repos::METALLB,
+                &lab.charts.metallb,
+                "metallb-system",
+                "metallb-values.yaml",
+                values::render(lab, "metallb", values::metallb(lab)),
+            )
+            .act(Action::Apply {
+                what: "MetalLB address pool".into(),
+                manifests: values::metallb_pool(lab),
+            }),
+        );
+    }
+    if lab.addons.traefik {
+        steps.push(helm_step(
+            "traefik",
+            &format!("Install Traefik {}", lab.charts.traefik),
+            "traefik",
+            "traefik",
+            repos::TRAEFIK,
+            &lab.charts.traefik,
+            "traefik",
+            "traefik-values.yaml",
+            values::render(lab, "traefik", values::traefik(lab)),
+        ));
+    }
+    if lab.addons.agent {
+        let mut manifests = if lab.addons.cilium {
+            AGENT_MANIFESTS
+        } else {
+            AGENT_MANIFESTS_NO_EBPF
+        }
+        .to_owned();
+        if !lab.addons.prometheus {
+            // No Prometheus operator, no ServiceMonitor kind to apply.
+            manifests = without_kind(&manifests, "ServiceMonitor");
+        }
+        steps.push(
+            Step::new(
+                "agent",
+                "Apply the sre-lab agent DaemonSet (server-side apply) and wait for it",
+                "`kubectl -n monitoring describe daemonset sre-lab-agent` and the agent's logs say why",
+            )
+            .act(Action::Apply {
+                what: "sre-lab agent".into(),
+                manifests,
+            })
+            .act(Action::WaitRollout {
+                kind: "DaemonSet".into(),
+                namespace: MONITORING_NS.into(),
+                name: "sre-lab-agent".into(),
+                timeout_secs: 300,
+            }),
+        );
+    }
+    if lab.addons.sample_app {
+        steps.push(
+            Step::new(
+                "sample-app",
+                "Deploy the sample app (scraped by annotation, logs to stdout)",
+                "`kubectl -n sre-lab-sample describe deployment sample-app`",
+            )
+            .act(Action::Apply {
+                what: "sample app".into(),
+                manifests: SAMPLE_APP_MANIFESTS.to_owned(),
+            })
+            .act(Action::WaitRollout {
+                kind: "Deployment".into(),
+                namespace: "sre-lab-sample".into(),
+                name: "sample-app".into(),
+                timeout_secs: 300,
+            }),
+        );
+    }
+    steps
+}
+
+/// The steps of `down`: destroy what `up` made; the state directory goes too unless
+/// `keep_config` (then kubeconfig, talosconfig and secrets stay).
+pub fn down(ctx: &Context<'_>, keep_config: bool) -> Vec<Step> {
+    let lab = ctx.lab;
+    let paths = ctx.paths;
+    let name = lab.cluster_name.as_str();
+    let mut steps = Vec::new();
+    match lab.provider {
+        Provider::Docker | Provider::Qemu => {
+            let provisioner = if lab.provider == Provider::Docker {
+                "docker"
+            } else {
+                "qemu"
+            };
+            steps.push(
+                Step::new(
+                    "destroy",
+                    format!("Destroy Talos cluster {name:?} ({provisioner})"),
+                    "`docker ps -a --filter name={name}-` lists what is left",
+                )
+                .run(Cmd::new(
+                    "talosctl",
+                    // The provisioner is inferred from the state directory.
+                    [
+                        "cluster",
+                        "destroy",
+                        "--name",
+                        name,
+                        "--state",
+                        &paths.talos_state().display().to_string(),
+                    ],
+                )),
+            );
+        }
+        Provider::Nodes => {
+            let mut s = Step::new(
+                "reset",
+                "Reset the machines to maintenance mode (wipes STATE and EPHEMERAL)",
+                "a machine that does not answer can be reset from its console",
+            );
+            for ip in lab.machines.workers.iter().chain(&lab.machines.control_planes) {
+                s = s.run(talosctl_on(
+                    ctx,
+                    ip,
+                    &[
+                        "reset",
+                        "--graceful=false",
+                        "--reboot",
+                        "--system-labels-to-wipe",
+                        "STATE",
+                        "--system-labels-to-wipe",
+                        "EPHEMERAL",
+                    ],
+                ));
+            }
+            steps.push(s);
+        }
+    }
+    let cleanup = Step::new(
+        "contexts",
+        if keep_config {
+            "Keep kubeconfig and talosconfig (--keep-config); remove the rest of the state".to_owned()
+        } else {
+            "Remove the kubeconfig context it merged and the state directory".to_owned()
+        },
+        format!("remove {} by hand", paths.dir.display()),
+    );
+    let cleanup = cleanup.act(Action::Cleanup {
+        dir: paths.dir.clone(),
+        keep_config,
+    });
+    steps.push(cleanup);
+    steps
+}
+
+/// The plan as text: one numbered step per line, then its commands indented.
+pub fn render_text(steps: &[Step]) -> String {
+    let mut out = String::new();
+    for (i, s) in steps.iter().enumerate() {
+        let _ = writeln!(out, "[{}/{}] {}", i + 1, steps.len(), s.title);
+        if let Some(p) = &s.skip_if {
+            match p {
+                Probe::Succeeds { cmd } => {
+                    let _ = writeln!(out, "    skip if this succeeds: {cmd}");
+                }
+                Probe::Exists { path } => {
+                    let _ = writeln!(out, "    skip if {} exists", path.display());
+                }
+            }
+        }
+        for a in &s.actions {
+            let line = match a {
+                Action::Write { path, contents } => {
+                    format!("write {} ({} lines)", path.display(), contents.lines().count())
+                }
+                Action::Run { cmd } => format!("$ {cmd}"),
+                Action::RenderInline { cmd, name, path } => {
+                    format!("$ {cmd}\n      > {} (Talos inline manifest {name:?})", path.display())
+                }
+                Action::ApplyRendered { what, cmd, kinds, .. } => {
+                    format!("$ {cmd}\n      | server-side apply {what} ({})", kinds.join(", "))
+                }
+                Action::Apply { what, manifests } => {
+                    let kinds: Vec<String> = crate::yaml::documents(manifests)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|d| {
+                            format!(
+                                "{}/{}",
+                                d["kind"].as_str().unwrap_or("?"),
+                                d["metadata"]["name"].as_str().unwrap_or("?")
+                            )
+                        })
+                        .collect();
+                    format!("server-side apply {what}: {}", kinds.join(", "))
+                }
+                Action::WaitRollout {
+                    kind,
+                    namespace,
+                    name,
+                    timeout_secs,
+                } => {
+                    format!("watch {kind} {namespace}/{name} until rolled out (up to {timeout_secs}s)")
+                }
+                Action::GrafanaSecret { namespace, name } => {
+                    format!("server-side apply Secret {namespace}/{name} (password generated once, kept 0600 in the state directory)")
+                }
+                Action::Private { path } => format!("chmod 0600 {}", path.display()),
+                Action::Cleanup { dir, keep_config } => {
+                    if *keep_config {
+                        format!("remove {} except kubeconfig, talosconfig, secrets.yaml", dir.display())
+                    } else {
+                        format!("remove merged kubeconfig contexts and {}", dir.display())
+                    }
+                }
+            };
+            let _ = writeln!(out, "    {line}");
+        }
+    }
+    out
+}

@@ -1,0 +1,258 @@
+//! `validate`: proves the lab end to end through the services' own HTTP APIs — the agent's
+//! series are in Prometheus (it pushed them by remote_write), pod logs are in Loki, flow
+//! metrics exist, Grafana's datasources answer. URLs come from port-forwards or flags.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// Where the services answer.
+#[derive(Clone, Debug, Default)]
+pub struct Endpoints {
+    /// Prometheus base URL.
+    pub prometheus: Option<String>,
+    /// Loki base URL.
+    pub loki: Option<String>,
+    /// Grafana base URL.
+    pub grafana: Option<String>,
+    /// Grafana admin password.
+    pub grafana_password: Option<String>,
+}
+
+/// One check's result.
+#[derive(Clone, Debug, Serialize)]
+pub struct Finding {
+    /// What was checked.
+    pub check: String,
+    /// Whether it holds.
+    pub ok: bool,
+    /// What was seen.
+    pub detail: String,
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(15)))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+fn get_json(url: &str, auth: Option<(&str, &str)>) -> Result<Value, String> {
+    let mut req = agent().get(url);
+    if let Some((u, p)) = auth {
+        use base64::Engine as _;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+        req = req.header("Authorization", &format!("Basic {token}"));
+    }
+    let mut resp = req.call().map_err(|e| format!("GET {url}: {e}"))?;
+    let status = resp.status();
+    let body = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    if !status.is_success() {
+        return Err(format!(
+            "GET {url}: HTTP {status}: {}",
+            body.chars().take(200).collect::<String>()
+        ));
+    }
+    serde_json::from_str(&body).map_err(|e| format!("GET {url}: not JSON: {e}"))
+}
+
+fn encode_query(q: &str) -> String {
+    let mut out = String::new();
+    for b in q.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The value of an instant PromQL query returning one scalar-like sample (0 when empty).
+fn prom_value(base: &str, query: &str) -> Result<f64, String> {
+    let url = format!(
+        "{}/api/v1/query?query={}",
+        base.trim_end_matches('/'),
+        encode_query(query)
+    );
+    let v = get_json(&url, None)?;
+    if v["status"] != "success" {
+        return Err(format!("{query}: {}", v["error"]));
+    }
+    let result = v["data"]["result"].as_array().cloned().unwrap_or_default();
+    Ok(result
+        .first()
+        .and_then(|r| r["value"][1].as_str())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.0))
+}
+
+fn finding(check: &str, r: Result<(bool, String), String>) -> Finding {
+    match r {
+        Ok((ok, detail)) => Finding {
+            check: check.into(),
+            ok,
+            detail,
+        },
+        Err(e) => Finding {
+            check: check.into(),
+            ok: false,
+            detail: e,
+        },
+    }
+}
+
+/// The sample app's series and the agent's own, in Prometheus.
+pub fn agent_series(prometheus: &str) -> Finding {
+    finding(
+        "agent series in Prometheus",
+        (|| {
+            let sample = prom_value(prometheus, "count(sample_app_requests_total)")?;
+            let up = prom_value(prometheus, "count(up{job=\"kubernetes-pods\"} == 1)")?;
+            let ok = sample > 0.0 && up > 0.0;
+            Ok((
+                ok,
+                format!(
+                    "{sample} sample_app_requests_total series, {up} targets up in job kubernetes-pods{}",
+                    if ok {
+                        ""
+                    } else {
+                        " — is the agent running and its remote_write reaching Prometheus? (`installer status`, the agent's /metrics)"
+                    }
+                ),
+            ))
+        })(),
+    )
+}
+
+/// Flow metrics (Hubble's, exported by Cilium) in Prometheus.
+pub fn flow_metrics(prometheus: &str) -> Finding {
+    finding(
+        "flow metrics in Prometheus",
+        (|| {
+            let n = prom_value(prometheus, "count(hubble_flows_processed_total)")?;
+            Ok((
+                n > 0.0,
+                format!(
+                    "{n} hubble_flows_processed_total series{}",
+                    if n > 0.0 {
+                        ""
+                    } else {
+                        " — are Hubble metrics and the cilium-monitoring step installed?"
+                    }
+                ),
+            ))
+        })(),
+    )
+}
+
+/// The sample app's log lines in Loki (the last hour).
+pub fn pod_logs(loki: &str) -> Finding {
+    finding(
+        "pod logs in Loki",
+        (|| {
+            let q = encode_query("{namespace=\"sre-lab-sample\"}");
+            let url = format!(
+                "{}/loki/api/v1/query_range?query={q}&limit=5&since=1h",
+                loki.trim_end_matches('/')
+            );
+            let v = get_json(&url, None)?;
+            let lines: usize = v["data"]["result"]
+                .as_array()
+                .map(|streams| streams.iter().map(|s| s["values"].as_array().map_or(0, Vec::len)).sum())
+                .unwrap_or(0);
+            Ok((
+                lines > 0,
+                format!(
+                    "{lines} recent lines from namespace sre-lab-sample{}",
+                    if lines > 0 {
+                        ""
+                    } else {
+                        " — is the agent tailing /var/log/pods and pushing to Loki?"
+                    }
+                ),
+            ))
+        })(),
+    )
+}
+
+/// Every Grafana datasource of type prometheus or loki answers its health check.
+pub fn grafana_datasources(grafana: &str, password: &str) -> Finding {
+    finding(
+        "Grafana datasources answer",
+        (|| {
+            let base = grafana.trim_end_matches('/');
+            let list = get_json(&format!("{base}/api/datasources"), Some(("admin", password)))?;
+            let list = list.as_array().cloned().unwrap_or_default();
+            let mut seen = Vec::new();
+            let mut ok = true;
+            for want in ["prometheus", "loki"] {
+                let Some(ds) = list.iter().find(|d| d["type"] == want) else {
+                    ok = false;
+                    seen.push(format!("no {want} datasource"));
+                    continue;
+                };
+                let uid = ds["uid"].as_str().unwrap_or_default();
+                match get_json(
+                    &format!("{base}/api/datasources/uid/{uid}/health"),
+                    Some(("admin", password)),
+                ) {
+                    Ok(h) if h["status"] == "OK" => {
+                        seen.push(format!("{} ({want}) OK", ds["name"].as_str().unwrap_or(uid)))
+                    }
+                    Ok(h) => {
+                        ok = false;
+                        seen.push(format!(
+                            "{} ({want}): {}",
+                            ds["name"].as_str().unwrap_or(uid),
+                            h["message"]
+                        ));
+                    }
+                    Err(e) => {
+                        ok = false;
+                        seen.push(e);
+                    }
+                }
+            }
+            Ok((ok, seen.join("; ")))
+        })(),
+    )
+}
+
+/// Runs the checks whose endpoints are known.
+pub fn run(e: &Endpoints) -> Vec<Finding> {
+    let mut out = Vec::new();
+    match &e.prometheus {
+        Some(p) => {
+            out.push(agent_series(p));
+            out.push(flow_metrics(p));
+        }
+        None => out.push(Finding {
+            check: "agent series in Prometheus".into(),
+            ok: false,
+            detail: "no Prometheus to ask".into(),
+        }),
+    }
+    match &e.loki {
+        Some(l) => out.push(pod_logs(l)),
+        None => out.push(Finding {
+            check: "pod logs in Loki".into(),
+            ok: false,
+            detail: "no Loki to ask".into(),
+        }),
+    }
+    match (&e.grafana, &e.grafana_password) {
+        (Some(g), Some(p)) => out.push(grafana_datasources(g, p)),
+        _ => out.push(Finding {
+            check: "Grafana datasources answer".into(),
+            ok: false,
+            detail: "no Grafana to ask".into(),
+        }),
+    }
+    out
+}

@@ -1,0 +1,484 @@
+//! Helm values and Talos machine-config patches, rendered from typed structs so a wrong key is
+//! a compile error rather than a chart silently ignoring it. A lab file's `values.<addon>`
+//! is merged over the rendered values (maps merge key by key, anything else replaces).
+
+use config::lab::{serde_yaml_value::Value as LabValue, LabConfig, Provider};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::yaml;
+
+/// Namespace of the monitoring stack and the agent.
+pub const MONITORING_NS: &str = "monitoring";
+/// Secret holding the Grafana admin credentials.
+pub const GRAFANA_SECRET: &str = "grafana-admin";
+/// Loki's in-cluster HTTP address.
+pub const LOKI_URL: &str = "http://loki.monitoring.svc:3100";
+/// Prometheus's in-cluster address (the operator's governing service).
+pub const PROMETHEUS_URL: &str = "http://prometheus-operated.monitoring.svc:9090";
+/// Where local-path-provisioner keeps volumes: under /var, the writable part of Talos.
+pub const LOCAL_PATH_DIR: &str = "/var/local-path-provisioner";
+
+// ---------- Cilium ----------
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CiliumValues {
+    ipam: Ipam,
+    kube_proxy_replacement: bool,
+    k8s_service_host: &'static str,
+    k8s_service_port: u16,
+    security_context: CiliumSecurity,
+    cgroup: Cgroup,
+    operator: Operator,
+    hubble: Hubble,
+    prometheus: Monitored,
+    dashboards: Dashboards,
+}
+
+#[derive(Serialize)]
+struct Ipam {
+    mode: &'static str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CiliumSecurity {
+    capabilities: Capabilities,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Capabilities {
+    cilium_agent: Vec<&'static str>,
+    clean_cilium_state: Vec<&'static str>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Cgroup {
+    auto_mount: Enabled,
+    host_root: &'static str,
+}
+
+#[derive(Serialize)]
+struct Enabled {
+    enabled: bool,
+}
+
+#[derive(Serialize)]
+struct Operator {
+    replicas: u32,
+    prometheus: Monitored,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Monitored {
+    enabled: bool,
+    service_monitor: ServiceMonitor,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceMonitor {
+    enabled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    labels: Option<Value>,
+}
+
+#[derive(Serialize)]
+struct Hubble {
+    enabled: bool,
+    relay: Enabled,
+    ui: Enabled,
+    metrics: HubbleMetrics,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct HubbleMetrics {
+    enabled: Vec<&'static str>,
+    enable_open_metrics: bool,
+    service_monitor: ServiceMonitor,
+    dashboards: Dashboards,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Dashboards {
+    enabled: bool,
+    namespace: &'static str,
+    label: &'static str,
+    label_value: &'static str,
+}
+
+/// Which phase of the Cilium release: the first install runs before the Prometheus
+/// operator's CRDs exist, so ServiceMonitors and dashboards come with a second upgrade.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CiliumPhase {
+    /// Networking only (plus Hubble), no ServiceMonitors.
+    Network,
+    /// Also ServiceMonitors and Grafana dashboards.
+    Monitoring,
+}
+
+/// Cilium's values on Talos: Talos's recommended settings (IPAM from Kubernetes, no
+/// kube-proxy, the capability lists without SYS_MODULE, cgroup v2 already mounted at
+/// /sys/fs/cgroup, the API server through KubePrism) plus Hubble relay, UI and metrics.
+pub fn cilium(lab: &LabConfig, phase: CiliumPhase) -> Value {
+    let monitoring = phase == CiliumPhase::Monitoring && lab.addons.prometheus;
+    let hubble = lab.addons.hubble;
+    let dashboards = phase == CiliumPhase::Monitoring && lab.addons.grafana;
+    let sm = |enabled| ServiceMonitor { enabled, labels: None };
+    let dash = |enabled| Dashboards {
+        enabled,
+        namespace: MONITORING_NS,
+        label: "grafana_dashboard",
+        label_value: "1",
+    };
+    let v = CiliumValues {
+        ipam: Ipam { mode: "kubernetes" },
+        kube_proxy_replacement: true,
+        k8s_service_host: "localhost",
+        k8s_service_port: 7445,
+        security_context: CiliumSecurity {
+            capabilities: Capabilities {
+                cilium_agent: vec![
+                    "CHOWN",
+                    "KILL",
+                    "NET_ADMIN",
+                    "NET_RAW",
+                    "IPC_LOCK",
+                    "SYS_ADMIN",
+                    "SYS_RESOURCE",
+                    "DAC_OVERRIDE",
+                    "FOWNER",
+                    "SETGID",
+                    "SETUID",
+                ],
+                clean_cilium_state: vec!["NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"],
+            },
+        },
+        cgroup: Cgroup {
+            auto_mount: Enabled { enabled: false },
+            host_root: "/sys/fs/cgroup",
+        },
+        operator: Operator {
+            replicas: 1,
+            prometheus: Monitored {
+                enabled: lab.addons.prometheus,
+                service_monitor: sm(monitoring),
+            },
+        },
+        hubble: Hubble {
+            enabled: hubble,
+            relay: Enabled { enabled: hubble },
+            ui: Enabled { enabled: hubble },
+            metrics: HubbleMetrics {
+                enabled: if hubble {
+                    // Namespace context on each, which Hubble's namespace dashboards group by.
+                    vec![
+                        "dns:labelsContext=source_namespace,destination_namespace",
+                        "drop:labelsContext=source_namespace,destination_namespace",
+                        "tcp:labelsContext=source_namespace,destination_namespace",
+                        "flow:labelsContext=source_namespace,destination_namespace",
+                        "port-distribution:labelsContext=source_namespace,destination_namespace",
+                        "icmp:labelsContext=source_namespace,destination_namespace",
+                        "httpV2:exemplars=true;labelsContext=source_namespace,source_workload,destination_namespace,destination_workload,traffic_direction",
+                    ]
+                } else {
+                    vec![]
+                },
+                enable_open_metrics: hubble,
+                service_monitor: sm(monitoring && hubble),
+                dashboards: dash(dashboards && hubble),
+            },
+        },
+        prometheus: Monitored {
+            enabled: lab.addons.prometheus,
+            service_monitor: sm(monitoring),
+        },
+        dashboards: dash(dashboards),
+    };
+    let mut out = serde_json::to_value(v).expect("serializable");
+    // Talos forwards kube-dns to the host's DNS (on by default since 1.8, and what Talos in
+    // Docker relies on), which does not work with eBPF host routing: route through the host.
+    out["bpf"] = json!({ "hostLegacyRouting": true });
+    if phase == CiliumPhase::Monitoring && lab.addons.grafana {
+        for path in [&["dashboards"][..], &["hubble", "metrics", "dashboards"][..]] {
+            let mut slot = &mut out;
+            for k in path {
+                slot = &mut slot[*k];
+            }
+            slot["annotations"] = json!({ "grafana_folder": "Cilium" });
+        }
+        out["operator"]["dashboards"] = json!({
+            "enabled": true,
+            "namespace": MONITORING_NS,
+            "label": "grafana_dashboard",
+            "labelValue": "1",
+            "annotations": { "grafana_folder": "Cilium" },
+        });
+    }
+    out
+}
+
+// ---------- kube-prometheus-stack ----------
+
+/// kube-prometheus-stack: Prometheus with the remote-write receiver (the agent pushes to it)
+/// selecting every ServiceMonitor/PodMonitor/rule, Alertmanager, Grafana with its password
+/// from our Secret, the dashboard sidecar watching all namespaces, a Loki datasource, and the
+/// control-plane scrape targets as Talos exposes them (no kube-proxy with Cilium).
+pub fn kube_prometheus_stack(lab: &LabConfig) -> Value {
+    let a = &lab.addons;
+    json!({
+        "crds": { "enabled": true },
+        "prometheus": {
+            "enabled": a.prometheus,
+            "prometheusSpec": {
+                "enableRemoteWriteReceiver": true,
+                "serviceMonitorSelectorNilUsesHelmValues": false,
+                "podMonitorSelectorNilUsesHelmValues": false,
+                "ruleSelectorNilUsesHelmValues": false,
+                "probeSelectorNilUsesHelmValues": false,
+                "retention": "7d",
+                "resources": { "requests": { "cpu": "200m", "memory": "1Gi" } },
+            }
+        },
+        "alertmanager": { "enabled": a.alertmanager },
+        "grafana": {
+            "enabled": a.grafana,
+            "admin": {
+                "existingSecret": GRAFANA_SECRET,
+                "userKey": "admin-user",
+                "passwordKey": "admin-password",
+            },
+            "defaultDashboardsEnabled": true,
+            "sidecar": {
+                "dashboards": {
+                    "enabled": true,
+                    "label": "grafana_dashboard",
+                    "labelValue": "1",
+                    "searchNamespace": "ALL",
+                    "folderAnnotation": "grafana_folder",
+                    "provider": { "foldersFromFilesStructure": true },
+                },
+                "datasources": { "enabled": true, "defaultDatasourceEnabled": true, "uid": "prometheus" },
+            },
+            "additionalDataSources": if a.loki {
+                json!([{
+                    "name": "Loki",
+                    "type": "loki",
+                    "uid": "loki",
+                    "access": "proxy",
+                    "url": LOKI_URL,
+                }])
+            } else {
+                json!([])
+            },
+        },
+        "kubeProxy": { "enabled": false },
+        // etcd is a Talos service, not a pod: scrape the control planes' metrics listener
+        // (opened by the Talos patch).
+        "kubeEtcd": {
+            "enabled": true,
+            "endpoints": control_plane_ips(lab),
+            "service": { "enabled": true, "port": 2381, "targetPort": 2381 },
+        },
+        "kubeControllerManager": { "service": { "port": 10257, "targetPort": 10257 } },
+        "kubeScheduler": { "service": { "port": 10259, "targetPort": 10259 } },
+    })
+}
+
+// ---------- Loki ----------
+
+/// The control planes' IPs (Talos in Docker/QEMU numbers them from 10.5.0.2).
+pub fn control_plane_ips(lab: &LabConfig) -> Vec<String> {
+    match lab.provider {
+        Provider::Docker | Provider::Qemu => (0..lab.nodes.control_planes)
+            .map(|i| format!("10.5.0.{}", 2 + i))
+            .collect(),
+        Provider::Nodes => lab.machines.control_planes.clone(),
+    }
+}
+
+/// Loki as one binary on the node's filesystem: replication factor 1, no caches, no gateway,
+/// no canary; the TSDB v13 schema.
+pub fn loki(_lab: &LabConfig) -> Value {
+    json!({
+        "deploymentMode": "Monolithic",
+        "loki": {
+            "auth_enabled": false,
+            "commonConfig": { "replication_factor": 1 },
+            "storage": { "type": "filesystem" },
+            "schemaConfig": {
+                "configs": [{
+                    "from": "2024-04-01",
+                    "store": "tsdb",
+                    "object_store": "filesystem",
+                    "schema": "v13",
+                    "index": { "prefix": "loki_index_", "period": "24h" },
+                }]
+            },
+            "limits_config": { "allow_structured_metadata": true, "volume_enabled": true },
+        },
+        "singleBinary": {
+            "replicas": 1,
+            "persistence": { "enabled": true, "size": "10Gi" },
+        },
+        "read": { "replicas": 0 },
+        "write": { "replicas": 0 },
+        "backend": { "replicas": 0 },
+        "chunksCache": { "enabled": false },
+        "resultsCache": { "enabled": false },
+        "gateway": { "enabled": false },
+        "lokiCanary": { "enabled": false },
+        "test": { "enabled": false },
+        "minio": { "enabled": false },
+    })
+}
+
+// ---------- local-path-provisioner ----------
+
+/// local-path-provisioner writing under /var (writable on Talos), the default StorageClass.
+pub fn local_path(_lab: &LabConfig) -> Value {
+    json!({
+        "storageClass": { "create": true, "defaultClass": true, "name": "local-path" },
+        "nodePathMap": [{
+            "node": "DEFAULT_PATH_FOR_NON_LISTED_NODES",
+            "paths": [LOCAL_PATH_DIR],
+        }],
+    })
+}
+
+/// Traefik as the ingress controller (a LoadBalancer when MetalLB is on, else a NodePort).
+pub fn traefik(lab: &LabConfig) -> Value {
+    json!({
+        "deployment": { "replicas": 1 },
+        "service": { "type": if lab.addons.metallb { "LoadBalancer" } else { "NodePort" } },
+        "metrics": { "prometheus": { "serviceMonitor": { "enabled": lab.addons.prometheus } } },
+    })
+}
+
+/// MetalLB's chart needs no values; its address pool is applied after it (see [`metallb_pool`]).
+pub fn metallb(_lab: &LabConfig) -> Value {
+    json!({})
+}
+
+/// The address pool MetalLB announces: the top of the Talos-in-Docker subnet, or the lab
+/// file's `values.metallb_pool` when given.
+pub fn metallb_pool(lab: &LabConfig) -> String {
+    let range = match lab.values.get("metallb_pool") {
+        Some(LabValue::String(s)) => s.clone(),
+        _ => "10.5.0.200-10.5.0.250".to_owned(),
+    };
+    format!(
+        "apiVersion: metallb.io/v1beta1\nkind: IPAddressPool\nmetadata:\n  name: sre-lab\n  namespace: metallb-system\nspec:\n  addresses:\n    - {range}\n---\napiVersion: metallb.io/v1beta1\nkind: L2Advertisement\nmetadata:\n  name: sre-lab\n  namespace: metallb-system\nspec:\n  ipAddressPools:\n    - sre-lab\n"
+    )
+}
+
+/// The rendered values for add-on `name`, with the lab file's overrides merged, as YAML.
+pub fn render(lab: &LabConfig, name: &str, base: Value) -> String {
+    let mut v = base;
+    if let Some(over) = lab.values.get(name) {
+        merge(&mut v, &to_json(over));
+    }
+    yaml::to_string(&v)
+}
+
+fn to_json(v: &LabValue) -> Value {
+    match v {
+        LabValue::Bool(b) => json!(b),
+        LabValue::Int(i) => json!(i),
+        LabValue::Float(f) => json!(f),
+        LabValue::String(s) => json!(s),
+        LabValue::List(l) => Value::Array(l.iter().map(to_json).collect()),
+        LabValue::Map(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), to_json(v))).collect()),
+    }
+}
+
+/// Deep-merges `over` into `base` the way Helm merges values files.
+pub fn merge(base: &mut Value, over: &Value) {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v.clone(),
+    }
+}
+
+// ---------- Talos machine-config patches ----------
+
+/// The Talos patch every node gets: no CNI and no kube-proxy (Cilium replaces both), etcd,
+/// controller-manager and scheduler metrics reachable by Prometheus, and the local-path
+/// directory mounted into the kubelet.
+pub fn talos_patch(lab: &LabConfig) -> String {
+    let mut v = if lab.addons.cilium {
+        json!({
+            "cluster": {
+                "network": { "cni": { "name": "none" } },
+                "proxy": { "disabled": true },
+            }
+        })
+    } else {
+        json!({ "cluster": {} })
+    };
+    if lab.addons.prometheus {
+        v["cluster"]["etcd"] = json!({ "extraArgs": { "listen-metrics-urls": "http://0.0.0.0:2381" } });
+        v["cluster"]["controllerManager"] = json!({ "extraArgs": { "bind-address": "0.0.0.0" } });
+        v["cluster"]["scheduler"] = json!({ "extraArgs": { "bind-address": "0.0.0.0" } });
+    }
+    if lab.addons.local_path {
+        v["machine"] = json!({
+            "kubelet": {
+                "extraMounts": [{
+                    "destination": LOCAL_PATH_DIR,
+                    "type": "bind",
+                    "source": LOCAL_PATH_DIR,
+                    "options": ["bind", "rshared", "rw"],
+                }]
+            }
+        });
+    }
+    yaml::to_string(&v)
+}
+
+/// A Talos patch carrying `manifest` (rendered by `helm template`) as an inline manifest:
+/// Talos applies it while bootstrapping, so the CNI is there before anything waits for
+/// nodes to be Ready (`talosctl cluster create docker` waits for that and cannot skip it).
+pub fn inline_manifest_patch(name: &str, manifest: &str) -> String {
+    yaml::to_string(&json!({
+        "cluster": { "inlineManifests": [{ "name": name, "contents": manifest }] }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_merge_deeply_and_replace_lists() {
+        let mut base = json!({"a": {"b": 1, "c": [1, 2]}, "d": true});
+        merge(&mut base, &json!({"a": {"c": [3], "e": "x"}}));
+        assert_eq!(base, json!({"a": {"b": 1, "c": [3], "e": "x"}, "d": true}));
+    }
+
+    #[test]
+    fn monitoring_phase_adds_service_monitors_only_then() {
+        let lab = LabConfig::default();
+        let net = cilium(&lab, CiliumPhase::Network);
+        let mon = cilium(&lab, CiliumPhase::Monitoring);
+        assert_eq!(net["prometheus"]["serviceMonitor"]["enabled"], json!(false));
+        assert_eq!(mon["prometheus"]["serviceMonitor"]["enabled"], json!(true));
+        assert_eq!(mon["hubble"]["metrics"]["serviceMonitor"]["enabled"], json!(true));
+        assert_eq!(net["k8sServicePort"], json!(7445));
+    }
+}

@@ -1,0 +1,89 @@
+#!/bin/bash
+# A stand-in for talosctl, helm, kubectl and docker (linked under those names) for the
+# installer's tests. It records its command line in $FAKE_LOG, fails on demand when the line
+# contains $FAKE_FAIL, and otherwise does the least the installer relies on: writes the
+# kubeconfig/talosconfig/secrets/machine configs it was asked for, prints versions, renders
+# a small Cilium-like manifest for `helm template`, and remembers made clusters and
+# configured nodes as marker files in $FAKE_STATE.
+set -u
+tool=$(basename "$0" .real)
+line="$tool $*"
+echo "$line" >> "$FAKE_LOG"
+
+if [ -n "${FAKE_FAIL:-}" ] && [[ "$line" == *"$FAKE_FAIL"* ]]; then
+  echo "fake $tool: failing on demand" >&2
+  echo "token: fake-secret-token-1234567890" >&2
+  exit 1
+fi
+
+after() { # the value after flag $1 in the remaining arguments
+  local want=$1; shift
+  while [ $# -gt 0 ]; do
+    if [ "$1" = "$want" ]; then echo "$2"; return 0; fi
+    shift
+  done
+  return 1
+}
+last() { local l=""; for a in "$@"; do l=$a; done; echo "$l"; }
+
+kubeconfig() {
+  mkdir -p "$(dirname "$1")"
+  cat > "$1" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: sre-lab
+  cluster:
+    server: ${FAKE_API_URL}
+contexts:
+- name: admin@sre-lab
+  context:
+    cluster: sre-lab
+    user: admin@sre-lab
+current-context: admin@sre-lab
+users:
+- name: admin@sre-lab
+  user:
+    token: fake-kube-token
+KC
+}
+
+case "$tool" in
+talosctl)
+  case "$line" in
+  *" version --client"*) printf 'Client:\n\tTag:         %s\n' "${FAKE_TALOSCTL_VERSION:-v1.13.9}" ;;
+  *"cluster create "*)
+    [ -f "${FAKE_STATE}/cluster" ] && { echo "cluster already exists" >&2; exit 1; }
+    touch "${FAKE_STATE}/cluster"
+    kubeconfig "$KUBECONFIG"
+    dest=$(after --talosconfig-destination "$@")
+    printf 'context: sre-lab\ncontexts:\n  sre-lab:\n    endpoints: [127.0.0.1]\n    key: ZmFrZS1rZXk=\n' > "$dest"
+    ;;
+  *"cluster destroy"*) rm -f "${FAKE_STATE}/cluster" ;;
+  *"gen secrets"*) printf 'cluster:\n  secret: c2VjcmV0\n' > "$(after --output-file "$@")" ;;
+  *"gen config"*)
+    out=$(after --output "$@"); mkdir -p "$out"
+    for f in controlplane.yaml worker.yaml talosconfig; do echo "# fake $f" > "$out/$f"; done ;;
+  *"apply-config"*) touch "${FAKE_STATE}/configured-$(after --nodes "$@")" ;;
+  *" version") [ -f "${FAKE_STATE}/configured-$(after --nodes "$@")" ] || { echo "connection refused" >&2; exit 1; } ;;
+  *" bootstrap") touch "${FAKE_STATE}/bootstrapped" ;;
+  *" etcd status") [ -f "${FAKE_STATE}/bootstrapped" ] || { echo "etcd not running" >&2; exit 1; } ;;
+  *" kubeconfig "*) kubeconfig "$(last "$@")" ;;
+  esac ;;
+helm)
+  case "$line" in
+  *"version --short"*) echo "${FAKE_HELM_VERSION:-v3.16.2+g13654a5}" ;;
+  *"template "*) cat "${FAKE_HELM_TEMPLATE}" ;;
+  esac ;;
+docker)
+  case "$line" in
+  *"container inspect"*) [ -f "${FAKE_STATE}/cluster" ] && echo "/sre-lab-controlplane-1" || { echo "Error: No such container" >&2; exit 1; } ;;
+  *"version --format"*) echo "27.3.1" ;;
+  *"info --format"*) echo "27.3.1" ;;
+  esac ;;
+kubectl)
+  case "$line" in
+  *"version --client"*) echo "Client Version: v1.34.1" ;;
+  esac ;;
+esac
+exit 0

@@ -1,0 +1,324 @@
+//! Test doubles for the installer: fake `talosctl`/`helm`/`kubectl`/`docker` first on PATH
+//! (tests/common/fake-tool.sh) and a fake Kubernetes API server that kube-rs talks to over
+//! HTTP. Together they let the real binary run `up`, `down`, `status`, … end to end.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+
+/// A fake API server: stores what is server-side applied (PATCH), serves it back on GET
+/// and list (field selectors on metadata.name honoured), marks workloads rolled out, and
+/// logs `METHOD path` of every request.
+pub struct FakeApi {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Requests seen, `PATCH /api/v1/namespaces/monitoring`.
+    pub log: Arc<Mutex<Vec<String>>>,
+    /// Stored objects by path.
+    pub objects: Arc<Mutex<BTreeMap<String, Value>>>,
+}
+
+impl FakeApi {
+    /// Starts one on a free port.
+    pub fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let objects = Arc::new(Mutex::new(BTreeMap::new()));
+        let (l, o) = (log.clone(), objects.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (l, o) = (l.clone(), o.clone());
+                std::thread::spawn(move || serve(conn, &l, &o));
+            }
+        });
+        Self { url, log, objects }
+    }
+
+    /// The request log.
+    pub fn requests(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Forgets the request log.
+    pub fn clear(&self) {
+        self.log.lock().unwrap().clear();
+    }
+
+    /// Puts an object at `path` as if it were applied.
+    pub fn insert(&self, path: &str, obj: Value) {
+        self.objects.lock().unwrap().insert(path.to_owned(), obj);
+    }
+}
+
+fn serve(conn: TcpStream, log: &Mutex<Vec<String>>, objects: &Mutex<BTreeMap<String, Value>>) {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut conn = conn;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = request_line.split_whitespace();
+        let (method, target) = (
+            parts.next().unwrap_or("").to_owned(),
+            parts.next().unwrap_or("").to_owned(),
+        );
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            if h == "\r\n" {
+                break;
+            }
+            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        log.lock().unwrap().push(format!("{method} {path}"));
+        let (status, reply) = route(&method, path, query, &body, objects);
+        let text = reply.to_string();
+        let head = format!(
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            text.len()
+        );
+        if conn
+            .write_all(head.as_bytes())
+            .and_then(|_| conn.write_all(text.as_bytes()))
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn not_found(path: &str) -> (u16, Value) {
+    (
+        404,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": format!("{path} not found"), "reason": "NotFound", "code": 404}),
+    )
+}
+
+fn route(method: &str, path: &str, query: &str, body: &[u8], objects: &Mutex<BTreeMap<String, Value>>) -> (u16, Value) {
+    let mut objects = objects.lock().unwrap();
+    match method {
+        "PATCH" => {
+            let mut obj: Value = match serde_json::from_slice(body) {
+                Ok(v) => v,
+                Err(e) => return (400, json!({"kind": "Status", "message": e.to_string(), "code": 400})),
+            };
+            obj["metadata"]["uid"] = json!(format!("uid-{}", objects.len()));
+            obj["metadata"]["generation"] = json!(1);
+            obj["metadata"]["resourceVersion"] = json!("1");
+            match obj["kind"].as_str() {
+                Some("DaemonSet") => {
+                    obj["status"] = json!({"currentNumberScheduled": 3, "desiredNumberScheduled": 3, "numberMisscheduled": 0, "numberReady": 3, "numberAvailable": 3, "updatedNumberScheduled": 3, "observedGeneration": 1});
+                }
+                Some("Deployment") => {
+                    obj["status"] = json!({"replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1, "observedGeneration": 1});
+                }
+                Some("Secret") => {
+                    use base64::Engine as _;
+                    if let Some(sd) = obj.get("stringData").cloned() {
+                        let data: serde_json::Map<String, Value> = sd
+                            .as_object()
+                            .unwrap()
+                            .iter()
+                            .map(|(k, v)| {
+                                (
+                                    k.clone(),
+                                    json!(base64::engine::general_purpose::STANDARD
+                                        .encode(v.as_str().unwrap_or_default())),
+                                )
+                            })
+                            .collect();
+                        obj["data"] = Value::Object(data);
+                        obj.as_object_mut().unwrap().remove("stringData");
+                    }
+                }
+                _ => {}
+            }
+            objects.insert(path.to_owned(), obj.clone());
+            (200, obj)
+        }
+        "GET" if query.contains("watch=") => (200, json!({})),
+        "GET" => {
+            if let Some(o) = objects.get(path) {
+                return (200, o.clone());
+            }
+            // A collection: every stored object directly under it.
+            let prefix = format!("{path}/");
+            let name = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("fieldSelector=metadata.name%3D"))
+                .map(str::to_owned);
+            let items: Vec<Value> = objects
+                .iter()
+                .filter(|(k, _)| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
+                .filter(|(_, v)| name.as_deref().is_none_or(|n| v["metadata"]["name"] == n))
+                .map(|(_, v)| v.clone())
+                .collect();
+            let known_collection = objects.keys().any(|k| k.starts_with(&prefix)) || path.ends_with('s');
+            if !known_collection {
+                return not_found(path);
+            }
+            (
+                200,
+                json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}),
+            )
+        }
+        "DELETE" => match objects.remove(path) {
+            Some(o) => (200, o),
+            None => not_found(path),
+        },
+        _ => (405, json!({"kind": "Status", "code": 405})),
+    }
+}
+
+/// A sandbox for running the installer binary: fake tools on PATH, a fake API, a state
+/// root, a working directory.
+pub struct Sandbox {
+    /// Everything lives under here.
+    pub dir: tempfile::TempDir,
+    /// The fake API server.
+    pub api: FakeApi,
+    /// Extra environment for every run.
+    pub env: Vec<(String, String)>,
+}
+
+impl Sandbox {
+    /// A fresh sandbox.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/common/fake-tool.sh");
+        for tool in ["talosctl", "helm", "kubectl", "docker"] {
+            std::os::unix::fs::symlink(&script, bin.join(tool)).unwrap();
+        }
+        for d in ["fake", "work", "home"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        let template = dir.path().join("fake/helm-template.yaml");
+        std::fs::write(&template, HELM_TEMPLATE).unwrap();
+        let api = FakeApi::start();
+        let env = vec![
+            ("FAKE_LOG".into(), dir.path().join("fake/log").display().to_string()),
+            ("FAKE_STATE".into(), dir.path().join("fake").display().to_string()),
+            ("FAKE_API_URL".into(), api.url.clone()),
+            ("FAKE_HELM_TEMPLATE".into(), template.display().to_string()),
+            ("SRE_LAB_HOME".into(), dir.path().join("state").display().to_string()),
+            ("HOME".into(), dir.path().join("home").display().to_string()),
+            ("PATH".into(), format!("{}:/usr/bin:/bin", bin.display())),
+            ("SRE_LAB_RETRY_PAUSE_MS".into(), "10".into()),
+        ];
+        Self { dir, api, env }
+    }
+
+    /// The state directory of cluster `name`.
+    pub fn state(&self, name: &str) -> PathBuf {
+        self.dir.path().join("state").join(name)
+    }
+
+    /// Writes the lab file into the working directory as ./sre-lab.yaml.
+    pub fn lab_file(&self, text: &str) {
+        std::fs::write(self.dir.path().join("work/sre-lab.yaml"), text).unwrap();
+    }
+
+    /// Runs `installer ARGS` in the working directory, with `extra` environment.
+    pub fn run(&self, args: &[&str], extra: &[(&str, &str)]) -> Output {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_installer"));
+        c.args(args).current_dir(self.dir.path().join("work")).env_clear();
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        for (k, v) in extra {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    }
+
+    /// The fake tools' command log, with the sandbox path shown as `$T`; then cleared.
+    pub fn take_log(&self) -> Vec<String> {
+        let path = self.dir.path().join("fake/log");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let _ = std::fs::remove_file(&path);
+        let root = self.dir.path().display().to_string();
+        text.lines().map(|l| l.replace(&root, "$T")).collect()
+    }
+}
+
+/// What the fake `helm template` prints: a Cilium-like release with a ServiceMonitor and a
+/// dashboard ConfigMap among other objects.
+pub const HELM_TEMPLATE: &str = "---
+# Source: cilium/templates/cilium-agent/daemonset.yaml
+apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: cilium
+  namespace: kube-system
+spec:
+  template:
+    spec:
+      volumes:
+        - name: clustermesh-secrets
+          projected:
+            defaultMode: 0400
+---
+# Source: cilium/templates/cilium-agent/servicemonitor.yaml
+apiVersion: monitoring.coreos.com/v1
+kind: ServiceMonitor
+metadata:
+  name: cilium-agent
+  namespace: kube-system
+spec:
+  selector:
+    matchLabels:
+      app.kubernetes.io/name: cilium-agent
+  endpoints:
+    - port: metrics
+---
+# Source: cilium/templates/cilium-agent/dashboards-configmap.yaml
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: cilium-dashboard
+  namespace: monitoring
+  labels:
+    grafana_dashboard: \"1\"
+data:
+  cilium-dashboard.json: '{\"title\": \"Cilium Metrics\"}'
+---
+# Source: cilium/templates/cilium-configmap.yaml
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: cilium-config
+  namespace: kube-system
+data:
+  ipam: kubernetes
+";
+
+/// `stderr` as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `stdout` as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
