@@ -26,6 +26,11 @@ pub struct LabConfig {
     pub addons: Addons,
     /// Helm values merged over the rendered values, per add-on name.
     pub values: BTreeMap<String, serde_yaml_value::Value>,
+    /// The agent's container image (the DaemonSet in deploy/ names the release image).
+    pub agent_image: String,
+    /// Addresses MetalLB hands out (`FIRST-LAST` or a CIDR). Empty: the top of the Talos
+    /// in Docker subnet (10.5.0.200-10.5.0.250); required for the other providers.
+    pub metallb_pool: String,
 }
 
 impl Default for LabConfig {
@@ -39,9 +44,14 @@ impl Default for LabConfig {
             charts: Charts::default(),
             addons: Addons::default(),
             values: BTreeMap::new(),
+            agent_image: DEFAULT_AGENT_IMAGE.to_owned(),
+            metallb_pool: String::new(),
         }
     }
 }
+
+/// The agent image the manifests in deploy/ name.
+pub const DEFAULT_AGENT_IMAGE: &str = "ghcr.io/sre-lab/agent:0.1.0";
 
 /// Where the nodes come from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -269,6 +279,18 @@ pub fn validate(lab: &LabConfig) -> Vec<(String, String)> {
                 ));
             }
         }
+    }
+    if lab.addons.metallb && lab.provider != Provider::Docker && lab.metallb_pool.is_empty() {
+        out.push((
+            "metallb_pool".into(),
+            "MetalLB needs an address range on the machines' network, e.g. 192.168.56.200-192.168.56.250".into(),
+        ));
+    }
+    if lab.agent_image.is_empty() || lab.agent_image.contains(char::is_whitespace) {
+        out.push((
+            "agent_image".into(),
+            format!("{:?} is not an image reference", lab.agent_image),
+        ));
     }
     if lab.provider == Provider::Docker && !talos_at_least(&lab.versions.talos, 1, 13) {
         out.push((

@@ -53,6 +53,12 @@ addons:
   agent: true         # the sre-lab agent DaemonSet
   sample_app: true    # a workload `installer validate` uses to prove the agent's paths
 
+# The agent's image; set it to one you built (Dockerfile) and pushed where the nodes pull.
+agent_image: ghcr.io/sre-lab/agent:0.1.0
+
+# MetalLB's address range; empty = 10.5.0.200-10.5.0.250 in the Talos in Docker subnet.
+metallb_pool: ""
+
 # Helm values merged over the rendered ones, per add-on (cilium, kube_prometheus_stack,
 # loki, local_path, traefik, metallb). Maps merge key by key; lists and scalars replace.
 values: {}

@@ -769,6 +769,12 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
             AGENT_MANIFESTS_NO_EBPF
         }
         .to_owned();
+        if lab.agent_image != config::lab::DEFAULT_AGENT_IMAGE {
+            manifests = manifests.replace(
+                &format!("image: {}\n", config::lab::DEFAULT_AGENT_IMAGE),
+                &format!("image: {}\n", lab.agent_image),
+            );
+        }
         if !lab.addons.prometheus {
             // No Prometheus operator, no ServiceMonitor kind to apply.
             manifests = without_kind(&manifests, "ServiceMonitor");

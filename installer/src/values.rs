@@ -242,6 +242,7 @@ pub fn kube_prometheus_stack(lab: &LabConfig) -> Value {
                 "podMonitorSelectorNilUsesHelmValues": false,
                 "ruleSelectorNilUsesHelmValues": false,
                 "probeSelectorNilUsesHelmValues": false,
+                "scrapeConfigSelectorNilUsesHelmValues": false,
                 "retention": "7d",
                 "resources": { "requests": { "cpu": "200m", "memory": "1Gi" } },
             }
@@ -366,15 +367,16 @@ pub fn metallb(_lab: &LabConfig) -> Value {
     json!({})
 }
 
-/// The address pool MetalLB announces: the top of the Talos-in-Docker subnet, or the lab
-/// file's `values.metallb_pool` when given.
+/// The address pool MetalLB announces: the lab file's `metallb_pool`, else the top of the
+/// Talos-in-Docker subnet.
 pub fn metallb_pool(lab: &LabConfig) -> String {
-    let range = match lab.values.get("metallb_pool") {
-        Some(LabValue::String(s)) => s.clone(),
-        _ => "10.5.0.200-10.5.0.250".to_owned(),
+    let range = if lab.metallb_pool.is_empty() {
+        "10.5.0.200-10.5.0.250"
+    } else {
+        lab.metallb_pool.as_str()
     };
     format!(
-        "apiVersion: metallb.io/v1beta1\nkind: IPAddressPool\nmetadata:\n  name: sre-lab\n  namespace: metallb-system\nspec:\n  addresses:\n    - {range}\n---\napiVersion: metallb.io/v1beta1\nkind: L2Advertisement\nmetadata:\n  name: sre-lab\n  namespace: metallb-system\nspec:\n  ipAddressPools:\n    - sre-lab\n"
+        "---\napiVersion: metallb.io/v1beta1\nkind: IPAddressPool\nmetadata:\n  name: sre-lab\n  namespace: metallb-system\nspec:\n  addresses:\n    - {range}\n---\napiVersion: metallb.io/v1beta1\nkind: L2Advertisement\nmetadata:\n  name: sre-lab\n  namespace: metallb-system\nspec:\n  ipAddressPools:\n    - sre-lab\n"
     )
 }
 

@@ -97,6 +97,9 @@ fn string(s: &str) -> String {
             "true" | "false" | "yes" | "no" | "on" | "off" | "null" | "~" | "y" | "n"
         )
         || s.parse::<f64>().is_ok()
+        // YAML 1.1 readers (Helm, Kubernetes) take these as dates, times or base-60 numbers.
+        || (s.starts_with(|c: char| c.is_ascii_digit())
+            && s.chars().all(|c| c.is_ascii_digit() || "-:._+ TZ".contains(c)))
         || s.starts_with("0x")
         || s.starts_with("0o");
     if special {
@@ -149,13 +152,22 @@ mod tests {
     fn round_trips_through_a_yaml_parser() {
         let v = json!({
             "a": {"b": [1, "two", {"c": true, "d": [] }], "e": {}},
-            "quoted": ["true", "1.5", "", "- x", "a: b", "x#y", "plain text"],
+            "quoted": ["true", "1.5", "", "- x", "a: b", "x#y", "plain text", "2024-04-01", "10:30", "0400", "yes"],
             "n": null,
             "f": 2.5,
         });
         let text = to_string(&v);
         let back = documents(&text).unwrap();
         assert_eq!(back, vec![v], "{text}");
+    }
+
+    #[test]
+    fn strings_a_yaml_1_1_reader_would_retype_are_quoted() {
+        let text = to_string(&json!({"from": "2024-04-01", "t": "12:30:00", "v": "v1.36.3", "n": "no"}));
+        assert_eq!(
+            text,
+            "from: \"2024-04-01\"\n\"n\": \"no\"\nt: \"12:30:00\"\nv: v1.36.3\n"
+        );
     }
 
     #[test]
