@@ -221,7 +221,7 @@ fn nodes_provider_generates_applies_bootstraps_once() {
     assert_eq!(mode(&state.join("talos/controlplane.yaml")), 0o600);
     let kps = std::fs::read_to_string(state.join("rendered/kube-prometheus-stack-values.yaml")).unwrap();
     assert!(
-        kps.contains("kubeEtcd:\n  enabled: true\n  endpoints:\n    - 192.168.56.10\n"),
+        kps.contains("kubeEtcd:\n  enabled: true\n  endpoints:\n    - \"192.168.56.10\"\n"),
         "etcd scraped on the control plane: {kps}"
     );
 
