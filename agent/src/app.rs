@@ -257,6 +257,7 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
     warn_orphaned_wals(&storage.join("wal"), &names);
     for rw in &cfg.remote_write {
         let name = remote_name(rw);
+        metrics.init_remote(&name);
         let dir = storage.join("wal").join(&name);
         let wal = Wal::open(
             &dir,
@@ -343,6 +344,14 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
     let mut static_keep = Vec::new();
     for sc in &cfg.scrape_configs {
         let (interval, timeout) = interval_timeout(sc, cfg);
+        let mut mechanisms = Vec::new();
+        if !sc.file_sd_configs.is_empty() {
+            mechanisms.push("file");
+        }
+        if !sc.kubernetes_sd_configs.is_empty() {
+            mechanisms.push("kubernetes");
+        }
+        metrics.init_job(&sc.job_name, &mechanisms);
         let mut rx = Vec::new();
         if !sc.static_configs.is_empty() {
             let (tx, r) = watch::channel(discovery::static_groups(&sc.job_name, &sc.static_configs));

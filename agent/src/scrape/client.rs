@@ -58,6 +58,20 @@ pub enum ScrapeError {
 }
 
 impl ScrapeError {
+    /// Every value [`ScrapeError::kind`] can take.
+    pub const KINDS: &'static [&'static str] = &[
+        "timeout",
+        "connect",
+        "http_status",
+        "body_size_limit",
+        "decompress",
+        "parse",
+        "sample_limit",
+        "label_limit",
+        "url",
+        "auth",
+    ];
+
     /// A short, bounded reason for the failure counter.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -183,6 +183,9 @@ impl Metrics {
             m.discovery_updates.clone(),
         );
         r.register("config_reloads", "Configuration reloads, by result.", m.reloads.clone());
+        for result in ["success", "failure"] {
+            let _ = m.reloads.get_or_create(&vec![("result", result.to_owned())]);
+        }
         r.register(
             "config_last_reload_successful",
             "1 when the last reload succeeded.",
@@ -338,6 +341,39 @@ impl Metrics {
             }
         }
     }
+    /// Creates a job's counters at zero, so dashboards and `rate()`/`increase()` alerts see
+    /// series before the first failure rather than nothing: failures by every reason,
+    /// duplicates, and the discovery counters of each mechanism the job uses.
+    pub fn init_job(&self, job: &str, mechanisms: &[&'static str]) {
+        for reason in crate::scrape::client::ScrapeError::KINDS {
+            let _ = self
+                .scrape_failures
+                .get_or_create(&vec![("job", job.to_owned()), ("reason", (*reason).to_owned())]);
+        }
+        let _ = self.duplicate_samples.get_or_create(&Self::job(job));
+        for mechanism in mechanisms {
+            self.discovery_totals(job, mechanism, 0, 0);
+        }
+    }
+
+    /// Creates a remote's counters at zero (see [`Metrics::init_job`]).
+    pub fn init_remote(&self, remote: &str) {
+        let r = Self::remote(remote);
+        for family in [&self.appended, &self.sent, &self.retried, &self.duplicate] {
+            let _ = family.get_or_create(&r);
+        }
+        for op in ["read", "commit"] {
+            let _ = self
+                .wal_errors
+                .get_or_create(&vec![("remote", remote.to_owned()), ("op", op.to_owned())]);
+        }
+        for reason in ["http_4xx", "wal_evicted", "wal_write_error"] {
+            let _ = self
+                .dropped
+                .get_or_create(&vec![("remote", remote.to_owned()), ("reason", reason.to_owned())]);
+        }
+    }
+
     /// A reload finished.
     pub fn reload(&self, ok: bool) {
         let result = if ok { "success" } else { "failure" };
