@@ -2,6 +2,9 @@
 # The project's test command (README): installs what the tests need, then runs the checks and
 # the whole test suite with one shared build.
 #   - Debian packages: prometheus, prometheus-node-exporter, victoria-metrics (real peers)
+#   - kubectl (renders deploy/ offline with `kubectl kustomize`), script (bsdutils: a pty for
+#     the installer's spinner test)
+#   - Python: kubernetes-validate, jsonschema, PyYAML (scripts/validate-manifests.py)
 #   - cargo-nextest
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +13,8 @@ need_pkgs=()
 # Real peers, plus what the tests use to drive them: openssl (TLS certificates), python3 (TLS
 # test servers), procps (kill), util-linux (mount, for the full-disk test on a tmpfs).
 for pair in prometheus:prometheus prometheus-node-exporter:prometheus-node-exporter vmagent:victoria-metrics \
-            openssl:openssl python3:python3 kill:procps mount:util-linux; do
+            openssl:openssl python3:python3 kill:procps mount:util-linux kubectl:kubectl \
+            script:bsdutils pip3:python3-pip; do
   bin=${pair%%:*}; pkg=${pair##*:}
   command -v "$bin" >/dev/null 2>&1 || need_pkgs+=("$pkg")
 done
@@ -22,6 +26,11 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
 fi
 # Debian's packages may start services through their postinst on machines with an init
 # system; the tests start their own instances on free ports, so nothing else is needed.
+
+if ! python3 -c 'import kubernetes_validate, jsonschema, yaml' >/dev/null 2>&1; then
+  echo "==> installing kubernetes-validate, jsonschema, PyYAML"
+  python3 -m pip install --quiet --break-system-packages kubernetes-validate jsonschema pyyaml
+fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "==> installing cargo-nextest"

@@ -110,32 +110,52 @@ pub fn deployment_ready(d: &Deployment) -> bool {
         && st.available_replicas.unwrap_or(0) == want
 }
 
-/// Watches `kind` `ns/name` until it is rolled out, or fails after `timeout`.
+/// Watches `kind` `ns/name` until it is rolled out, or fails after `timeout`. A watch that
+/// breaks (API server restart, expired resource version) is started again; the last such
+/// error is part of the timeout's message.
 pub async fn wait_rollout(client: &Client, kind: &str, ns: &str, name: &str, timeout: Duration) -> anyhow::Result<()> {
-    let waited = match kind {
-        "DaemonSet" => {
-            let api: Api<DaemonSet> = Api::namespaced(client.clone(), ns);
-            tokio::time::timeout(
-                timeout,
-                await_condition(api, name, |o: Option<&DaemonSet>| o.is_some_and(daemonset_ready)),
-            )
-            .await
-            .map(|r| r.map(|_| ()).map_err(anyhow::Error::from))
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_error: Option<String> = None;
+    loop {
+        let watch = async {
+            match kind {
+                "DaemonSet" => {
+                    let api: Api<DaemonSet> = Api::namespaced(client.clone(), ns);
+                    await_condition(api, name, |o: Option<&DaemonSet>| o.is_some_and(daemonset_ready))
+                        .await
+                        .map(|_| ())
+                }
+                "Deployment" => {
+                    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+                    await_condition(api, name, |o: Option<&Deployment>| o.is_some_and(deployment_ready))
+                        .await
+                        .map(|_| ())
+                }
+                _ => Ok(()),
+            }
+        };
+        if !matches!(kind, "DaemonSet" | "Deployment") {
+            bail!("cannot wait for a {kind}");
         }
-        "Deployment" => {
-            let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
-            tokio::time::timeout(
-                timeout,
-                await_condition(api, name, |o: Option<&Deployment>| o.is_some_and(deployment_ready)),
-            )
-            .await
-            .map(|r| r.map(|_| ()).map_err(anyhow::Error::from))
+        match tokio::time::timeout_at(deadline, watch).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => {
+                last_error = Some(e.to_string());
+                tokio::time::sleep_until((tokio::time::Instant::now() + Duration::from_millis(500)).min(deadline))
+                    .await;
+                if tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+            }
+            Err(_) => break,
         }
-        other => bail!("cannot wait for a {other}"),
-    };
-    match waited {
-        Ok(r) => r.with_context(|| format!("watching {kind} {ns}/{name}")),
-        Err(_) => bail!("{kind} {ns}/{name} was not rolled out within {}s", timeout.as_secs()),
+    }
+    match last_error {
+        Some(e) => bail!(
+            "{kind} {ns}/{name} was not rolled out within {}s (last watch error: {e})",
+            timeout.as_secs()
+        ),
+        None => bail!("{kind} {ns}/{name} was not rolled out within {}s", timeout.as_secs()),
     }
 }
 

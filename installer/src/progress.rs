@@ -80,7 +80,10 @@ impl Progress {
         };
         let text = format!("{} {word} in {secs:.1}s{note}", self.current);
         match self.bar.take() {
-            Some(bar) => bar.finish_with_message(format!("{mark} {text}")),
+            Some(bar) => {
+                bar.set_style(ProgressStyle::with_template("{msg}").expect("static template"));
+                bar.finish_with_message(format!("{mark} {text}"));
+            }
             None => line(&text),
         }
     }

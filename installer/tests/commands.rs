@@ -533,3 +533,42 @@ fn check_deps_names_each_failure_with_its_fix() {
     let text = sb.run(&["check-deps"], &[]);
     assert!(stdout(&text).contains("ok   talosctl"), "{}", stdout(&text));
 }
+
+#[test]
+fn on_a_terminal_each_step_is_one_line_with_a_spinner_and_its_time() {
+    let sb = Sandbox::new();
+    let out = sb.run_on_tty(&["up"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let screen = stdout(&out);
+    for n in 1..=12 {
+        let re = regex::Regex::new(&format!(
+            r"(\u{{2713}}|\u{{2013}}) \[{n}/12\] [^\x1b]* (done|skipped) in \d+\.\ds"
+        ))
+        .unwrap();
+        assert!(re.is_match(&screen), "step {n}: {screen}");
+    }
+    assert!(screen.contains('\u{2801}'), "a spinner frame: {screen}");
+    assert!(
+        regex::Regex::new(r"\[12/12\] Deploy the sample app .* done in \d+\.\ds")
+            .unwrap()
+            .is_match(&screen),
+        "{screen}"
+    );
+    // Not the plain format.
+    assert!(
+        !regex::Regex::new(r"(?m)^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[1/12\]")
+            .unwrap()
+            .is_match(&screen),
+        "{screen}"
+    );
+    // --plain forces timestamped lines even on a terminal.
+    sb.run(&["down"], &[]);
+    let out = sb.run_on_tty(&["--plain", "up"]);
+    assert!(
+        regex::Regex::new(r"(?m)^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[1/12\]")
+            .unwrap()
+            .is_match(&stdout(&out)),
+        "{}",
+        stdout(&out)
+    );
+}

@@ -3,6 +3,7 @@
 
 mod cli;
 mod common;
+mod lab;
 mod metrics_oracle;
 mod outage;
 mod queue;

@@ -91,7 +91,12 @@ fn serve(conn: TcpStream, log: &Mutex<Vec<String>>, objects: &Mutex<BTreeMap<Str
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
         log.lock().unwrap().push(format!("{method} {path}"));
         let (status, reply) = route(&method, path, query, &body, objects);
-        let text = reply.to_string();
+        // A watch that has nothing to report: an empty event stream (kube-rs then watches again).
+        let text = if reply.is_null() {
+            String::new()
+        } else {
+            reply.to_string()
+        };
         let head = format!(
             "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             text.len()
@@ -155,7 +160,10 @@ fn route(method: &str, path: &str, query: &str, body: &[u8], objects: &Mutex<BTr
             objects.insert(path.to_owned(), obj.clone());
             (200, obj)
         }
-        "GET" if query.contains("watch=") => (200, json!({})),
+        "GET" if query.contains("watch=") => {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            (200, Value::Null)
+        }
         "GET" => {
             if let Some(o) = objects.get(path) {
                 return (200, o.clone());
@@ -249,6 +257,24 @@ impl Sandbox {
         for (k, v) in extra {
             c.env(k, v);
         }
+        c.output().unwrap()
+    }
+
+    /// Runs `installer ARGS` on a pseudo-terminal (util-linux `script`), returning what the
+    /// terminal showed.
+    pub fn run_on_tty(&self, args: &[&str]) -> Output {
+        let line = std::iter::once(env!("CARGO_BIN_EXE_installer").to_owned())
+            .chain(args.iter().map(|a| (*a).to_owned()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut c = Command::new("script");
+        c.args(["-qec", &line, "/dev/null"])
+            .current_dir(self.dir.path().join("work"))
+            .env_clear();
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c.env("TERM", "xterm");
         c.output().unwrap()
     }
 
