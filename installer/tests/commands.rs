@@ -572,3 +572,67 @@ fn on_a_terminal_each_step_is_one_line_with_a_spinner_and_its_time() {
         stdout(&out)
     );
 }
+
+#[test]
+fn port_forward_carries_bytes_to_the_pod_through_the_api_server() {
+    use std::io::{Read, Write};
+    let sb = Sandbox::new();
+    assert!(sb.run(&["up"], &[]).status.success());
+    sb.api.insert(
+        "/api/v1/namespaces/monitoring/services/kube-prometheus-stack-prometheus",
+        serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kube-prometheus-stack-prometheus", "namespace": "monitoring"},
+               "spec": {"selector": {"app.kubernetes.io/name": "prometheus"}, "ports": [{"name": "http-web", "port": 9090, "targetPort": 9090}]}}),
+    );
+    sb.api.insert(
+        "/api/v1/namespaces/monitoring/pods/prometheus-0",
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "prometheus-0", "namespace": "monitoring", "labels": {"app.kubernetes.io/name": "prometheus"}},
+               "spec": {"containers": [{"name": "prometheus"}]}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+    );
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_installer"));
+    c.args(["port-forward", "prometheus", "--local-port", &port.to_string()])
+        .current_dir(sb.dir.path().join("work"))
+        .env_clear()
+        .stdout(std::process::Stdio::piped());
+    for (k, v) in &sb.env {
+        c.env(k, v);
+    }
+    let mut child = c.spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut conn = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => panic!("port-forward never listened: {e}"),
+        }
+    };
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    conn.write_all(b"GET /-/ready\n").unwrap();
+    let mut buf = [0u8; 64];
+    let n = conn.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"pong: GET /-/ready\n");
+    drop(conn);
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        stdout(&out).contains(&format!(
+            "Forwarding http://127.0.0.1:{port}/ -> monitoring/prometheus-0:9090"
+        )),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        sb.api
+            .requests()
+            .iter()
+            .any(|r| r == "GET /api/v1/namespaces/monitoring/pods/prometheus-0/portforward"),
+        "{:#?}",
+        sb.api.requests()
+    );
+}

@@ -72,6 +72,7 @@ fn serve(conn: TcpStream, log: &Mutex<Vec<String>>, objects: &Mutex<BTreeMap<Str
             parts.next().unwrap_or("").to_owned(),
         );
         let mut len = 0usize;
+        let mut ws_key = None;
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h).unwrap_or(0) == 0 {
@@ -83,6 +84,18 @@ fn serve(conn: TcpStream, log: &Mutex<Vec<String>>, objects: &Mutex<BTreeMap<Str
             if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
                 len = v.trim().parse().unwrap_or(0);
             }
+            if let Some((name, value)) = h.split_once(':') {
+                if name.eq_ignore_ascii_case("sec-websocket-key") {
+                    ws_key = Some(value.trim().to_owned());
+                }
+            }
+        }
+        if let (Some(key), true) = (ws_key, target.contains("/portforward?")) {
+            log.lock()
+                .unwrap()
+                .push(format!("{method} {}", target.split('?').next().unwrap_or("")));
+            port_forward(conn, &key, &target);
+            return;
         }
         let mut body = vec![0; len];
         if reader.read_exact(&mut body).is_err() {
@@ -107,6 +120,47 @@ fn serve(conn: TcpStream, log: &Mutex<Vec<String>>, objects: &Mutex<BTreeMap<Str
             .is_err()
         {
             return;
+        }
+    }
+}
+
+/// A pod's port-forward over the v4.channel.k8s.io WebSocket protocol: announces the port on
+/// its data and error channels, then answers every chunk written to the pod with
+/// `pong: <chunk>` — the pod side of a tiny request/response server.
+fn port_forward(mut conn: TcpStream, key: &str, target: &str) {
+    use tungstenite::protocol::Role;
+    let port: u16 = target
+        .split("ports=")
+        .nth(1)
+        .and_then(|p| p.split('&').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let head = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n"
+    );
+    if conn.write_all(head.as_bytes()).is_err() {
+        return;
+    }
+    let mut ws = tungstenite::WebSocket::from_raw_socket(conn, Role::Server, None);
+    let [lo, hi] = port.to_le_bytes();
+    for ch in [0u8, 1] {
+        if ws.send(tungstenite::Message::binary(vec![ch, lo, hi])).is_err() {
+            return;
+        }
+    }
+    while let Ok(msg) = ws.read() {
+        match msg {
+            tungstenite::Message::Binary(b) if b.len() > 1 && b[0] == 0 => {
+                let mut reply = vec![0u8];
+                reply.extend_from_slice(b"pong: ");
+                reply.extend_from_slice(&b[1..]);
+                if ws.send(tungstenite::Message::binary(reply)).is_err() {
+                    return;
+                }
+            }
+            tungstenite::Message::Close(_) => return,
+            _ => {}
         }
     }
 }
