@@ -1,15 +1,17 @@
-# A small static image of the agent:
-#   docker build -t sre-lab/agent:0.1.0 .
-# Built for x86_64 with musl, so the final image holds the binary and CA certificates only.
+# A small static image of the agent, for the architecture of the machine that builds it
+# (x86_64 or aarch64):
+#   docker build -t ghcr.io/sre-lab/agent:0.1.0 .
+# `installer up` builds it this way for Talos in Docker and pushes it to the lab's registry.
 FROM rust:1-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends musl-tools \
  && rm -rf /var/lib/apt/lists/* \
- && rustup target add x86_64-unknown-linux-musl
+ && rustup target add "$(uname -m)-unknown-linux-musl"
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p sre-lab-agent --target x86_64-unknown-linux-musl \
- && cp target/x86_64-unknown-linux-musl/release/agent /agent
+RUN target="$(uname -m)-unknown-linux-musl" \
+ && cargo build --release --locked -p sre-lab-agent --target "$target" \
+ && cp "target/$target/release/agent" /agent
 
 FROM scratch
 COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt

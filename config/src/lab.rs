@@ -26,7 +26,9 @@ pub struct LabConfig {
     pub addons: Addons,
     /// Helm values merged over the rendered values, per add-on name.
     pub values: BTreeMap<String, serde_yaml_value::Value>,
-    /// The agent's container image (the DaemonSet in deploy/ names the release image).
+    /// The agent's container image. Empty: built from this checkout (the Dockerfile) and
+    /// pushed to a registry the installer runs next to Talos in Docker/QEMU; provider `nodes`
+    /// needs an image its machines can pull.
     pub agent_image: String,
     /// Addresses MetalLB hands out (`FIRST-LAST` or a CIDR). Empty: the top of the Talos
     /// in Docker subnet (10.5.0.200-10.5.0.250); required for the other providers.
@@ -44,13 +46,23 @@ impl Default for LabConfig {
             charts: Charts::default(),
             addons: Addons::default(),
             values: BTreeMap::new(),
-            agent_image: DEFAULT_AGENT_IMAGE.to_owned(),
+            agent_image: String::new(),
             metallb_pool: String::new(),
         }
     }
 }
 
-/// The agent image the manifests in deploy/ name.
+/// The add-ons whose Helm values a lab file may override under `values`.
+pub const VALUES_FOR: &[&str] = &[
+    "cilium",
+    "kube_prometheus_stack",
+    "loki",
+    "local_path",
+    "traefik",
+    "metallb",
+];
+
+/// The agent image the manifests in deploy/ name (replaced by the installer).
 pub const DEFAULT_AGENT_IMAGE: &str = "ghcr.io/sre-lab/agent:0.1.0";
 
 /// Where the nodes come from.
@@ -286,10 +298,37 @@ pub fn validate(lab: &LabConfig) -> Vec<(String, String)> {
             "MetalLB needs an address range on the machines' network, e.g. 192.168.56.200-192.168.56.250".into(),
         ));
     }
-    if lab.agent_image.is_empty() || lab.agent_image.contains(char::is_whitespace) {
+    for name in lab.values.keys() {
+        if !VALUES_FOR.contains(&name.as_str()) {
+            out.push((
+                format!("values.{name}"),
+                format!(
+                    "no Helm release is called {name:?}; values can be given for {}",
+                    VALUES_FOR.join(", ")
+                ),
+            ));
+        }
+    }
+    if lab.agent_image.contains(char::is_whitespace) {
         out.push((
             "agent_image".into(),
             format!("{:?} is not an image reference", lab.agent_image),
+        ));
+    }
+    if lab.agent_image.is_empty() && lab.addons.agent && lab.provider == Provider::Nodes {
+        out.push((
+            "agent_image".into(),
+            "provider `nodes` needs an agent image the machines can pull (build one with the Dockerfile and push it)"
+                .into(),
+        ));
+    }
+    if !talos_below(&lab.versions.talos, 1, 14) {
+        out.push((
+            "versions.talos".into(),
+            format!(
+                "Talos {} moves the network, proxy and kubelet settings this installer patches into new config documents; use v1.13.x",
+                lab.versions.talos
+            ),
         ));
     }
     if lab.provider == Provider::Docker && !talos_at_least(&lab.versions.talos, 1, 13) {
@@ -302,6 +341,10 @@ pub fn validate(lab: &LabConfig) -> Vec<(String, String)> {
         ));
     }
     out
+}
+
+fn talos_below(v: &str, major: u32, minor: u32) -> bool {
+    !talos_at_least(v, major, minor)
 }
 
 fn talos_at_least(v: &str, major: u32, minor: u32) -> bool {

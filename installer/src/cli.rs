@@ -127,6 +127,9 @@ pub enum Command {
         /// Grafana admin password [default: from the cluster's Secret].
         #[arg(long, env = "GRAFANA_PASSWORD", hide_env_values = true)]
         grafana_password: Option<String>,
+        /// Keep checking until everything passes or this many seconds have passed.
+        #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+        wait: u64,
     },
     /// Check tools, versions, the Docker daemon, CPU/RAM/disk, ports and subnet.
     CheckDeps,
@@ -196,7 +199,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Up { dry_run: false } => {
-            preflight(&lab, &runner)?;
+            preflight(&lab, &runner).await?;
             let steps = plan::up(&ctx);
             let mut ex = Executor::new(&runner, &paths);
             ex.plain = cli.plain;
@@ -266,6 +269,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 std::io::stdout().write_all(&std::fs::read(&kc)?)?;
             } else if let Some(into) = merge {
                 let into = into.unwrap_or_else(default_user_kubeconfig);
+                // Recorded absolute, so `down` finds it from any directory.
+                let into = std::path::absolute(&into).unwrap_or(into);
                 let context = format!("admin@{}", lab.cluster_name);
                 crate::kubeconfig::merge(&kc, &into, &context)?;
                 let mut st = State::load(&paths)?;
@@ -337,16 +342,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             loki_url,
             grafana_url,
             grafana_password,
+            wait,
         } => {
-            validate_cmd(
-                &paths,
-                prometheus_url,
-                loki_url,
-                grafana_url,
+            let endpoints = validate::Endpoints {
+                prometheus: prometheus_url,
+                loki: loki_url,
+                grafana: grafana_url,
                 grafana_password,
-                json_out,
-            )
-            .await
+            };
+            validate_cmd(&lab, &paths, wait, endpoints, json_out).await
         }
         Command::CheckDeps => {
             let checks = deps::run(&lab, &runner, &root).await;
@@ -391,20 +395,20 @@ fn print_plan(steps: &[plan::Step], source: &str, json_out: bool) {
     }
 }
 
-/// The tools `up` needs on PATH for this lab; missing ones stop `up` before it starts.
-fn preflight(lab: &LabConfig, runner: &Runner) -> anyhow::Result<()> {
-    let mut need = vec!["talosctl", "helm"];
-    if lab.provider == config::lab::Provider::Docker {
-        need.push("docker");
+/// `up` stops before doing anything when a tool it needs is missing or too old.
+async fn preflight(lab: &LabConfig, runner: &Runner) -> anyhow::Result<()> {
+    let failed = deps::preflight(lab, runner).await;
+    if failed.is_empty() {
+        return Ok(());
     }
-    let missing: Vec<&str> = need.into_iter().filter(|t| runner.which(t).is_none()).collect();
-    if !missing.is_empty() {
-        bail!(
-            "{} not on PATH; `installer check-deps` says how to install them",
-            missing.join(", ")
-        );
-    }
-    Ok(())
+    let lines: Vec<String> = failed
+        .iter()
+        .map(|c| format!("  {}: {}\n    fix: {}", c.name, c.detail, c.fix))
+        .collect();
+    bail!(
+        "not ready to start:\n{}\n(`installer check-deps` checks everything)",
+        lines.join("\n")
+    );
 }
 
 #[derive(serde::Serialize)]
@@ -551,32 +555,26 @@ async fn status(lab: &LabConfig, paths: &Paths, json_out: bool) -> anyhow::Resul
 }
 
 async fn validate_cmd(
+    lab: &LabConfig,
     paths: &Paths,
-    prometheus_url: Option<String>,
-    loki_url: Option<String>,
-    grafana_url: Option<String>,
-    grafana_password: Option<String>,
+    wait: u64,
+    mut endpoints: validate::Endpoints,
     json_out: bool,
 ) -> anyhow::Result<ExitCode> {
-    let mut endpoints = validate::Endpoints {
-        prometheus: prometheus_url,
-        loki: loki_url,
-        grafana: grafana_url,
-        grafana_password,
-    };
     let mut forwards = Vec::new();
-    let need_cluster = endpoints.prometheus.is_none()
-        || endpoints.loki.is_none()
-        || endpoints.grafana.is_none()
-        || endpoints.grafana_password.is_none();
+    let which = validate::Applicable::of(lab);
+    let need_prometheus = which.agent_series || which.flows;
+    let need_cluster = (need_prometheus && endpoints.prometheus.is_none())
+        || (which.logs && endpoints.loki.is_none())
+        || (which.grafana && (endpoints.grafana.is_none() || endpoints.grafana_password.is_none()));
     if need_cluster {
         let client = kube::client(&paths.kubeconfig()).await?;
-        for (name, slot) in [
-            ("prometheus", &mut endpoints.prometheus),
-            ("loki", &mut endpoints.loki),
-            ("grafana", &mut endpoints.grafana),
+        for (name, slot, needed) in [
+            ("prometheus", &mut endpoints.prometheus, need_prometheus),
+            ("loki", &mut endpoints.loki, which.logs),
+            ("grafana", &mut endpoints.grafana, which.grafana),
         ] {
-            if slot.is_some() {
+            if slot.is_some() || !needed {
                 continue;
             }
             let f = kube::forwardable(name).expect("known service");
@@ -591,13 +589,16 @@ async fn validate_cmd(
                 listener,
             )));
         }
-        if endpoints.grafana_password.is_none() {
+        if which.grafana && endpoints.grafana_password.is_none() {
             endpoints.grafana_password = Some(
                 kube::grafana_password(&client, crate::values::MONITORING_NS, crate::values::GRAFANA_SECRET).await?,
             );
         }
     }
-    let findings = tokio::task::spawn_blocking(move || validate::run(&endpoints)).await?;
+    let findings = tokio::task::spawn_blocking(move || {
+        validate::run_until(&endpoints, which, std::time::Duration::from_secs(wait))
+    })
+    .await?;
     for f in forwards {
         f.abort();
     }

@@ -47,8 +47,8 @@ fn check(name: impl Into<String>, status: Status, detail: impl Into<String>, fix
 
 /// Minimum versions.
 pub const MIN_TALOSCTL: (u32, u32) = (1, 13);
-/// Helm 3.12 has the `--repo` handling and OCI fixes the charts rely on.
-pub const MIN_HELM: (u32, u32) = (3, 12);
+/// Helm 3.17 adds `--take-ownership`, with which Helm adopts the Cilium that Talos bootstrapped.
+pub const MIN_HELM: (u32, u32) = (3, 17);
 
 /// The first `vX.Y` (or `X.Y`) version in `text`.
 pub fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
@@ -95,6 +95,62 @@ async fn tool_version(runner: &Runner, tool: &str, args: &[&str], min: Option<(u
     }
 }
 
+/// What `up` checks before it starts: the tools it needs are there and new enough, and the
+/// talosctl minor version is the one of the Talos image. Returns the failures.
+pub async fn preflight(lab: &LabConfig, runner: &Runner) -> Vec<Check> {
+    let mut out = vec![
+        tool_version(
+            runner,
+            "talosctl",
+            &["version", "--client", "--short"],
+            Some(MIN_TALOSCTL),
+            "curl -sL https://talos.dev/install | sh",
+        )
+        .await,
+        tool_version(
+            runner,
+            "helm",
+            &["version", "--short"],
+            Some(MIN_HELM),
+            "https://helm.sh/docs/intro/install/",
+        )
+        .await,
+    ];
+    if lab.provider == Provider::Docker || crate::plan::local_registry(lab).is_some() {
+        out.push(
+            tool_version(
+                runner,
+                "docker",
+                &["--version"],
+                None,
+                "https://docs.docker.com/engine/install/",
+            )
+            .await,
+        );
+    }
+    if let (Some(tool), Some(image)) = (
+        out[0].detail.split(' ').next().and_then(parse_version),
+        parse_version(&lab.versions.talos),
+    ) {
+        if (tool.0, tool.1) != (image.0, image.1) {
+            out.push(check(
+                "talosctl",
+                Status::Fail,
+                format!(
+                    "talosctl {}.{}.{} drives Talos {}; their minor versions must match",
+                    tool.0, tool.1, tool.2, lab.versions.talos
+                ),
+                format!(
+                    "install talosctl {} (`curl -sL https://talos.dev/install | sh`) or set versions.talos",
+                    lab.versions.talos
+                ),
+            ));
+        }
+    }
+    out.retain(|c| c.status == Status::Fail);
+    out
+}
+
 /// Runs every check for `lab`.
 pub async fn run(lab: &LabConfig, runner: &Runner, state_root: &Path) -> Vec<Check> {
     let mut out = Vec::new();
@@ -137,10 +193,11 @@ pub async fn run(lab: &LabConfig, runner: &Runner, state_root: &Path) -> Vec<Che
 
     match lab.provider {
         Provider::Docker => {
+            // `docker --version` answers without the daemon, which has its own check below.
             let docker = tool_version(
                 runner,
                 "docker",
-                &["version", "--format", "{{.Client.Version}}"],
+                &["--version"],
                 None,
                 "https://docs.docker.com/engine/install/",
             )
@@ -252,13 +309,6 @@ pub async fn run(lab: &LabConfig, runner: &Runner, state_root: &Path) -> Vec<Che
     });
 
     if lab.provider == Provider::Docker {
-        for port in [6443u16, 50000] {
-            out.push(port_check(
-                port,
-                Status::Fail,
-                "Talos in Docker publishes it on the host; stop what listens there or destroy the old cluster",
-            ));
-        }
         out.push(subnet_check(Ipv4Addr::new(10, 5, 0, 0), 24));
     }
     for f in crate::kube::FORWARDS {
@@ -291,7 +341,7 @@ fn subnet_check(net: Ipv4Addr, prefix: u32) -> Check {
             name,
             Status::Warn,
             format!("already routed via {iface}"),
-            "if it is not an earlier sre-lab cluster, pass another subnet to the lab (values.talos_cidr) or remove that network",
+            "Talos in Docker makes its network there: if it is not an earlier sre-lab cluster, remove that network (`docker network ls`, `ip route`)",
         ),
         None => check(name, Status::Ok, "free", ""),
     }

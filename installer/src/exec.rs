@@ -147,6 +147,7 @@ impl<'a> Executor<'a> {
         match probe {
             Probe::Exists { path } => path.exists(),
             Probe::Succeeds { cmd } => self.runner.run(cmd).await.is_ok_and(|o| o.success()),
+            Probe::Fails { cmd } => !self.runner.run(cmd).await.is_ok_and(|o| o.success()),
         }
     }
 
@@ -175,32 +176,27 @@ impl<'a> Executor<'a> {
                 Action::Run { cmd } => {
                     self.run_cmd(cmd).await?;
                 }
-                Action::RenderInline { cmd, name, path } => {
+                Action::RenderInline {
+                    cmd,
+                    name,
+                    path,
+                    max_bytes,
+                } => {
                     let manifest = self.run_cmd(cmd).await?;
                     if crate::yaml::documents(&manifest).map_or(true, |d| d.is_empty()) {
                         bail!("`{}` rendered no manifests", self.redactor.redact(&cmd.shell_line()));
                     }
-                    state::write_private(path, crate::values::inline_manifest_patch(name, &manifest).as_bytes())?;
-                }
-                Action::ApplyRendered {
-                    what,
-                    cmd,
-                    kinds,
-                    label,
-                } => {
-                    let rendered = self.run_cmd(cmd).await?;
-                    let kept = select_documents(&rendered, kinds, label.as_deref())?;
-                    if kept.is_empty() {
-                        bail!(
-                            "`{}` rendered none of {}",
-                            self.redactor.redact(&cmd.shell_line()),
-                            kinds.join(", ")
-                        );
+                    let patch = crate::values::inline_manifest_patch(name, &manifest);
+                    if let Some(max) = max_bytes {
+                        if patch.len() > *max {
+                            bail!(
+                                "the rendered {name} manifest makes a {} KiB machine-config patch; Talos in Docker passes the whole machine config base64-encoded in one environment variable (at most 128 KiB), so at most {} KiB fit. Turn something off in values.{name} (e.g. hubble.ui) or use provider qemu",
+                                patch.len() / 1024,
+                                max / 1024
+                            );
+                        }
                     }
-                    let client = self.client().await?;
-                    crate::kube::apply(&client, &kept)
-                        .await
-                        .with_context(|| format!("server-side apply of {what}"))?;
+                    state::write_private(path, patch.as_bytes())?;
                 }
                 Action::Apply { what, manifests } => {
                     let client = self.client().await?;
@@ -254,32 +250,6 @@ impl<'a> Executor<'a> {
     }
 }
 
-/// The documents of `rendered` whose kind is in `kinds` (a ConfigMap only with `label`),
-/// with `kube-system` as the namespace where `helm template` left none, as YAML.
-pub fn select_documents(rendered: &str, kinds: &[String], label: Option<&str>) -> anyhow::Result<String> {
-    let docs = crate::yaml::documents(rendered).map_err(|e| anyhow!("helm template output: {e}"))?;
-    let mut out = String::new();
-    for mut d in docs {
-        let kind = d["kind"].as_str().unwrap_or_default();
-        if !kinds.iter().any(|k| k == kind) {
-            continue;
-        }
-        if kind == "ConfigMap" {
-            if let Some(l) = label {
-                if d["metadata"]["labels"].get(l).is_none() {
-                    continue;
-                }
-            }
-        }
-        if d["metadata"]["namespace"].is_null() {
-            d["metadata"]["namespace"] = serde_json::json!("kube-system");
-        }
-        out.push_str("---\n");
-        out.push_str(&crate::yaml::to_string(&d));
-    }
-    Ok(out)
-}
-
 /// The Grafana admin password: read from the state directory, or generated (24 characters
 /// from the OS's CSPRNG) and stored there with mode 0600.
 pub fn grafana_password(paths: &Paths) -> anyhow::Result<String> {
@@ -320,6 +290,14 @@ fn cleanup(paths: &Paths, dir: &Path, keep_config: bool) -> anyhow::Result<()> {
             } else {
                 std::fs::remove_file(&p)?;
             }
+        }
+        // The merged contexts stay too, and so does the record of them for a later `down`.
+        if !st.merged_contexts.is_empty() {
+            State {
+                merged_contexts: st.merged_contexts,
+                ..State::default()
+            }
+            .save(paths)?;
         }
         return Ok(());
     }

@@ -28,7 +28,7 @@ machines:
   install_disk: ""     # e.g. /dev/sda
 
 versions:
-  talos: v1.13.9
+  talos: v1.13.9          # 1.13.x: 1.14 moved the settings patched here
   kubernetes: 1.36.3
 
 # Helm chart versions, pinned so that a re-run installs the same thing.
@@ -53,8 +53,9 @@ addons:
   agent: true         # the sre-lab agent DaemonSet
   sample_app: true    # a workload `installer validate` uses to prove the agent's paths
 
-# The agent's image; set it to one you built (Dockerfile) and pushed where the nodes pull.
-agent_image: ghcr.io/sre-lab/agent:0.1.0
+# The agent's image. Empty: built from this checkout's Dockerfile and pushed to a registry the
+# installer runs for the lab (docker, qemu). Provider `nodes` needs one its machines can pull.
+agent_image: ""
 
 # MetalLB's address range; empty = 10.5.0.200-10.5.0.250 in the Talos in Docker subnet.
 metallb_pool: ""

@@ -36,6 +36,55 @@ pub mod repos {
     pub const METALLB: &str = "https://metallb.github.io/metallb";
 }
 
+/// The lab registry's port on the host.
+pub const REGISTRY_PORT: u16 = 5005;
+/// The registry image.
+pub const REGISTRY_IMAGE: &str = "registry:2.8.3";
+/// Largest Cilium inline-manifest patch for Talos in Docker: the whole machine config goes
+/// base64-encoded (4/3) into one environment variable of at most 128 KiB, and the rest of
+/// the control plane's config needs room too.
+pub const INLINE_LIMIT_DOCKER: usize = 88 * 1024;
+
+/// The registry the installer runs when it builds the agent image itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalRegistry {
+    /// Container name.
+    pub container: String,
+    /// `host:port` the Talos nodes pull from (the lab network's gateway).
+    pub node_host: String,
+    /// The image as pushed from this host.
+    pub push_ref: String,
+    /// The image as the nodes pull it.
+    pub pull_ref: String,
+}
+
+/// The lab registry, when the agent image is built here (no `agent_image`, Talos in
+/// Docker or QEMU): nodes reach the host at the lab network's gateway, 10.5.0.1.
+pub fn local_registry(lab: &LabConfig) -> Option<LocalRegistry> {
+    if !lab.addons.agent || !lab.agent_image.is_empty() || lab.provider == Provider::Nodes {
+        return None;
+    }
+    let node_host = format!("10.5.0.1:{REGISTRY_PORT}");
+    let path = format!("sre-lab/agent:{}", env!("CARGO_PKG_VERSION"));
+    Some(LocalRegistry {
+        container: format!("{}-registry", lab.cluster_name),
+        push_ref: format!("127.0.0.1:{REGISTRY_PORT}/{path}"),
+        pull_ref: format!("{node_host}/{path}"),
+        node_host,
+    })
+}
+
+/// Where the agent image is built from: this checkout when the binary runs from it, else
+/// the working directory.
+pub fn build_context() -> PathBuf {
+    let checkout = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if checkout.join("Dockerfile").exists() {
+        checkout.canonicalize().unwrap_or(checkout)
+    } else {
+        PathBuf::from(".")
+    }
+}
+
 /// How long Helm waits for a release's resources.
 const HELM_TIMEOUT: &str = "10m";
 
@@ -63,18 +112,10 @@ pub enum Action {
         name: String,
         /// The patch file.
         path: PathBuf,
-    },
-    /// Runs `helm template` and server-side applies the documents of the given kinds
-    /// (ConfigMaps only when they carry `label`).
-    ApplyRendered {
-        /// What it is, for output.
-        what: String,
-        /// The `helm template` command.
-        cmd: Cmd,
-        /// Kinds kept.
-        kinds: Vec<String>,
-        /// Label a kept ConfigMap must have.
-        label: Option<String>,
+        /// Largest patch that fits (Talos in Docker passes the machine config base64-encoded
+        /// in one environment variable, which Linux limits to 128 KiB).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        max_bytes: Option<usize>,
     },
     /// Server-side applies multi-document YAML with kube-rs.
     Apply {
@@ -129,6 +170,11 @@ impl serde::Serialize for Cmd {
 pub enum Probe {
     /// The command exits 0 (e.g. the cluster's first container exists).
     Succeeds {
+        /// The command.
+        cmd: Cmd,
+    },
+    /// The command fails (e.g. there is no such container to remove).
+    Fails {
         /// The command.
         cmd: Cmd,
     },
@@ -391,6 +437,7 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
                 ),
                 name: "cilium".into(),
                 path: inline_file.clone(),
+                max_bytes: (lab.provider == Provider::Docker).then_some(INLINE_LIMIT_DOCKER),
             }),
         );
     }
@@ -613,23 +660,69 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
 
     steps.push(
         Step::new(
-            "namespaces",
-            "Create the lab's namespaces with their Pod Security levels",
-            "is the API server up? `installer status`",
-        )
-        .act(Action::Apply {
-            what: "namespaces".into(),
-            manifests: namespaces(lab),
-        }),
-    );
-    steps.push(
-        Step::new(
             "health",
             "Wait for the cluster to be healthy (etcd, API server, nodes Ready)",
-            "`talosctl health` prints which check fails",
+            "`talosctl health` prints which check fails; if `talosctl cluster create` was interrupted, `installer down` then `installer up` starts clean",
         )
         .run(talosctl_on(ctx, &cp, &["health", "--wait-timeout", "10m"])),
     );
+    let mut ns = Step::new(
+        "namespaces",
+        "Create the lab's namespaces with their Pod Security levels",
+        "is the API server up? `installer status`",
+    )
+    .act(Action::Apply {
+        what: "namespaces".into(),
+        manifests: namespaces(lab),
+    });
+    ns.retry_secs = Some(120);
+    steps.push(ns);
+
+    if let Some(reg) = local_registry(lab) {
+        let mut run = Step::new(
+            "registry",
+            format!("Run the lab's image registry ({} for the nodes)", reg.node_host),
+            "`docker logs` of the registry container says why; port 5005 must be free",
+        )
+        .run(Cmd::new(
+            "docker",
+            [
+                "run",
+                "--detach",
+                "--restart=always",
+                "--name",
+                &reg.container,
+                "--publish",
+                &format!("127.0.0.1:{REGISTRY_PORT}:5000"),
+                "--publish",
+                &format!("{}:5000", reg.node_host),
+                REGISTRY_IMAGE,
+            ],
+        ));
+        run.skip_if = Some(Probe::Succeeds {
+            cmd: Cmd::new(
+                "docker",
+                ["container", "inspect", "--format", "{{.Name}}", &reg.container],
+            ),
+        });
+        steps.push(run);
+        let context = build_context();
+        steps.push(
+            Step::new(
+                "agent-image",
+                format!("Build the agent image from {} and push it to the lab's registry", context.display()),
+                "run the installer from the sre-lab checkout (the Dockerfile is at its root), or set agent_image in the lab file",
+            )
+            .run(Cmd::new(
+                "docker",
+                [
+                    "build", "--file", &context.join("Dockerfile").display().to_string(),
+                    "--tag", &reg.push_ref, &context.display().to_string(),
+                ],
+            ))
+            .run(Cmd::new("docker", ["push", &reg.push_ref])),
+        );
+    }
 
     if lab.addons.local_path {
         steps.push(helm_step(
@@ -677,45 +770,39 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
             values::render(lab, "kube_prometheus_stack", values::kube_prometheus_stack(lab)),
         ));
     }
-    if lab.addons.cilium && (lab.addons.prometheus || lab.addons.grafana) {
-        let (w, values_path) = write_values(
-            ctx,
-            "cilium-monitoring-values.yaml",
-            values::render(lab, "cilium", values::cilium(lab, CiliumPhase::Monitoring)),
+    if lab.addons.cilium {
+        // Talos applied the bootstrap render; from here on Helm owns the release, so later
+        // changes to Cilium's values are `helm upgrade`s. With the Prometheus operator's CRDs
+        // now there, its ServiceMonitors and dashboards come along.
+        let phase = if lab.addons.prometheus || lab.addons.grafana {
+            CiliumPhase::Monitoring
+        } else {
+            CiliumPhase::Network
+        };
+        let mut step = helm_step(
+            "cilium",
+            &format!(
+                "Hand Cilium {} over to Helm{}",
+                lab.charts.cilium,
+                if phase == CiliumPhase::Monitoring {
+                    " with its ServiceMonitors and dashboards"
+                } else {
+                    ""
+                }
+            ),
+            "cilium",
+            "cilium",
+            repos::CILIUM,
+            &lab.charts.cilium,
+            "kube-system",
+            "cilium-helm-values.yaml",
+            values::render(lab, "cilium", values::cilium(lab, phase)),
         );
-        steps.push(
-            Step::new(
-                "cilium-monitoring",
-                "Add Cilium's and Hubble's ServiceMonitors and Grafana dashboards",
-                "the Prometheus operator's CRDs come with kube-prometheus-stack; is it installed?",
-            )
-            .act(w)
-            .act(Action::ApplyRendered {
-                what: "Cilium ServiceMonitors and dashboards".into(),
-                cmd: Cmd::new(
-                    "helm",
-                    [
-                        "template",
-                        "cilium",
-                        "cilium",
-                        "--repo",
-                        repos::CILIUM,
-                        "--version",
-                        &lab.charts.cilium,
-                        "--namespace",
-                        "kube-system",
-                        "--kube-version",
-                        &lab.versions.kubernetes,
-                        "--api-versions",
-                        "monitoring.coreos.com/v1",
-                        "--values",
-                        &values_path,
-                    ],
-                ),
-                kinds: vec!["ServiceMonitor".into(), "ConfigMap".into()],
-                label: Some("grafana_dashboard".into()),
-            }),
-        );
+        if let Some(Action::Run { cmd }) = step.actions.last_mut() {
+            // Adopt the objects Talos created from the inline manifest (Helm >= 3.17).
+            cmd.args.insert(4, "--take-ownership".into());
+        }
+        steps.push(step);
     }
     if lab.addons.loki {
         steps.push(helm_step(
@@ -769,12 +856,14 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
             AGENT_MANIFESTS_NO_EBPF
         }
         .to_owned();
-        if lab.agent_image != config::lab::DEFAULT_AGENT_IMAGE {
-            manifests = manifests.replace(
-                &format!("image: {}\n", config::lab::DEFAULT_AGENT_IMAGE),
-                &format!("image: {}\n", lab.agent_image),
-            );
-        }
+        let image = match local_registry(lab) {
+            Some(reg) => reg.pull_ref,
+            None => lab.agent_image.clone(),
+        };
+        manifests = manifests.replace(
+            &format!("image: {}\n", config::lab::DEFAULT_AGENT_IMAGE),
+            &format!("image: {image}\n"),
+        );
         if !lab.addons.prometheus {
             // No Prometheus operator, no ServiceMonitor kind to apply.
             manifests = without_kind(&manifests, "ServiceMonitor");
@@ -877,6 +966,21 @@ pub fn down(ctx: &Context<'_>, keep_config: bool) -> Vec<Step> {
             steps.push(s);
         }
     }
+    if let Some(reg) = local_registry(lab) {
+        let mut rm = Step::new(
+            "registry",
+            "Remove the lab's image registry",
+            format!("`docker rm -f {}`", reg.container),
+        )
+        .run(Cmd::new("docker", ["rm", "--force", "--volumes", &reg.container]));
+        rm.skip_if = Some(Probe::Fails {
+            cmd: Cmd::new(
+                "docker",
+                ["container", "inspect", "--format", "{{.Name}}", &reg.container],
+            ),
+        });
+        steps.push(rm);
+    }
     let cleanup = Step::new(
         "contexts",
         if keep_config {
@@ -907,6 +1011,9 @@ pub fn render_text(steps: &[Step]) -> String {
                 Probe::Exists { path } => {
                     let _ = writeln!(out, "    skip if {} exists", path.display());
                 }
+                Probe::Fails { cmd } => {
+                    let _ = writeln!(out, "    skip if this fails: {cmd}");
+                }
             }
         }
         for a in &s.actions {
@@ -915,11 +1022,8 @@ pub fn render_text(steps: &[Step]) -> String {
                     format!("write {} ({} lines)", path.display(), contents.lines().count())
                 }
                 Action::Run { cmd } => format!("$ {cmd}"),
-                Action::RenderInline { cmd, name, path } => {
+                Action::RenderInline { cmd, name, path, .. } => {
                     format!("$ {cmd}\n      > {} (Talos inline manifest {name:?})", path.display())
-                }
-                Action::ApplyRendered { what, cmd, kinds, .. } => {
-                    format!("$ {cmd}\n      | server-side apply {what} ({})", kinds.join(", "))
                 }
                 Action::Apply { what, manifests } => {
                     let kinds: Vec<String> = crate::yaml::documents(manifests)

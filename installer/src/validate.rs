@@ -224,35 +224,88 @@ pub fn grafana_datasources(grafana: &str, password: &str) -> Finding {
     )
 }
 
-/// Runs the checks whose endpoints are known.
-pub fn run(e: &Endpoints) -> Vec<Finding> {
-    let mut out = Vec::new();
-    match &e.prometheus {
-        Some(p) => {
-            out.push(agent_series(p));
-            out.push(flow_metrics(p));
+/// Which checks apply to a lab (add-ons that are off are skipped, not failed).
+#[derive(Clone, Copy, Debug)]
+pub struct Applicable {
+    /// The agent ships to Prometheus.
+    pub agent_series: bool,
+    /// Hubble metrics are scraped.
+    pub flows: bool,
+    /// Loki receives logs.
+    pub logs: bool,
+    /// Grafana runs.
+    pub grafana: bool,
+}
+
+impl Applicable {
+    /// From the lab file.
+    pub fn of(lab: &config::lab::LabConfig) -> Self {
+        let a = &lab.addons;
+        Self {
+            agent_series: a.agent && a.prometheus,
+            flows: a.cilium && a.hubble && a.prometheus,
+            logs: a.agent && a.loki,
+            grafana: a.grafana,
         }
-        None => out.push(Finding {
-            check: "agent series in Prometheus".into(),
-            ok: false,
-            detail: "no Prometheus to ask".into(),
-        }),
     }
-    match &e.loki {
-        Some(l) => out.push(pod_logs(l)),
-        None => out.push(Finding {
-            check: "pod logs in Loki".into(),
-            ok: false,
-            detail: "no Loki to ask".into(),
-        }),
+}
+
+fn missing(check: &str, what: &str) -> Finding {
+    Finding {
+        check: check.into(),
+        ok: false,
+        detail: format!("no {what} to ask"),
     }
-    match (&e.grafana, &e.grafana_password) {
-        (Some(g), Some(p)) => out.push(grafana_datasources(g, p)),
-        _ => out.push(Finding {
-            check: "Grafana datasources answer".into(),
-            ok: false,
-            detail: "no Grafana to ask".into(),
-        }),
+}
+
+fn skipped(check: &str, why: &str) -> Finding {
+    Finding {
+        check: check.into(),
+        ok: true,
+        detail: format!("skipped: {why}"),
     }
-    out
+}
+
+/// Runs the checks that apply.
+pub fn run(e: &Endpoints, which: Applicable) -> Vec<Finding> {
+    let agent = match (&e.prometheus, which.agent_series) {
+        (_, false) => skipped(
+            "agent series in Prometheus",
+            "the agent or Prometheus is off in the lab file",
+        ),
+        (Some(p), true) => agent_series(p),
+        (None, true) => missing("agent series in Prometheus", "Prometheus"),
+    };
+    let flows = match (&e.prometheus, which.flows) {
+        (_, false) => skipped(
+            "flow metrics in Prometheus",
+            "Cilium, Hubble or Prometheus is off in the lab file",
+        ),
+        (Some(p), true) => flow_metrics(p),
+        (None, true) => missing("flow metrics in Prometheus", "Prometheus"),
+    };
+    let logs = match (&e.loki, which.logs) {
+        (_, false) => skipped("pod logs in Loki", "the agent or Loki is off in the lab file"),
+        (Some(l), true) => pod_logs(l),
+        (None, true) => missing("pod logs in Loki", "Loki"),
+    };
+    let grafana = match (&e.grafana, &e.grafana_password, which.grafana) {
+        (_, _, false) => skipped("Grafana datasources answer", "Grafana is off in the lab file"),
+        (Some(g), Some(p), true) => grafana_datasources(g, p),
+        _ => missing("Grafana datasources answer", "Grafana"),
+    };
+    vec![agent, flows, logs, grafana]
+}
+
+/// [`run`] again and again until every check passes or `wait` has passed (right after `up`,
+/// series and log lines take a scrape interval or two to arrive).
+pub fn run_until(e: &Endpoints, which: Applicable, wait: Duration) -> Vec<Finding> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let findings = run(e, which);
+        if findings.iter().all(|f| f.ok) || std::time::Instant::now() >= deadline {
+            return findings;
+        }
+        std::thread::sleep(Duration::from_secs(5).min(deadline.saturating_duration_since(std::time::Instant::now())));
+    }
 }

@@ -205,6 +205,12 @@ pub fn cilium(lab: &LabConfig, phase: CiliumPhase) -> Value {
     // Talos forwards kube-dns to the host's DNS (on by default since 1.8, and what Talos in
     // Docker relies on), which does not work with eBPF host routing: route through the host.
     out["bpf"] = json!({ "hostLegacyRouting": true });
+    if lab.provider == Provider::Docker {
+        // Talos in Docker: the nodes are containers sharing the host's kernel. Keep Cilium's
+        // socket-level load balancing to the nodes' own network namespace, so it does not
+        // reach into other containers' sockets; pods are load-balanced at tc level instead.
+        out["socketLB"] = json!({ "hostNamespaceOnly": true });
+    }
     if phase == CiliumPhase::Monitoring && lab.addons.grafana {
         for path in [&["dashboards"][..], &["hubble", "metrics", "dashboards"][..]] {
             let mut slot = &mut out;
@@ -438,16 +444,20 @@ pub fn talos_patch(lab: &LabConfig) -> String {
         v["cluster"]["controllerManager"] = json!({ "extraArgs": { "bind-address": "0.0.0.0" } });
         v["cluster"]["scheduler"] = json!({ "extraArgs": { "bind-address": "0.0.0.0" } });
     }
+    if let Some(reg) = crate::plan::local_registry(lab) {
+        // The lab registry speaks plain HTTP on the lab network's gateway.
+        v["machine"]["registries"] = json!({
+            "mirrors": { reg.node_host.clone(): { "endpoints": [format!("http://{}", reg.node_host)] } }
+        });
+    }
     if lab.addons.local_path {
-        v["machine"] = json!({
-            "kubelet": {
-                "extraMounts": [{
-                    "destination": LOCAL_PATH_DIR,
-                    "type": "bind",
-                    "source": LOCAL_PATH_DIR,
-                    "options": ["bind", "rshared", "rw"],
-                }]
-            }
+        v["machine"]["kubelet"] = json!({
+            "extraMounts": [{
+                "destination": LOCAL_PATH_DIR,
+                "type": "bind",
+                "source": LOCAL_PATH_DIR,
+                "options": ["bind", "rshared", "rw"],
+            }]
         });
     }
     yaml::to_string(&v)

@@ -14,17 +14,48 @@ fn mode(p: &std::path::Path) -> u32 {
 
 const S: &str = "$T/state/sre-lab";
 
+/// What `up` runs first: the version checks of the tools it needs.
+fn preflight(docker: bool) -> Vec<String> {
+    let mut v = vec![
+        "talosctl version --client --short".to_owned(),
+        "helm version --short".to_owned(),
+    ];
+    if docker {
+        v.push("docker --version".to_owned());
+    }
+    v
+}
+
+const CLUSTER_PROBE: &str = "docker container inspect --format {{.Name}} sre-lab-controlplane-1";
+const REGISTRY_PROBE: &str = "docker container inspect --format {{.Name}} sre-lab-registry";
+
 fn docker_up_commands() -> Vec<String> {
-    vec![
+    let mut v = preflight(true);
+    v.extend([
         format!("helm template cilium cilium --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --kube-version 1.36.3 --values {S}/rendered/cilium-values.yaml"),
-        "docker container inspect --format {{.Name}} sre-lab-controlplane-1".to_owned(),
+        CLUSTER_PROBE.to_owned(),
         format!("talosctl cluster create docker --name sre-lab --state {S}/clusters --talosconfig-destination {S}/talosconfig --image ghcr.io/siderolabs/talos:v1.13.9 --workers 2 --cpus-controlplanes 2.0 --cpus-workers 2.0 --memory-controlplanes 4096MiB --memory-workers 4096MiB --kubernetes-version 1.36.3 --config-patch @{S}/rendered/talos-patch.yaml --config-patch-controlplanes @{S}/rendered/cilium-inline-patch.yaml"),
         format!("talosctl --talosconfig {S}/talosconfig --nodes 10.5.0.2 health --wait-timeout 10m"),
+        REGISTRY_PROBE.to_owned(),
+        "docker run --detach --restart=always --name sre-lab-registry --publish 127.0.0.1:5005:5000 --publish 10.5.0.1:5005:5000 registry:2.8.3".to_owned(),
+        format!("docker build --file {ctx}/Dockerfile --tag 127.0.0.1:5005/sre-lab/agent:0.1.0 {ctx}", ctx = checkout()),
+        "docker push 127.0.0.1:5005/sre-lab/agent:0.1.0".to_owned(),
         format!("helm upgrade --install local-path-provisioner local-path-provisioner --repo https://charts.containeroo.ch --version 0.0.37 --namespace local-path-storage --create-namespace --values {S}/rendered/local-path-values.yaml --wait --timeout 10m --kubeconfig {S}/kubeconfig"),
         format!("helm upgrade --install kube-prometheus-stack kube-prometheus-stack --repo https://prometheus-community.github.io/helm-charts --version 88.5.3 --namespace monitoring --create-namespace --values {S}/rendered/kube-prometheus-stack-values.yaml --wait --timeout 10m --kubeconfig {S}/kubeconfig"),
-        format!("helm template cilium cilium --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --kube-version 1.36.3 --api-versions monitoring.coreos.com/v1 --values {S}/rendered/cilium-monitoring-values.yaml"),
+        format!("helm upgrade --install cilium cilium --take-ownership --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --create-namespace --values {S}/rendered/cilium-helm-values.yaml --wait --timeout 10m --kubeconfig {S}/kubeconfig"),
         format!("helm upgrade --install loki loki --repo https://grafana-community.github.io/helm-charts --version 18.11.0 --namespace monitoring --create-namespace --values {S}/rendered/loki-values.yaml --wait --timeout 10m --kubeconfig {S}/kubeconfig"),
-    ]
+    ]);
+    v
+}
+
+/// The checkout the agent image is built from.
+fn checkout() -> String {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+        .display()
+        .to_string()
 }
 
 #[test]
@@ -42,8 +73,6 @@ fn docker_up_runs_the_exact_sequence_and_applies_through_the_api() {
         "PATCH /api/v1/namespaces/monitoring",
         "PATCH /api/v1/namespaces/sre-lab-sample",
         "PATCH /api/v1/namespaces/monitoring/secrets/grafana-admin",
-        "PATCH /apis/monitoring.coreos.com/v1/namespaces/kube-system/servicemonitors/cilium-agent",
-        "PATCH /api/v1/namespaces/monitoring/configmaps/cilium-dashboard",
         "PATCH /apis/rbac.authorization.k8s.io/v1/clusterroles/sre-lab-agent",
         "PATCH /apis/apps/v1/namespaces/monitoring/daemonsets/sre-lab-agent",
         "PATCH /apis/monitoring.coreos.com/v1/namespaces/monitoring/servicemonitors/sre-lab-agent",
@@ -52,11 +81,18 @@ fn docker_up_runs_the_exact_sequence_and_applies_through_the_api() {
         let want = want.replace("PATCH /apps/", "PATCH /apis/apps/");
         assert!(patches.iter().any(|p| **p == want), "{want} not in {patches:#?}");
     }
+    let ds = sb.api.objects.lock().unwrap()["/apis/apps/v1/namespaces/monitoring/daemonsets/sre-lab-agent"].clone();
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["containers"][0]["image"],
+        "10.5.0.1:5005/sre-lab/agent:0.1.0"
+    );
+    // The nodes pull from the lab registry over plain HTTP.
+    let talos_patch = std::fs::read_to_string(sb.state("sre-lab").join("rendered/talos-patch.yaml")).unwrap();
     assert!(
-        !patches
-            .iter()
-            .any(|p| p.contains("cilium-config") || p.contains("daemonsets/cilium")),
-        "{patches:#?}"
+        talos_patch.contains(
+            "registries:\n    mirrors:\n      \"10.5.0.1:5005\":\n        endpoints:\n          - http://10.5.0.1:5005\n"
+        ),
+        "{talos_patch}"
     );
     // Waited with a watcher: a list filtered to the object.
     assert!(
@@ -96,7 +132,7 @@ fn docker_up_runs_the_exact_sequence_and_applies_through_the_api() {
     assert!(!shown.contains(&password), "{shown}");
     // Plain progress: timestamped lines with step numbers and timings.
     let re =
-        regex::Regex::new(r"(?m)^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[12/12\] Deploy the sample app .* done in \d+\.\ds$")
+        regex::Regex::new(r"(?m)^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[14/14\] Deploy the sample app .* done in \d+\.\ds$")
             .unwrap();
     assert!(re.is_match(&stderr(&out)), "{}", stderr(&out));
     assert!(
@@ -114,10 +150,9 @@ fn docker_up_runs_the_exact_sequence_and_applies_through_the_api() {
     sb.api.clear();
     let again = sb.run(&["up"], &[]);
     assert!(again.status.success(), "{}", stderr(&again));
-    assert_eq!(
-        sb.take_log(),
-        vec!["docker container inspect --format {{.Name}} sre-lab-controlplane-1"]
-    );
+    let mut expected = preflight(true);
+    expected.extend([CLUSTER_PROBE.to_owned(), REGISTRY_PROBE.to_owned()]);
+    assert_eq!(sb.take_log(), expected);
     assert!(stderr(&again).contains("skipped"), "{}", stderr(&again));
 }
 
@@ -128,7 +163,7 @@ fn a_failed_step_is_reported_redacted_and_up_resumes_there() {
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(
-        err.contains("[10/12] Install Loki 18.11.0 (single binary, filesystem) FAILED"),
+        err.contains("[12/14] Install Loki 18.11.0 (single binary, filesystem) FAILED"),
         "{err}"
     );
     assert!(err.contains("failed with exit code 1"), "{err}");
@@ -150,13 +185,13 @@ fn a_failed_step_is_reported_redacted_and_up_resumes_there() {
     sb.api.clear();
     let out = sb.run(&["up"], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(
-        sb.take_log(),
-        vec![
-            "docker container inspect --format {{.Name}} sre-lab-controlplane-1".to_owned(),
-            docker_up_commands().last().unwrap().clone(),
-        ]
-    );
+    let mut expected = preflight(true);
+    expected.extend([
+        CLUSTER_PROBE.to_owned(),
+        REGISTRY_PROBE.to_owned(),
+        docker_up_commands().last().unwrap().clone(),
+    ]);
+    assert_eq!(sb.take_log(), expected);
     let reqs = sb.api.requests();
     assert!(
         reqs.iter()
@@ -178,8 +213,11 @@ fn a_changed_lab_file_reruns_only_the_changed_steps() {
     let out = sb.run(&["up"], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let log = sb.take_log();
-    assert_eq!(log.len(), 2, "{log:#?}");
-    assert!(log[1].starts_with("helm upgrade --install loki"), "{log:#?}");
+    let mut expected = preflight(true);
+    expected.extend([CLUSTER_PROBE.to_owned(), REGISTRY_PROBE.to_owned()]);
+    assert_eq!(log[..5], expected[..], "{log:#?}");
+    assert_eq!(log.len(), 6, "only Loki runs again: {log:#?}");
+    assert!(log[5].starts_with("helm upgrade --install loki"), "{log:#?}");
     let values = std::fs::read_to_string(sb.state("sre-lab").join("rendered/loki-values.yaml")).unwrap();
     assert!(values.contains("size: 20Gi"), "{values}");
 }
@@ -196,7 +234,9 @@ fn nodes_provider_generates_applies_bootstraps_once() {
     let t = format!("talosctl --talosconfig {s}/talosconfig");
     assert_eq!(
         sb.take_log(),
-        vec![
+                [
+            preflight(false),
+            vec![
             format!("helm template cilium cilium --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --kube-version 1.36.3 --values {s}/rendered/cilium-values.yaml"),
             format!("talosctl gen secrets --output-file {s}/secrets.yaml"),
             format!("talosctl gen config metal https://192.168.56.10:6443 --with-secrets {s}/secrets.yaml --install-disk /dev/vda --talos-version v1.13.9 --kubernetes-version 1.36.3 --config-patch @{s}/rendered/talos-patch.yaml --config-patch-control-plane @{s}/rendered/cilium-inline-patch.yaml --output {s}/talos --force"),
@@ -212,9 +252,11 @@ fn nodes_provider_generates_applies_bootstraps_once() {
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 health --wait-timeout 10m"),
             format!("helm upgrade --install local-path-provisioner local-path-provisioner --repo https://charts.containeroo.ch --version 0.0.37 --namespace local-path-storage --create-namespace --values {s}/rendered/local-path-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
             format!("helm upgrade --install kube-prometheus-stack kube-prometheus-stack --repo https://prometheus-community.github.io/helm-charts --version 88.5.3 --namespace monitoring --create-namespace --values {s}/rendered/kube-prometheus-stack-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
-            format!("helm template cilium cilium --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --kube-version 1.36.3 --api-versions monitoring.coreos.com/v1 --values {s}/rendered/cilium-monitoring-values.yaml"),
+                        format!("helm upgrade --install cilium cilium --take-ownership --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --create-namespace --values {s}/rendered/cilium-helm-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
             format!("helm upgrade --install loki loki --repo https://grafana-community.github.io/helm-charts --version 18.11.0 --namespace monitoring --create-namespace --values {s}/rendered/loki-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
+            ],
         ]
+        .concat()
     );
     let state = sb.state("metal");
     assert_eq!(mode(&state.join("secrets.yaml")), 0o600);
@@ -287,7 +329,11 @@ fn down_destroys_the_cluster_and_removes_state_and_merged_contexts() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
         sb.take_log(),
-        vec![format!("talosctl cluster destroy --name sre-lab --state {S}/clusters")]
+        vec![
+            format!("talosctl cluster destroy --name sre-lab --state {S}/clusters"),
+            REGISTRY_PROBE.to_owned(),
+            "docker rm --force --volumes sre-lab-registry".to_owned(),
+        ]
     );
     assert!(!sb.state("sre-lab").exists());
     let kc = std::fs::read_to_string(&user_kc).unwrap();
@@ -319,7 +365,7 @@ fn down_keep_config_keeps_kubeconfig_and_talosconfig() {
 fn down_on_existing_machines_wants_confirmation() {
     let sb = Sandbox::new();
     sb.lab_file(
-        "provider: nodes\nmachines:\n  control_planes: [10.0.0.10]\n  workers: [10.0.0.11]\n  install_disk: /dev/sda\n",
+        "provider: nodes\nagent_image: registry.example/sre-lab/agent:0.1.0\nmachines:\n  control_planes: [10.0.0.10]\n  workers: [10.0.0.11]\n  install_disk: /dev/sda\n",
     );
     let out = sb.run(&["down"], &[]);
     assert_eq!(out.status.code(), Some(1));
@@ -342,7 +388,7 @@ fn plan_and_dry_run_need_no_tools_and_run_nothing() {
         let out = sb.run(args, &[("PATH", "/nonexistent")]);
         assert!(out.status.success(), "{}", stderr(&out));
         let text = stdout(&out);
-        assert!(text.contains("[1/12] Render Cilium 1.18.12"), "{text}");
+        assert!(text.contains("[1/14] Render Cilium 1.18.12"), "{text}");
         assert!(
             text.contains(
                 "$ KUBECONFIG=$T/state/sre-lab/kubeconfig talosctl cluster create docker"
@@ -370,12 +416,14 @@ fn plan_and_dry_run_need_no_tools_and_run_nothing() {
             "cilium-manifest",
             "cluster",
             "kubeconfig",
-            "namespaces",
             "health",
+            "namespaces",
+            "registry",
+            "agent-image",
             "local-path",
             "grafana-password",
             "kube-prometheus-stack",
-            "cilium-monitoring",
+            "cilium",
             "loki",
             "agent",
             "sample-app"
@@ -390,7 +438,14 @@ fn up_without_tools_says_what_is_missing() {
     let out = sb.run(&["up"], &[("PATH", "/usr/bin:/bin")]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("talosctl, helm, docker not on PATH"),
+        [
+            "talosctl: not found on PATH",
+            "helm: not found on PATH",
+            "docker: not found on PATH",
+            "fix: install it: https://helm.sh"
+        ]
+        .iter()
+        .all(|w| stderr(&out).contains(w)),
         "{}",
         stderr(&out)
     );
@@ -453,7 +508,7 @@ fn status_reports_steps_nodes_and_workloads() {
     let sb = Sandbox::new();
     let before = sb.run(&["status"], &[]);
     assert_eq!(before.status.code(), Some(1));
-    assert!(stdout(&before).contains("0/12 `up` steps done"), "{}", stdout(&before));
+    assert!(stdout(&before).contains("0/14 `up` steps done"), "{}", stdout(&before));
     assert!(sb.run(&["up"], &[]).status.success());
     sb.api.insert(
         "/api/v1/nodes/sre-lab-controlplane-1",
@@ -523,13 +578,25 @@ fn check_deps_names_each_failure_with_its_fix() {
         .as_str()
         .unwrap()
         .contains("systemctl start docker"));
-    for n in ["memory", "disk", "cpu", "port 6443", "subnet 10.5.0.0/24"] {
+    for n in ["memory", "disk", "cpu", "port 3000", "subnet 10.5.0.0/24"] {
         let c = get(n);
         assert!(["ok", "warn", "fail"].contains(&c["status"].as_str().unwrap()), "{c}");
     }
-    // A busy port is named.
-    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let _ = busy;
+    // A busy port-forward port is named, with what to do (a warning: another port will do).
+    if let Ok(_busy) = std::net::TcpListener::bind("127.0.0.1:9093") {
+        let out = sb.run(&["check-deps", "-o", "json"], &[]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let c = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "port 9093")
+            .unwrap()
+            .clone();
+        assert_eq!(c["status"], "warn", "{c}");
+        assert!(c["detail"].as_str().unwrap().starts_with("in use"), "{c}");
+        assert!(c["fix"].as_str().unwrap().contains("--local-port"), "{c}");
+    }
     let text = sb.run(&["check-deps"], &[]);
     assert!(stdout(&text).contains("ok   talosctl"), "{}", stdout(&text));
 }
@@ -540,23 +607,23 @@ fn on_a_terminal_each_step_is_one_line_with_a_spinner_and_its_time() {
     let out = sb.run_on_tty(&["up"]);
     assert!(out.status.success(), "{}", stdout(&out));
     let screen = stdout(&out);
-    for n in 1..=12 {
+    for n in 1..=14 {
         let re = regex::Regex::new(&format!(
-            r"(\u{{2713}}|\u{{2013}}) \[{n}/12\] [^\x1b]* (done|skipped) in \d+\.\ds"
+            r"(\u{{2713}}|\u{{2013}}) \[{n}/14\] [^\x1b]* (done|skipped) in \d+\.\ds"
         ))
         .unwrap();
         assert!(re.is_match(&screen), "step {n}: {screen}");
     }
     assert!(screen.contains('\u{2801}'), "a spinner frame: {screen}");
     assert!(
-        regex::Regex::new(r"\[12/12\] Deploy the sample app .* done in \d+\.\ds")
+        regex::Regex::new(r"\[14/14\] Deploy the sample app .* done in \d+\.\ds")
             .unwrap()
             .is_match(&screen),
         "{screen}"
     );
     // Not the plain format.
     assert!(
-        !regex::Regex::new(r"(?m)^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[1/12\]")
+        !regex::Regex::new(r"(?m)^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[1/14\]")
             .unwrap()
             .is_match(&screen),
         "{screen}"
@@ -565,7 +632,7 @@ fn on_a_terminal_each_step_is_one_line_with_a_spinner_and_its_time() {
     sb.run(&["down"], &[]);
     let out = sb.run_on_tty(&["--plain", "up"]);
     assert!(
-        regex::Regex::new(r"(?m)^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[1/12\]")
+        regex::Regex::new(r"(?m)^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[1/14\]")
             .unwrap()
             .is_match(&stdout(&out)),
         "{}",

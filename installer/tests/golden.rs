@@ -41,6 +41,7 @@ fn nodes_lab() -> LabConfig {
     lab.addons.metallb = true;
     lab.addons.traefik = true;
     lab.metallb_pool = "192.168.56.200-192.168.56.250".into();
+    lab.agent_image = "registry.example/sre-lab/agent:0.1.0".into();
     assert!(config::lab::validate(&lab).is_empty());
     lab
 }
@@ -116,6 +117,7 @@ fn the_talos_patch_follows_the_add_ons() {
     lab.addons.cilium = false;
     lab.addons.prometheus = false;
     lab.addons.local_path = false;
+    lab.agent_image = "registry.example/sre-lab/agent:0.1.0".into();
     let patch = installer::yaml::documents(&values::talos_patch(&lab))
         .unwrap()
         .remove(0);

@@ -72,13 +72,16 @@ talosctl)
   esac ;;
 helm)
   case "$line" in
-  *"version --short"*) echo "${FAKE_HELM_VERSION:-v3.16.2+g13654a5}" ;;
+  *"version --short"*) echo "${FAKE_HELM_VERSION:-v3.17.3+ge4da497}" ;;
   *"template "*) cat "${FAKE_HELM_TEMPLATE}" ;;
   esac ;;
 docker)
   case "$line" in
-  *"container inspect"*) [ -f "${FAKE_STATE}/cluster" ] && echo "/sre-lab-controlplane-1" || { echo "Error: No such container" >&2; exit 1; } ;;
-  *"version --format"*) echo "27.3.1" ;;
+  *"container inspect"*"-registry") [ -f "${FAKE_STATE}/registry" ] && echo "/$(last "$@")" || { echo "Error: No such container" >&2; exit 1; } ;;
+  *"container inspect"*) [ -f "${FAKE_STATE}/cluster" ] && echo "/$(last "$@")" || { echo "Error: No such container" >&2; exit 1; } ;;
+  "docker run "*) touch "${FAKE_STATE}/registry"; echo "4f1c0ffee" ;;
+  "docker rm "*) rm -f "${FAKE_STATE}/registry" ;;
+  "docker --version") echo "Docker version 27.3.1, build ce12230" ;;
   *"info --format"*) echo "27.3.1" ;;
   esac ;;
 kubectl)
