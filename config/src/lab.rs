@@ -31,7 +31,7 @@ pub struct LabConfig {
     /// needs an image its machines can pull.
     pub agent_image: String,
     /// Addresses MetalLB hands out (`FIRST-LAST` or a CIDR). Empty: the top of the Talos
-    /// in Docker subnet (10.5.0.200-10.5.0.250); required for the other providers.
+    /// in Docker/QEMU subnet (10.5.0.200-10.5.0.250); required for provider `nodes`.
     pub metallb_pool: String,
 }
 
@@ -292,7 +292,7 @@ pub fn validate(lab: &LabConfig) -> Vec<(String, String)> {
             }
         }
     }
-    if lab.addons.metallb && lab.provider != Provider::Docker && lab.metallb_pool.is_empty() {
+    if lab.addons.metallb && lab.provider == Provider::Nodes && lab.metallb_pool.is_empty() {
         out.push((
             "metallb_pool".into(),
             "MetalLB needs an address range on the machines' network, e.g. 192.168.56.200-192.168.56.250".into(),

@@ -273,6 +273,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 let into = std::path::absolute(&into).unwrap_or(into);
                 let context = format!("admin@{}", lab.cluster_name);
                 crate::kubeconfig::merge(&kc, &into, &context)?;
+                let into = into.canonicalize().unwrap_or(into);
                 let mut st = State::load(&paths)?;
                 let m = MergedContext {
                     file: into.clone(),

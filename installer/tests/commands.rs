@@ -362,6 +362,103 @@ fn down_keep_config_keeps_kubeconfig_and_talosconfig() {
 }
 
 #[test]
+fn merged_contexts_survive_keep_config_and_go_with_the_last_down() {
+    let sb = Sandbox::new();
+    assert!(sb.run(&["up"], &[]).status.success());
+    // A shared directory keeps its mode; the file is written 0600.
+    let shared = sb.dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let m = sb.run(&["kubeconfig", "--merge", "../shared/config"], &[]);
+    assert!(m.status.success(), "{}", stderr(&m));
+    assert_eq!(mode(&shared), 0o755);
+    assert_eq!(mode(&shared.join("config")), 0o600);
+
+    assert!(sb.run(&["down", "--keep-config"], &[]).status.success());
+    assert!(
+        std::fs::read_to_string(shared.join("config"))
+            .unwrap()
+            .contains("admin@sre-lab"),
+        "kept"
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sb.state("sre-lab").join("state.json")).unwrap()).unwrap();
+    assert_eq!(
+        st["merged_contexts"][0]["file"],
+        shared.join("config").display().to_string(),
+        "recorded absolute"
+    );
+
+    // The last `down` (from another directory) removes it.
+    let out = sb.run(&["--config", "/dev/null", "down"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!std::fs::read_to_string(shared.join("config"))
+        .unwrap()
+        .contains("admin@sre-lab"));
+}
+
+#[test]
+fn qemu_with_traefik_and_metallb_runs_their_steps_in_order() {
+    let sb = Sandbox::new();
+    sb.lab_file("provider: qemu\nnodes:\n  control_planes: 3\n  workers: 1\n  memory_mib: 2048\naddons:\n  traefik: true\n  metallb: true\n  sample_app: false\n");
+    let out = sb.run(&["up", "--plain"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = sb.take_log();
+    assert_eq!(
+        log[..3],
+        preflight(true)[..],
+        "qemu builds the agent image with docker too"
+    );
+    assert!(log.contains(&format!("talosctl cluster create qemu --name sre-lab --state {S}/clusters --talosconfig-destination {S}/talosconfig --controlplanes 3 --talos-version v1.13.9 --workers 1 --cpus-controlplanes 2.0 --cpus-workers 2.0 --memory-controlplanes 2048MiB --memory-workers 2048MiB --kubernetes-version 1.36.3 --config-patch @{S}/rendered/talos-patch.yaml --config-patch-controlplanes @{S}/rendered/cilium-inline-patch.yaml")), "{log:#?}");
+    assert!(
+        !log.iter()
+            .any(|l| l.contains("docker container inspect --format {{.Name}} sre-lab-controlplane-1")),
+        "qemu probes its state directory: {log:#?}"
+    );
+    let pos = |prefix: &str| {
+        log.iter()
+            .position(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("{prefix} in {log:#?}"))
+    };
+    assert!(pos("helm upgrade --install loki") < pos("helm upgrade --install metallb metallb --repo https://metallb.github.io/metallb --version 0.16.1 --namespace metallb-system"));
+    assert!(pos("helm upgrade --install metallb") < pos("helm upgrade --install traefik traefik --repo https://traefik.github.io/charts --version 41.3.0 --namespace traefik"));
+    // etcd of all three control planes is scraped.
+    let kps = std::fs::read_to_string(sb.state("sre-lab").join("rendered/kube-prometheus-stack-values.yaml")).unwrap();
+    assert!(
+        kps.contains("    - \"10.5.0.2\"\n    - \"10.5.0.3\"\n    - \"10.5.0.4\"\n"),
+        "{kps}"
+    );
+    // MetalLB's pool went to the API after its chart; Traefik is a LoadBalancer with it.
+    let reqs = sb.api.requests();
+    assert!(
+        reqs.iter()
+            .any(|r| r == "PATCH /apis/metallb.io/v1beta1/namespaces/metallb-system/ipaddresspools/sre-lab"),
+        "{reqs:#?}"
+    );
+    assert!(
+        reqs.iter()
+            .any(|r| r == "PATCH /apis/metallb.io/v1beta1/namespaces/metallb-system/l2advertisements/sre-lab"),
+        "{reqs:#?}"
+    );
+    assert!(
+        reqs.iter().any(|r| r == "PATCH /api/v1/namespaces/metallb-system"),
+        "{reqs:#?}"
+    );
+    let traefik = std::fs::read_to_string(sb.state("sre-lab").join("rendered/traefik-values.yaml")).unwrap();
+    assert!(traefik.contains("type: LoadBalancer"), "{traefik}");
+    // A re-run finds the QEMU cluster by its state directory... which the fake does not make:
+    // the probe is a path, shown in the plan.
+    let plan = stdout(&sb.run(&["plan"], &[]));
+    assert!(
+        plan.contains(&format!(
+            "skip if {}/state/sre-lab/clusters/sre-lab exists",
+            sb.dir.path().display()
+        )),
+        "{plan}"
+    );
+}
+
+#[test]
 fn down_on_existing_machines_wants_confirmation() {
     let sb = Sandbox::new();
     sb.lab_file(

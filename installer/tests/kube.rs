@@ -93,6 +93,36 @@ async fn rollouts_are_awaited_and_time_out_with_a_reason() {
             .await
             .is_err()
     );
+
+    // Not ready when the wait starts, ready 700 ms later: the watcher sees the change.
+    let ready_later = json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "slow", "namespace": "m", "generation": 2, "resourceVersion": "999999"},
+           "status": {"currentNumberScheduled": 3, "desiredNumberScheduled": 3, "numberMisscheduled": 0, "numberReady": 3, "numberAvailable": 3, "updatedNumberScheduled": 3, "observedGeneration": 2}});
+    let objects = api.objects.clone();
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        objects
+            .lock()
+            .unwrap()
+            .insert("/apis/apps/v1/namespaces/m/daemonsets/slow".into(), ready_later);
+    });
+    let started = std::time::Instant::now();
+    installer::kube::wait_rollout(&c, "DaemonSet", "m", "slow", Duration::from_secs(15))
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
+    );
+    writer.join().unwrap();
+    // It came through the watch.
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r == "WATCH /apis/apps/v1/namespaces/m/daemonsets"),
+        "{:#?}",
+        api.requests()
+    );
 }
 
 #[tokio::test]

@@ -52,10 +52,22 @@ impl FakeApi {
         self.log.lock().unwrap().clear();
     }
 
-    /// Puts an object at `path` as if it were applied.
-    pub fn insert(&self, path: &str, obj: Value) {
+    /// Puts an object at `path` as if it were applied (a new resource version; watchers of
+    /// its collection see it as MODIFIED).
+    pub fn insert(&self, path: &str, mut obj: Value) {
+        obj["metadata"]["resourceVersion"] = json!(next_rv().to_string());
         self.objects.lock().unwrap().insert(path.to_owned(), obj);
     }
+}
+
+static RESOURCE_VERSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_rv() -> u64 {
+    RESOURCE_VERSION.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+}
+
+fn current_rv() -> u64 {
+    RESOURCE_VERSION.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 fn serve(conn: TcpStream, log: &Mutex<Vec<String>>, objects: &Mutex<BTreeMap<String, Value>>) {
@@ -102,7 +114,12 @@ fn serve(conn: TcpStream, log: &Mutex<Vec<String>>, objects: &Mutex<BTreeMap<Str
             return;
         }
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-        log.lock().unwrap().push(format!("{method} {path}"));
+        let shown = if method == "GET" && query.contains("watch=") {
+            "WATCH"
+        } else {
+            method.as_str()
+        };
+        log.lock().unwrap().push(format!("{shown} {path}"));
         let (status, reply) = route(&method, path, query, &body, objects);
         // A watch that has nothing to report: an empty event stream (kube-rs then watches again).
         let text = if reply.is_null() {
@@ -172,8 +189,30 @@ fn not_found(path: &str) -> (u16, Value) {
     )
 }
 
-fn route(method: &str, path: &str, query: &str, body: &[u8], objects: &Mutex<BTreeMap<String, Value>>) -> (u16, Value) {
-    let mut objects = objects.lock().unwrap();
+/// The stored objects directly under collection `path`, filtered by a `metadata.name`
+/// field selector in `query`.
+fn collection(objects: &BTreeMap<String, Value>, path: &str, query: &str) -> Vec<Value> {
+    let prefix = format!("{path}/");
+    let name = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("fieldSelector=metadata.name%3D"))
+        .map(str::to_owned);
+    objects
+        .iter()
+        .filter(|(k, _)| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
+        .filter(|(_, v)| name.as_deref().is_none_or(|n| v["metadata"]["name"] == n))
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+fn route(
+    method: &str,
+    path: &str,
+    query: &str,
+    body: &[u8],
+    objects_lock: &Mutex<BTreeMap<String, Value>>,
+) -> (u16, Value) {
+    let mut objects = objects_lock.lock().unwrap();
     match method {
         "PATCH" => {
             let mut obj: Value = match serde_json::from_slice(body) {
@@ -182,7 +221,7 @@ fn route(method: &str, path: &str, query: &str, body: &[u8], objects: &Mutex<BTr
             };
             obj["metadata"]["uid"] = json!(format!("uid-{}", objects.len()));
             obj["metadata"]["generation"] = json!(1);
-            obj["metadata"]["resourceVersion"] = json!("1");
+            obj["metadata"]["resourceVersion"] = json!(next_rv().to_string());
             match obj["kind"].as_str() {
                 Some("DaemonSet") => {
                     obj["status"] = json!({"currentNumberScheduled": 3, "desiredNumberScheduled": 3, "numberMisscheduled": 0, "numberReady": 3, "numberAvailable": 3, "updatedNumberScheduled": 3, "observedGeneration": 1});
@@ -215,32 +254,46 @@ fn route(method: &str, path: &str, query: &str, body: &[u8], objects: &Mutex<BTr
             (200, obj)
         }
         "GET" if query.contains("watch=") => {
-            std::thread::sleep(std::time::Duration::from_millis(200));
+            // Objects of the collection changed since the watcher's resource version, as
+            // MODIFIED events; wait up to a second for one.
+            drop(objects);
+            let since: u64 = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("resourceVersion="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            for _ in 0..10 {
+                let events: String = collection(&objects_lock.lock().unwrap(), path, query)
+                    .into_iter()
+                    .filter(|o| {
+                        o["metadata"]["resourceVersion"]
+                            .as_str()
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .unwrap_or(0)
+                            > since
+                    })
+                    .map(|o| format!("{}\n", json!({"type": "MODIFIED", "object": o})))
+                    .collect();
+                if !events.is_empty() {
+                    return (200, Value::String(events));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
             (200, Value::Null)
         }
         "GET" => {
             if let Some(o) = objects.get(path) {
                 return (200, o.clone());
             }
-            // A collection: every stored object directly under it.
             let prefix = format!("{path}/");
-            let name = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("fieldSelector=metadata.name%3D"))
-                .map(str::to_owned);
-            let items: Vec<Value> = objects
-                .iter()
-                .filter(|(k, _)| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
-                .filter(|(_, v)| name.as_deref().is_none_or(|n| v["metadata"]["name"] == n))
-                .map(|(_, v)| v.clone())
-                .collect();
+            let items = collection(&objects, path, query);
             let known_collection = objects.keys().any(|k| k.starts_with(&prefix)) || path.ends_with('s');
             if !known_collection {
                 return not_found(path);
             }
             (
                 200,
-                json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}),
+                json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": current_rv().to_string()}, "items": items}),
             )
         }
         "DELETE" => match objects.remove(path) {
