@@ -353,14 +353,41 @@ fn talosctl_on(ctx: &Context<'_>, ip: &str, args: &[&str]) -> Cmd {
     c
 }
 
-/// `manifests` without the documents of `kind` (documents are split on `---` lines).
-pub fn without_kind(manifests: &str, kind: &str) -> String {
-    let needle = format!("\nkind: {kind}\n");
-    manifests
-        .split("\n---\n")
-        .filter(|doc| !format!("\n{doc}\n").contains(&needle))
-        .collect::<Vec<_>>()
-        .join("\n---\n")
+/// The agent's manifests for this lab: the rendered overlay (without eBPF capabilities
+/// when Cilium is off) with the image the nodes pull, `CLUSTER_NAME` (the agent's
+/// `cluster` external label) set to the lab's name, and no ServiceMonitor without the
+/// Prometheus operator.
+pub fn agent_manifests(lab: &LabConfig) -> String {
+    let base = if lab.addons.cilium {
+        AGENT_MANIFESTS
+    } else {
+        AGENT_MANIFESTS_NO_EBPF
+    };
+    let image = match local_registry(lab) {
+        Some(reg) => reg.pull_ref,
+        None => lab.agent_image.clone(),
+    };
+    let docs = crate::yaml::documents(base).expect("the embedded manifests are valid YAML (tested)");
+    let mut out = String::new();
+    for mut d in docs {
+        if d["kind"] == "ServiceMonitor" && !lab.addons.prometheus {
+            continue;
+        }
+        if d["kind"] == "DaemonSet" {
+            if let Some(containers) = d["spec"]["template"]["spec"]["containers"].as_array_mut() {
+                for c in containers.iter_mut().filter(|c| c["name"] == "agent") {
+                    c["image"] = serde_json::json!(image);
+                    if let Some(env) = c["env"].as_array_mut() {
+                        env.retain(|e| e["name"] != "CLUSTER_NAME");
+                        env.push(serde_json::json!({"name": "CLUSTER_NAME", "value": lab.cluster_name}));
+                    }
+                }
+            }
+        }
+        out.push_str("---\n");
+        out.push_str(&crate::yaml::to_string(&d));
+    }
+    out
 }
 
 /// The steps of `up`, in order.
@@ -850,24 +877,7 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
         ));
     }
     if lab.addons.agent {
-        let mut manifests = if lab.addons.cilium {
-            AGENT_MANIFESTS
-        } else {
-            AGENT_MANIFESTS_NO_EBPF
-        }
-        .to_owned();
-        let image = match local_registry(lab) {
-            Some(reg) => reg.pull_ref,
-            None => lab.agent_image.clone(),
-        };
-        manifests = manifests.replace(
-            &format!("image: {}\n", config::lab::DEFAULT_AGENT_IMAGE),
-            &format!("image: {image}\n"),
-        );
-        if !lab.addons.prometheus {
-            // No Prometheus operator, no ServiceMonitor kind to apply.
-            manifests = without_kind(&manifests, "ServiceMonitor");
-        }
+        let manifests = agent_manifests(lab);
         steps.push(
             Step::new(
                 "agent",

@@ -17,10 +17,10 @@ pub struct Redactor {
 fn keyed() -> &'static Regex {
     static RE: OnceLock<Regex> = OnceLock::new();
     RE.get_or_init(|| {
-        // `key: value` / `key=value` for keys that carry credentials in kubeconfig,
+        // `key: value` / `key=value` / `"key": "value"` for keys that carry credentials in kubeconfig,
         // talosconfig, Talos secrets bundles and Helm --set arguments.
         Regex::new(
-            r"(?i)\b(client-key-data|client-certificate-data|token|password|adminPassword|admin-password|secret|bootstraptoken|secretboxencryptionsecret|aescbcencryptionsecret|key|crt|ca)(\s*[:=]\s*)([^\s,}]{8,})",
+            r#"(?i)\b(client-key-data|client-certificate-data|token|password|adminPassword|admin-password|secret|bootstraptoken|secretboxencryptionsecret|aescbcencryptionsecret|key|crt|ca)("?\s*[:=]\s*"?)([^\s,}"]{8,})"#,
         )
         .expect("static regex")
     })
@@ -57,6 +57,8 @@ mod tests {
     fn masks_known_values_and_keyed_credentials() {
         let mut r = Redactor::new();
         r.add("s3cr3t-pa55");
+        let json = r#"{"adminPassword": "hunter2hunter2", "user": "admin"}"#;
+        assert_eq!(r.redact(json), r#"{"adminPassword": "<redacted>", "user": "admin"}"#);
         let text = "login with s3cr3t-pa55\n    client-key-data: LS0tLS1CRUdJTiBFQyBQUklWQVRFIEtFWS0tLS0t\ntoken=abcdefghijklmnop\nname: sre-lab";
         let out = r.redact(text);
         assert!(!out.contains("s3cr3t-pa55"), "{out}");

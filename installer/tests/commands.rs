@@ -86,6 +86,19 @@ fn docker_up_runs_the_exact_sequence_and_applies_through_the_api() {
         ds["spec"]["template"]["spec"]["containers"][0]["image"],
         "10.5.0.1:5005/sre-lab/agent:0.1.0"
     );
+    let env = ds["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(
+        env.contains(&serde_json::json!({"name": "CLUSTER_NAME", "value": "sre-lab"})),
+        "{env:?}"
+    );
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "NODE_NAME" && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"),
+        "{env:?}"
+    );
     // The nodes pull from the lab registry over plain HTTP.
     let talos_patch = std::fs::read_to_string(sb.state("sre-lab").join("rendered/talos-patch.yaml")).unwrap();
     assert!(
