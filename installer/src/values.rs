@@ -1,5 +1,6 @@
-//! Helm values and Talos machine-config patches, rendered from typed structs so a wrong key is
-//! a compile error rather than a chart silently ignoring it. A lab file's `values.<addon>`
+//! Helm values and Talos machine-config patches. Values are rendered from typed structs, so
+//! each chart's keys are spelled once, in one place, with their types (golden tests pin the
+//! output). A lab file's `values.<addon>`
 //! is merged over the rendered values (maps merge key by key, anything else replaces).
 
 use config::lab::{serde_yaml_value::Value as LabValue, LabConfig, Provider};
@@ -232,70 +233,225 @@ pub fn cilium(lab: &LabConfig, phase: CiliumPhase) -> Value {
 
 // ---------- kube-prometheus-stack ----------
 
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct KubePrometheusStackValues {
+    crds: Enabled,
+    prometheus: KpsPrometheus,
+    alertmanager: Enabled,
+    grafana: KpsGrafana,
+    kube_proxy: Enabled,
+    kube_etcd: KubeEtcd,
+    kube_controller_manager: ComponentScrape,
+    kube_scheduler: ComponentScrape,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct KpsPrometheus {
+    enabled: bool,
+    prometheus_spec: PrometheusSpec,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PrometheusSpec {
+    enable_remote_write_receiver: bool,
+    service_monitor_selector_nil_uses_helm_values: bool,
+    pod_monitor_selector_nil_uses_helm_values: bool,
+    rule_selector_nil_uses_helm_values: bool,
+    probe_selector_nil_uses_helm_values: bool,
+    scrape_config_selector_nil_uses_helm_values: bool,
+    retention: &'static str,
+    resources: Resources,
+}
+
+#[derive(Serialize)]
+struct Resources {
+    requests: Requests,
+}
+
+#[derive(Serialize)]
+struct Requests {
+    cpu: &'static str,
+    memory: &'static str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct KpsGrafana {
+    enabled: bool,
+    admin: GrafanaAdmin,
+    default_dashboards_enabled: bool,
+    sidecar: GrafanaSidecar,
+    additional_data_sources: Vec<Datasource>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GrafanaAdmin {
+    existing_secret: &'static str,
+    user_key: &'static str,
+    password_key: &'static str,
+}
+
+#[derive(Serialize)]
+struct GrafanaSidecar {
+    dashboards: SidecarDashboards,
+    datasources: SidecarDatasources,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SidecarDashboards {
+    enabled: bool,
+    label: &'static str,
+    label_value: &'static str,
+    search_namespace: &'static str,
+    folder_annotation: &'static str,
+    provider: DashboardProvider,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DashboardProvider {
+    folders_from_files_structure: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SidecarDatasources {
+    enabled: bool,
+    default_datasource_enabled: bool,
+    uid: &'static str,
+}
+
+#[derive(Serialize)]
+struct Datasource {
+    name: &'static str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    uid: &'static str,
+    access: &'static str,
+    url: &'static str,
+}
+
+#[derive(Serialize)]
+struct KubeEtcd {
+    enabled: bool,
+    endpoints: Vec<String>,
+    service: ComponentService,
+}
+
+#[derive(Serialize)]
+struct ComponentScrape {
+    service: ComponentService,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ComponentService {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enabled: Option<bool>,
+    port: u16,
+    target_port: u16,
+}
+
 /// kube-prometheus-stack: Prometheus with the remote-write receiver (the agent pushes to it)
 /// selecting every ServiceMonitor/PodMonitor/rule, Alertmanager, Grafana with its password
 /// from our Secret, the dashboard sidecar watching all namespaces, a Loki datasource, and the
 /// control-plane scrape targets as Talos exposes them (no kube-proxy with Cilium).
 pub fn kube_prometheus_stack(lab: &LabConfig) -> Value {
     let a = &lab.addons;
-    json!({
-        "crds": { "enabled": true },
-        "prometheus": {
-            "enabled": a.prometheus,
-            "prometheusSpec": {
-                "enableRemoteWriteReceiver": true,
-                "serviceMonitorSelectorNilUsesHelmValues": false,
-                "podMonitorSelectorNilUsesHelmValues": false,
-                "ruleSelectorNilUsesHelmValues": false,
-                "probeSelectorNilUsesHelmValues": false,
-                "scrapeConfigSelectorNilUsesHelmValues": false,
-                "retention": "7d",
-                "resources": { "requests": { "cpu": "200m", "memory": "1Gi" } },
-            }
-        },
-        "alertmanager": { "enabled": a.alertmanager },
-        "grafana": {
-            "enabled": a.grafana,
-            "admin": {
-                "existingSecret": GRAFANA_SECRET,
-                "userKey": "admin-user",
-                "passwordKey": "admin-password",
-            },
-            "defaultDashboardsEnabled": true,
-            "sidecar": {
-                "dashboards": {
-                    "enabled": true,
-                    "label": "grafana_dashboard",
-                    "labelValue": "1",
-                    "searchNamespace": "ALL",
-                    "folderAnnotation": "grafana_folder",
-                    "provider": { "foldersFromFilesStructure": true },
+    let v = KubePrometheusStackValues {
+        crds: Enabled { enabled: true },
+        prometheus: KpsPrometheus {
+            enabled: a.prometheus,
+            prometheus_spec: PrometheusSpec {
+                enable_remote_write_receiver: true,
+                service_monitor_selector_nil_uses_helm_values: false,
+                pod_monitor_selector_nil_uses_helm_values: false,
+                rule_selector_nil_uses_helm_values: false,
+                probe_selector_nil_uses_helm_values: false,
+                scrape_config_selector_nil_uses_helm_values: false,
+                retention: "7d",
+                resources: Resources {
+                    requests: Requests {
+                        cpu: "200m",
+                        memory: "1Gi",
+                    },
                 },
-                "datasources": { "enabled": true, "defaultDatasourceEnabled": true, "uid": "prometheus" },
-            },
-            "additionalDataSources": if a.loki {
-                json!([{
-                    "name": "Loki",
-                    "type": "loki",
-                    "uid": "loki",
-                    "access": "proxy",
-                    "url": LOKI_URL,
-                }])
-            } else {
-                json!([])
             },
         },
-        "kubeProxy": { "enabled": false },
+        alertmanager: Enabled {
+            enabled: a.alertmanager,
+        },
+        grafana: KpsGrafana {
+            enabled: a.grafana,
+            admin: GrafanaAdmin {
+                existing_secret: GRAFANA_SECRET,
+                user_key: "admin-user",
+                password_key: "admin-password",
+            },
+            default_dashboards_enabled: true,
+            sidecar: GrafanaSidecar {
+                dashboards: SidecarDashboards {
+                    enabled: true,
+                    label: "grafana_dashboard",
+                    label_value: "1",
+                    search_namespace: "ALL",
+                    folder_annotation: "grafana_folder",
+                    provider: DashboardProvider {
+                        folders_from_files_structure: true,
+                    },
+                },
+                datasources: SidecarDatasources {
+                    enabled: true,
+                    default_datasource_enabled: true,
+                    uid: "prometheus",
+                },
+            },
+            additional_data_sources: if a.loki {
+                vec![Datasource {
+                    name: "Loki",
+                    kind: "loki",
+                    uid: "loki",
+                    access: "proxy",
+                    url: LOKI_URL,
+                }]
+            } else {
+                vec![]
+            },
+        },
+        // Cilium replaces kube-proxy.
+        kube_proxy: Enabled { enabled: false },
         // etcd is a Talos service, not a pod: scrape the control planes' metrics listener
         // (opened by the Talos patch).
-        "kubeEtcd": {
-            "enabled": true,
-            "endpoints": control_plane_ips(lab),
-            "service": { "enabled": true, "port": 2381, "targetPort": 2381 },
+        kube_etcd: KubeEtcd {
+            enabled: true,
+            endpoints: control_plane_ips(lab),
+            service: ComponentService {
+                enabled: Some(true),
+                port: 2381,
+                target_port: 2381,
+            },
         },
-        "kubeControllerManager": { "service": { "port": 10257, "targetPort": 10257 } },
-        "kubeScheduler": { "service": { "port": 10259, "targetPort": 10259 } },
-    })
+        kube_controller_manager: ComponentScrape {
+            service: ComponentService {
+                enabled: None,
+                port: 10257,
+                target_port: 10257,
+            },
+        },
+        kube_scheduler: ComponentScrape {
+            service: ComponentService {
+                enabled: None,
+                port: 10259,
+                target_port: 10259,
+            },
+        },
+    };
+    serde_json::to_value(v).expect("serializable")
 }
 
 // ---------- Loki ----------
@@ -310,67 +466,223 @@ pub fn control_plane_ips(lab: &LabConfig) -> Vec<String> {
     }
 }
 
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LokiValues {
+    deployment_mode: &'static str,
+    loki: LokiConfig,
+    single_binary: SingleBinary,
+    read: Replicas,
+    write: Replicas,
+    backend: Replicas,
+    chunks_cache: Enabled,
+    results_cache: Enabled,
+    gateway: Enabled,
+    loki_canary: Enabled,
+    test: Enabled,
+    minio: Enabled,
+}
+
+// The chart passes these through to Loki's own config, whose keys are snake_case.
+#[derive(Serialize)]
+struct LokiConfig {
+    auth_enabled: bool,
+    #[serde(rename = "commonConfig")]
+    common_config: CommonConfig,
+    storage: LokiStorage,
+    #[serde(rename = "schemaConfig")]
+    schema_config: SchemaConfig,
+    limits_config: LimitsConfig,
+}
+
+#[derive(Serialize)]
+struct CommonConfig {
+    replication_factor: u32,
+}
+
+#[derive(Serialize)]
+struct LokiStorage {
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(Serialize)]
+struct SchemaConfig {
+    configs: Vec<SchemaPeriod>,
+}
+
+#[derive(Serialize)]
+struct SchemaPeriod {
+    from: &'static str,
+    store: &'static str,
+    object_store: &'static str,
+    schema: &'static str,
+    index: SchemaIndex,
+}
+
+#[derive(Serialize)]
+struct SchemaIndex {
+    prefix: &'static str,
+    period: &'static str,
+}
+
+#[derive(Serialize)]
+struct LimitsConfig {
+    allow_structured_metadata: bool,
+    volume_enabled: bool,
+}
+
+#[derive(Serialize)]
+struct SingleBinary {
+    replicas: u32,
+    persistence: Persistence,
+}
+
+#[derive(Serialize)]
+struct Persistence {
+    enabled: bool,
+    size: &'static str,
+}
+
+#[derive(Serialize)]
+struct Replicas {
+    replicas: u32,
+}
+
 /// Loki as one binary on the node's filesystem: replication factor 1, no caches, no gateway,
 /// no canary; the TSDB v13 schema.
 pub fn loki(_lab: &LabConfig) -> Value {
-    json!({
-        "deploymentMode": "Monolithic",
-        "loki": {
-            "auth_enabled": false,
-            "commonConfig": { "replication_factor": 1 },
-            "storage": { "type": "filesystem" },
-            "schemaConfig": {
-                "configs": [{
-                    "from": "2024-04-01",
-                    "store": "tsdb",
-                    "object_store": "filesystem",
-                    "schema": "v13",
-                    "index": { "prefix": "loki_index_", "period": "24h" },
-                }]
+    let off = || Enabled { enabled: false };
+    let v = LokiValues {
+        deployment_mode: "Monolithic",
+        loki: LokiConfig {
+            auth_enabled: false,
+            common_config: CommonConfig { replication_factor: 1 },
+            storage: LokiStorage { kind: "filesystem" },
+            schema_config: SchemaConfig {
+                configs: vec![SchemaPeriod {
+                    from: "2024-04-01",
+                    store: "tsdb",
+                    object_store: "filesystem",
+                    schema: "v13",
+                    index: SchemaIndex {
+                        prefix: "loki_index_",
+                        period: "24h",
+                    },
+                }],
             },
-            "limits_config": { "allow_structured_metadata": true, "volume_enabled": true },
+            limits_config: LimitsConfig {
+                allow_structured_metadata: true,
+                volume_enabled: true,
+            },
         },
-        "singleBinary": {
-            "replicas": 1,
-            "persistence": { "enabled": true, "size": "10Gi" },
+        single_binary: SingleBinary {
+            replicas: 1,
+            persistence: Persistence {
+                enabled: true,
+                size: "10Gi",
+            },
         },
-        "read": { "replicas": 0 },
-        "write": { "replicas": 0 },
-        "backend": { "replicas": 0 },
-        "chunksCache": { "enabled": false },
-        "resultsCache": { "enabled": false },
-        "gateway": { "enabled": false },
-        "lokiCanary": { "enabled": false },
-        "test": { "enabled": false },
-        "minio": { "enabled": false },
-    })
+        read: Replicas { replicas: 0 },
+        write: Replicas { replicas: 0 },
+        backend: Replicas { replicas: 0 },
+        chunks_cache: off(),
+        results_cache: off(),
+        gateway: off(),
+        loki_canary: off(),
+        test: off(),
+        minio: off(),
+    };
+    serde_json::to_value(v).expect("serializable")
 }
 
-// ---------- local-path-provisioner ----------
+// ---------- local-path-provisioner, Traefik, MetalLB ----------
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LocalPathValues {
+    storage_class: StorageClass,
+    node_path_map: Vec<NodePath>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StorageClass {
+    create: bool,
+    default_class: bool,
+    name: &'static str,
+}
+
+#[derive(Serialize)]
+struct NodePath {
+    node: &'static str,
+    paths: Vec<&'static str>,
+}
 
 /// local-path-provisioner writing under /var (writable on Talos), the default StorageClass.
 pub fn local_path(_lab: &LabConfig) -> Value {
-    json!({
-        "storageClass": { "create": true, "defaultClass": true, "name": "local-path" },
-        "nodePathMap": [{
-            "node": "DEFAULT_PATH_FOR_NON_LISTED_NODES",
-            "paths": [LOCAL_PATH_DIR],
+    let v = LocalPathValues {
+        storage_class: StorageClass {
+            create: true,
+            default_class: true,
+            name: "local-path",
+        },
+        node_path_map: vec![NodePath {
+            node: "DEFAULT_PATH_FOR_NON_LISTED_NODES",
+            paths: vec![LOCAL_PATH_DIR],
         }],
-    })
+    };
+    serde_json::to_value(v).expect("serializable")
+}
+
+#[derive(Serialize)]
+struct TraefikValues {
+    deployment: Replicas,
+    service: TraefikService,
+    metrics: TraefikMetrics,
+}
+
+#[derive(Serialize)]
+struct TraefikService {
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(Serialize)]
+struct TraefikMetrics {
+    prometheus: TraefikPrometheus,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TraefikPrometheus {
+    service_monitor: ServiceMonitor,
 }
 
 /// Traefik as the ingress controller (a LoadBalancer when MetalLB is on, else a NodePort).
 pub fn traefik(lab: &LabConfig) -> Value {
-    json!({
-        "deployment": { "replicas": 1 },
-        "service": { "type": if lab.addons.metallb { "LoadBalancer" } else { "NodePort" } },
-        "metrics": { "prometheus": { "serviceMonitor": { "enabled": lab.addons.prometheus } } },
-    })
+    let v = TraefikValues {
+        deployment: Replicas { replicas: 1 },
+        service: TraefikService {
+            kind: if lab.addons.metallb { "LoadBalancer" } else { "NodePort" },
+        },
+        metrics: TraefikMetrics {
+            prometheus: TraefikPrometheus {
+                service_monitor: ServiceMonitor {
+                    enabled: lab.addons.prometheus,
+                    labels: None,
+                },
+            },
+        },
+    };
+    serde_json::to_value(v).expect("serializable")
 }
 
 /// MetalLB's chart needs no values; its address pool is applied after it (see [`metallb_pool`]).
 pub fn metallb(_lab: &LabConfig) -> Value {
-    json!({})
+    #[derive(Serialize)]
+    struct MetallbValues {}
+    serde_json::to_value(MetallbValues {}).expect("serializable")
 }
 
 /// The address pool MetalLB announces: the lab file's `metallb_pool`, else the top of the
