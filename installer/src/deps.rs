@@ -230,6 +230,18 @@ pub async fn run(lab: &LabConfig, runner: &Runner, state_root: &Path) -> Vec<Che
                 )
                 .await,
             );
+            // SAFETY: geteuid has no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            out.push(if root {
+                check("root", Status::Ok, "running as root", "")
+            } else {
+                check(
+                    "root",
+                    Status::Fail,
+                    "talosctl needs root to make the QEMU bridge and VMs",
+                    "run the installer with sudo -E (keeps SRE_LAB_HOME and PATH)",
+                )
+            });
             out.push(if Path::new("/dev/kvm").exists() {
                 check("kvm", Status::Ok, "/dev/kvm present", "")
             } else {

@@ -252,6 +252,22 @@ pub struct Context<'a> {
     pub paths: &'a Paths,
 }
 
+/// Every node's address: control planes first (Talos in Docker/QEMU numbers nodes from .2).
+pub fn all_node_ips(lab: &LabConfig) -> Vec<String> {
+    match lab.provider {
+        Provider::Docker | Provider::Qemu => (0..lab.nodes.control_planes + lab.nodes.workers)
+            .map(|i| format!("10.5.0.{}", 2 + i))
+            .collect(),
+        Provider::Nodes => lab
+            .machines
+            .control_planes
+            .iter()
+            .chain(&lab.machines.workers)
+            .cloned()
+            .collect(),
+    }
+}
+
 /// The first control plane's address: Talos in Docker/QEMU numbers nodes from .2 of its subnet.
 pub fn first_control_plane(lab: &LabConfig) -> String {
     match lab.provider {
@@ -665,6 +681,27 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
             steps.push(boot);
         }
     }
+
+    // The patch also reaches nodes that already exist: a changed lab file (add-ons, the
+    // registry mirror) is applied to them; unchanged, the step is skipped by its fingerprint.
+    let (patch_again, _) = write_values(ctx, "talos-patch.yaml", values::talos_patch(lab));
+    let mut patch_cmd = talosctl(ctx, &["--nodes", &all_node_ips(lab).join(",")]);
+    patch_cmd.args.extend([
+        "patch".into(),
+        "machineconfig".into(),
+        "--patch".into(),
+        patch_arg.clone(),
+    ]);
+    let mut mc = Step::new(
+        "machine-config",
+        "Apply the lab's machine-config patch to every node (a no-op when unchanged)",
+        "`talosctl get machineconfig` on the node shows what it runs; a patch Talos refuses is reported above",
+    )
+    .act(patch_again)
+    .run(patch_cmd);
+    // Freshly installed machines reboot first.
+    mc.retry_secs = Some(300);
+    steps.push(mc);
 
     let mut kc = Step::new(
         "kubeconfig",

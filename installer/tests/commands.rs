@@ -35,6 +35,7 @@ fn docker_up_commands() -> Vec<String> {
         format!("helm template cilium cilium --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --kube-version 1.36.3 --values {S}/rendered/cilium-values.yaml"),
         CLUSTER_PROBE.to_owned(),
         format!("talosctl cluster create docker --name sre-lab --state {S}/clusters --talosconfig-destination {S}/talosconfig --image ghcr.io/siderolabs/talos:v1.13.9 --workers 2 --cpus-controlplanes 2.0 --cpus-workers 2.0 --memory-controlplanes 4096MiB --memory-workers 4096MiB --kubernetes-version 1.36.3 --config-patch @{S}/rendered/talos-patch.yaml --config-patch-controlplanes @{S}/rendered/cilium-inline-patch.yaml"),
+        format!("talosctl --talosconfig {S}/talosconfig --nodes 10.5.0.2,10.5.0.3,10.5.0.4 patch machineconfig --patch @{S}/rendered/talos-patch.yaml"),
         format!("talosctl --talosconfig {S}/talosconfig --nodes 10.5.0.2 health --wait-timeout 10m"),
         REGISTRY_PROBE.to_owned(),
         "docker run --detach --restart=always --name sre-lab-registry --publish 127.0.0.1:5005:5000 --publish 10.5.0.1:5005:5000 registry:2.8.3".to_owned(),
@@ -145,7 +146,7 @@ fn docker_up_runs_the_exact_sequence_and_applies_through_the_api() {
     assert!(!shown.contains(&password), "{shown}");
     // Plain progress: timestamped lines with step numbers and timings.
     let re =
-        regex::Regex::new(r"(?m)^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[14/14\] Deploy the sample app .* done in \d+\.\ds$")
+        regex::Regex::new(r"(?m)^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[15/15\] Deploy the sample app .* done in \d+\.\ds$")
             .unwrap();
     assert!(re.is_match(&stderr(&out)), "{}", stderr(&out));
     assert!(
@@ -176,7 +177,7 @@ fn a_failed_step_is_reported_redacted_and_up_resumes_there() {
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(
-        err.contains("[12/14] Install Loki 18.11.0 (single binary, filesystem) FAILED"),
+        err.contains("[13/15] Install Loki 18.11.0 (single binary, filesystem) FAILED"),
         "{err}"
     );
     assert!(err.contains("failed with exit code 1"), "{err}");
@@ -233,6 +234,25 @@ fn a_changed_lab_file_reruns_only_the_changed_steps() {
     assert!(log[5].starts_with("helm upgrade --install loki"), "{log:#?}");
     let values = std::fs::read_to_string(sb.state("sre-lab").join("rendered/loki-values.yaml")).unwrap();
     assert!(values.contains("size: 20Gi"), "{values}");
+
+    // A change to what the Talos patch holds reaches the existing nodes.
+    sb.lab_file(
+        "values:\n  loki:\n    singleBinary:\n      persistence:\n        size: 20Gi\naddons:\n  local_path: false\n",
+    );
+    let out = sb.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = sb.take_log();
+    assert!(
+        log.iter()
+            .any(|l| l.ends_with("patch machineconfig --patch @$T/state/sre-lab/rendered/talos-patch.yaml")),
+        "{log:#?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.starts_with("talosctl cluster create")),
+        "the cluster is reused: {log:#?}"
+    );
+    let patch = std::fs::read_to_string(sb.state("sre-lab").join("rendered/talos-patch.yaml")).unwrap();
+    assert!(!patch.contains("extraMounts"), "{patch}");
 }
 
 #[test]
@@ -261,6 +281,7 @@ fn nodes_provider_generates_applies_bootstraps_once() {
             format!("talosctl apply-config --insecure --nodes 192.168.56.11 --file {s}/talos/worker.yaml"),
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 etcd status"),
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 bootstrap"),
+            format!("{t} --nodes 192.168.56.10,192.168.56.11 patch machineconfig --patch @{s}/rendered/talos-patch.yaml"),
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 kubeconfig --merge=false --force {s}/kubeconfig"),
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 health --wait-timeout 10m"),
             format!("helm upgrade --install local-path-provisioner local-path-provisioner --repo https://charts.containeroo.ch --version 0.0.37 --namespace local-path-storage --create-namespace --values {s}/rendered/local-path-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
@@ -498,7 +519,7 @@ fn plan_and_dry_run_need_no_tools_and_run_nothing() {
         let out = sb.run(args, &[("PATH", "/nonexistent")]);
         assert!(out.status.success(), "{}", stderr(&out));
         let text = stdout(&out);
-        assert!(text.contains("[1/14] Render Cilium 1.18.12"), "{text}");
+        assert!(text.contains("[1/15] Render Cilium 1.18.12"), "{text}");
         assert!(
             text.contains(
                 "$ KUBECONFIG=$T/state/sre-lab/kubeconfig talosctl cluster create docker"
@@ -525,6 +546,7 @@ fn plan_and_dry_run_need_no_tools_and_run_nothing() {
         [
             "cilium-manifest",
             "cluster",
+            "machine-config",
             "kubeconfig",
             "health",
             "namespaces",
@@ -618,7 +640,7 @@ fn status_reports_steps_nodes_and_workloads() {
     let sb = Sandbox::new();
     let before = sb.run(&["status"], &[]);
     assert_eq!(before.status.code(), Some(1));
-    assert!(stdout(&before).contains("0/14 `up` steps done"), "{}", stdout(&before));
+    assert!(stdout(&before).contains("0/15 `up` steps done"), "{}", stdout(&before));
     assert!(sb.run(&["up"], &[]).status.success());
     sb.api.insert(
         "/api/v1/nodes/sre-lab-controlplane-1",
@@ -717,23 +739,23 @@ fn on_a_terminal_each_step_is_one_line_with_a_spinner_and_its_time() {
     let out = sb.run_on_tty(&["up"]);
     assert!(out.status.success(), "{}", stdout(&out));
     let screen = stdout(&out);
-    for n in 1..=14 {
+    for n in 1..=15 {
         let re = regex::Regex::new(&format!(
-            r"(\u{{2713}}|\u{{2013}}) \[{n}/14\] [^\x1b]* (done|skipped) in \d+\.\ds"
+            r"(\u{{2713}}|\u{{2013}}) \[{n}/15\] [^\x1b]* (done|skipped) in \d+\.\ds"
         ))
         .unwrap();
         assert!(re.is_match(&screen), "step {n}: {screen}");
     }
     assert!(screen.contains('\u{2801}'), "a spinner frame: {screen}");
     assert!(
-        regex::Regex::new(r"\[14/14\] Deploy the sample app .* done in \d+\.\ds")
+        regex::Regex::new(r"\[15/15\] Deploy the sample app .* done in \d+\.\ds")
             .unwrap()
             .is_match(&screen),
         "{screen}"
     );
     // Not the plain format.
     assert!(
-        !regex::Regex::new(r"(?m)^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[1/14\]")
+        !regex::Regex::new(r"(?m)^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[1/15\]")
             .unwrap()
             .is_match(&screen),
         "{screen}"
@@ -742,7 +764,7 @@ fn on_a_terminal_each_step_is_one_line_with_a_spinner_and_its_time() {
     sb.run(&["down"], &[]);
     let out = sb.run_on_tty(&["--plain", "up"]);
     assert!(
-        regex::Regex::new(r"(?m)^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[1/14\]")
+        regex::Regex::new(r"(?m)^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[1/15\]")
             .unwrap()
             .is_match(&stdout(&out)),
         "{}",
