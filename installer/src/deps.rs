@@ -95,57 +95,60 @@ async fn tool_version(runner: &Runner, tool: &str, args: &[&str], min: Option<(u
     }
 }
 
+const TALOSCTL_INSTALL: &str = "curl -sL https://talos.dev/install | sh";
+const HELM_INSTALL: &str = "https://helm.sh/docs/intro/install/";
+const DOCKER_INSTALL: &str = "https://docs.docker.com/engine/install/";
+
+async fn talosctl_check(runner: &Runner) -> Check {
+    tool_version(
+        runner,
+        "talosctl",
+        &["version", "--client", "--short"],
+        Some(MIN_TALOSCTL),
+        TALOSCTL_INSTALL,
+    )
+    .await
+}
+
+async fn helm_check(runner: &Runner) -> Check {
+    tool_version(runner, "helm", &["version", "--short"], Some(MIN_HELM), HELM_INSTALL).await
+}
+
+/// `docker --version` answers without the daemon, which has its own check.
+async fn docker_check(runner: &Runner) -> Check {
+    tool_version(runner, "docker", &["--version"], None, DOCKER_INSTALL).await
+}
+
+/// A failure when the installed talosctl's minor version differs from the Talos image's
+/// (`talosctl` generates the machine configs that image must understand).
+fn talosctl_matches_image(lab: &LabConfig, talosctl: &Check) -> Option<Check> {
+    let tool = talosctl.detail.split(' ').next().and_then(parse_version)?;
+    let image = parse_version(&lab.versions.talos)?;
+    ((tool.0, tool.1) != (image.0, image.1)).then(|| {
+        check(
+            "talosctl",
+            Status::Fail,
+            format!(
+                "talosctl {}.{}.{} drives Talos {}; their minor versions must match",
+                tool.0, tool.1, tool.2, lab.versions.talos
+            ),
+            format!(
+                "install talosctl {} ({TALOSCTL_INSTALL}) or set versions.talos",
+                lab.versions.talos
+            ),
+        )
+    })
+}
+
 /// What `up` checks before it starts: the tools it needs are there and new enough, and the
 /// talosctl minor version is the one of the Talos image. Returns the failures.
 pub async fn preflight(lab: &LabConfig, runner: &Runner) -> Vec<Check> {
-    let mut out = vec![
-        tool_version(
-            runner,
-            "talosctl",
-            &["version", "--client", "--short"],
-            Some(MIN_TALOSCTL),
-            "curl -sL https://talos.dev/install | sh",
-        )
-        .await,
-        tool_version(
-            runner,
-            "helm",
-            &["version", "--short"],
-            Some(MIN_HELM),
-            "https://helm.sh/docs/intro/install/",
-        )
-        .await,
-    ];
+    let mut out = vec![talosctl_check(runner).await, helm_check(runner).await];
     if lab.provider == Provider::Docker || crate::plan::local_registry(lab).is_some() {
-        out.push(
-            tool_version(
-                runner,
-                "docker",
-                &["--version"],
-                None,
-                "https://docs.docker.com/engine/install/",
-            )
-            .await,
-        );
+        out.push(docker_check(runner).await);
     }
-    if let (Some(tool), Some(image)) = (
-        out[0].detail.split(' ').next().and_then(parse_version),
-        parse_version(&lab.versions.talos),
-    ) {
-        if (tool.0, tool.1) != (image.0, image.1) {
-            out.push(check(
-                "talosctl",
-                Status::Fail,
-                format!(
-                    "talosctl {}.{}.{} drives Talos {}; their minor versions must match",
-                    tool.0, tool.1, tool.2, lab.versions.talos
-                ),
-                format!(
-                    "install talosctl {} (`curl -sL https://talos.dev/install | sh`) or set versions.talos",
-                    lab.versions.talos
-                ),
-            ));
-        }
+    if let Some(c) = talosctl_matches_image(lab, &out[0]) {
+        out.push(c);
     }
     out.retain(|c| c.status == Status::Fail);
     out
@@ -153,27 +156,11 @@ pub async fn preflight(lab: &LabConfig, runner: &Runner) -> Vec<Check> {
 
 /// Runs every check for `lab`.
 pub async fn run(lab: &LabConfig, runner: &Runner, state_root: &Path) -> Vec<Check> {
-    let mut out = Vec::new();
-    out.push(
-        tool_version(
-            runner,
-            "talosctl",
-            &["version", "--client", "--short"],
-            Some(MIN_TALOSCTL),
-            "curl -sL https://talos.dev/install | sh",
-        )
-        .await,
-    );
-    out.push(
-        tool_version(
-            runner,
-            "helm",
-            &["version", "--short"],
-            Some(MIN_HELM),
-            "https://helm.sh/docs/intro/install/",
-        )
-        .await,
-    );
+    let talosctl = talosctl_check(runner).await;
+    let mismatch = talosctl_matches_image(lab, &talosctl);
+    let mut out = vec![talosctl];
+    out.extend(mismatch);
+    out.push(helm_check(runner).await);
     let mut kubectl = tool_version(
         runner,
         "kubectl",
@@ -193,15 +180,7 @@ pub async fn run(lab: &LabConfig, runner: &Runner, state_root: &Path) -> Vec<Che
 
     match lab.provider {
         Provider::Docker => {
-            // `docker --version` answers without the daemon, which has its own check below.
-            let docker = tool_version(
-                runner,
-                "docker",
-                &["--version"],
-                None,
-                "https://docs.docker.com/engine/install/",
-            )
-            .await;
+            let docker = docker_check(runner).await;
             let have_docker = docker.status != Status::Fail;
             out.push(docker);
             if have_docker {

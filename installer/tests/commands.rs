@@ -584,6 +584,25 @@ fn up_without_tools_says_what_is_missing() {
 }
 
 #[test]
+fn up_refuses_a_talosctl_of_another_minor_than_the_image() {
+    let sb = Sandbox::new();
+    let out = sb.run(&["up"], &[("FAKE_TALOSCTL_VERSION", "v1.14.1")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("talosctl 1.14.1 drives Talos v1.13.9; their minor versions must match"),
+        "{err}"
+    );
+    assert_eq!(sb.take_log(), preflight(true), "nothing ran after the checks");
+    let old_helm = sb.run(&["up"], &[("FAKE_HELM_VERSION", "v3.16.2")]);
+    assert!(
+        stderr(&old_helm).contains("3.16.2 at") && stderr(&old_helm).contains("older than 3.17"),
+        "{}",
+        stderr(&old_helm)
+    );
+}
+
+#[test]
 fn bad_lab_files_are_reported_with_positions() {
     let sb = Sandbox::new();
     sb.lab_file(
