@@ -133,8 +133,8 @@ fn talosctl_matches_image(lab: &LabConfig, talosctl: &Check) -> Option<Check> {
                 tool.0, tool.1, tool.2, lab.versions.talos
             ),
             format!(
-                "install talosctl {} ({TALOSCTL_INSTALL}) or set versions.talos",
-                lab.versions.talos
+                "install talosctl {v} (https://github.com/siderolabs/talos/releases/download/{v}/talosctl-linux-amd64, or -darwin-arm64, …) or set versions.talos",
+                v = lab.versions.talos
             ),
         )
     })
@@ -178,26 +178,28 @@ pub async fn run(lab: &LabConfig, runner: &Runner, state_root: &Path) -> Vec<Che
     }
     out.push(kubectl);
 
-    match lab.provider {
-        Provider::Docker => {
-            let docker = docker_check(runner).await;
-            let have_docker = docker.status != Status::Fail;
-            out.push(docker);
-            if have_docker {
-                out.push(match runner.run(&Cmd::new("docker", ["info", "--format", "{{.ServerVersion}}"])).await {
-                    Ok(o) if o.success() && !o.stdout.trim().is_empty() => {
-                        check("docker daemon", Status::Ok, format!("server {}", o.stdout.trim()), "")
-                    }
-                    Ok(o) => check(
-                        "docker daemon",
-                        Status::Fail,
-                        format!("not reachable: {}", o.stderr.lines().next().unwrap_or("no answer")),
-                        "start it (`sudo systemctl start docker`) and make sure your user may use it (`sudo usermod -aG docker $USER`, then log in again)",
-                    ),
-                    Err(e) => check("docker daemon", Status::Fail, e.to_string(), "install Docker Engine"),
-                });
-            }
+    // Docker: the provider itself, or (QEMU) what builds the agent image and runs the registry.
+    if lab.provider == Provider::Docker || crate::plan::local_registry(lab).is_some() {
+        let docker = docker_check(runner).await;
+        let have_docker = docker.status != Status::Fail;
+        out.push(docker);
+        if have_docker {
+            out.push(match runner.run(&Cmd::new("docker", ["info", "--format", "{{.ServerVersion}}"])).await {
+                Ok(o) if o.success() && !o.stdout.trim().is_empty() => {
+                    check("docker daemon", Status::Ok, format!("server {}", o.stdout.trim()), "")
+                }
+                Ok(o) => check(
+                    "docker daemon",
+                    Status::Fail,
+                    format!("not reachable: {}", o.stderr.lines().next().unwrap_or("no answer")),
+                    "start it (`sudo systemctl start docker`) and make sure your user may use it (`sudo usermod -aG docker $USER`, then log in again)",
+                ),
+                Err(e) => check("docker daemon", Status::Fail, e.to_string(), "install Docker Engine"),
+            });
         }
+    }
+    match lab.provider {
+        Provider::Docker => {}
         Provider::Qemu => {
             out.push(
                 tool_version(
@@ -299,8 +301,22 @@ pub async fn run(lab: &LabConfig, runner: &Runner, state_root: &Path) -> Vec<Che
         None => check("disk", Status::Warn, format!("cannot stat {}", disk_path.display()), ""),
     });
 
-    if lab.provider == Provider::Docker {
+    if lab.provider != Provider::Nodes {
         out.push(subnet_check(Ipv4Addr::new(10, 5, 0, 0), 24));
+        if lab.addons.cilium {
+            out.push(port_check(
+                crate::plan::manifest_port(),
+                Status::Fail,
+                "`up` serves Cilium's manifest to the nodes there while they bootstrap; free it or set SRE_LAB_MANIFEST_PORT",
+            ));
+        }
+    }
+    if crate::plan::local_registry(lab).is_some() {
+        out.push(port_check(
+            crate::plan::REGISTRY_PORT,
+            Status::Fail,
+            "the lab registry publishes it on 127.0.0.1; free it (or set agent_image to a pushed image)",
+        ));
     }
     for f in crate::kube::FORWARDS {
         out.push(port_check(

@@ -102,10 +102,12 @@ impl<'a> Executor<'a> {
                     }
                     continue;
                 }
-                // It is being made anew: nothing recorded after it still holds.
-                let later: Vec<&str> = steps[i..].iter().map(|s| s.id.as_str()).collect();
-                st.done.retain(|k, _| !later.contains(&k.as_str()));
-            } else if st.done.get(&step.id).is_some_and(|d| d.fingerprint == fingerprint) {
+                if step.resets_later {
+                    // It is being made anew: nothing recorded after it still holds.
+                    let later: Vec<&str> = steps[i..].iter().map(|s| s.id.as_str()).collect();
+                    st.done.retain(|k, _| !later.contains(&k.as_str()));
+                }
+            } else if !step.always && st.done.get(&step.id).is_some_and(|d| d.fingerprint == fingerprint) {
                 progress.finish(Outcome::Skipped, "done in an earlier run");
                 continue;
             }
@@ -114,6 +116,17 @@ impl<'a> Executor<'a> {
                 Ok(()) => {
                     progress.finish(Outcome::Done, "");
                     if self.record {
+                        for id in &step.also_done {
+                            if let Some(other) = steps.iter().find(|s| &s.id == id) {
+                                st.done.insert(
+                                    id.clone(),
+                                    Done {
+                                        fingerprint: other.fingerprint(),
+                                        seconds: 0.0,
+                                    },
+                                );
+                            }
+                        }
                         st.done.insert(
                             step.id.clone(),
                             Done {
@@ -176,27 +189,27 @@ impl<'a> Executor<'a> {
                 Action::Run { cmd } => {
                     self.run_cmd(cmd).await?;
                 }
-                Action::RenderInline {
-                    cmd,
-                    name,
-                    path,
-                    max_bytes,
-                } => {
+                Action::Render { cmd, path } => {
                     let manifest = self.run_cmd(cmd).await?;
                     if crate::yaml::documents(&manifest).map_or(true, |d| d.is_empty()) {
                         bail!("`{}` rendered no manifests", self.redactor.redact(&cmd.shell_line()));
                     }
-                    let patch = crate::values::inline_manifest_patch(name, &manifest);
-                    if let Some(max) = max_bytes {
-                        if patch.len() > *max {
-                            bail!(
-                                "the rendered {name} manifest makes a {} KiB machine-config patch; Talos in Docker passes the whole machine config base64-encoded in one environment variable (at most 128 KiB), so at most {} KiB fit. Turn something off in values.{name} (e.g. hubble.ui) or use provider qemu",
-                                patch.len() / 1024,
-                                max / 1024
-                            );
-                        }
-                    }
-                    state::write_private(path, patch.as_bytes())?;
+                    state::write_private(path, manifest.as_bytes())?;
+                }
+                Action::RunServing { cmd, file, port } => {
+                    let body = std::fs::read(file)
+                        .with_context(|| format!("{} (rendered by an earlier step)", file.display()))?;
+                    let listener = tokio::net::TcpListener::bind(("0.0.0.0", *port))
+                        .await
+                        .with_context(|| {
+                            format!(
+                                "serving the CNI manifest on port {port} (set SRE_LAB_MANIFEST_PORT to use another)"
+                            )
+                        })?;
+                    let server = tokio::spawn(serve_file(listener, body));
+                    let result = self.run_cmd(cmd).await;
+                    server.abort();
+                    result?;
                 }
                 Action::Apply { what, manifests } => {
                     let client = self.client().await?;
@@ -247,6 +260,39 @@ impl<'a> Executor<'a> {
             self.redactor.redact(&cmd.shell_line()),
             out.tail(&self.redactor, 40)
         )
+    }
+}
+
+/// Answers every HTTP request on `listener` with `body` (a YAML manifest) until aborted.
+async fn serve_file(listener: tokio::net::TcpListener, body: Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = std::sync::Arc::new(body);
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let body = body.clone();
+        tokio::spawn(async move {
+            // Read the request head (whatever it asks, the answer is the manifest).
+            let mut buf = vec![0u8; 8192];
+            let mut seen = 0;
+            while seen < buf.len() {
+                match conn.read(&mut buf[seen..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen += n,
+                }
+                if buf[..seen].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/yaml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(&body).await;
+            let _ = conn.shutdown().await;
+        });
     }
 }
 

@@ -38,12 +38,24 @@ pub mod repos {
 
 /// The lab registry's port on the host.
 pub const REGISTRY_PORT: u16 = 5005;
+/// The lab registry's address on the Talos in Docker network (outside MetalLB's default pool).
+pub const REGISTRY_DOCKER_IP: &str = "10.5.0.254";
 /// The registry image.
 pub const REGISTRY_IMAGE: &str = "registry:2.8.3";
-/// Largest Cilium inline-manifest patch for Talos in Docker: the whole machine config goes
-/// base64-encoded (4/3) into one environment variable of at most 128 KiB, and the rest of
-/// the control plane's config needs room too.
-pub const INLINE_LIMIT_DOCKER: usize = 88 * 1024;
+/// Where `up` serves the rendered Cilium manifest while Talos bootstraps
+/// (`SRE_LAB_MANIFEST_PORT` overrides it).
+pub fn manifest_port() -> u16 {
+    std::env::var("SRE_LAB_MANIFEST_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(5006)
+}
+
+/// The URL Talos in Docker/QEMU fetches its CNI manifest from: the host, seen from the lab
+/// network at its gateway.
+pub fn cni_manifest_url() -> String {
+    format!("http://10.5.0.1:{}/cilium.yaml", manifest_port())
+}
 
 /// The registry the installer runs when it builds the agent image itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,7 +76,13 @@ pub fn local_registry(lab: &LabConfig) -> Option<LocalRegistry> {
     if !lab.addons.agent || !lab.agent_image.is_empty() || lab.provider == Provider::Nodes {
         return None;
     }
-    let node_host = format!("10.5.0.1:{REGISTRY_PORT}");
+    // Talos in Docker: the registry joins the cluster's Docker network at a fixed address
+    // (Docker drops traffic between its bridges, so a port published on another bridge would
+    // not do). QEMU: the nodes reach the host at the bridge's gateway.
+    let node_host = match lab.provider {
+        Provider::Docker => format!("{REGISTRY_DOCKER_IP}:5000"),
+        _ => format!("10.5.0.1:{REGISTRY_PORT}"),
+    };
     let path = format!("sre-lab/agent:{}", env!("CARGO_PKG_VERSION"));
     Some(LocalRegistry {
         container: format!("{}-registry", lab.cluster_name),
@@ -104,18 +122,22 @@ pub enum Action {
         /// The command.
         cmd: Cmd,
     },
-    /// Runs `helm template` and writes its output, verbatim, as a Talos inline-manifest patch.
-    RenderInline {
+    /// Runs `helm template` and writes its output (private: it may hold TLS keys).
+    Render {
         /// The `helm template` command.
         cmd: Cmd,
-        /// Inline manifest name.
-        name: String,
-        /// The patch file.
+        /// Where the manifest goes.
         path: PathBuf,
-        /// Largest patch that fits (Talos in Docker passes the machine config base64-encoded
-        /// in one environment variable, which Linux limits to 128 KiB).
-        #[serde(skip_serializing_if = "Option::is_none")]
-        max_bytes: Option<usize>,
+    },
+    /// Runs a command while serving `file` over HTTP on `port` of every host address (the
+    /// manifest Talos fetches for its CNI while bootstrapping).
+    RunServing {
+        /// The command.
+        cmd: Cmd,
+        /// The file served (at `/` + its name).
+        file: PathBuf,
+        /// Port.
+        port: u16,
     },
     /// Server-side applies multi-document YAML with kube-rs.
     Apply {
@@ -204,6 +226,18 @@ pub struct Step {
     pub retry_secs: Option<u64>,
     /// What to try when the step fails.
     pub hint: String,
+    /// Steps this one also accomplishes when it runs (creating a cluster applies the patch
+    /// `machine-config` would): they are recorded done with it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub also_done: Vec<String>,
+    /// Runs on every `up`, whatever the state file says (its inputs are not in the plan:
+    /// the agent image is built from the checkout as it is now; `docker build` caches).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub always: bool,
+    /// When its probe fails the thing is made anew (a cluster, a secrets bundle), so what
+    /// later steps recorded no longer holds.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub resets_later: bool,
 }
 
 impl Step {
@@ -215,6 +249,9 @@ impl Step {
             skip_if: None,
             retry_secs: None,
             hint: hint.into(),
+            also_done: Vec::new(),
+            always: false,
+            resets_later: false,
         }
     }
 
@@ -393,6 +430,10 @@ pub fn agent_manifests(lab: &LabConfig) -> String {
             if let Some(containers) = d["spec"]["template"]["spec"]["containers"].as_array_mut() {
                 for c in containers.iter_mut().filter(|c| c["name"] == "agent") {
                     c["image"] = serde_json::json!(image);
+                    if local_registry(lab).is_some() {
+                        // Rebuilt under the same tag by every `up`.
+                        c["imagePullPolicy"] = serde_json::json!("Always");
+                    }
                     if let Some(env) = c["env"].as_array_mut() {
                         env.retain(|e| e["name"] != "CLUSTER_NAME");
                         env.push(serde_json::json!({"name": "CLUSTER_NAME", "value": lab.cluster_name}));
@@ -415,8 +456,7 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
 
     let (patch_action, patch_file) = write_values(ctx, "talos-patch.yaml", values::talos_patch(lab));
     let patch_arg = format!("@{patch_file}");
-    let inline_file = paths.rendered("cilium-inline-patch.yaml");
-    let inline_arg = format!("@{}", inline_file.display());
+    let cni_file = paths.rendered("cilium.yaml");
     let cp = first_control_plane(lab);
     let kubeconfig = paths.kubeconfig().display().to_string();
 
@@ -439,10 +479,12 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
         .run(helm_install(ctx, release, chart, repo, version, ns, &path))
     };
 
-    // Cilium goes into the machine config as an inline manifest rendered by `helm template`:
-    // Talos applies it while bootstrapping, so nodes become Ready without anything waiting
-    // on them first (`talosctl cluster create docker` always waits for Ready nodes).
-    if lab.addons.cilium {
+    // Talos in Docker/QEMU: `talosctl cluster create` waits for Ready nodes and cannot be
+    // told not to, so the CNI must come with the cluster. Talos fetches the manifests of a
+    // `custom` CNI from URLs while bootstrapping: `up` renders Cilium with `helm template`
+    // and serves it to the nodes from the host while `cluster create` runs. Helm takes the
+    // release over later.
+    if lab.addons.cilium && lab.provider != Provider::Nodes {
         let (w, values_path) = write_values(
             ctx,
             "cilium-values.yaml",
@@ -452,14 +494,14 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
             Step::new(
                 "cilium-manifest",
                 format!(
-                    "Render Cilium {}{} for the machine config (helm template)",
+                    "Render Cilium {}{} for Talos to fetch while bootstrapping (helm template)",
                     lab.charts.cilium,
                     if lab.addons.hubble { " with Hubble" } else { "" }
                 ),
                 "helm must reach https://helm.cilium.io; check the chart version in the lab file",
             )
             .act(w)
-            .act(Action::RenderInline {
+            .act(Action::Render {
                 cmd: Cmd::new(
                     "helm",
                     [
@@ -478,9 +520,7 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
                         &values_path,
                     ],
                 ),
-                name: "cilium".into(),
-                path: inline_file.clone(),
-                max_bytes: (lab.provider == Provider::Docker).then_some(INLINE_LIMIT_DOCKER),
+                path: cni_file.clone(),
             }),
         );
     }
@@ -532,11 +572,6 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
             ] {
                 create.args.extend([flag.to_owned(), value]);
             }
-            if lab.addons.cilium {
-                create
-                    .args
-                    .extend(["--config-patch-controlplanes".to_owned(), inline_arg.clone()]);
-            }
             // talosctl merges the admin kubeconfig (API server mapped to 127.0.0.1) into the
             // single file $KUBECONFIG names: make that the lab's own.
             let create = create.env("KUBECONFIG", kubeconfig.clone());
@@ -558,16 +593,31 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
                     path: paths.talos_state().join(name),
                 }
             };
-            let mut s = Step::new(
+            let s = Step::new(
                 "cluster",
                 format!("Create Talos {} cluster {name:?} in {provisioner} ({} control plane, {} workers)", lab.versions.talos, lab.nodes.control_planes, lab.nodes.workers),
                 format!("`installer check-deps`; `talosctl cluster destroy --name {name} --state {}` clears a half-made cluster", paths.talos_state().display()),
             )
-            .act(patch_action)
-            .run(create)
-            .act(Action::Private { path: paths.talosconfig() })
-            .act(Action::Private { path: paths.kubeconfig() });
+            .act(patch_action);
+            let s = if lab.addons.cilium {
+                s.act(Action::RunServing {
+                    cmd: create,
+                    file: cni_file.clone(),
+                    port: manifest_port(),
+                })
+            } else {
+                s.run(create)
+            };
+            let mut s = s
+                .act(Action::Private {
+                    path: paths.talosconfig(),
+                })
+                .act(Action::Private {
+                    path: paths.kubeconfig(),
+                });
             s.skip_if = Some(probe);
+            s.also_done = vec!["machine-config".into()];
+            s.resets_later = true;
             steps.push(s);
         }
         Provider::Nodes => {
@@ -588,6 +638,7 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
             ))
             .act(Action::Private { path: paths.secrets() });
             secrets.skip_if = Some(Probe::Exists { path: paths.secrets() });
+            secrets.resets_later = true;
             steps.push(secrets);
 
             let out_dir = paths.machine_configs();
@@ -610,10 +661,6 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
                     &patch_arg,
                 ],
             );
-            if lab.addons.cilium {
-                gen.args
-                    .extend(["--config-patch-control-plane".to_owned(), inline_arg.clone()]);
-            }
             gen.args.extend([
                 "--output".to_owned(),
                 out_dir.display().to_string(),
@@ -683,14 +730,16 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
     }
 
     // The patch also reaches nodes that already exist: a changed lab file (add-ons, the
-    // registry mirror) is applied to them; unchanged, the step is skipped by its fingerprint.
-    let (patch_again, _) = write_values(ctx, "talos-patch.yaml", values::talos_patch(lab));
+    // registry mirror) is applied to them; unchanged, the step is skipped by its fingerprint,
+    // and making the nodes counts as applying it. Talos merges lists in a patch by appending,
+    // so this one leaves out the kubelet mount list (set when the nodes are made).
+    let (patch_again, again_file) = write_values(ctx, "talos-patch-update.yaml", values::talos_update_patch(lab));
     let mut patch_cmd = talosctl(ctx, &["--nodes", &all_node_ips(lab).join(",")]);
     patch_cmd.args.extend([
         "patch".into(),
         "machineconfig".into(),
         "--patch".into(),
-        patch_arg.clone(),
+        format!("@{again_file}"),
     ]);
     let mut mc = Step::new(
         "machine-config",
@@ -722,6 +771,26 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
     kc.retry_secs = Some(300);
     steps.push(kc);
 
+    if lab.addons.cilium && lab.provider == Provider::Nodes {
+        // Existing machines wait for nothing: Cilium goes in with Helm once the API answers.
+        let mut c = helm_step(
+            "cilium-bootstrap",
+            &format!(
+                "Install Cilium {}{}",
+                lab.charts.cilium,
+                if lab.addons.hubble { " with Hubble" } else { "" }
+            ),
+            "cilium",
+            "cilium",
+            repos::CILIUM,
+            &lab.charts.cilium,
+            "kube-system",
+            "cilium-values.yaml",
+            values::render(lab, "cilium", values::cilium(lab, CiliumPhase::Network)),
+        );
+        c.retry_secs = Some(300);
+        steps.push(c);
+    }
     steps.push(
         Step::new(
             "health",
@@ -748,21 +817,40 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
             format!("Run the lab's image registry ({} for the nodes)", reg.node_host),
             "`docker logs` of the registry container says why; port 5005 must be free",
         )
-        .run(Cmd::new(
-            "docker",
-            [
-                "run",
-                "--detach",
-                "--restart=always",
-                "--name",
-                &reg.container,
-                "--publish",
-                &format!("127.0.0.1:{REGISTRY_PORT}:5000"),
-                "--publish",
-                &format!("{}:5000", reg.node_host),
-                REGISTRY_IMAGE,
-            ],
-        ));
+        .run({
+            let mut run = Cmd::new(
+                "docker",
+                [
+                    "run",
+                    "--detach",
+                    "--restart=always",
+                    "--name",
+                    &reg.container,
+                    "--publish",
+                    &format!("127.0.0.1:{REGISTRY_PORT}:5000"),
+                ],
+            );
+            if lab.provider == Provider::Qemu {
+                run.args
+                    .extend(["--publish".to_owned(), format!("{}:5000", reg.node_host)]);
+            }
+            run.args.push(REGISTRY_IMAGE.to_owned());
+            run
+        });
+        if lab.provider == Provider::Docker {
+            // talosctl names the cluster's network after the cluster.
+            run = run.run(Cmd::new(
+                "docker",
+                [
+                    "network",
+                    "connect",
+                    "--ip",
+                    REGISTRY_DOCKER_IP,
+                    &lab.cluster_name,
+                    &reg.container,
+                ],
+            ));
+        }
         run.skip_if = Some(Probe::Succeeds {
             cmd: Cmd::new(
                 "docker",
@@ -771,8 +859,7 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
         });
         steps.push(run);
         let context = build_context();
-        steps.push(
-            Step::new(
+        let mut image = Step::new(
                 "agent-image",
                 format!("Build the agent image from {} and push it to the lab's registry", context.display()),
                 "run the installer from the sre-lab checkout (the Dockerfile is at its root), or set agent_image in the lab file",
@@ -784,8 +871,9 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
                     "--tag", &reg.push_ref, &context.display().to_string(),
                 ],
             ))
-            .run(Cmd::new("docker", ["push", &reg.push_ref])),
-        );
+            .run(Cmd::new("docker", ["push", &reg.push_ref]));
+        image.always = true;
+        steps.push(image);
     }
 
     if lab.addons.local_path {
@@ -863,7 +951,7 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
             values::render(lab, "cilium", values::cilium(lab, phase)),
         );
         if let Some(Action::Run { cmd }) = step.actions.last_mut() {
-            // Adopt the objects Talos created from the inline manifest (Helm >= 3.17).
+            // Adopt the objects Talos created from the CNI manifest (Helm >= 3.17).
             cmd.args.insert(4, "--take-ownership".into());
         }
         steps.push(step);
@@ -951,6 +1039,10 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
                 timeout_secs: 300,
             }),
         );
+    }
+    // Generating the machine configs puts the patch in them, as creating a cluster does.
+    if let Some(s) = steps.iter_mut().find(|s| s.id == "machine-configs") {
+        s.also_done = vec!["machine-config".into()];
     }
     steps
 }
@@ -1069,8 +1161,18 @@ pub fn render_text(steps: &[Step]) -> String {
                     format!("write {} ({} lines)", path.display(), contents.lines().count())
                 }
                 Action::Run { cmd } => format!("$ {cmd}"),
-                Action::RenderInline { cmd, name, path, .. } => {
-                    format!("$ {cmd}\n      > {} (Talos inline manifest {name:?})", path.display())
+                Action::Render { cmd, path } => format!(
+                    "$ {cmd}
+      > {}",
+                    path.display()
+                ),
+                Action::RunServing { cmd, file, port } => {
+                    format!(
+                        "$ {cmd}
+      (while serving {} at {})",
+                        file.display(),
+                        cni_manifest_url().replace("5006", &port.to_string())
+                    )
                 }
                 Action::Apply { what, manifests } => {
                     let kinds: Vec<String> = crate::yaml::documents(manifests)

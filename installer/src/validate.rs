@@ -107,12 +107,17 @@ fn finding(check: &str, r: Result<(bool, String), String>) -> Finding {
     }
 }
 
-/// The sample app's series and the agent's own, in Prometheus.
-pub fn agent_series(prometheus: &str) -> Finding {
+/// Series the agent pushed, in Prometheus: targets up in its annotation job and, when the
+/// sample app runs, the sample app's own series.
+pub fn agent_series(prometheus: &str, sample_app: bool) -> Finding {
     finding(
         "agent series in Prometheus",
         (|| {
-            let sample = prom_value(prometheus, "count(sample_app_requests_total)")?;
+            let sample = if sample_app {
+                prom_value(prometheus, "count(sample_app_requests_total)")?
+            } else {
+                1.0
+            };
             let up = prom_value(prometheus, "count(up{job=\"kubernetes-pods\"} == 1)")?;
             let ok = sample > 0.0 && up > 0.0;
             Ok((
@@ -182,7 +187,7 @@ pub fn pod_logs(loki: &str) -> Finding {
 }
 
 /// Every Grafana datasource of type prometheus or loki answers its health check.
-pub fn grafana_datasources(grafana: &str, password: &str) -> Finding {
+pub fn grafana_datasources(grafana: &str, password: &str, loki: bool) -> Finding {
     finding(
         "Grafana datasources answer",
         (|| {
@@ -191,7 +196,8 @@ pub fn grafana_datasources(grafana: &str, password: &str) -> Finding {
             let list = list.as_array().cloned().unwrap_or_default();
             let mut seen = Vec::new();
             let mut ok = true;
-            for want in ["prometheus", "loki"] {
+            let wanted: &[&str] = if loki { &["prometheus", "loki"] } else { &["prometheus"] };
+            for want in wanted.iter().copied() {
                 let Some(ds) = list.iter().find(|d| d["type"] == want) else {
                     ok = false;
                     seen.push(format!("no {want} datasource"));
@@ -235,6 +241,10 @@ pub struct Applicable {
     pub logs: bool,
     /// Grafana runs.
     pub grafana: bool,
+    /// The sample app runs (its series are the proof of the annotation path).
+    pub sample_app: bool,
+    /// Loki runs (Grafana then has a Loki datasource).
+    pub loki: bool,
 }
 
 impl Applicable {
@@ -246,6 +256,8 @@ impl Applicable {
             flows: a.cilium && a.hubble && a.prometheus,
             logs: a.agent && a.loki,
             grafana: a.grafana,
+            sample_app: a.sample_app,
+            loki: a.loki,
         }
     }
 }
@@ -273,7 +285,7 @@ pub fn run(e: &Endpoints, which: Applicable) -> Vec<Finding> {
             "agent series in Prometheus",
             "the agent or Prometheus is off in the lab file",
         ),
-        (Some(p), true) => agent_series(p),
+        (Some(p), true) => agent_series(p, which.sample_app),
         (None, true) => missing("agent series in Prometheus", "Prometheus"),
     };
     let flows = match (&e.prometheus, which.flows) {
@@ -291,7 +303,7 @@ pub fn run(e: &Endpoints, which: Applicable) -> Vec<Finding> {
     };
     let grafana = match (&e.grafana, &e.grafana_password, which.grafana) {
         (_, _, false) => skipped("Grafana datasources answer", "Grafana is off in the lab file"),
-        (Some(g), Some(p), true) => grafana_datasources(g, p),
+        (Some(g), Some(p), true) => grafana_datasources(g, p, which.loki),
         _ => missing("Grafana datasources answer", "Grafana"),
     };
     vec![agent, flows, logs, grafana]

@@ -737,19 +737,23 @@ pub fn merge(base: &mut Value, over: &Value) {
 
 // ---------- Talos machine-config patches ----------
 
-/// The Talos patch every node gets: no CNI and no kube-proxy (Cilium replaces both), etcd,
+/// The Talos patch every node gets: Cilium as the CNI and no kube-proxy (Cilium replaces it), etcd,
 /// controller-manager and scheduler metrics reachable by Prometheus, and the local-path
 /// directory mounted into the kubelet.
 pub fn talos_patch(lab: &LabConfig) -> String {
-    let mut v = if lab.addons.cilium {
-        json!({
+    let mut v = match (lab.addons.cilium, lab.provider) {
+        (false, _) => json!({ "cluster": {} }),
+        // Existing machines: no CNI until Helm installs Cilium.
+        (true, Provider::Nodes) => json!({
+            "cluster": { "network": { "cni": { "name": "none" } }, "proxy": { "disabled": true } }
+        }),
+        // Talos in Docker/QEMU: Cilium, fetched from `up` while the nodes bootstrap.
+        (true, _) => json!({
             "cluster": {
-                "network": { "cni": { "name": "none" } },
+                "network": { "cni": { "name": "custom", "urls": [crate::plan::cni_manifest_url()] } },
                 "proxy": { "disabled": true },
             }
-        })
-    } else {
-        json!({ "cluster": {} })
+        }),
     };
     if lab.addons.prometheus {
         v["cluster"]["etcd"] = json!({ "extraArgs": { "listen-metrics-urls": "http://0.0.0.0:2381" } });
@@ -775,13 +779,29 @@ pub fn talos_patch(lab: &LabConfig) -> String {
     yaml::to_string(&v)
 }
 
-/// A Talos patch carrying `manifest` (rendered by `helm template`) as an inline manifest:
-/// Talos applies it while bootstrapping, so the CNI is there before anything waits for
-/// nodes to be Ready (`talosctl cluster create docker` waits for that and cannot skip it).
-pub fn inline_manifest_patch(name: &str, manifest: &str) -> String {
-    yaml::to_string(&json!({
-        "cluster": { "inlineManifests": [{ "name": name, "contents": manifest }] }
-    }))
+/// What `talosctl patch machineconfig` re-applies to existing nodes when the lab changes:
+/// [`talos_patch`] without its lists (Talos appends list items on a merge, so re-applying a
+/// mount would add it twice) and without the CNI (chosen once, at bootstrap).
+pub fn talos_update_patch(lab: &LabConfig) -> String {
+    let full = talos_patch(lab);
+    let mut v = yaml::documents(&full).expect("our own YAML").remove(0);
+    // The CNI is chosen at bootstrap (and its URL list would be appended to).
+    if let Some(cluster) = v["cluster"].as_object_mut() {
+        cluster.remove("network");
+    }
+    if let Some(kubelet) = v["machine"].get_mut("kubelet").and_then(|k| k.as_object_mut()) {
+        kubelet.remove("extraMounts");
+        if kubelet.is_empty() {
+            v["machine"]
+                .as_object_mut()
+                .expect("machine is a map")
+                .remove("kubelet");
+        }
+    }
+    if v["machine"].as_object().is_some_and(|m| m.is_empty()) {
+        v.as_object_mut().expect("a map").remove("machine");
+    }
+    yaml::to_string(&v)
 }
 
 #[cfg(test)]

@@ -34,11 +34,11 @@ fn docker_up_commands() -> Vec<String> {
     v.extend([
         format!("helm template cilium cilium --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --kube-version 1.36.3 --values {S}/rendered/cilium-values.yaml"),
         CLUSTER_PROBE.to_owned(),
-        format!("talosctl cluster create docker --name sre-lab --state {S}/clusters --talosconfig-destination {S}/talosconfig --image ghcr.io/siderolabs/talos:v1.13.9 --workers 2 --cpus-controlplanes 2.0 --cpus-workers 2.0 --memory-controlplanes 4096MiB --memory-workers 4096MiB --kubernetes-version 1.36.3 --config-patch @{S}/rendered/talos-patch.yaml --config-patch-controlplanes @{S}/rendered/cilium-inline-patch.yaml"),
-        format!("talosctl --talosconfig {S}/talosconfig --nodes 10.5.0.2,10.5.0.3,10.5.0.4 patch machineconfig --patch @{S}/rendered/talos-patch.yaml"),
+        format!("talosctl cluster create docker --name sre-lab --state {S}/clusters --talosconfig-destination {S}/talosconfig --image ghcr.io/siderolabs/talos:v1.13.9 --workers 2 --cpus-controlplanes 2.0 --cpus-workers 2.0 --memory-controlplanes 4096MiB --memory-workers 4096MiB --kubernetes-version 1.36.3 --config-patch @{S}/rendered/talos-patch.yaml"),
         format!("talosctl --talosconfig {S}/talosconfig --nodes 10.5.0.2 health --wait-timeout 10m"),
         REGISTRY_PROBE.to_owned(),
-        "docker run --detach --restart=always --name sre-lab-registry --publish 127.0.0.1:5005:5000 --publish 10.5.0.1:5005:5000 registry:2.8.3".to_owned(),
+        "docker run --detach --restart=always --name sre-lab-registry --publish 127.0.0.1:5005:5000 registry:2.8.3".to_owned(),
+        "docker network connect --ip 10.5.0.254 sre-lab sre-lab-registry".to_owned(),
         format!("docker build --file {ctx}/Dockerfile --tag 127.0.0.1:5005/sre-lab/agent:0.1.0 {ctx}", ctx = checkout()),
         "docker push 127.0.0.1:5005/sre-lab/agent:0.1.0".to_owned(),
         format!("helm upgrade --install local-path-provisioner local-path-provisioner --repo https://charts.containeroo.ch --version 0.0.37 --namespace local-path-storage --create-namespace --values {S}/rendered/local-path-values.yaml --wait --timeout 10m --kubeconfig {S}/kubeconfig"),
@@ -47,6 +47,17 @@ fn docker_up_commands() -> Vec<String> {
         format!("helm upgrade --install loki loki --repo https://grafana-community.github.io/helm-charts --version 18.11.0 --namespace monitoring --create-namespace --values {S}/rendered/loki-values.yaml --wait --timeout 10m --kubeconfig {S}/kubeconfig"),
     ]);
     v
+}
+
+/// The agent image's build and push.
+fn image_build() -> Vec<String> {
+    vec![
+        format!(
+            "docker build --file {ctx}/Dockerfile --tag 127.0.0.1:5005/sre-lab/agent:0.1.0 {ctx}",
+            ctx = checkout()
+        ),
+        "docker push 127.0.0.1:5005/sre-lab/agent:0.1.0".to_owned(),
+    ]
 }
 
 /// The checkout the agent image is built from.
@@ -85,7 +96,7 @@ fn docker_up_runs_the_exact_sequence_and_applies_through_the_api() {
     let ds = sb.api.objects.lock().unwrap()["/apis/apps/v1/namespaces/monitoring/daemonsets/sre-lab-agent"].clone();
     assert_eq!(
         ds["spec"]["template"]["spec"]["containers"][0]["image"],
-        "10.5.0.1:5005/sre-lab/agent:0.1.0"
+        "10.5.0.254:5000/sre-lab/agent:0.1.0"
     );
     let env = ds["spec"]["template"]["spec"]["containers"][0]["env"]
         .as_array()
@@ -104,7 +115,7 @@ fn docker_up_runs_the_exact_sequence_and_applies_through_the_api() {
     let talos_patch = std::fs::read_to_string(sb.state("sre-lab").join("rendered/talos-patch.yaml")).unwrap();
     assert!(
         talos_patch.contains(
-            "registries:\n    mirrors:\n      \"10.5.0.1:5005\":\n        endpoints:\n          - http://10.5.0.1:5005\n"
+            "registries:\n    mirrors:\n      \"10.5.0.254:5000\":\n        endpoints:\n          - http://10.5.0.254:5000\n"
         ),
         "{talos_patch}"
     );
@@ -120,15 +131,29 @@ fn docker_up_runs_the_exact_sequence_and_applies_through_the_api() {
         "{reqs:#?}"
     );
 
-    // The inline manifest is helm's output verbatim inside a Talos patch (0400 stays 0400).
+    // Talos fetched Cilium's manifest from `up` while the cluster was being made: helm's
+    // output, byte for byte, at the URL the patch names.
     let state = sb.state("sre-lab");
-    let patch = std::fs::read_to_string(state.join("rendered/cilium-inline-patch.yaml")).unwrap();
+    let fetched = std::fs::read_to_string(sb.dir.path().join("fake/fetched-cni.yaml")).unwrap();
+    assert_eq!(fetched, common::HELM_TEMPLATE);
+    let port = sb
+        .env
+        .iter()
+        .find(|(k, _)| k == "SRE_LAB_MANIFEST_PORT")
+        .unwrap()
+        .1
+        .clone();
+    let patch = std::fs::read_to_string(state.join("rendered/talos-patch.yaml")).unwrap();
     assert!(
-        patch.starts_with("cluster:\n  inlineManifests:\n    - contents: \"---\\n# Source: cilium/"),
+        patch.contains(&format!(
+            "    cni:\n      name: custom\n      urls:\n        - http://10.5.0.1:{port}/cilium.yaml\n"
+        )),
         "{patch}"
     );
-    assert!(patch.ends_with("\n      name: cilium\n"), "{patch}");
-    assert!(patch.contains(r"defaultMode: 0400\n"), "{patch}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).is_err(),
+        "served only while the cluster was made"
+    );
 
     // Secrets stay private; the password is never printed by `up`.
     for f in [
@@ -136,7 +161,7 @@ fn docker_up_runs_the_exact_sequence_and_applies_through_the_api() {
         "talosconfig",
         "grafana-admin-password",
         "state.json",
-        "rendered/cilium-inline-patch.yaml",
+        "rendered/cilium.yaml",
     ] {
         assert_eq!(mode(&state.join(f)), 0o600, "{f}");
     }
@@ -160,12 +185,14 @@ fn docker_up_runs_the_exact_sequence_and_applies_through_the_api() {
     assert!(pw.status.success(), "{}", stderr(&pw));
     assert_eq!(stdout(&pw).trim(), password);
 
-    // A second `up` finds everything done: only the probe runs.
+    // A second `up` finds everything done: the probes run, and the agent image is built
+    // again from the checkout as it is (docker's cache makes that quick).
     sb.api.clear();
     let again = sb.run(&["up"], &[]);
     assert!(again.status.success(), "{}", stderr(&again));
     let mut expected = preflight(true);
     expected.extend([CLUSTER_PROBE.to_owned(), REGISTRY_PROBE.to_owned()]);
+    expected.extend(image_build());
     assert_eq!(sb.take_log(), expected);
     assert!(stderr(&again).contains("skipped"), "{}", stderr(&again));
 }
@@ -200,11 +227,9 @@ fn a_failed_step_is_reported_redacted_and_up_resumes_there() {
     let out = sb.run(&["up"], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let mut expected = preflight(true);
-    expected.extend([
-        CLUSTER_PROBE.to_owned(),
-        REGISTRY_PROBE.to_owned(),
-        docker_up_commands().last().unwrap().clone(),
-    ]);
+    expected.extend([CLUSTER_PROBE.to_owned(), REGISTRY_PROBE.to_owned()]);
+    expected.extend(image_build());
+    expected.push(docker_up_commands().last().unwrap().clone());
     assert_eq!(sb.take_log(), expected);
     let reqs = sb.api.requests();
     assert!(
@@ -229,30 +254,36 @@ fn a_changed_lab_file_reruns_only_the_changed_steps() {
     let log = sb.take_log();
     let mut expected = preflight(true);
     expected.extend([CLUSTER_PROBE.to_owned(), REGISTRY_PROBE.to_owned()]);
-    assert_eq!(log[..5], expected[..], "{log:#?}");
-    assert_eq!(log.len(), 6, "only Loki runs again: {log:#?}");
-    assert!(log[5].starts_with("helm upgrade --install loki"), "{log:#?}");
+    expected.extend(image_build());
+    assert_eq!(log[..7], expected[..], "{log:#?}");
+    assert_eq!(log.len(), 8, "only Loki runs again: {log:#?}");
+    assert!(log[7].starts_with("helm upgrade --install loki"), "{log:#?}");
     let values = std::fs::read_to_string(sb.state("sre-lab").join("rendered/loki-values.yaml")).unwrap();
     assert!(values.contains("size: 20Gi"), "{values}");
 
-    // A change to what the Talos patch holds reaches the existing nodes.
+    // A change to what the Talos patch holds reaches the existing nodes: with an agent image
+    // from elsewhere there is no lab registry, so no registry mirror either.
     sb.lab_file(
-        "values:\n  loki:\n    singleBinary:\n      persistence:\n        size: 20Gi\naddons:\n  local_path: false\n",
+        "values:\n  loki:\n    singleBinary:\n      persistence:\n        size: 20Gi\nagent_image: registry.example/sre-lab/agent:0.1.0\n",
     );
     let out = sb.run(&["up"], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let log = sb.take_log();
     assert!(
-        log.iter()
-            .any(|l| l.ends_with("patch machineconfig --patch @$T/state/sre-lab/rendered/talos-patch.yaml")),
+        log.contains(&format!("talosctl --talosconfig {S}/talosconfig --nodes 10.5.0.2,10.5.0.3,10.5.0.4 patch machineconfig --patch @{S}/rendered/talos-patch-update.yaml")),
         "{log:#?}"
     );
     assert!(
-        !log.iter().any(|l| l.starts_with("talosctl cluster create")),
-        "the cluster is reused: {log:#?}"
+        !log.iter()
+            .any(|l| l.starts_with("talosctl cluster create") || l.starts_with("docker build")),
+        "{log:#?}"
     );
-    let patch = std::fs::read_to_string(sb.state("sre-lab").join("rendered/talos-patch.yaml")).unwrap();
-    assert!(!patch.contains("extraMounts"), "{patch}");
+    let update = std::fs::read_to_string(sb.state("sre-lab").join("rendered/talos-patch-update.yaml")).unwrap();
+    assert!(
+        !update.contains("registries") && !update.contains("extraMounts"),
+        "lists are not re-applied: {update}"
+    );
+    assert!(update.contains("listen-metrics-urls"), "{update}");
 }
 
 #[test]
@@ -270,9 +301,8 @@ fn nodes_provider_generates_applies_bootstraps_once() {
                 [
             preflight(false),
             vec![
-            format!("helm template cilium cilium --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --kube-version 1.36.3 --values {s}/rendered/cilium-values.yaml"),
-            format!("talosctl gen secrets --output-file {s}/secrets.yaml"),
-            format!("talosctl gen config metal https://192.168.56.10:6443 --with-secrets {s}/secrets.yaml --install-disk /dev/vda --talos-version v1.13.9 --kubernetes-version 1.36.3 --config-patch @{s}/rendered/talos-patch.yaml --config-patch-control-plane @{s}/rendered/cilium-inline-patch.yaml --output {s}/talos --force"),
+                        format!("talosctl gen secrets --output-file {s}/secrets.yaml"),
+            format!("talosctl gen config metal https://192.168.56.10:6443 --with-secrets {s}/secrets.yaml --install-disk /dev/vda --talos-version v1.13.9 --kubernetes-version 1.36.3 --config-patch @{s}/rendered/talos-patch.yaml --output {s}/talos --force"),
             format!("{t} config endpoint 192.168.56.10"),
             format!("{t} config node 192.168.56.10"),
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 version"),
@@ -281,12 +311,12 @@ fn nodes_provider_generates_applies_bootstraps_once() {
             format!("talosctl apply-config --insecure --nodes 192.168.56.11 --file {s}/talos/worker.yaml"),
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 etcd status"),
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 bootstrap"),
-            format!("{t} --nodes 192.168.56.10,192.168.56.11 patch machineconfig --patch @{s}/rendered/talos-patch.yaml"),
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 kubeconfig --merge=false --force {s}/kubeconfig"),
+            format!("helm upgrade --install cilium cilium --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --create-namespace --values {s}/rendered/cilium-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 health --wait-timeout 10m"),
             format!("helm upgrade --install local-path-provisioner local-path-provisioner --repo https://charts.containeroo.ch --version 0.0.37 --namespace local-path-storage --create-namespace --values {s}/rendered/local-path-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
             format!("helm upgrade --install kube-prometheus-stack kube-prometheus-stack --repo https://prometheus-community.github.io/helm-charts --version 88.5.3 --namespace monitoring --create-namespace --values {s}/rendered/kube-prometheus-stack-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
-                        format!("helm upgrade --install cilium cilium --take-ownership --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --create-namespace --values {s}/rendered/cilium-helm-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
+            format!("helm upgrade --install cilium cilium --take-ownership --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --create-namespace --values {s}/rendered/cilium-helm-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
             format!("helm upgrade --install loki loki --repo https://grafana-community.github.io/helm-charts --version 18.11.0 --namespace monitoring --create-namespace --values {s}/rendered/loki-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
             ],
         ]
@@ -443,7 +473,7 @@ fn qemu_with_traefik_and_metallb_runs_their_steps_in_order() {
         preflight(true)[..],
         "qemu builds the agent image with docker too"
     );
-    assert!(log.contains(&format!("talosctl cluster create qemu --name sre-lab --state {S}/clusters --talosconfig-destination {S}/talosconfig --controlplanes 3 --talos-version v1.13.9 --workers 1 --cpus-controlplanes 2.0 --cpus-workers 2.0 --memory-controlplanes 2048MiB --memory-workers 2048MiB --kubernetes-version 1.36.3 --config-patch @{S}/rendered/talos-patch.yaml --config-patch-controlplanes @{S}/rendered/cilium-inline-patch.yaml")), "{log:#?}");
+    assert!(log.contains(&format!("talosctl cluster create qemu --name sre-lab --state {S}/clusters --talosconfig-destination {S}/talosconfig --controlplanes 3 --talos-version v1.13.9 --workers 1 --cpus-controlplanes 2.0 --cpus-workers 2.0 --memory-controlplanes 2048MiB --memory-workers 2048MiB --kubernetes-version 1.36.3 --config-patch @{S}/rendered/talos-patch.yaml")), "{log:#?}");
     assert!(
         !log.iter()
             .any(|l| l.contains("docker container inspect --format {{.Name}} sre-lab-controlplane-1")),

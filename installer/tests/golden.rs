@@ -67,6 +67,7 @@ fn default_lab_renders_as_recorded() {
         &values::render(&lab, "local_path", values::local_path(&lab)),
     );
     check("talos-patch.yaml", &values::talos_patch(&lab));
+    check("talos-patch-update.yaml", &values::talos_update_patch(&lab));
     check_docs("namespaces.yaml", &installer::plan::namespaces(&lab), 3);
 }
 
@@ -129,7 +130,13 @@ fn the_talos_patch_follows_the_add_ons() {
     let full = installer::yaml::documents(&values::talos_patch(&LabConfig::default()))
         .unwrap()
         .remove(0);
-    assert_eq!(full["cluster"]["network"]["cni"]["name"], "none");
+    let nodes = installer::yaml::documents(&values::talos_patch(&nodes_lab()))
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        nodes["cluster"]["network"]["cni"]["name"], "none",
+        "existing machines get Cilium from Helm"
+    );
     assert_eq!(full["cluster"]["proxy"]["disabled"], true);
     assert_eq!(
         full["machine"]["kubelet"]["extraMounts"][0]["destination"],

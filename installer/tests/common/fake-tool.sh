@@ -54,6 +54,15 @@ talosctl)
   *" version --client"*) printf 'Client:\n\tTag:         %s\n' "${FAKE_TALOSCTL_VERSION:-v1.13.9}" ;;
   *"cluster create "*)
     [ -f "${FAKE_STATE}/cluster" ] && { echo "cluster already exists" >&2; exit 1; }
+    # Like Talos bootstrapping a `custom` CNI: fetch the manifest from the URL in the patch
+    # (the host is 10.5.0.1 from inside the lab network, 127.0.0.1 from here).
+    patch=$(after --config-patch "$@"); patch=${patch#@}
+    url=$(grep -o 'http://10\.5\.0\.1:[0-9]*/cilium.yaml' "$patch" | head -1)
+    if [ -n "$url" ]; then
+      python3 -c 'import sys, urllib.request; sys.stdout.buffer.write(urllib.request.urlopen(sys.argv[1], timeout=10).read())' \
+        "${url/10.5.0.1/127.0.0.1}" > "${FAKE_STATE}/fetched-cni.yaml" \
+        || { echo "nodes never became Ready: cannot fetch $url" >&2; exit 1; }
+    fi
     touch "${FAKE_STATE}/cluster"
     kubeconfig "$KUBECONFIG"
     dest=$(after --talosconfig-destination "$@")

@@ -304,6 +304,11 @@ fn route(
     }
 }
 
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// A sandbox for running the installer binary: fake tools on PATH, a fake API, a state
 /// root, a working directory.
 pub struct Sandbox {
@@ -340,6 +345,7 @@ impl Sandbox {
             ("HOME".into(), dir.path().join("home").display().to_string()),
             ("PATH".into(), format!("{}:/usr/bin:/bin", bin.display())),
             ("SRE_LAB_RETRY_PAUSE_MS".into(), "10".into()),
+            ("SRE_LAB_MANIFEST_PORT".into(), free_port().to_string()),
         ];
         Self { dir, api, env }
     }
