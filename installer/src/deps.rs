@@ -314,8 +314,8 @@ pub async fn run(lab: &LabConfig, runner: &Runner, state_root: &Path) -> Vec<Che
     if crate::plan::local_registry(lab).is_some() {
         out.push(port_check(
             crate::plan::REGISTRY_PORT,
-            Status::Fail,
-            "the lab registry publishes it on 127.0.0.1; free it (or set agent_image to a pushed image)",
+            Status::Warn,
+            "fine if it is this lab's registry (a running lab holds it); else free it, or set agent_image to a pushed image",
         ));
     }
     for f in crate::kube::FORWARDS {

@@ -43,6 +43,8 @@ pub struct Executor<'a> {
     /// Pause between retries of a retried step.
     pub retry_pause: Duration,
     client: Option<kube::Client>,
+    /// Values captured from tools' output for later manifests (`{{name}}`).
+    vars: std::collections::BTreeMap<String, String>,
 }
 
 impl<'a> Executor<'a> {
@@ -56,6 +58,7 @@ impl<'a> Executor<'a> {
             record: true,
             retry_pause: Duration::from_secs(10),
             client: None,
+            vars: std::collections::BTreeMap::new(),
         }
     }
 
@@ -158,6 +161,14 @@ impl<'a> Executor<'a> {
 
     async fn probe(&self, probe: &Probe) -> bool {
         match probe {
+            Probe::All { probes } => {
+                for p in probes {
+                    if !Box::pin(self.probe(p)).await {
+                        return false;
+                    }
+                }
+                true
+            }
             Probe::Exists { path } => path.exists(),
             Probe::Succeeds { cmd } => self.runner.run(cmd).await.is_ok_and(|o| o.success()),
             Probe::Fails { cmd } => !self.runner.run(cmd).await.is_ok_and(|o| o.success()),
@@ -211,7 +222,21 @@ impl<'a> Executor<'a> {
                     server.abort();
                     result?;
                 }
+                Action::RunCapture { cmd, var, pattern } => {
+                    let out = self.run_cmd(cmd).await?;
+                    let re = regex::Regex::new(pattern).map_err(|e| anyhow!("{pattern}: {e}"))?;
+                    let value = re
+                        .captures(&out)
+                        .and_then(|c| c.get(1))
+                        .ok_or_else(|| anyhow!("`{}` printed no {var}", self.redactor.redact(&cmd.shell_line())))?;
+                    self.vars.insert(var.clone(), value.as_str().to_owned());
+                }
                 Action::Apply { what, manifests } => {
+                    let mut manifests = manifests.clone();
+                    for (k, v) in &self.vars {
+                        manifests = manifests.replace(&format!("{{{{{k}}}}}"), v);
+                    }
+                    let manifests = &manifests;
                     let client = self.client().await?;
                     crate::kube::apply(&client, manifests)
                         .await
@@ -268,9 +293,17 @@ async fn serve_file(listener: tokio::net::TcpListener, body: Vec<u8>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = std::sync::Arc::new(body);
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
+        let Ok((mut conn, peer)) = listener.accept().await else {
             continue;
         };
+        // The render can hold Hubble's TLS keys: only the lab network (and this host) get it.
+        let lab_or_local = match peer.ip() {
+            std::net::IpAddr::V4(ip) => ip.is_loopback() || ip.octets()[..3] == [10, 5, 0],
+            std::net::IpAddr::V6(ip) => ip.is_loopback(),
+        };
+        if !lab_or_local {
+            continue;
+        }
         let body = body.clone();
         tokio::spawn(async move {
             // Read the request head (whatever it asks, the answer is the manifest).

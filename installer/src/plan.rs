@@ -122,6 +122,16 @@ pub enum Action {
         /// The command.
         cmd: Cmd,
     },
+    /// Runs a command and keeps what `pattern`'s first group matches in its output as `var`;
+    /// later manifests use it as `{{var}}`.
+    RunCapture {
+        /// The command.
+        cmd: Cmd,
+        /// The variable.
+        var: String,
+        /// A regex with one group.
+        pattern: String,
+    },
     /// Runs `helm template` and writes its output (private: it may hold TLS keys).
     Render {
         /// The `helm template` command.
@@ -199,6 +209,11 @@ pub enum Probe {
     Fails {
         /// The command.
         cmd: Cmd,
+    },
+    /// Every one of these holds.
+    All {
+        /// The probes.
+        probes: Vec<Probe>,
     },
     /// The file exists.
     Exists {
@@ -416,8 +431,15 @@ pub fn agent_manifests(lab: &LabConfig) -> String {
     } else {
         AGENT_MANIFESTS_NO_EBPF
     };
+    // The image built here is pulled by digest (known once pushed): a rebuild rolls the
+    // DaemonSet, an unchanged one leaves it be.
     let image = match local_registry(lab) {
-        Some(reg) => reg.pull_ref,
+        Some(reg) => format!(
+            "{}@{{{{agent_digest}}}}",
+            reg.pull_ref
+                .rsplit_once(':')
+                .map_or(reg.pull_ref.as_str(), |(repo, _)| repo)
+        ),
         None => lab.agent_image.clone(),
     };
     let docs = crate::yaml::documents(base).expect("the embedded manifests are valid YAML (tested)");
@@ -430,10 +452,7 @@ pub fn agent_manifests(lab: &LabConfig) -> String {
             if let Some(containers) = d["spec"]["template"]["spec"]["containers"].as_array_mut() {
                 for c in containers.iter_mut().filter(|c| c["name"] == "agent") {
                     c["image"] = serde_json::json!(image);
-                    if local_registry(lab).is_some() {
-                        // Rebuilt under the same tag by every `up`.
-                        c["imagePullPolicy"] = serde_json::json!("Always");
-                    }
+
                     if let Some(env) = c["env"].as_array_mut() {
                         env.retain(|e| e["name"] != "CLUSTER_NAME");
                         env.push(serde_json::json!({"name": "CLUSTER_NAME", "value": lab.cluster_name}));
@@ -575,7 +594,10 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
             // talosctl merges the admin kubeconfig (API server mapped to 127.0.0.1) into the
             // single file $KUBECONFIG names: make that the lab's own.
             let create = create.env("KUBECONFIG", kubeconfig.clone());
-            let probe = if lab.provider == Provider::Docker {
+            // Made, and made to the end: `cluster create` writes the kubeconfig last. Containers
+            // without it are a create that failed half-way; the step then runs (and talosctl
+            // says the cluster exists: the hint says to `installer down` first).
+            let made = if lab.provider == Provider::Docker {
                 Probe::Succeeds {
                     cmd: Cmd::new(
                         "docker",
@@ -593,10 +615,18 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
                     path: paths.talos_state().join(name),
                 }
             };
+            let probe = Probe::All {
+                probes: vec![
+                    made,
+                    Probe::Exists {
+                        path: paths.kubeconfig(),
+                    },
+                ],
+            };
             let s = Step::new(
                 "cluster",
                 format!("Create Talos {} cluster {name:?} in {provisioner} ({} control plane, {} workers)", lab.versions.talos, lab.nodes.control_planes, lab.nodes.workers),
-                format!("`installer check-deps`; `talosctl cluster destroy --name {name} --state {}` clears a half-made cluster", paths.talos_state().display()),
+                "`installer check-deps` says what is missing; a create that failed half-way leaves containers behind: `installer down`, then `installer up`".to_owned(),
             )
             .act(patch_action);
             let s = if lab.addons.cilium {
@@ -871,7 +901,11 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
                     "--tag", &reg.push_ref, &context.display().to_string(),
                 ],
             ))
-            .run(Cmd::new("docker", ["push", &reg.push_ref]));
+            .act(Action::RunCapture {
+                cmd: Cmd::new("docker", ["push", &reg.push_ref]),
+                var: "agent_digest".into(),
+                pattern: r"digest: (sha256:[0-9a-f]{64})".into(),
+            });
         image.always = true;
         steps.push(image);
     }
@@ -1003,23 +1037,25 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
     }
     if lab.addons.agent {
         let manifests = agent_manifests(lab);
-        steps.push(
-            Step::new(
-                "agent",
-                "Apply the sre-lab agent DaemonSet (server-side apply) and wait for it",
-                "`kubectl -n monitoring describe daemonset sre-lab-agent` and the agent's logs say why",
-            )
-            .act(Action::Apply {
-                what: "sre-lab agent".into(),
-                manifests,
-            })
-            .act(Action::WaitRollout {
-                kind: "DaemonSet".into(),
-                namespace: MONITORING_NS.into(),
-                name: "sre-lab-agent".into(),
-                timeout_secs: 300,
-            }),
-        );
+        let mut agent = Step::new(
+            "agent",
+            "Apply the sre-lab agent DaemonSet (server-side apply) and wait for it",
+            "`kubectl -n monitoring describe daemonset sre-lab-agent` and the agent's logs say why",
+        )
+        .act(Action::Apply {
+            what: "sre-lab agent".into(),
+            manifests,
+        })
+        .act(Action::WaitRollout {
+            kind: "DaemonSet".into(),
+            namespace: MONITORING_NS.into(),
+            name: "sre-lab-agent".into(),
+            timeout_secs: 300,
+        });
+        // With the image built here, the step runs on every `up` (the digest may have moved);
+        // server-side apply of an unchanged DaemonSet changes nothing.
+        agent.always = local_registry(lab).is_some();
+        steps.push(agent);
     }
     if lab.addons.sample_app {
         steps.push(
@@ -1054,6 +1090,23 @@ pub fn down(ctx: &Context<'_>, keep_config: bool) -> Vec<Step> {
     let paths = ctx.paths;
     let name = lab.cluster_name.as_str();
     let mut steps = Vec::new();
+    // First: it is attached to the cluster's network, which Docker will not remove while
+    // it is.
+    if let Some(reg) = local_registry(lab) {
+        let mut rm = Step::new(
+            "registry",
+            "Remove the lab's image registry",
+            format!("`docker rm -f {}`", reg.container),
+        )
+        .run(Cmd::new("docker", ["rm", "--force", "--volumes", &reg.container]));
+        rm.skip_if = Some(Probe::Fails {
+            cmd: Cmd::new(
+                "docker",
+                ["container", "inspect", "--format", "{{.Name}}", &reg.container],
+            ),
+        });
+        steps.push(rm);
+    }
     match lab.provider {
         Provider::Docker | Provider::Qemu => {
             let provisioner = if lab.provider == Provider::Docker {
@@ -1105,21 +1158,6 @@ pub fn down(ctx: &Context<'_>, keep_config: bool) -> Vec<Step> {
             steps.push(s);
         }
     }
-    if let Some(reg) = local_registry(lab) {
-        let mut rm = Step::new(
-            "registry",
-            "Remove the lab's image registry",
-            format!("`docker rm -f {}`", reg.container),
-        )
-        .run(Cmd::new("docker", ["rm", "--force", "--volumes", &reg.container]));
-        rm.skip_if = Some(Probe::Fails {
-            cmd: Cmd::new(
-                "docker",
-                ["container", "inspect", "--format", "{{.Name}}", &reg.container],
-            ),
-        });
-        steps.push(rm);
-    }
     let cleanup = Step::new(
         "contexts",
         if keep_config {
@@ -1153,6 +1191,18 @@ pub fn render_text(steps: &[Step]) -> String {
                 Probe::Fails { cmd } => {
                     let _ = writeln!(out, "    skip if this fails: {cmd}");
                 }
+                Probe::All { probes } => {
+                    let parts: Vec<String> = probes
+                        .iter()
+                        .map(|p| match p {
+                            Probe::Succeeds { cmd } => format!("`{cmd}` succeeds"),
+                            Probe::Fails { cmd } => format!("`{cmd}` fails"),
+                            Probe::Exists { path } => format!("{} exists", path.display()),
+                            Probe::All { .. } => "…".to_owned(),
+                        })
+                        .collect();
+                    let _ = writeln!(out, "    skip if {}", parts.join(" and "));
+                }
             }
         }
         for a in &s.actions {
@@ -1161,6 +1211,7 @@ pub fn render_text(steps: &[Step]) -> String {
                     format!("write {} ({} lines)", path.display(), contents.lines().count())
                 }
                 Action::Run { cmd } => format!("$ {cmd}"),
+                Action::RunCapture { cmd, var, .. } => format!("$ {cmd}\n      (keeps {var} from its output)"),
                 Action::Render { cmd, path } => format!(
                     "$ {cmd}
       > {}",
@@ -1168,10 +1219,8 @@ pub fn render_text(steps: &[Step]) -> String {
                 ),
                 Action::RunServing { cmd, file, port } => {
                     format!(
-                        "$ {cmd}
-      (while serving {} at {})",
-                        file.display(),
-                        cni_manifest_url().replace("5006", &port.to_string())
+                        "$ {cmd}\n      (while serving {} at http://10.5.0.1:{port}/cilium.yaml)",
+                        file.display()
                     )
                 }
                 Action::Apply { what, manifests } => {

@@ -789,14 +789,10 @@ pub fn talos_update_patch(lab: &LabConfig) -> String {
     if let Some(cluster) = v["cluster"].as_object_mut() {
         cluster.remove("network");
     }
-    if let Some(kubelet) = v["machine"].get_mut("kubelet").and_then(|k| k.as_object_mut()) {
-        kubelet.remove("extraMounts");
-        if kubelet.is_empty() {
-            v["machine"]
-                .as_object_mut()
-                .expect("machine is a map")
-                .remove("kubelet");
-        }
+    // The kubelet mounts and the registry mirror's endpoints are lists.
+    if let Some(machine) = v["machine"].as_object_mut() {
+        machine.remove("kubelet");
+        machine.remove("registries");
     }
     if v["machine"].as_object().is_some_and(|m| m.is_empty()) {
         v.as_object_mut().expect("a map").remove("machine");

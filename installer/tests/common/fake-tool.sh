@@ -90,6 +90,7 @@ docker)
   *"container inspect"*) [ -f "${FAKE_STATE}/cluster" ] && echo "/$(last "$@")" || { echo "Error: No such container" >&2; exit 1; } ;;
   "docker run "*) touch "${FAKE_STATE}/registry"; echo "4f1c0ffee" ;;
   "docker rm "*) rm -f "${FAKE_STATE}/registry" ;;
+  "docker push "*) echo "0.1.0: digest: sha256:${FAKE_DIGEST:-4c1b8e3a0f0d9a6b5e2c7d1f8a9b0c3d4e5f60718293a4b5c6d7e8f9a0b1c2d3} size: 528" ;;
   "docker --version") echo "Docker version 27.3.1, build ce12230" ;;
   *"info --format"*) echo "27.3.1" ;;
   esac ;;
