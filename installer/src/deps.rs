@@ -140,6 +140,21 @@ fn talosctl_matches_image(lab: &LabConfig, talosctl: &Check) -> Option<Check> {
     })
 }
 
+/// QEMU: talosctl makes a bridge and VMs, which takes root.
+fn root_check() -> Check {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        check("root", Status::Ok, "running as root", "")
+    } else {
+        check(
+            "root",
+            Status::Fail,
+            "talosctl needs root to make the QEMU bridge and VMs",
+            "run the installer with sudo -E (keeps SRE_LAB_HOME and PATH)",
+        )
+    }
+}
+
 /// What `up` checks before it starts: the tools it needs are there and new enough, and the
 /// talosctl minor version is the one of the Talos image. Returns the failures.
 pub async fn preflight(lab: &LabConfig, runner: &Runner) -> Vec<Check> {
@@ -149,6 +164,9 @@ pub async fn preflight(lab: &LabConfig, runner: &Runner) -> Vec<Check> {
     }
     if let Some(c) = talosctl_matches_image(lab, &out[0]) {
         out.push(c);
+    }
+    if lab.provider == Provider::Qemu {
+        out.push(root_check());
     }
     out.retain(|c| c.status == Status::Fail);
     out
@@ -211,18 +229,7 @@ pub async fn run(lab: &LabConfig, runner: &Runner, state_root: &Path) -> Vec<Che
                 )
                 .await,
             );
-            // SAFETY: geteuid has no preconditions.
-            let root = unsafe { libc::geteuid() } == 0;
-            out.push(if root {
-                check("root", Status::Ok, "running as root", "")
-            } else {
-                check(
-                    "root",
-                    Status::Fail,
-                    "talosctl needs root to make the QEMU bridge and VMs",
-                    "run the installer with sudo -E (keeps SRE_LAB_HOME and PATH)",
-                )
-            });
+            out.push(root_check());
             out.push(if Path::new("/dev/kvm").exists() {
                 check("kvm", Status::Ok, "/dev/kvm present", "")
             } else {

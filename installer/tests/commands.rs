@@ -895,3 +895,90 @@ fn port_forward_carries_bytes_to_the_pod_through_the_api_server() {
         sb.api.requests()
     );
 }
+
+/// A Service and one ready pod behind it, as the charts make them.
+fn service_with_pod(sb: &Sandbox, ns: &str, svc: &str, port: u16, pod: &str, container_port: u16) {
+    sb.api.insert(
+        &format!("/api/v1/namespaces/{ns}/services/{svc}"),
+        serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": svc, "namespace": ns},
+               "spec": {"selector": {"app": svc}, "ports": [{"port": port, "targetPort": container_port}]}}),
+    );
+    sb.api.insert(
+        &format!("/api/v1/namespaces/{ns}/pods/{pod}"),
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": ns, "labels": {"app": svc}},
+               "spec": {"containers": [{"name": "c"}]}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+    );
+}
+
+#[test]
+fn validate_reaches_prometheus_loki_and_grafana_through_port_forwards() {
+    let sb = Sandbox::new();
+    assert!(sb.run(&["up"], &[]).status.success());
+    service_with_pod(
+        &sb,
+        "monitoring",
+        "kube-prometheus-stack-prometheus",
+        9090,
+        "prometheus-0",
+        9090,
+    );
+    service_with_pod(&sb, "monitoring", "loki", 3100, "loki-0", 3100);
+    service_with_pod(
+        &sb,
+        "monitoring",
+        "kube-prometheus-stack-grafana",
+        80,
+        "grafana-0",
+        3000,
+    );
+    sb.api.serve_http(
+        "prometheus-0",
+        "/api/v1/query",
+        serde_json::json!({"status": "success", "data": {"resultType": "vector", "result": [{"metric": {}, "value": [1, "3"]}]}}),
+    );
+    sb.api.serve_http(
+        "loki-0",
+        "/loki/api/v1/query_range",
+        serde_json::json!({"status": "success", "data": {"resultType": "streams", "result": [{"stream": {}, "values": [["1", "level=info n=1"]]}]}}),
+    );
+    sb.api.serve_http("grafana-0", "/api/datasources", serde_json::json!([{"uid": "prometheus", "name": "Prometheus", "type": "prometheus"}, {"uid": "loki", "name": "Loki", "type": "loki"}]));
+    sb.api.serve_http(
+        "grafana-0",
+        "/api/datasources/uid/",
+        serde_json::json!({"status": "OK"}),
+    );
+
+    let out = sb.run(&["validate", "-o", "json"], &[]);
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&out), stderr(&out)));
+    assert_eq!(v["ok"], true, "{v:#}\n{}", stderr(&out));
+    assert!(out.status.success());
+    let reqs = sb.api.pod_requests.lock().unwrap().clone();
+    assert!(
+        reqs.iter()
+            .any(|r| r.starts_with("prometheus-0 GET /api/v1/query?query=count%28sample_app_requests_total%29")),
+        "{reqs:#?}"
+    );
+    assert!(
+        reqs.iter()
+            .any(|r| r.starts_with("loki-0 GET /loki/api/v1/query_range?query=%7Bnamespace%3D%22sre-lab-sample%22%7D")),
+        "{reqs:#?}"
+    );
+    // Grafana was asked with the password from the lab's Secret.
+    let password = std::fs::read_to_string(sb.state("sre-lab").join("grafana-admin-password")).unwrap();
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("admin:{password}"));
+    assert!(
+        reqs.iter()
+            .any(|r| r == &format!("grafana-0 GET /api/datasources Basic {basic}")),
+        "{reqs:#?}"
+    );
+    for pod in ["prometheus-0", "loki-0", "grafana-0"] {
+        assert!(
+            sb.api
+                .requests()
+                .contains(&format!("GET /api/v1/namespaces/monitoring/pods/{pod}/portforward")),
+            "{pod}"
+        );
+    }
+}

@@ -23,7 +23,15 @@ pub struct FakeApi {
     pub log: Arc<Mutex<Vec<String>>>,
     /// Stored objects by path.
     pub objects: Arc<Mutex<BTreeMap<String, Value>>>,
+    /// What pods answer to HTTP requests through port-forward: pod → (path prefix, JSON body).
+    pub pod_http: PodHttp,
+    /// The HTTP requests pods received through port-forward: `pod GET /path?query` plus
+    /// the Authorization header when sent.
+    pub pod_requests: Arc<Mutex<Vec<String>>>,
 }
+
+/// Canned HTTP answers of pods reached through port-forward.
+pub type PodHttp = Arc<Mutex<BTreeMap<String, Vec<(String, String)>>>>;
 
 impl FakeApi {
     /// Starts one on a free port.
@@ -32,19 +40,37 @@ impl FakeApi {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let log = Arc::new(Mutex::new(Vec::new()));
         let objects = Arc::new(Mutex::new(BTreeMap::new()));
-        let (l, o) = (log.clone(), objects.clone());
+        let pod_http: PodHttp = Arc::new(Mutex::new(BTreeMap::new()));
+        let pod_requests = Arc::new(Mutex::new(Vec::new()));
+        let (l, o, h, r) = (log.clone(), objects.clone(), pod_http.clone(), pod_requests.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
-                let (l, o) = (l.clone(), o.clone());
-                std::thread::spawn(move || serve(conn, &l, &o));
+                let (l, o, h, r) = (l.clone(), o.clone(), h.clone(), r.clone());
+                std::thread::spawn(move || serve(conn, &l, &o, &h, &r));
             }
         });
-        Self { url, log, objects }
+        Self {
+            url,
+            log,
+            objects,
+            pod_http,
+            pod_requests,
+        }
     }
 
     /// The request log.
     pub fn requests(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Makes `pod` answer HTTP requests under `prefix` with `body` (JSON) through port-forward.
+    pub fn serve_http(&self, pod: &str, prefix: &str, body: Value) {
+        self.pod_http
+            .lock()
+            .unwrap()
+            .entry(pod.to_owned())
+            .or_default()
+            .push((prefix.to_owned(), body.to_string()));
     }
 
     /// Forgets the request log.
@@ -70,7 +96,13 @@ fn current_rv() -> u64 {
     RESOURCE_VERSION.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-fn serve(conn: TcpStream, log: &Mutex<Vec<String>>, objects: &Mutex<BTreeMap<String, Value>>) {
+fn serve(
+    conn: TcpStream,
+    log: &Mutex<Vec<String>>,
+    objects: &Mutex<BTreeMap<String, Value>>,
+    pod_http: &PodHttp,
+    pod_requests: &Mutex<Vec<String>>,
+) {
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut conn = conn;
     loop {
@@ -106,7 +138,14 @@ fn serve(conn: TcpStream, log: &Mutex<Vec<String>>, objects: &Mutex<BTreeMap<Str
             log.lock()
                 .unwrap()
                 .push(format!("{method} {}", target.split('?').next().unwrap_or("")));
-            port_forward(conn, &key, &target);
+            let pod = target
+                .split("/pods/")
+                .nth(1)
+                .and_then(|p| p.split('/').next())
+                .unwrap_or("")
+                .to_owned();
+            let canned = pod_http.lock().unwrap().get(&pod).cloned().unwrap_or_default();
+            port_forward(conn, &key, &target, &pod, &canned, pod_requests);
             return;
         }
         let mut body = vec![0; len];
@@ -144,7 +183,14 @@ fn serve(conn: TcpStream, log: &Mutex<Vec<String>>, objects: &Mutex<BTreeMap<Str
 /// A pod's port-forward over the v4.channel.k8s.io WebSocket protocol: announces the port on
 /// its data and error channels, then answers every chunk written to the pod with
 /// `pong: <chunk>` — the pod side of a tiny request/response server.
-fn port_forward(mut conn: TcpStream, key: &str, target: &str) {
+fn port_forward(
+    mut conn: TcpStream,
+    key: &str,
+    target: &str,
+    pod: &str,
+    canned: &[(String, String)],
+    pod_requests: &Mutex<Vec<String>>,
+) {
     use tungstenite::protocol::Role;
     let port: u16 = target
         .split("ports=")
@@ -166,8 +212,44 @@ fn port_forward(mut conn: TcpStream, key: &str, target: &str) {
             return;
         }
     }
+    let mut request = Vec::new();
     while let Ok(msg) = ws.read() {
         match msg {
+            // A pod with canned answers is an HTTP server: one request, one response.
+            tungstenite::Message::Binary(b) if b.len() > 1 && b[0] == 0 && !canned.is_empty() => {
+                request.extend_from_slice(&b[1..]);
+                if !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    continue;
+                }
+                let head = String::from_utf8_lossy(&request).into_owned();
+                let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                let auth = head
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix("authorization: ")
+                            .or_else(|| l.strip_prefix("Authorization: "))
+                    })
+                    .map(|a| format!(" {a}"))
+                    .unwrap_or_default();
+                pod_requests.lock().unwrap().push(format!("{pod} GET {path}{auth}"));
+                let body = canned
+                    .iter()
+                    .filter(|(prefix, _)| path.starts_with(prefix.as_str()))
+                    .max_by_key(|(prefix, _)| prefix.len())
+                    .map(|(_, b)| b.clone());
+                let (status, body) = match body {
+                    Some(b) => ("200 OK", b),
+                    None => ("404 Not Found", "{}".to_owned()),
+                };
+                let mut reply = vec![0u8];
+                reply.extend_from_slice(
+                    format!("HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+                        .as_bytes(),
+                );
+                let _ = ws.send(tungstenite::Message::binary(reply));
+                let _ = ws.close(None);
+                let _ = ws.flush();
+            }
             tungstenite::Message::Binary(b) if b.len() > 1 && b[0] == 0 => {
                 let mut reply = vec![0u8];
                 reply.extend_from_slice(b"pong: ");
@@ -197,10 +279,25 @@ fn collection(objects: &BTreeMap<String, Value>, path: &str, query: &str) -> Vec
         .split('&')
         .find_map(|kv| kv.strip_prefix("fieldSelector=metadata.name%3D"))
         .map(str::to_owned);
+    // `labelSelector=a%3Db%2Cc%3Dd`: equality selectors only.
+    let labels: Vec<(String, String)> = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("labelSelector="))
+        .map(|sel| {
+            sel.replace("%3D", "=")
+                .replace("%2C", ",")
+                .replace("%2F", "/")
+                .split(',')
+                .filter_map(|p| p.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
     objects
         .iter()
         .filter(|(k, _)| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
         .filter(|(_, v)| name.as_deref().is_none_or(|n| v["metadata"]["name"] == n))
+        .filter(|(_, v)| labels.iter().all(|(k, val)| v["metadata"]["labels"][k] == val.as_str()))
         .map(|(_, v)| v.clone())
         .collect()
 }
