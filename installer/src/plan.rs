@@ -335,29 +335,30 @@ fn talosctl(ctx: &Context<'_>, args: &[&str]) -> Cmd {
     c
 }
 
-fn helm_install(
-    ctx: &Context<'_>,
-    release: &str,
-    chart: &str,
-    repo: &str,
-    version: &str,
-    ns: &str,
-    values: &str,
-) -> Cmd {
+/// A chart the lab installs; the release is named after it.
+struct Release<'a> {
+    chart: &'a str,
+    repo: &'a str,
+    version: &'a str,
+    namespace: &'a str,
+    /// Adopt objects made outside Helm (Cilium, first applied by Talos; Helm >= 3.17).
+    take_ownership: bool,
+}
+
+fn helm_install(ctx: &Context<'_>, r: &Release<'_>, values: &str) -> Cmd {
     let kubeconfig = ctx.paths.kubeconfig().display().to_string();
-    Cmd::new(
-        "helm",
+    let mut cmd = Cmd::new("helm", ["upgrade", "--install", r.chart, r.chart]);
+    if r.take_ownership {
+        cmd.args.push("--take-ownership".into());
+    }
+    cmd.args.extend(
         [
-            "upgrade",
-            "--install",
-            release,
-            chart,
             "--repo",
-            repo,
+            r.repo,
             "--version",
-            version,
+            r.version,
             "--namespace",
-            ns,
+            r.namespace,
             "--create-namespace",
             "--values",
             values,
@@ -366,8 +367,24 @@ fn helm_install(
             HELM_TIMEOUT,
             "--kubeconfig",
             &kubeconfig,
-        ],
+        ]
+        .map(String::from),
+    );
+    cmd
+}
+
+/// Writes a chart's values and installs or upgrades its release.
+fn helm_step(ctx: &Context<'_>, id: &str, title: &str, r: Release<'_>, file: &str, values: String) -> Step {
+    let (w, path) = write_values(ctx, file, values);
+    let kubeconfig = ctx.paths.kubeconfig().display().to_string();
+    let (release, ns) = (r.chart, r.namespace);
+    Step::new(
+        id,
+        title,
+        format!("`helm status {release} -n {ns} --kubeconfig {kubeconfig}` and the pods in {ns} say why; re-run `installer up` to continue"),
     )
+    .act(w)
+    .run(helm_install(ctx, &r, &path))
 }
 
 fn write_values(ctx: &Context<'_>, file: &str, contents: String) -> (Action, String) {
@@ -478,25 +495,6 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
     let cni_file = paths.rendered("cilium.yaml");
     let cp = first_control_plane(lab);
     let kubeconfig = paths.kubeconfig().display().to_string();
-
-    let helm_step = |id: &str,
-                     title: &str,
-                     release: &str,
-                     chart: &str,
-                     repo: &str,
-                     version: &str,
-                     ns: &str,
-                     file: &str,
-                     vals: String| {
-        let (w, path) = write_values(ctx, file, vals);
-        Step::new(
-            id,
-            title,
-            format!("`helm status {release} -n {ns} --kubeconfig {kubeconfig}` and the pods in {ns} say why; re-run `installer up` to continue"),
-        )
-        .act(w)
-        .run(helm_install(ctx, release, chart, repo, version, ns, &path))
-    };
 
     // Talos in Docker/QEMU: `talosctl cluster create` waits for Ready nodes and cannot be
     // told not to, so the CNI must come with the cluster. Talos fetches the manifests of a
@@ -804,17 +802,20 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
     if lab.addons.cilium && lab.provider == Provider::Nodes {
         // Existing machines wait for nothing: Cilium goes in with Helm once the API answers.
         let mut c = helm_step(
+            ctx,
             "cilium-bootstrap",
             &format!(
                 "Install Cilium {}{}",
                 lab.charts.cilium,
                 if lab.addons.hubble { " with Hubble" } else { "" }
             ),
-            "cilium",
-            "cilium",
-            repos::CILIUM,
-            &lab.charts.cilium,
-            "kube-system",
+            Release {
+                chart: "cilium",
+                repo: repos::CILIUM,
+                version: &lab.charts.cilium,
+                namespace: "kube-system",
+                take_ownership: false,
+            },
             "cilium-values.yaml",
             values::render(lab, "cilium", values::cilium(lab, CiliumPhase::Network)),
         );
@@ -912,17 +913,20 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
 
     if lab.addons.local_path {
         steps.push(helm_step(
+            ctx,
             "local-path",
             &format!(
                 "Install local-path-provisioner {} on {}",
                 lab.charts.local_path,
                 values::LOCAL_PATH_DIR
             ),
-            "local-path-provisioner",
-            "local-path-provisioner",
-            repos::CONTAINEROO,
-            &lab.charts.local_path,
-            "local-path-storage",
+            Release {
+                chart: "local-path-provisioner",
+                repo: repos::CONTAINEROO,
+                version: &lab.charts.local_path,
+                namespace: "local-path-storage",
+                take_ownership: false,
+            },
             "local-path-values.yaml",
             values::render(lab, "local_path", values::local_path(lab)),
         ));
@@ -942,16 +946,19 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
     }
     if lab.addons.prometheus || lab.addons.grafana || lab.addons.alertmanager {
         steps.push(helm_step(
+            ctx,
             "kube-prometheus-stack",
             &format!(
                 "Install kube-prometheus-stack {} (Prometheus, Alertmanager, Grafana)",
                 lab.charts.kube_prometheus_stack
             ),
-            "kube-prometheus-stack",
-            "kube-prometheus-stack",
-            repos::PROMETHEUS_COMMUNITY,
-            &lab.charts.kube_prometheus_stack,
-            MONITORING_NS,
+            Release {
+                chart: "kube-prometheus-stack",
+                repo: repos::PROMETHEUS_COMMUNITY,
+                version: &lab.charts.kube_prometheus_stack,
+                namespace: MONITORING_NS,
+                take_ownership: false,
+            },
             "kube-prometheus-stack-values.yaml",
             values::render(lab, "kube_prometheus_stack", values::kube_prometheus_stack(lab)),
         ));
@@ -965,7 +972,9 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
         } else {
             CiliumPhase::Network
         };
-        let mut step = helm_step(
+        // Helm adopts the objects Talos created from the CNI manifest (Helm >= 3.17).
+        let step = helm_step(
+            ctx,
             "cilium",
             &format!(
                 "Hand Cilium {} over to Helm{}",
@@ -976,29 +985,30 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
                     ""
                 }
             ),
-            "cilium",
-            "cilium",
-            repos::CILIUM,
-            &lab.charts.cilium,
-            "kube-system",
+            Release {
+                chart: "cilium",
+                repo: repos::CILIUM,
+                version: &lab.charts.cilium,
+                namespace: "kube-system",
+                take_ownership: true,
+            },
             "cilium-helm-values.yaml",
             values::render(lab, "cilium", values::cilium(lab, phase)),
         );
-        if let Some(Action::Run { cmd }) = step.actions.last_mut() {
-            // Adopt the objects Talos created from the CNI manifest (Helm >= 3.17).
-            cmd.args.insert(4, "--take-ownership".into());
-        }
         steps.push(step);
     }
     if lab.addons.loki {
         steps.push(helm_step(
+            ctx,
             "loki",
             &format!("Install Loki {} (single binary, filesystem)", lab.charts.loki),
-            "loki",
-            "loki",
-            repos::GRAFANA_COMMUNITY,
-            &lab.charts.loki,
-            MONITORING_NS,
+            Release {
+                chart: "loki",
+                repo: repos::GRAFANA_COMMUNITY,
+                version: &lab.charts.loki,
+                namespace: MONITORING_NS,
+                take_ownership: false,
+            },
             "loki-values.yaml",
             values::render(lab, "loki", values::loki(lab)),
         ));
@@ -1006,13 +1016,16 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
     if lab.addons.metallb {
         steps.push(
             helm_step(
+                ctx,
                 "metallb",
                 &format!("Install MetalLB {}", lab.charts.metallb),
-                "metallb",
-                "metallb",
-                repos::METALLB,
-                &lab.charts.metallb,
-                "metallb-system",
+                Release {
+                    chart: "metallb",
+                    repo: repos::METALLB,
+                    version: &lab.charts.metallb,
+                    namespace: "metallb-system",
+                    take_ownership: false,
+                },
                 "metallb-values.yaml",
                 values::render(lab, "metallb", values::metallb(lab)),
             )
@@ -1024,13 +1037,16 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
     }
     if lab.addons.traefik {
         steps.push(helm_step(
+            ctx,
             "traefik",
             &format!("Install Traefik {}", lab.charts.traefik),
-            "traefik",
-            "traefik",
-            repos::TRAEFIK,
-            &lab.charts.traefik,
-            "traefik",
+            Release {
+                chart: "traefik",
+                repo: repos::TRAEFIK,
+                version: &lab.charts.traefik,
+                namespace: "traefik",
+                take_ownership: false,
+            },
             "traefik-values.yaml",
             values::render(lab, "traefik", values::traefik(lab)),
         ));
