@@ -741,6 +741,10 @@ pub fn merge(base: &mut Value, over: &Value) {
 /// controller-manager and scheduler metrics reachable by Prometheus, and the local-path
 /// directory mounted into the kubelet.
 pub fn talos_patch(lab: &LabConfig) -> String {
+    yaml::to_string(&talos_patch_value(lab))
+}
+
+fn talos_patch_value(lab: &LabConfig) -> Value {
     let mut v = match (lab.addons.cilium, lab.provider) {
         (false, _) => json!({ "cluster": {} }),
         // Existing machines: no CNI until Helm installs Cilium.
@@ -776,15 +780,14 @@ pub fn talos_patch(lab: &LabConfig) -> String {
             }]
         });
     }
-    yaml::to_string(&v)
+    v
 }
 
 /// What `talosctl patch machineconfig` re-applies to existing nodes when the lab changes:
 /// [`talos_patch`] without its lists (Talos appends list items on a merge, so re-applying a
 /// mount would add it twice) and without the CNI (chosen once, at bootstrap).
 pub fn talos_update_patch(lab: &LabConfig) -> String {
-    let full = talos_patch(lab);
-    let mut v = yaml::documents(&full).expect("our own YAML").remove(0);
+    let mut v = talos_patch_value(lab);
     // The CNI is chosen at bootstrap (and its URL list would be appended to).
     if let Some(cluster) = v["cluster"].as_object_mut() {
         cluster.remove("network");
