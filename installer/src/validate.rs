@@ -31,12 +31,16 @@ pub struct Finding {
     pub detail: String,
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(15)))
-        .http_status_as_error(false)
-        .build()
-        .into()
+/// One HTTP client for every check (and every round of `--wait`), so connections are reused.
+fn agent() -> &'static ureq::Agent {
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    AGENT.get_or_init(|| {
+        ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(15)))
+            .http_status_as_error(false)
+            .build()
+            .into()
+    })
 }
 
 fn get_json(url: &str, auth: Option<(&str, &str)>) -> Result<Value, String> {
