@@ -12,6 +12,8 @@ use anyhow::{bail, Result};
 use prost::Message;
 use sre_lab_tests::{poll, Agent, TinyRequest, TinyServer};
 
+mod exactly_once;
+
 /// What the receiver recorded: (request, decoded body, status answered).
 type Log = Arc<Mutex<Vec<(TinyRequest, WriteRequest, u16)>>>;
 
@@ -427,17 +429,18 @@ fn repeated_label_names_fail_the_scrape() -> Result<()> {
     Ok(())
 }
 
+/// A 400 "duplicate sample for timestamp" means the receiver has the samples (delivered); a
+/// 400 for out-of-order samples makes Prometheus roll back the whole request: dropped, with
+/// its reason.
 #[test]
-fn out_of_order_rejection_counts_as_duplicate_not_loss() -> Result<()> {
+fn rejections_counted_as_duplicate_or_dropped_with_reason() -> Result<()> {
     let target = TinyServer::start(|_| (200, vec![], b"test_gauge 1\n".to_vec()))?;
     let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let n2 = n.clone();
-    let receiver = TinyServer::start(move |_| {
-        if n2.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
-            (400, vec![], b"out of order sample".to_vec())
-        } else {
-            (200, vec![], Vec::new())
-        }
+    let receiver = TinyServer::start(move |_| match n2.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+        0 => (400, vec![], b"duplicate sample for timestamp".to_vec()),
+        1 => (400, vec![], b"out of order sample".to_vec()),
+        _ => (200, vec![], Vec::new()),
     })?;
     let dir = tempfile::tempdir()?;
     let agent = Agent::start(
@@ -447,14 +450,16 @@ fn out_of_order_rejection_counts_as_duplicate_not_loss() -> Result<()> {
             target.addr, receiver.addr
         ),
     )?;
-    poll("duplicate counted", Duration::from_secs(20), || {
-        Ok((agent.metric("sre_agent_remote_samples_duplicate_total", "")? > 0.0).then_some(()))
+    poll("both rejections counted", Duration::from_secs(20), || {
+        let dup = agent.metric("sre_agent_remote_samples_duplicate_total", "")?;
+        let ooo = agent.metric("sre_agent_remote_samples_dropped_total", "reason=\"out_of_order\"")?;
+        Ok((dup > 0.0 && ooo > 0.0).then_some((dup, ooo)))
     })
     .map_err(|e| e.context(agent.proc.log_text()))?;
     assert_eq!(
-        agent.metric("sre_agent_remote_samples_dropped_total", "")?,
+        agent.metric("sre_agent_remote_samples_dropped_total", "reason=\"http_4xx\"")?,
         0.0,
-        "not counted as loss"
+        "a known rejection is counted under its own reason"
     );
     Ok(())
 }

@@ -72,22 +72,32 @@ struct Partial {
     remaining: u32,
 }
 
-fn encode_partials(p: &BTreeMap<u64, Partial>) -> Vec<u8> {
-    let mut out = Vec::new();
+/// Partial progress carried over from the previous run (or generation) for records not read
+/// again yet: record seq → (shard count it was split with, frames acked per split).
+type Carried = BTreeMap<u64, (u32, Vec<u32>)>;
+
+/// Encodes the partial progress of records being sent and of carried records not read again
+/// yet (both must survive a crash, or acked frames of the latter would be sent again).
+fn encode_partials(p: &BTreeMap<u64, Partial>, carried: &Carried) -> Vec<u8> {
+    let mut all: BTreeMap<u64, (u32, &[u32])> = carried.iter().map(|(s, (n, a))| (*s, (*n, a.as_slice()))).collect();
     for (seq, part) in p {
-        if part.acked.iter().all(|&a| a == 0) {
+        all.insert(*seq, (part.nshards, part.acked.as_slice()));
+    }
+    let mut out = Vec::new();
+    for (seq, (nshards, acked)) in all {
+        if acked.iter().all(|&a| a == 0) {
             continue;
         }
         out.extend_from_slice(&seq.to_le_bytes());
-        out.extend_from_slice(&part.nshards.to_le_bytes());
-        for a in &part.acked {
+        out.extend_from_slice(&nshards.to_le_bytes());
+        for a in acked {
             out.extend_from_slice(&a.to_le_bytes());
         }
     }
     out
 }
 
-fn decode_partials(mut b: &[u8]) -> BTreeMap<u64, (u32, Vec<u32>)> {
+fn decode_partials(mut b: &[u8]) -> Carried {
     let mut out = BTreeMap::new();
     while b.len() >= 12 {
         let seq = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
@@ -128,6 +138,123 @@ impl SenderHandle {
     }
 }
 
+/// What the reader knows about delivery: records read but not fully acked, progress carried
+/// over from before, and the commit point.
+struct Progress {
+    /// Records read in this generation and not yet committed.
+    pending: BTreeMap<u64, Partial>,
+    /// Partial progress of records not read again yet (from the previous run).
+    carried: Carried,
+    /// All records below this are acked (the WAL's commit point).
+    next_unacked: u64,
+    /// The next record to read.
+    reads_from: u64,
+}
+
+impl Progress {
+    fn apply_ack(&mut self, ack: Ack) {
+        for (seq, split, n) in ack.counts {
+            if let Some(p) = self.pending.get_mut(&seq) {
+                p.remaining = p.remaining.saturating_sub(n);
+                if let Some(a) = p.acked.get_mut(split as usize) {
+                    *a += n;
+                }
+            }
+        }
+    }
+
+    /// Commits the longest fully-acked prefix plus the partial progress of the rest (and of
+    /// carried records not read again yet).
+    fn commit(&mut self, wal: &Wal, metrics: &Metrics, name: &str) {
+        let before = self.next_unacked;
+        let mut changed = false;
+        while let Some((&seq, p)) = self.pending.first_key_value() {
+            if p.remaining > 0 {
+                break;
+            }
+            self.pending.remove(&seq);
+            self.next_unacked = seq + 1;
+            changed = true;
+        }
+        if self.pending.is_empty() && self.reads_from > self.next_unacked {
+            self.next_unacked = self.reads_from;
+            changed = true;
+        }
+        let partial_progress = self.pending.values().any(|p| p.acked.iter().any(|&a| a > 0));
+        if changed || partial_progress {
+            let extra = encode_partials(&self.pending, &self.carried);
+            if let Err(e) = wal.commit(self.next_unacked, &extra) {
+                tracing::error!(remote = %name, error = %e, "Committing the WAL position failed.");
+                metrics.wal_commit_error(name);
+                self.next_unacked = before.max(self.next_unacked);
+            }
+        }
+    }
+
+    /// After a generation drained: records not fully acked are read again by the next
+    /// generation with their progress, together with carried records never read.
+    fn end_generation(&mut self) {
+        for (seq, p) in std::mem::take(&mut self.pending) {
+            if p.remaining > 0 || p.acked.iter().any(|&a| a > 0) {
+                self.carried.insert(seq, (p.nshards, p.acked));
+            }
+        }
+        self.reads_from = self.next_unacked;
+    }
+
+    /// Splits a record's frames into per-shard chunks, skipping frames acked before.
+    fn route(
+        &mut self,
+        seq: u64,
+        payload: &[u8],
+        nshards: usize,
+        per_send: u32,
+        malformed: &mut bool,
+    ) -> Vec<(usize, Item)> {
+        let (split_n, already) = match self.carried.remove(&seq) {
+            Some((n, acked)) => (n as usize, acked),
+            None => (nshards, vec![0; nshards]),
+        };
+        let mut seen = vec![0u32; split_n];
+        let mut part = Partial {
+            nshards: split_n as u32,
+            acked: already.clone(),
+            remaining: 0,
+        };
+        let new_chunk = |k: usize| Item {
+            seq,
+            split: k as u32,
+            count: 0,
+            body: Vec::new(),
+        };
+        let mut open: Vec<Item> = (0..split_n).map(new_chunk).collect();
+        let mut items: Vec<(usize, Item)> = Vec::new();
+        let mut frames = frame::Frames::new(payload);
+        for (hash, body) in frames.by_ref() {
+            let k = (hash % split_n as u64) as usize;
+            seen[k] += 1;
+            if seen[k] <= already[k] {
+                continue;
+            }
+            let chunk = &mut open[k];
+            proto::frame_timeseries(body, &mut chunk.body);
+            chunk.count += 1;
+            part.remaining += 1;
+            if chunk.count == per_send {
+                items.push((k, std::mem::replace(chunk, new_chunk(k))));
+            }
+        }
+        items.extend(open.into_iter().enumerate().filter(|(_, c)| c.count > 0));
+        *malformed = frames.malformed;
+        self.pending.insert(seq, part);
+        self.reads_from = seq + 1;
+        // A record split with another shard count (carried from a run with other shards) maps
+        // its split index onto a current shard; no reshard happens while such records remain,
+        // so a series stays on one shard and in order.
+        items.into_iter().map(|(k, item)| (k % nshards, item)).collect()
+    }
+}
+
 /// The reader/commit loop. Returns after a shutdown request.
 pub async fn run(
     cfg: SenderConfig,
@@ -136,16 +263,22 @@ pub async fn run(
     mut shutdown: watch::Receiver<Option<Instant>>,
 ) {
     let q = cfg.queue.clone();
-    let mut nshards = q.min_shards.max(1);
-    let (mut next_unacked, extra) = wal.committed();
-    let mut carried = decode_partials(&extra);
+    let (next_unacked, extra) = wal.committed();
+    let mut progress = Progress {
+        pending: BTreeMap::new(),
+        carried: decode_partials(&extra),
+        next_unacked,
+        reads_from: next_unacked,
+    };
     // Records partly acked before a restart were split with the shard count of that run; use
     // it again so their remaining frames and new records of the same series share a shard.
-    if let Some((n, _)) = carried.values().next() {
-        nshards = (*n as usize).max(1);
-    }
-    let mut reads_from = next_unacked;
+    let mut nshards = match progress.carried.values().next() {
+        Some((n, _)) => (*n as usize).max(1),
+        None => q.min_shards.max(1),
+    };
     let stats = Arc::new(ShardStats::default());
+    let mut sizing = Sizing::new(&wal);
+    let per_send = q.max_samples_per_send.max(1) as u32;
     loop {
         metrics.set_shards(&cfg.name, nshards as i64);
         // One generation of shards; it ends on reshard or shutdown.
@@ -170,9 +303,9 @@ pub async fn run(
             )));
         }
         drop(ack_tx);
-        let mut pending: BTreeMap<u64, Partial> = BTreeMap::new();
-        let mut reader = wal.reader(reads_from);
-        let mut reshard_tick = tokio::time::interval(Duration::from_secs(10));
+        let mut reader = wal.reader(progress.reads_from);
+        let mut reshard_tick = tokio::time::interval(RESHARD_PERIOD);
+        reshard_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         reshard_tick.tick().await;
         let mut desired = nshards;
         let mut caught_up = false;
@@ -184,17 +317,17 @@ pub async fn run(
             }
             // Apply acks that are already there without waiting.
             while let Ok(ack) = ack_rx.try_recv() {
-                apply_ack(&mut pending, ack);
+                progress.apply_ack(ack);
             }
-            commit(&wal, &mut pending, &mut next_unacked, reads_from, &metrics, &cfg.name);
+            progress.commit(&wal, &metrics, &cfg.name);
             if caught_up {
                 tokio::select! {
                     _ = notify.notified() => { caught_up = false; }
                     _ = tokio::time::sleep(Duration::from_millis(250)) => { caught_up = false; }
-                    Some(ack) = ack_rx.recv() => apply_ack(&mut pending, ack),
+                    Some(ack) = ack_rx.recv() => progress.apply_ack(ack),
                     _ = shutdown.changed() => {}
                     _ = reshard_tick.tick() => {
-                        desired = decide_shards(nshards, &q, &stats, &wal, reads_from);
+                        desired = sizing.decide(nshards, &q, &stats, &wal, &progress);
                         if desired != nshards { break 'feed; }
                     }
                 }
@@ -212,86 +345,25 @@ pub async fn run(
                     tracing::error!(remote = %cfg.name, error = %e, "Reading the WAL failed; retrying.");
                     metrics.wal_read_error(&cfg.name);
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    reader = wal.reader(reads_from);
+                    reader = wal.reader(progress.reads_from);
                     continue;
                 }
             };
             let _ = reader.take_evicted();
-            let seq = record.seq;
-            let payload = record.payload;
-            let skip = carried.remove(&seq);
-            let (split_n, mut already) = match &skip {
-                Some((n, acked)) => (*n as usize, acked.clone()),
-                None => (nshards, vec![0; nshards]),
-            };
-            let mut seen = vec![0u32; split_n];
-            let mut part = Partial {
-                nshards: split_n as u32,
-                acked: already.clone(),
-                remaining: 0,
-            };
-            let per_send = q.max_samples_per_send.max(1) as u32;
-            let mut open: Vec<Item> = (0..split_n)
-                .map(|k| Item {
-                    seq,
-                    split: k as u32,
-                    count: 0,
-                    body: Vec::new(),
-                })
-                .collect();
-            let mut items: Vec<(usize, Item)> = Vec::new();
-            let mut frames = frame::Frames::new(&payload);
-            for (hash, body) in frames.by_ref() {
-                let k = (hash % split_n as u64) as usize;
-                seen[k] += 1;
-                if seen[k] <= already[k] {
-                    continue;
-                }
-                let chunk = &mut open[k];
-                proto::frame_timeseries(body, &mut chunk.body);
-                chunk.count += 1;
-                part.remaining += 1;
-                if chunk.count == per_send {
-                    let full = std::mem::replace(
-                        chunk,
-                        Item {
-                            seq,
-                            split: k as u32,
-                            count: 0,
-                            body: Vec::new(),
-                        },
-                    );
-                    items.push((k, full));
-                }
-            }
-            for (k, chunk) in open.into_iter().enumerate() {
-                if chunk.count > 0 {
-                    items.push((k, chunk));
-                }
-            }
-            if frames.malformed {
+            let mut malformed = false;
+            let items = progress.route(record.seq, &record.payload, nshards, per_send, &mut malformed);
+            if malformed {
                 metrics.wal_corrupt(&cfg.name);
             }
-            already.clear();
-            if part.remaining == 0 {
-                pending.insert(seq, part);
-                reads_from = seq + 1;
-                continue;
-            }
-            pending.insert(seq, part);
-            reads_from = seq + 1;
-            for (k, item) in items {
-                // When the record was split with another shard count, map its split index onto
-                // a current shard; the hash keeps series → shard stable within a generation.
-                let target = k % nshards;
+            for (target, item) in items {
                 let tx = &txs[target];
                 // Wait for room in the shard while still taking acks (and committing them).
                 loop {
                     tokio::select! {
                         biased;
                         Some(ack) = ack_rx.recv() => {
-                            apply_ack(&mut pending, ack);
-                            commit(&wal, &mut pending, &mut next_unacked, reads_from, &metrics, &cfg.name);
+                            progress.apply_ack(ack);
+                            progress.commit(&wal, &metrics, &cfg.name);
                         }
                         permit = tx.reserve() => match permit {
                             Ok(p) => {
@@ -305,7 +377,7 @@ pub async fn run(
                 }
             }
             if reshard_tick_ready(&mut reshard_tick) {
-                desired = decide_shards(nshards, &q, &stats, &wal, reads_from);
+                desired = sizing.decide(nshards, &q, &stats, &wal, &progress);
                 if desired != nshards {
                     break 'feed;
                 }
@@ -315,24 +387,16 @@ pub async fn run(
         // the shutdown deadline passes), collect their acks.
         drop(txs);
         while let Some(ack) = ack_rx.recv().await {
-            apply_ack(&mut pending, ack);
-            commit(&wal, &mut pending, &mut next_unacked, reads_from, &metrics, &cfg.name);
+            progress.apply_ack(ack);
+            progress.commit(&wal, &metrics, &cfg.name);
         }
         for t in tasks {
             let _ = t.await;
         }
-        commit(&wal, &mut pending, &mut next_unacked, reads_from, &metrics, &cfg.name);
-        // Records not fully acked are read again by the next generation / next start, with
-        // their partial progress.
-        carried = pending
-            .iter()
-            .filter(|(_, p)| p.remaining > 0 || p.acked.iter().any(|&a| a > 0))
-            .map(|(s, p)| (*s, (p.nshards, p.acked.clone())))
-            .collect();
-        reads_from = next_unacked;
+        progress.commit(&wal, &metrics, &cfg.name);
+        progress.end_generation();
         if shutdown.borrow().is_some() {
-            let unsent: u32 = pending.values().map(|p| p.remaining).sum();
-            tracing::info!(remote = %cfg.name, unsent_samples = unsent, "Sender stopped; unsent samples stay in the WAL.");
+            tracing::info!(remote = %cfg.name, unacked_records = wal.next_seq().saturating_sub(progress.next_unacked), "Sender stopped; unsent samples stay in the WAL.");
             return;
         }
         if desired != nshards {
@@ -347,75 +411,99 @@ fn reshard_tick_ready(t: &mut tokio::time::Interval) -> bool {
     t.tick().now_or_never().is_some()
 }
 
-fn apply_ack(pending: &mut BTreeMap<u64, Partial>, ack: Ack) {
-    for (seq, split, n) in ack.counts {
-        if let Some(p) = pending.get_mut(&seq) {
-            p.remaining = p.remaining.saturating_sub(n);
-            if let Some(a) = p.acked.get_mut(split as usize) {
-                *a += n;
-            }
-        }
-    }
-}
-
-/// Commits the longest fully-acked prefix plus partial progress of the rest.
-fn commit(
-    wal: &Wal,
-    pending: &mut BTreeMap<u64, Partial>,
-    next_unacked: &mut u64,
-    reads_from: u64,
-    metrics: &Metrics,
-    name: &str,
-) {
-    let before = *next_unacked;
-    let mut changed = false;
-    while let Some((&seq, p)) = pending.first_key_value() {
-        if p.remaining == 0 {
-            pending.remove(&seq);
-            *next_unacked = seq + 1;
-            changed = true;
-        } else {
-            break;
-        }
-    }
-    if pending.is_empty() && reads_from > *next_unacked {
-        *next_unacked = reads_from;
-        changed = true;
-    }
-    let partial_progress = pending.values().any(|p| p.acked.iter().any(|&a| a > 0));
-    if changed || partial_progress {
-        let extra = encode_partials(pending);
-        if let Err(e) = wal.commit(*next_unacked, &extra) {
-            tracing::error!(remote = %name, error = %e, "Committing the WAL position failed.");
-            metrics.wal_commit_error(name);
-            *next_unacked = before.max(*next_unacked);
-        }
-    }
-}
+/// How often the shard count is reconsidered.
+const RESHARD_PERIOD: Duration = Duration::from_secs(5);
 
 /// Send statistics for the resharding decision.
 #[derive(Default)]
 struct ShardStats {
+    /// Time shards spent sending (requests, retries and backoff included).
     busy_nanos: std::sync::atomic::AtomicU64,
-    sent: std::sync::atomic::AtomicU64,
+    /// Samples finished (sent, duplicate or dropped).
+    done: std::sync::atomic::AtomicU64,
 }
 
-/// Chooses the shard count: grow while shards are mostly busy and a backlog exists, shrink
-/// when they idle with no backlog.
-fn decide_shards(n: usize, q: &config::agent::QueueConfig, stats: &ShardStats, wal: &Wal, reads_from: u64) -> usize {
-    use std::sync::atomic::Ordering::Relaxed;
-    let busy = stats.busy_nanos.swap(0, Relaxed) as f64 / 1e9;
-    stats.sent.swap(0, Relaxed);
-    let utilisation = busy / (10.0 * n as f64);
-    let backlog_records = wal.next_seq().saturating_sub(reads_from);
-    let max = q.max_shards.max(1);
-    let min = q.min_shards.max(1).min(max);
-    if utilisation > 0.7 && backlog_records > 2 {
-        (n * 2).min(max)
-    } else if utilisation < 0.2 && backlog_records <= 1 && n > min {
-        (n / 2).max(min)
-    } else {
-        n
+/// The shard count from the rates, as Prometheus's queue manager does: the time one sample
+/// costs a shard × (the incoming rate + a share of the backlog to catch up), with hysteresis.
+struct Sizing {
+    last: Instant,
+    appended_samples: u64,
+    appended_records: u64,
+    /// Smoothed rates (samples per second).
+    in_rate: Option<f64>,
+    /// Smoothed shard-seconds per sample.
+    cost: Option<f64>,
+}
+
+impl Sizing {
+    fn new(wal: &Wal) -> Self {
+        let s = wal.stats();
+        Self {
+            last: Instant::now(),
+            appended_samples: s.appended_samples,
+            appended_records: s.appended_records,
+            in_rate: None,
+            cost: None,
+        }
+    }
+
+    fn decide(
+        &mut self,
+        n: usize,
+        q: &config::agent::QueueConfig,
+        stats: &ShardStats,
+        wal: &Wal,
+        p: &Progress,
+    ) -> usize {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = wal.stats();
+        let elapsed = self.last.elapsed().as_secs_f64().max(0.001);
+        self.last = Instant::now();
+        let appended = s.appended_samples.saturating_sub(self.appended_samples);
+        let records = s.appended_records.saturating_sub(self.appended_records);
+        self.appended_samples = s.appended_samples;
+        self.appended_records = s.appended_records;
+        let busy = stats.busy_nanos.swap(0, Relaxed) as f64 / 1e9;
+        let done = stats.done.swap(0, Relaxed);
+        let smooth = |old: Option<f64>, new: f64| Some(old.map_or(new, |o| 0.5 * o + 0.5 * new));
+        self.in_rate = smooth(self.in_rate, appended as f64 / elapsed);
+        if done > 0 {
+            self.cost = smooth(self.cost, busy / done as f64);
+        }
+        let max = q.max_shards.max(1);
+        let min = q.min_shards.max(1).min(max);
+        // Records partly sent with the current split must finish before the split changes.
+        if !p.carried.is_empty() {
+            return n;
+        }
+        let backlog_records = s.next_seq.saturating_sub(p.next_unacked);
+        let per_record = if s.appended_records > 0 {
+            s.appended_samples as f64 / s.appended_records as f64
+        } else if records > 0 {
+            appended as f64 / records as f64
+        } else {
+            0.0
+        };
+        let backlog = backlog_records as f64 * per_record;
+        let Some(cost) = self.cost else {
+            // Nothing finished yet: grow only if shards are saturated and a backlog exists.
+            return if busy > 0.9 * elapsed * n as f64 && backlog_records > 1 {
+                (n * 2).min(max)
+            } else {
+                n
+            };
+        };
+        // Catch up with the backlog within 10 periods, keep 20 % headroom.
+        let in_rate = self.in_rate.unwrap_or(0.0);
+        let needed = cost * (in_rate + backlog / (10.0 * RESHARD_PERIOD.as_secs_f64())) * 1.2;
+        let desired = (needed.ceil() as usize).clamp(min, max);
+        if desired > n {
+            desired
+        } else if (desired as f64) < 0.7 * n as f64 && backlog_records <= 2 {
+            desired.max(min)
+        } else {
+            n
+        }
     }
 }
 
@@ -479,6 +567,11 @@ async fn shard(
             started.elapsed().as_nanos() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+        if !matches!(outcome, Outcome::Aborted) {
+            stats
+                .done
+                .fetch_add(samples as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         match outcome {
             Outcome::Sent => metrics.samples_sent(&cfg.name, samples as u64),
             Outcome::Duplicate => metrics.samples_duplicate(&cfg.name, samples as u64),
@@ -511,7 +604,74 @@ fn ack_counts(batch: &mut Vec<Item>) -> Vec<(u64, u32, u32)> {
     counts
 }
 
+/// Why a request's samples may reach the receiver twice: its answer never came.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unknown {
+    /// `remote_timeout` passed while waiting for the answer.
+    Timeout,
+    /// The connection broke after the request was (maybe) written.
+    Connection,
+    /// The shutdown deadline passed while the request was in flight.
+    Shutdown,
+}
+
+impl Unknown {
+    /// Label value of the `reason` of `sre_agent_remote_pushes_unknown_outcome_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unknown::Timeout => "timeout",
+            Unknown::Connection => "connection",
+            Unknown::Shutdown => "shutdown",
+        }
+    }
+
+    /// Every reason, for creating the counters at zero.
+    pub const ALL: [Unknown; 3] = [Unknown::Timeout, Unknown::Connection, Unknown::Shutdown];
+}
+
+/// How a request ended, as far as the sender can tell.
+enum PostError {
+    /// Nothing was sent (no connection could be made): a retry cannot duplicate.
+    NotSent(String),
+    /// The request may have been received; its answer never came.
+    Unknown(Unknown, String),
+}
+
+/// What a receiver's non-retryable answer means for the samples of the request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// The receiver already has these samples ("duplicate sample for timestamp"): delivered.
+    Duplicate,
+    /// Lost, with the reason for `sre_agent_remote_samples_dropped_total`.
+    Dropped(&'static str),
+}
+
+/// Classifies a 4xx answer by its body. Prometheus rolls back a whole request when any sample
+/// in it is out of order, out of bounds or too old, so those are loss of the whole request;
+/// only an exact duplicate means the receiver has the data already.
+pub fn classify_rejection(body: &str) -> Rejection {
+    let lower = body.to_ascii_lowercase();
+    if lower.contains("duplicate sample for timestamp") {
+        Rejection::Duplicate
+    } else if lower.contains("out of order") || lower.contains("out-of-order") {
+        Rejection::Dropped("out_of_order")
+    } else if lower.contains("out of bounds") || lower.contains("out-of-bounds") {
+        Rejection::Dropped("out_of_bounds")
+    } else if lower.contains("too old") {
+        Rejection::Dropped("too_old")
+    } else {
+        Rejection::Dropped("http_4xx")
+    }
+}
+
+/// The reasons [`classify_rejection`] can give, for creating the counters at zero.
+pub const REJECTION_REASONS: [&str; 4] = ["out_of_order", "out_of_bounds", "too_old", "http_4xx"];
+
 /// Sends one batch with retries. Returns `Aborted` when the shutdown deadline passes first.
+///
+/// A request in flight is never abandoned and re-sent when shutdown begins: it is awaited until
+/// the deadline, and only when the deadline cuts it off are its samples left for the next start
+/// (counted as an unknown outcome).
 async fn send_batch(
     cfg: &SenderConfig,
     batch: &[Item],
@@ -527,36 +687,38 @@ async fn send_batch(
     compressed.clear();
     proto::compress(raw, compressed);
     let body = Bytes::copy_from_slice(compressed);
+    let samples: u64 = batch.iter().map(|i| u64::from(i.count)).sum();
     let q = &cfg.queue;
     let mut backoff = q.min_backoff.get().max(Duration::from_millis(1));
     let max_backoff = q.max_backoff.get().max(backoff);
+    let mut sd = shutdown.clone();
     loop {
-        if let Some(deadline) = *shutdown.borrow() {
+        if let Some(deadline) = *sd.borrow() {
             if Instant::now() >= deadline {
                 return Outcome::Aborted;
             }
         }
         let started = Instant::now();
-        let deadline = *shutdown.borrow();
-        let result = match deadline {
-            // Shutting down: an in-flight request may not outlast the deadline.
-            Some(d) => match tokio::time::timeout_at(d.into(), post(cfg, body.clone())).await {
-                Ok(r) => r,
-                Err(_) => return Outcome::Aborted,
-            },
-            None => {
-                let mut sd = shutdown.clone();
-                tokio::select! {
-                    r = post(cfg, body.clone()) => r,
-                    _ = sd.changed() => {
-                        // Shutdown began mid-request: give it until the deadline.
-                        let d = (*sd.borrow()).unwrap_or_else(Instant::now);
-                        match tokio::time::timeout_at(d.into(), post(cfg, body.clone())).await {
-                            Ok(r) => r,
-                            Err(_) => return Outcome::Aborted,
-                        }
+        let request = post(cfg, body.clone());
+        tokio::pin!(request);
+        let result = loop {
+            let deadline = *sd.borrow_and_update();
+            match deadline {
+                Some(d) => match tokio::time::timeout_at(d.into(), &mut request).await {
+                    Ok(r) => break r,
+                    Err(_) => {
+                        metrics.push_unknown_outcome(&cfg.name, Unknown::Shutdown);
+                        return Outcome::Aborted;
                     }
-                }
+                },
+                None => tokio::select! {
+                    r = &mut request => break r,
+                    // Shutdown began mid-request: keep waiting for the same request, now
+                    // bounded by the deadline.
+                    changed = sd.changed() => if changed.is_err() {
+                        break (&mut request).await;
+                    },
+                },
             }
         };
         metrics.observe_send(&cfg.name, started.elapsed());
@@ -566,45 +728,40 @@ async fn send_batch(
                 let retryable =
                     status.is_server_error() || (status == StatusCode::TOO_MANY_REQUESTS && q.retry_on_http_429);
                 if !retryable {
-                    let lower = text.to_ascii_lowercase();
-                    let samples = batch.iter().map(|i| i.count).sum::<u32>();
-                    // A receiver that already has these samples (a resend after a crash between
-                    // its answer and our commit) rejects them as out of order / duplicate:
-                    // that is not loss.
-                    if [
-                        "out of order",
-                        "out-of-order",
-                        "too old",
-                        "out of bounds",
-                        "duplicate sample",
-                    ]
-                    .iter()
-                    .any(|m| lower.contains(m))
-                    {
-                        tracing::info!(remote = %cfg.name, %status, body = %text.trim(), samples, "Receiver already had a batch (out of order or duplicate); not resent.");
-                        return Outcome::Duplicate;
-                    }
-                    tracing::warn!(remote = %cfg.name, %status, body = %text.trim(), samples, "Receiver rejected a batch; dropped.");
-                    return Outcome::Dropped("http_4xx");
+                    return match classify_rejection(&text) {
+                        Rejection::Duplicate => {
+                            tracing::info!(remote = %cfg.name, %status, body = %text.trim(), samples, "Receiver already had these samples; not resent.");
+                            Outcome::Duplicate
+                        }
+                        Rejection::Dropped(reason) => {
+                            tracing::warn!(remote = %cfg.name, %status, body = %text.trim(), samples, reason, "Receiver rejected a batch; dropped.");
+                            Outcome::Dropped(reason)
+                        }
+                    };
                 }
                 tracing::warn!(remote = %cfg.name, %status, body = %text.trim(), "Receiver failed; retrying.");
                 retry_after
             }
-            Err(e) => {
+            Err(PostError::NotSent(e)) => {
                 tracing::warn!(remote = %cfg.name, error = %e, "Sending failed; retrying.");
                 None
             }
+            Err(PostError::Unknown(why, e)) => {
+                // The receiver may have stored these samples: the retry may repeat them.
+                metrics.push_unknown_outcome(&cfg.name, why);
+                tracing::warn!(remote = %cfg.name, error = %e, reason = why.as_str(), "No answer to a request; retrying (the receiver may get these samples twice).");
+                None
+            }
         };
-        metrics.samples_retried(&cfg.name, batch.iter().map(|i| u64::from(i.count)).sum());
+        metrics.samples_retried(&cfg.name, samples);
         let mut wait = retry_after.unwrap_or(backoff);
-        if let Some(deadline) = *shutdown.borrow() {
+        if let Some(deadline) = *sd.borrow() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Outcome::Aborted;
             }
             wait = wait.min(left);
         }
-        let mut sd = shutdown.clone();
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = sd.changed() => {}
@@ -613,26 +770,29 @@ async fn send_batch(
     }
 }
 
-async fn post(cfg: &SenderConfig, body: Bytes) -> Result<(StatusCode, Option<Duration>, String), String> {
+async fn post(cfg: &SenderConfig, body: Bytes) -> Result<(StatusCode, Option<Duration>, String), PostError> {
     let mut req = Request::post(cfg.url.clone())
         .header(header::CONTENT_ENCODING, "snappy")
         .header(header::CONTENT_TYPE, "application/x-protobuf")
         .header(header::USER_AGENT, crate::scrape::client::user_agent())
         .header("X-Prometheus-Remote-Write-Version", "0.1.0")
         .body(Full::new(body))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| PostError::NotSent(e.to_string()))?;
     for (k, v) in &cfg.headers {
         req.headers_mut().insert(k.clone(), v.clone());
     }
-    if let Some(a) = cfg.auth.header().map_err(|e| e.to_string())? {
+    if let Some(a) = cfg.auth.header().map_err(|e| PostError::NotSent(e.to_string()))? {
         req.headers_mut().insert(header::AUTHORIZATION, a);
     }
     let work = async {
-        let resp = cfg
-            .client
-            .request(req)
-            .await
-            .map_err(|e| crate::scrape::client::error_chain(&e))?;
+        let resp = cfg.client.request(req).await.map_err(|e| {
+            let text = crate::scrape::client::error_chain(&e);
+            if e.is_connect() {
+                PostError::NotSent(text)
+            } else {
+                PostError::Unknown(Unknown::Connection, text)
+            }
+        })?;
         let status = resp.status();
         let retry_after = resp.headers().get(header::RETRY_AFTER).and_then(parse_retry_after);
         let text = if status.is_success() {
@@ -645,11 +805,14 @@ async fn post(cfg: &SenderConfig, body: Bytes) -> Result<(StatusCode, Option<Dur
                 .unwrap_or_default();
             String::from_utf8_lossy(&b).into_owned()
         };
-        Ok::<_, String>((status, retry_after, text))
+        Ok::<_, PostError>((status, retry_after, text))
     };
     match tokio::time::timeout(cfg.timeout, work).await {
         Ok(r) => r,
-        Err(_) => Err(format!("request timed out after {:?}", cfg.timeout)),
+        Err(_) => Err(PostError::Unknown(
+            Unknown::Timeout,
+            format!("request timed out after {:?}", cfg.timeout),
+        )),
     }
 }
 
@@ -686,9 +849,108 @@ mod tests {
                 remaining: 4,
             },
         );
-        let d = decode_partials(&encode_partials(&p));
+        let d = decode_partials(&encode_partials(&p, &Carried::new()));
         assert_eq!(d.len(), 1);
         assert_eq!(d[&7], (3, vec![1, 0, 5]));
+    }
+
+    fn progress_with_carried() -> Progress {
+        let mut carried = Carried::new();
+        carried.insert(11, (4, vec![2, 0, 1, 0]));
+        carried.insert(12, (4, vec![0, 3, 0, 0]));
+        Progress {
+            pending: BTreeMap::new(),
+            carried,
+            next_unacked: 10,
+            reads_from: 10,
+        }
+    }
+
+    /// Regression: partial progress carried from a restart for records not read again yet was
+    /// left out of every commit, so a crash afterwards sent their acked frames again.
+    #[test]
+    fn commits_keep_carried_progress_of_records_not_read_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), Default::default()).unwrap();
+        for _ in 0..13 {
+            wal.append(b"", 0).unwrap();
+        }
+        let metrics = Metrics::new();
+        let mut p = progress_with_carried();
+        // Record 10 is read and fully acked; 11 and 12 are not read yet.
+        p.pending.insert(
+            10,
+            Partial {
+                nshards: 4,
+                acked: vec![0; 4],
+                remaining: 0,
+            },
+        );
+        p.reads_from = 11;
+        p.commit(&wal, &metrics, "t");
+        let (next, extra) = wal.committed();
+        assert_eq!(next, 11);
+        let d = decode_partials(&extra);
+        assert_eq!(d[&11], (4, vec![2, 0, 1, 0]));
+        assert_eq!(d[&12], (4, vec![0, 3, 0, 0]));
+    }
+
+    /// Regression: at a reshard the next generation's carried progress was rebuilt from the
+    /// records read in this generation only, dropping records carried but not read yet.
+    #[test]
+    fn a_generation_end_keeps_carried_records_not_read_yet() {
+        let mut p = progress_with_carried();
+        p.pending.insert(
+            10,
+            Partial {
+                nshards: 4,
+                acked: vec![1, 0, 0, 0],
+                remaining: 3,
+            },
+        );
+        p.end_generation();
+        assert_eq!(p.carried.len(), 3);
+        assert_eq!(p.carried[&10], (4, vec![1, 0, 0, 0]));
+        assert_eq!(p.carried[&12], (4, vec![0, 3, 0, 0]));
+        assert_eq!(p.reads_from, 10);
+    }
+
+    #[test]
+    fn routing_a_carried_record_skips_its_acked_frames() {
+        let mut payload = Vec::new();
+        for i in 0..40u64 {
+            frame::push(&mut payload, i, format!("s{i}").as_bytes(), 1.0, 1000);
+        }
+        let mut p = progress_with_carried();
+        let mut malformed = false;
+        let items = p.route(11, &payload, 4, 500, &mut malformed);
+        assert!(!malformed);
+        let sent: u32 = items.iter().map(|(_, i)| i.count).sum();
+        assert_eq!(sent, 40 - 3, "2 frames of split 0 and 1 of split 2 were acked before");
+        assert!(!p.carried.contains_key(&11));
+        assert_eq!(p.pending[&11].acked, vec![2, 0, 1, 0]);
+        assert_eq!(p.pending[&11].remaining, 37);
+    }
+
+    #[test]
+    fn rejections_are_classified_as_prometheus_means_them() {
+        assert_eq!(
+            classify_rejection("duplicate sample for timestamp; series {__name__=\"x\"}"),
+            Rejection::Duplicate
+        );
+        assert_eq!(
+            classify_rejection("out of order sample"),
+            Rejection::Dropped("out_of_order")
+        );
+        assert_eq!(
+            classify_rejection("out of bounds: series {}"),
+            Rejection::Dropped("out_of_bounds")
+        );
+        assert_eq!(
+            classify_rejection("sample timestamp too old"),
+            Rejection::Dropped("too_old")
+        );
+        assert_eq!(classify_rejection("bad request"), Rejection::Dropped("http_4xx"));
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub struct Metrics {
     retried: Family<L, Counter>,
     dropped: Family<L, Counter>,
     duplicate: Family<L, Counter>,
+    unknown_outcome: Family<L, Counter>,
     send_duration: Family<L, Histogram, fn() -> Histogram>,
     shards: Family<L, Gauge>,
     wal_bytes: Family<L, Gauge>,
@@ -71,6 +72,7 @@ impl Metrics {
             retried: Family::default(),
             dropped: Family::default(),
             duplicate: Family::default(),
+            unknown_outcome: Family::default(),
             send_duration: Family::new_with_constructor(hist),
             shards: Family::default(),
             wal_bytes: Family::default(),
@@ -129,8 +131,13 @@ impl Metrics {
         );
         r.register(
             "remote_samples_duplicate",
-            "Samples the receiver already had (rejected as out of order or duplicate; not loss), by remote.",
+            "Samples the receiver answered as already stored (\"duplicate sample for timestamp\"; not loss), by remote.",
             m.duplicate.clone(),
+        );
+        r.register(
+            "remote_pushes_unknown_outcome",
+            "Pushes whose answer never came (timeout, broken connection, shutdown deadline while in flight), by remote and reason: their samples are sent again and may reach the receiver twice.",
+            m.unknown_outcome.clone(),
         );
         r.register(
             "remote_send_duration_seconds",
@@ -260,7 +267,16 @@ impl Metrics {
             .get_or_create(&vec![("remote", remote.to_owned()), ("reason", reason.to_owned())])
             .inc_by(n);
     }
-    /// A remote-write request finished.
+    /// A push whose answer never came: its samples are sent again.
+    pub fn push_unknown_outcome(&self, remote: &str, why: crate::remote_write::sender::Unknown) {
+        self.unknown_outcome
+            .get_or_create(&vec![
+                ("remote", remote.to_owned()),
+                ("reason", why.as_str().to_owned()),
+            ])
+            .inc();
+    }
+    /// Records a send's duration.
     pub fn observe_send(&self, remote: &str, d: Duration) {
         self.send_duration
             .get_or_create(&Self::remote(remote))
@@ -367,10 +383,17 @@ impl Metrics {
                 .wal_errors
                 .get_or_create(&vec![("remote", remote.to_owned()), ("op", op.to_owned())]);
         }
-        for reason in ["http_4xx", "wal_evicted", "wal_write_error"] {
+        for why in crate::remote_write::sender::Unknown::ALL {
+            let _ = self.unknown_outcome.get_or_create(&vec![
+                ("remote", remote.to_owned()),
+                ("reason", why.as_str().to_owned()),
+            ]);
+        }
+        let rejections = crate::remote_write::sender::REJECTION_REASONS;
+        for reason in rejections.iter().chain(&["wal_evicted", "wal_write_error"]) {
             let _ = self
                 .dropped
-                .get_or_create(&vec![("remote", remote.to_owned()), ("reason", reason.to_owned())]);
+                .get_or_create(&vec![("remote", remote.to_owned()), ("reason", (*reason).to_owned())]);
         }
     }
 
