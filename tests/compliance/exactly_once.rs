@@ -95,70 +95,207 @@ pub fn page(n: usize) -> Vec<u8> {
     s.into_bytes()
 }
 
+/// Failure injection of [`flaky_receiver`], changeable while it runs.
+#[derive(Default)]
+pub struct Faults {
+    pub max_delay_ms: AtomicU64,
+    pub fail_pct: AtomicU64,
+    pub throttle_pct: AtomicU64,
+}
+
+impl Faults {
+    pub fn set(&self, max_delay_ms: u64, fail_pct: u64, throttle_pct: u64) {
+        self.max_delay_ms.store(max_delay_ms, Ordering::SeqCst);
+        self.fail_pct.store(fail_pct, Ordering::SeqCst);
+        self.throttle_pct.store(throttle_pct, Ordering::SeqCst);
+    }
+}
+
 /// Starts a receiver that waits `0..max_delay_ms` before each answer, answers `fail_pct`% of
 /// pushes 500 and `throttle_pct`% 429 with `Retry-After: 1`, and records the accepted ones.
-pub fn flaky_receiver(
-    seed: u64,
-    max_delay_ms: u64,
-    fail_pct: u64,
-    throttle_pct: u64,
-) -> Result<(TinyServer, Arc<Mutex<Delivered>>)> {
+pub fn flaky_receiver(seed: u64) -> Result<(TinyServer, Arc<Faults>, Arc<Mutex<Delivered>>)> {
     let delivered: Arc<Mutex<Delivered>> = Arc::default();
-    let d2 = delivered.clone();
+    let faults: Arc<Faults> = Arc::default();
+    let (d2, f2) = (delivered.clone(), faults.clone());
     let rng = Arc::new(Rng::new(seed));
     let server = TinyServer::start(move |req| {
-        std::thread::sleep(Duration::from_millis(rng.below(max_delay_ms + 1)));
+        let delay = f2.max_delay_ms.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(rng.below(delay + 1)));
         let roll = rng.below(100);
-        if roll < fail_pct {
+        let (fail, throttle) = (
+            f2.fail_pct.load(Ordering::SeqCst),
+            f2.throttle_pct.load(Ordering::SeqCst),
+        );
+        if roll < fail {
             d2.lock().unwrap().rejected += 1;
             return (500, vec![], b"injected failure".to_vec());
         }
-        if roll < fail_pct + throttle_pct {
+        if roll < fail + throttle {
             d2.lock().unwrap().rejected += 1;
             return (429, vec![("Retry-After".into(), "1".into())], b"slow down".to_vec());
         }
         d2.lock().unwrap().record(&req.body);
         (200, vec![], Vec::new())
     })?;
-    Ok((server, delivered))
+    Ok((server, faults, delivered))
 }
 
-pub fn stress_config(target: &str, receiver: &str) -> String {
+/// The agent's config: the stress job (when `target` is given) into the receiver, in a queue
+/// named so it survives config changes.
+pub fn stress_config(target: Option<&str>, receiver: &str) -> String {
+    let scrape = match target {
+        Some(t) => format!("scrape_configs:\n  - job_name: stress\n    static_configs:\n      - targets: ['{t}']\n"),
+        None => String::new(),
+    };
     format!(
-        "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n  - job_name: stress\n    static_configs:\n      - targets: ['{target}']\nremote_write:\n  - url: http://{receiver}/api/v1/write\n    queue_config:\n      min_shards: 1\n      max_shards: 8\n      batch_send_deadline: 200ms\n      min_backoff: 30ms\n      max_backoff: 1s\n"
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n{scrape}remote_write:\n  - url: http://{receiver}/api/v1/write\n    name: stress\n    queue_config:\n      min_shards: 1\n      max_shards: 8\n      batch_send_deadline: 200ms\n      min_backoff: 30ms\n      max_backoff: 1s\n"
     )
 }
 
+/// A target serving `series` series that counts the scrapes it answered.
+pub fn counting_target(series: usize) -> Result<(TinyServer, Arc<AtomicU64>)> {
+    let body = page(series);
+    let served = Arc::new(AtomicU64::new(0));
+    let s2 = served.clone();
+    let t = TinyServer::start(move |_| {
+        s2.fetch_add(1, Ordering::SeqCst);
+        (200, vec![], body.clone())
+    })?;
+    Ok((t, served))
+}
+
+/// Restarts the agent on its storage without scrape jobs against a healthy receiver and
+/// waits until its WAL is empty: whatever the first phase left is delivered.
+pub fn drain(dir: &std::path::Path, receiver: &str, faults: &Faults, storage: std::path::PathBuf) -> Result<()> {
+    faults.set(0, 0, 0);
+    let config = dir.join("drain.yml");
+    std::fs::write(&config, stress_config(None, receiver))?;
+    let mut agent = Agent::start_with(dir, config, storage, sre_lab_tests::free_port())?;
+    poll("WAL drained", Duration::from_secs(60), || {
+        let text = sre_lab_tests::http_get(&format!("{}/metrics", agent.url))?;
+        let pending = text
+            .lines()
+            .find(|l| l.starts_with("sre_agent_wal_pending_records{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok());
+        Ok((pending == Some(0.0)).then_some(()))
+    })
+    .map_err(|e| e.context(agent.proc.log_text()))?;
+    // The pending gauge is refreshed every 2 s; stop cleanly so the last commit is written.
+    agent.proc.signal("TERM")?;
+    Ok(())
+}
+
+/// Every scrape the target answered has its `up` sample delivered, allowing `lost_in_flight`
+/// scrapes abandoned by stops (a stop abandons a scrape in progress before it is written).
+pub fn assert_no_loss(d: &Delivered, served: u64, lost_in_flight: u64) -> Result<()> {
+    let delivered = d.scrapes() as u64;
+    if delivered + lost_in_flight < served {
+        bail!("the target answered {served} scrapes, {delivered} reached the receiver");
+    }
+    Ok(())
+}
+
 /// The stress run, shortened: 2000 series at 1 s, pushes answered after 0–2 s, 20 %
-/// answered 500, 5 % 429; every sample arrives exactly once and shards move.
+/// answered 500, 5 % 429 with Retry-After; shards move (1 → more → back at the drain); every
+/// sample arrives exactly once, none is lost.
 #[test]
 fn slow_flaky_receiver_gets_every_sample_exactly_once() -> Result<()> {
-    let body = page(2000);
-    let target = TinyServer::start(move |_| (200, vec![], body.clone()))?;
-    let (receiver, delivered) = flaky_receiver(0x5eed_0001, 2000, 20, 5)?;
+    let (target, served) = counting_target(2000)?;
+    let (receiver, faults, delivered) = flaky_receiver(0x5eed_0001)?;
+    faults.set(2000, 20, 5);
     let dir = tempfile::tempdir()?;
-    let agent = Agent::start(dir.path(), &stress_config(&target.addr, &receiver.addr))?;
-    let run = Duration::from_secs(40);
-    std::thread::sleep(run);
-    // Stop scraping and let the queue drain: SIGTERM sends what it can within the shutdown
-    // timeout; the receiver has then seen every scrape that was accepted.
-    let mut agent = agent;
+    let mut agent = Agent::start(dir.path(), &stress_config(Some(&target.addr), &receiver.addr))?;
+    let mut max_shards = 0.0f64;
+    let until = std::time::Instant::now() + Duration::from_secs(40);
+    while std::time::Instant::now() < until {
+        max_shards = max_shards.max(agent.metric("sre_agent_remote_shards", "")?);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let unknown = agent.metric("sre_agent_remote_pushes_unknown_outcome_total", "")?;
+    // How far delivery keeps up is a figure for BENCHMARKS.md (scripts/bench-slow-receiver.sh),
+    // not an assertion of a timed test; it is printed here.
+    let (served_then, delivered_then) = (
+        served.load(Ordering::SeqCst),
+        delivered.lock().unwrap().scrapes() as u64,
+    );
+    // The receiver recovers as the agent stops, so every push in flight is answered within
+    // the shutdown timeout: none has an unknown outcome, none may arrive twice.
+    faults.set(0, 0, 0);
     agent.proc.signal("TERM")?;
+    let storage = agent.storage.clone();
     let log = agent.proc.log_text();
+    drop(agent);
+    drain(dir.path(), &receiver.addr, &faults, storage)?;
     let d = delivered.lock().unwrap();
     let (n, examples) = d.duplicates();
     if n > 0 {
-        bail!(
-            "{n} (series, timestamp) pairs delivered more than once, e.g. {examples:?}\n{}",
-            log.lines()
-                .filter(|l| l.contains("harding") || l.contains("WARN"))
-                .take(40)
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
+        bail!("{n} (series, timestamp) pairs delivered more than once, e.g. {examples:?}\n{log}");
     }
-    let scrapes = d.scrapes();
-    assert!(scrapes >= 20, "only {scrapes} scrapes delivered in {run:?}");
+    assert!(
+        max_shards >= 2.0,
+        "shards never grew under a slow receiver: {max_shards}\n{log}"
+    );
+    assert_eq!(unknown, 0.0, "every push was answered here");
+    assert_no_loss(&d, served.load(Ordering::SeqCst), 1)?;
+    eprintln!("while running: {delivered_then} of {served_then} scrapes delivered");
+    eprintln!(
+        "scrapes served {}, delivered {}, pushes {}, rejected {}, max shards {max_shards}",
+        served.load(Ordering::SeqCst),
+        d.scrapes(),
+        d.pushes,
+        d.rejected
+    );
+    Ok(())
+}
+
+/// The same receiver, with `kill -9` of the agent at random moments: nothing is lost, and
+/// only pushes in flight at a kill may arrive again.
+#[test]
+fn kill_9_at_random_moments_loses_nothing_and_repeats_only_in_flight_pushes() -> Result<()> {
+    let (target, served) = counting_target(2000)?;
+    let (receiver, faults, delivered) = flaky_receiver(0x5eed_0009)?;
+    faults.set(1500, 20, 5);
+    let rng = Rng::new(0x0c0f_fee5);
+    let dir = tempfile::tempdir()?;
+    let config = stress_config(Some(&target.addr), &receiver.addr);
+    let mut agent = Agent::start(dir.path(), &config)?;
+    let kills = 4;
+    let mut counted_again = 0.0;
+    for _ in 0..kills {
+        std::thread::sleep(Duration::from_millis(3000 + rng.below(5000)));
+        counted_again += agent.metric("sre_agent_remote_pushes_unknown_outcome_total", "")?;
+        agent.proc.signal("KILL")?;
+        let (cfg, storage) = (agent.config.clone(), agent.storage.clone());
+        drop(agent);
+        agent = Agent::start_with(dir.path(), cfg, storage, sre_lab_tests::free_port())?;
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    counted_again += agent.metric("sre_agent_remote_pushes_unknown_outcome_total", "reason=\"restart\"")?;
+    agent.proc.signal("TERM")?;
+    let storage = agent.storage.clone();
+    drop(agent);
+    drain(dir.path(), &receiver.addr, &faults, storage)?;
+    let d = delivered.lock().unwrap();
+    let (n, _) = d.duplicates();
+    // At most every shard's batch in flight at each kill: 8 shards × 500 samples.
+    let bound = kills as usize * 8 * 500;
+    assert!(
+        n <= bound,
+        "{n} samples delivered twice, more than the pushes in flight at {kills} kills could hold"
+    );
+    assert!(
+        n == 0 || counted_again > 0.0,
+        "{n} samples delivered twice and no push counted as sent again"
+    );
+    // A kill also loses the scrape in progress (not yet written to the WAL).
+    assert_no_loss(&d, served.load(Ordering::SeqCst), kills + 1)?;
+    eprintln!(
+        "scrapes served {}, delivered {}, repeated samples {n}, pushes {}, counted as sent again {counted_again}",
+        served.load(Ordering::SeqCst),
+        d.scrapes(),
+        d.pushes
+    );
     Ok(())
 }
 

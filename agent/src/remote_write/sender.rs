@@ -78,7 +78,11 @@ type Carried = BTreeMap<u64, (u32, Vec<u32>)>;
 
 /// Encodes the partial progress of records being sent and of carried records not read again
 /// yet (both must survive a crash, or acked frames of the latter would be sent again).
-fn encode_partials(p: &BTreeMap<u64, Partial>, carried: &Carried) -> Vec<u8> {
+///
+/// A trailer `[u64::MAX][0u32][u64 dispatched]` records how far records had been handed to
+/// shards, so that after a crash the records sent again that may have reached the receiver
+/// are counted (readers of the format before it stop at its zero count).
+fn encode_partials(p: &BTreeMap<u64, Partial>, carried: &Carried, dispatched: u64) -> Vec<u8> {
     let mut all: BTreeMap<u64, (u32, &[u32])> = carried.iter().map(|(s, (n, a))| (*s, (*n, a.as_slice()))).collect();
     for (seq, part) in p {
         all.insert(*seq, (part.nshards, part.acked.as_slice()));
@@ -94,15 +98,24 @@ fn encode_partials(p: &BTreeMap<u64, Partial>, carried: &Carried) -> Vec<u8> {
             out.extend_from_slice(&a.to_le_bytes());
         }
     }
+    out.extend_from_slice(&u64::MAX.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&dispatched.to_le_bytes());
     out
 }
 
-fn decode_partials(mut b: &[u8]) -> Carried {
+/// The partials and the dispatched mark (0 when the commit predates it).
+fn decode_partials(mut b: &[u8]) -> (Carried, u64) {
     let mut out = BTreeMap::new();
+    let mut dispatched = 0;
     while b.len() >= 12 {
         let seq = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
         let n = u32::from_le_bytes(b[8..12].try_into().unwrap_or_default());
         b = &b[12..];
+        if seq == u64::MAX && n == 0 && b.len() >= 8 {
+            dispatched = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
+            break;
+        }
         if n == 0 || b.len() < 4 * n as usize {
             break;
         }
@@ -112,7 +125,7 @@ fn decode_partials(mut b: &[u8]) -> Carried {
         b = &b[4 * n as usize..];
         out.insert(seq, (n, acked));
     }
-    out
+    (out, dispatched)
 }
 
 /// Control of a running sender.
@@ -149,6 +162,9 @@ struct Progress {
     next_unacked: u64,
     /// The next record to read.
     reads_from: u64,
+    /// Records below this may have been in a posted request (kept in commits so a restart
+    /// can count what it sends again; 0 after a clean stop, which counts its own aborts).
+    posted_until: u64,
 }
 
 impl Progress {
@@ -182,12 +198,21 @@ impl Progress {
         }
         let partial_progress = self.pending.values().any(|p| p.acked.iter().any(|&a| a > 0));
         if changed || partial_progress {
-            let extra = encode_partials(&self.pending, &self.carried);
+            let extra = encode_partials(&self.pending, &self.carried, self.posted_until);
             if let Err(e) = wal.commit(self.next_unacked, &extra) {
                 tracing::error!(remote = %name, error = %e, "Committing the WAL position failed.");
                 metrics.wal_commit_error(name);
                 self.next_unacked = before.max(self.next_unacked);
             }
+        }
+    }
+
+    /// Writes the commit file even when nothing moved (the last commit before stopping).
+    fn force_commit(&mut self, wal: &Wal, metrics: &Metrics, name: &str) {
+        let extra = encode_partials(&self.pending, &self.carried, self.posted_until);
+        if let Err(e) = wal.commit(self.next_unacked, &extra) {
+            tracing::error!(remote = %name, error = %e, "Committing the WAL position failed.");
+            metrics.wal_commit_error(name);
         }
     }
 
@@ -264,11 +289,13 @@ pub async fn run(
 ) {
     let q = cfg.queue.clone();
     let (next_unacked, extra) = wal.committed();
+    let (carried, dispatched_before) = decode_partials(&extra);
     let mut progress = Progress {
         pending: BTreeMap::new(),
-        carried: decode_partials(&extra),
+        carried,
         next_unacked,
         reads_from: next_unacked,
+        posted_until: 0,
     };
     // Records partly acked before a restart were split with the shard count of that run; use
     // it again so their remaining frames and new records of the same series share a shard.
@@ -277,6 +304,9 @@ pub async fn run(
         None => q.min_shards.max(1),
     };
     let stats = Arc::new(ShardStats::default());
+    stats
+        .posted_until
+        .store(dispatched_before, std::sync::atomic::Ordering::Relaxed);
     let mut sizing = Sizing::new(&wal);
     let per_send = q.max_samples_per_send.max(1) as u32;
     loop {
@@ -304,9 +334,10 @@ pub async fn run(
         }
         drop(ack_tx);
         let mut reader = wal.reader(progress.reads_from);
-        let mut reshard_tick = tokio::time::interval(RESHARD_PERIOD);
+        // Checked every second; `Sizing` decides once per period, and as soon as the first
+        // pushes are timed.
+        let mut reshard_tick = tokio::time::interval_at(tokio::time::Instant::now() + RESHARD_CHECK, RESHARD_CHECK);
         reshard_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        reshard_tick.tick().await;
         let mut desired = nshards;
         let mut caught_up = false;
         let notify = wal.notifier();
@@ -319,6 +350,7 @@ pub async fn run(
             while let Ok(ack) = ack_rx.try_recv() {
                 progress.apply_ack(ack);
             }
+            progress.posted_until = stats.posted_until.load(std::sync::atomic::Ordering::Relaxed);
             progress.commit(&wal, &metrics, &cfg.name);
             if caught_up {
                 tokio::select! {
@@ -350,6 +382,10 @@ pub async fn run(
                 }
             };
             let _ = reader.take_evicted();
+            if record.seq < dispatched_before {
+                // Handed to a shard before the restart and not acked: the receiver may have it.
+                metrics.push_unknown_outcome(&cfg.name, Unknown::Restart);
+            }
             let mut malformed = false;
             let items = progress.route(record.seq, &record.payload, nshards, per_send, &mut malformed);
             if malformed {
@@ -357,13 +393,17 @@ pub async fn run(
             }
             for (target, item) in items {
                 let tx = &txs[target];
-                // Wait for room in the shard while still taking acks (and committing them).
+                // Wait for room in the shard while still taking acks (and committing them) and
+                // deciding the shard count; a new count takes effect after this record.
                 loop {
                     tokio::select! {
                         biased;
                         Some(ack) = ack_rx.recv() => {
                             progress.apply_ack(ack);
                             progress.commit(&wal, &metrics, &cfg.name);
+                        }
+                        _ = reshard_tick.tick(), if desired == nshards => {
+                            desired = sizing.decide(nshards, &q, &stats, &wal, &progress);
                         }
                         permit = tx.reserve() => match permit {
                             Ok(p) => {
@@ -376,11 +416,11 @@ pub async fn run(
                     }
                 }
             }
-            if reshard_tick_ready(&mut reshard_tick) {
+            if desired == nshards && reshard_tick_ready(&mut reshard_tick) {
                 desired = sizing.decide(nshards, &q, &stats, &wal, &progress);
-                if desired != nshards {
-                    break 'feed;
-                }
+            }
+            if desired != nshards {
+                break 'feed;
             }
         }
         // Drain this generation: close the channels, let shards finish (they stop retrying once
@@ -393,12 +433,15 @@ pub async fn run(
         for t in tasks {
             let _ = t.await;
         }
-        progress.commit(&wal, &metrics, &cfg.name);
         progress.end_generation();
         if shutdown.borrow().is_some() {
+            // Requests cut off by the deadline were counted as they were aborted.
+            progress.posted_until = 0;
+            progress.force_commit(&wal, &metrics, &cfg.name);
             tracing::info!(remote = %cfg.name, unacked_records = wal.next_seq().saturating_sub(progress.next_unacked), "Sender stopped; unsent samples stay in the WAL.");
             return;
         }
+        progress.commit(&wal, &metrics, &cfg.name);
         if desired != nshards {
             tracing::info!(remote = %cfg.name, from = nshards, to = desired, "Resharding.");
             nshards = desired;
@@ -413,6 +456,8 @@ fn reshard_tick_ready(t: &mut tokio::time::Interval) -> bool {
 
 /// How often the shard count is reconsidered.
 const RESHARD_PERIOD: Duration = Duration::from_secs(5);
+/// How often the reader asks [`Sizing`].
+const RESHARD_CHECK: Duration = Duration::from_secs(1);
 
 /// Send statistics for the resharding decision.
 #[derive(Default)]
@@ -421,6 +466,8 @@ struct ShardStats {
     busy_nanos: std::sync::atomic::AtomicU64,
     /// Samples finished (sent, duplicate or dropped).
     done: std::sync::atomic::AtomicU64,
+    /// One past the highest record seq that was part of a posted request.
+    posted_until: std::sync::atomic::AtomicU64,
 }
 
 /// The shard count from the rates, as Prometheus's queue manager does: the time one sample
@@ -456,8 +503,12 @@ impl Sizing {
         p: &Progress,
     ) -> usize {
         use std::sync::atomic::Ordering::Relaxed;
-        let s = wal.stats();
         let elapsed = self.last.elapsed().as_secs_f64().max(0.001);
+        let first = self.cost.is_none() && stats.done.load(Relaxed) > 0;
+        if elapsed < RESHARD_PERIOD.as_secs_f64() && !first {
+            return n;
+        }
+        let s = wal.stats();
         self.last = Instant::now();
         let appended = s.appended_samples.saturating_sub(self.appended_samples);
         let records = s.appended_records.saturating_sub(self.appended_records);
@@ -497,6 +548,7 @@ impl Sizing {
         let in_rate = self.in_rate.unwrap_or(0.0);
         let needed = cost * (in_rate + backlog / (10.0 * RESHARD_PERIOD.as_secs_f64())) * 1.2;
         let desired = (needed.ceil() as usize).clamp(min, max);
+        tracing::debug!(shards = n, desired, cost, in_rate, backlog, busy, done, "Shard sizing.");
         if desired > n {
             desired
         } else if (desired as f64) < 0.7 * n as f64 && backlog_records <= 2 {
@@ -562,6 +614,9 @@ async fn shard(
             }
         }
         let started = Instant::now();
+        if let Some(top) = batch.iter().map(|i| i.seq + 1).max() {
+            stats.posted_until.fetch_max(top, std::sync::atomic::Ordering::Relaxed);
+        }
         let outcome = send_batch(&cfg, &batch, &mut raw, &mut compressed, &metrics, &shutdown).await;
         stats.busy_nanos.fetch_add(
             started.elapsed().as_nanos() as u64,
@@ -613,6 +668,8 @@ pub enum Unknown {
     Connection,
     /// The shutdown deadline passed while the request was in flight.
     Shutdown,
+    /// A record dispatched before a restart (or `kill -9`) without an ack is sent again.
+    Restart,
 }
 
 impl Unknown {
@@ -622,11 +679,17 @@ impl Unknown {
             Unknown::Timeout => "timeout",
             Unknown::Connection => "connection",
             Unknown::Shutdown => "shutdown",
+            Unknown::Restart => "restart",
         }
     }
 
     /// Every reason, for creating the counters at zero.
-    pub const ALL: [Unknown; 3] = [Unknown::Timeout, Unknown::Connection, Unknown::Shutdown];
+    pub const ALL: [Unknown; 4] = [
+        Unknown::Timeout,
+        Unknown::Connection,
+        Unknown::Shutdown,
+        Unknown::Restart,
+    ];
 }
 
 /// How a request ended, as far as the sender can tell.
@@ -708,6 +771,7 @@ async fn send_batch(
                     Ok(r) => break r,
                     Err(_) => {
                         metrics.push_unknown_outcome(&cfg.name, Unknown::Shutdown);
+                        tracing::warn!(remote = %cfg.name, samples, "The shutdown deadline cut off a request in flight; its samples stay in the WAL and are sent again at the next start (the receiver may have them).");
                         return Outcome::Aborted;
                     }
                 },
@@ -849,7 +913,8 @@ mod tests {
                 remaining: 4,
             },
         );
-        let d = decode_partials(&encode_partials(&p, &Carried::new()));
+        let (d, dispatched) = decode_partials(&encode_partials(&p, &Carried::new(), 10));
+        assert_eq!(dispatched, 10);
         assert_eq!(d.len(), 1);
         assert_eq!(d[&7], (3, vec![1, 0, 5]));
     }
@@ -863,6 +928,7 @@ mod tests {
             carried,
             next_unacked: 10,
             reads_from: 10,
+            posted_until: 0,
         }
     }
 
@@ -887,10 +953,12 @@ mod tests {
             },
         );
         p.reads_from = 11;
+        p.posted_until = 11;
         p.commit(&wal, &metrics, "t");
         let (next, extra) = wal.committed();
         assert_eq!(next, 11);
-        let d = decode_partials(&extra);
+        let (d, dispatched) = decode_partials(&extra);
+        assert_eq!(dispatched, 11);
         assert_eq!(d[&11], (4, vec![2, 0, 1, 0]));
         assert_eq!(d[&12], (4, vec![0, 3, 0, 0]));
     }

@@ -136,7 +136,7 @@ impl Metrics {
         );
         r.register(
             "remote_pushes_unknown_outcome",
-            "Pushes whose answer never came (timeout, broken connection, shutdown deadline while in flight), by remote and reason: their samples are sent again and may reach the receiver twice.",
+            "Pushes whose answer never came (timeout, connection broken after sending, shutdown deadline while in flight), and records posted before a crash or kill and sent again after the restart (reason restart), by remote and reason: their samples may reach the receiver twice.",
             m.unknown_outcome.clone(),
         );
         r.register(
