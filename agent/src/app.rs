@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use config::agent::{AgentConfig, RemoteWriteConfig, ScrapeConfig};
+use config::units::WalFsync;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::{mpsc, watch};
 
@@ -105,24 +106,116 @@ fn warn_orphaned_wals(dir: &Path, names: &[String]) {
     }
 }
 
-/// One generation of running components (replaced on reload).
+/// A remote_write queue: its WAL and the sender draining it. Kept across reloads while its
+/// settings stay the same, so nothing is interrupted or sent twice.
+struct Queue {
+    /// The queue's name (its WAL directory).
+    name: String,
+    /// The settings it was started with (remote_write entry and WAL sizing).
+    fingerprint: String,
+    wal: Arc<Wal>,
+    sender: SenderHandle,
+    /// The WAL's counters already added to the self metrics.
+    reported: Arc<Reported>,
+    /// Syncs the WAL at `storage.wal_fsync`'s interval.
+    syncer: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Totals of a WAL's own counters already added to the self metrics, so that the metrics
+/// grow by what the WAL counted since (the WAL counts from its open; the metrics never reset).
+#[derive(Default)]
+struct Reported {
+    corrupt_records: std::sync::atomic::AtomicU64,
+    evicted_samples: std::sync::atomic::AtomicU64,
+}
+
+impl Reported {
+    /// What grew since the last call.
+    fn delta(counter: &std::sync::atomic::AtomicU64, total: u64) -> u64 {
+        total.saturating_sub(counter.swap(total, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// One generation of running components (replaced on reload; queues are handed on).
 struct Running {
     manager: Manager,
-    senders: Vec<SenderHandle>,
+    queues: Vec<Queue>,
     providers: Vec<tokio::task::JoinHandle<()>>,
     _static_keep: Vec<watch::Sender<Vec<TargetGroup>>>,
     wal_stats: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
-    async fn stop(self, send_timeout: Duration) {
+    /// Stops scraping and discovery, and returns the queues (still sending).
+    async fn stop_sources(self) -> Vec<Queue> {
         self.manager.stop().await;
         for p in &self.providers {
             p.abort();
         }
         self.wal_stats.abort();
-        futures::future::join_all(self.senders.into_iter().map(|s| s.shutdown(send_timeout))).await;
+        self.queues
     }
+
+    async fn stop(self, send_timeout: Duration) {
+        let queues = self.stop_sources().await;
+        stop_queues(queues, send_timeout).await;
+    }
+}
+
+/// Stops senders: requests in flight are answered or cut off at `send_timeout`, never
+/// abandoned and sent again.
+async fn stop_queues(queues: Vec<Queue>, send_timeout: Duration) {
+    futures::future::join_all(queues.into_iter().map(|q| async move {
+        q.sender.shutdown(send_timeout).await;
+        if let Some(s) = q.syncer {
+            s.abort();
+        }
+        // What was appended reaches the disk before the process may exit.
+        let wal = q.wal.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || wal.sync()).await {
+            tracing::error!(remote = %q.name, error = %e, "Syncing the WAL failed.");
+        }
+    }))
+    .await;
+}
+
+/// The WAL's fsync policy from `storage.wal_fsync`.
+fn wal_fsync(storage: &config::agent::StorageConfig) -> FsyncPolicy {
+    match storage.wal_fsync {
+        WalFsync::Never => FsyncPolicy::Never,
+        WalFsync::Always => FsyncPolicy::Always,
+        WalFsync::Interval(d) => FsyncPolicy::Interval(d.get()),
+    }
+}
+
+/// For the `Interval` policy: a task syncing the WAL at that interval, off the async workers.
+fn start_syncer(
+    name: &str,
+    wal: &Arc<Wal>,
+    policy: FsyncPolicy,
+    metrics: &Arc<Metrics>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let FsyncPolicy::Interval(every) = policy else {
+        return None;
+    };
+    let (wal, name, metrics) = (wal.clone(), name.to_owned(), metrics.clone());
+    Some(tokio::spawn(async move {
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            t.tick().await;
+            let w = wal.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || w.sync()).await {
+                metrics.wal_sync_error(&name);
+                tracing::error!(remote = %name, error = %e, "Syncing the WAL failed.");
+            }
+        }
+    }))
+}
+
+/// The settings a queue depends on: a change restarts its sender.
+fn queue_fingerprint(rw: &RemoteWriteConfig, storage: &config::agent::StorageConfig) -> String {
+    format!("{rw:?}|{}|{:?}", storage.wal_max_size.0, storage.wal_fsync)
 }
 
 fn scrape_settings(sc: &ScrapeConfig, cfg: &AgentConfig, base: &Path) -> anyhow::Result<ScrapeSettings> {
@@ -238,11 +331,19 @@ pub fn interval_timeout(sc: &ScrapeConfig, cfg: &AgentConfig) -> (Duration, Dura
     (interval, timeout)
 }
 
-fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Metrics>) -> anyhow::Result<Running> {
+/// Starts a generation. `reuse` holds the queues of the previous one whose settings did not
+/// change; they are taken over as they are. On error nothing was started.
+fn start(
+    cfg: &AgentConfig,
+    config_path: &Path,
+    storage: &Path,
+    metrics: &Arc<Metrics>,
+    reuse: &mut Vec<Queue>,
+) -> anyhow::Result<Running> {
     let base = config_path.parent().map(Path::to_path_buf).unwrap_or_default();
     // Outputs and senders.
     let mut endpoints = Vec::new();
-    let mut senders = Vec::new();
+    let mut to_start = Vec::new();
     let mut wals = Vec::new();
     let names: Vec<String> = cfg.remote_write.iter().map(remote_name).collect();
     for (i, n) in names.iter().enumerate() {
@@ -258,13 +359,27 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
     for rw in &cfg.remote_write {
         let name = remote_name(rw);
         metrics.init_remote(&name);
+        let fingerprint = queue_fingerprint(rw, &cfg.storage);
+        if let Some(q) = reuse.iter().find(|q| q.name == name && q.fingerprint == fingerprint) {
+            wals.push((name.clone(), q.wal.clone(), q.reported.clone()));
+            endpoints.push(Arc::new(Endpoint {
+                name,
+                wal: q.wal.clone(),
+                write_relabel: relabel::compile(&rw.write_relabel_configs)
+                    .map_err(|e| anyhow!("remote_write {:?}: write_relabel_configs: {e}", rw.url))?,
+            }));
+            continue;
+        }
+        if reuse.iter().any(|q| q.name == name) {
+            return Err(anyhow!("queue {name:?} is still running with other settings"));
+        }
         let dir = storage.join("wal").join(&name);
         let wal = Wal::open(
             &dir,
             WalOptions {
                 max_size_bytes: cfg.storage.wal_max_size.0,
                 segment_size_bytes: (cfg.storage.wal_max_size.0 / 8).clamp(1 << 20, 64 << 20),
-                fsync: FsyncPolicy::Never,
+                fsync: wal_fsync(&cfg.storage),
             },
         )
         .with_context(|| format!("opening WAL {}", dir.display()))?;
@@ -291,8 +406,9 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
             timeout: rw.remote_timeout.map(|d| d.get()).unwrap_or(Duration::from_secs(30)),
             queue: rw.queue_config.clone(),
         };
-        senders.push(SenderHandle::start(sc, wal.clone(), metrics.clone()));
-        wals.push((name.clone(), wal.clone()));
+        let reported = Arc::new(Reported::default());
+        to_start.push((name.clone(), fingerprint, sc, wal.clone(), reported.clone()));
+        wals.push((name.clone(), wal.clone(), reported));
         endpoints.push(Arc::new(Endpoint {
             name,
             wal,
@@ -322,7 +438,7 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
             let mut t = tokio::time::interval(Duration::from_secs(2));
             loop {
                 t.tick().await;
-                for (name, wal) in &wals {
+                for (name, wal, reported) in &wals {
                     let s = wal.stats();
                     metrics.set_wal(
                         name,
@@ -330,8 +446,12 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
                         s.segments as u64,
                         s.next_seq.saturating_sub(s.committed_seq),
                     );
-                    metrics.wal_corrupt_total(name, s.corrupt_records);
-                    metrics.wal_evicted_total(name, s.evicted_samples);
+                    metrics.wal_corrupt_add(name, Reported::delta(&reported.corrupt_records, s.corrupt_records));
+                    metrics.samples_dropped(
+                        name,
+                        "wal_evicted",
+                        Reported::delta(&reported.evicted_samples, s.evicted_samples),
+                    );
                 }
             }
         })
@@ -392,10 +512,14 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
                 };
                 let stats = pd.stats();
                 let publish = async {
+                    // This provider's counts start at zero; the metrics get what grew since.
+                    let (mut errors, mut updates) = (0, 0);
                     let mut t = tokio::time::interval(Duration::from_secs(5));
                     loop {
                         t.tick().await;
-                        m.discovery_totals(&job, "kubernetes", stats.watch_errors(), stats.updates());
+                        let (e, u) = (stats.watch_errors(), stats.updates());
+                        m.discovery_add(&job, "kubernetes", e.saturating_sub(errors), u.saturating_sub(updates));
+                        (errors, updates) = (e, u);
                     }
                 };
                 tokio::select! {
@@ -422,10 +546,33 @@ fn start(cfg: &AgentConfig, config_path: &Path, storage: &Path, metrics: &Arc<Me
             target_limit: sc.target_limit.unwrap_or(cfg.global.target_limit),
         });
     }
+    // Nothing above failed: take the kept queues over and start the new ones.
+    let mut queues = Vec::new();
+    for (name, fingerprint, sc, wal, reported) in to_start {
+        let sender = SenderHandle::start(sc, wal.clone(), metrics.clone());
+        let syncer = start_syncer(&name, &wal, wal_fsync(&cfg.storage), metrics);
+        queues.push(Queue {
+            name,
+            fingerprint,
+            wal,
+            sender,
+            reported,
+            syncer,
+        });
+    }
+    for rw in &cfg.remote_write {
+        let (name, fingerprint) = (remote_name(rw), queue_fingerprint(rw, &cfg.storage));
+        if let Some(i) = reuse
+            .iter()
+            .position(|q| q.name == name && q.fingerprint == fingerprint)
+        {
+            queues.push(reuse.swap_remove(i));
+        }
+    }
     let manager = Manager::start(jobs, outputs, metrics.clone());
     Ok(Running {
         manager,
-        senders,
+        queues,
         providers,
         _static_keep: static_keep,
         wal_stats,
@@ -468,7 +615,7 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
 
-    let mut running = start(&cfg, &config_path, &storage, &metrics)?;
+    let mut running = start(&cfg, &config_path, &storage, &metrics, &mut Vec::new())?;
     *status.write().unwrap_or_else(|p| p.into_inner()) = running.manager.status_source();
     metrics.set_ready(true);
 
@@ -491,21 +638,42 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
                 } else if let Err(e) = preflight(&new_cfg, &config_path) {
                     Err(format!("{e:#}"))
                 } else {
-                    // Stop the old generation (no staleness markers; senders keep their WAL
-                    // position), then start the new one.
+                    // Stop the old generation's sources (no staleness markers but for removed
+                    // jobs). Queues whose settings are unchanged go on sending untouched; the
+                    // others stop like at shutdown (requests in flight are answered, never
+                    // abandoned and sent again) before their WAL is opened anew.
                     let old = running;
                     let keep = new_cfg.scrape_configs.iter().map(|s| s.job_name.clone()).collect();
                     old.manager.retire_jobs(&keep).await;
-                    old.stop(Duration::ZERO).await;
-                    match start(&new_cfg, &config_path, &storage, &metrics) {
+                    let send_timeout = cfg.storage.shutdown_timeout.get().min(Duration::from_secs(25));
+                    let (mut kept, changed): (Vec<Queue>, Vec<Queue>) =
+                        old.stop_sources().await.into_iter().partition(|q| {
+                            new_cfg.remote_write.iter().any(|rw| {
+                                remote_name(rw) == q.name && queue_fingerprint(rw, &new_cfg.storage) == q.fingerprint
+                            })
+                        });
+                    stop_queues(changed, send_timeout).await;
+                    match start(&new_cfg, &config_path, &storage, &metrics, &mut kept) {
                         Ok(r) => {
                             running = r;
                             cfg = new_cfg;
+                            stop_queues(kept, send_timeout).await;
                             Ok(())
                         }
                         Err(e) => {
                             let msg = format!("{e:#}");
-                            running = start(&cfg, &config_path, &storage, &metrics)
+                            // Queues of the old config that were stopped are started again;
+                            // the kept ones are taken over as they are.
+                            let mut old_kept: Vec<Queue> = kept
+                                .into_iter()
+                                .filter(|q| {
+                                    cfg.remote_write.iter().any(|rw| {
+                                        remote_name(rw) == q.name
+                                            && queue_fingerprint(rw, &cfg.storage) == q.fingerprint
+                                    })
+                                })
+                                .collect();
+                            running = start(&cfg, &config_path, &storage, &metrics, &mut old_kept)
                                 .context("restarting the previous configuration after a failed reload")?;
                             Err(msg)
                         }

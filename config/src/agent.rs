@@ -397,6 +397,8 @@ pub struct StorageConfig {
     pub wal_max_size: ByteSize,
     /// How long SIGTERM waits for the receiver before leaving the rest in the WAL.
     pub shutdown_timeout: Duration,
+    /// When WAL appends are flushed to disk (default `1s`): `never`, `always` or an interval.
+    pub wal_fsync: crate::units::WalFsync,
 }
 
 impl Default for StorageConfig {
@@ -405,6 +407,7 @@ impl Default for StorageConfig {
             path: "data".to_owned(),
             wal_max_size: ByteSize(1 << 30),
             shutdown_timeout: Duration::from_secs(10),
+            wal_fsync: crate::units::WalFsync::Interval(Duration::from_secs(1)),
         }
     }
 }

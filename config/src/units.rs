@@ -196,6 +196,68 @@ impl Serialize for ByteSize {
     }
 }
 
+/// `storage.wal_fsync`: when WAL appends reach stable storage. `never` leaves it to the
+/// kernel (survives a process crash or `kill -9`, not a node crash or power loss); a duration
+/// such as `1s` syncs at that interval (a node crash loses at most that much); `always` syncs
+/// every append before the scrape finishes (nothing acknowledged is lost; costs a disk flush
+/// per scrape and remote).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WalFsync {
+    /// Leave flushing to the kernel.
+    Never,
+    /// Sync at this interval.
+    Interval(Duration),
+    /// Sync every append.
+    Always,
+}
+
+impl fmt::Display for WalFsync {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            WalFsync::Never => f.write_str("never"),
+            WalFsync::Always => f.write_str("always"),
+            WalFsync::Interval(d) => write!(f, "{d}"),
+        }
+    }
+}
+
+impl std::str::FromStr for WalFsync {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "never" => Ok(WalFsync::Never),
+            "always" => Ok(WalFsync::Always),
+            other => match other.parse::<Duration>() {
+                Ok(d) if d.get().is_zero() => Err("an interval of 0 would never sync; use `never` or `always`".into()),
+                Ok(d) => Ok(WalFsync::Interval(d)),
+                Err(_) => Err(format!("{other:?} is not `never`, `always` or a duration such as 1s")),
+            },
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WalFsync {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = WalFsync;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`never`, `always` or a duration such as 1s")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<WalFsync, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl Serialize for WalFsync {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -330,6 +330,28 @@ storage:
     }
 
     #[test]
+    fn storage_wal_max_size_below_a_segment_and_bad_fsync_are_errors() {
+        assert_eq!(
+            errors("storage:\n  wal_max_size: 512KiB\n  wal_fsync: sometimes\n"),
+            [
+                "agent.yml:2:17: storage.wal_max_size: wal_max_size must be at least 1MiB (the smallest WAL segment), got 512KiB",
+                "agent.yml:3:14: storage.wal_fsync: \"sometimes\" is not `never`, `always` or a duration such as 1s",
+            ]
+        );
+        for (v, want) in [
+            ("never", config::units::WalFsync::Never),
+            ("always", config::units::WalFsync::Always),
+            (
+                "250ms",
+                config::units::WalFsync::Interval(config::Duration::from_millis(250)),
+            ),
+        ] {
+            let cfg = load(&format!("storage:\n  wal_fsync: {v}\n")).value;
+            assert_eq!(cfg.storage.wal_fsync, want);
+        }
+    }
+
+    #[test]
     fn ignored_keys_warn_once_each() {
         let loaded = load("rule_files: [a.yml]\nalerting:\n  alertmanagers: []\nscrape_configs:\n  - job_name: a\n    scrape_classic_histograms: true\n");
         assert_eq!(

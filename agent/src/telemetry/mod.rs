@@ -300,30 +300,20 @@ impl Metrics {
     pub fn wal_corrupt(&self, remote: &str) {
         self.wal_corrupt.get_or_create(&Self::remote(remote)).inc();
     }
-    /// Sets the corrupt-record counter from WAL statistics (it only grows).
-    pub fn wal_corrupt_total(&self, remote: &str, total: u64) {
-        let c = self.wal_corrupt.get_or_create(&Self::remote(remote));
-        let cur = c.get();
-        if total > cur {
-            c.inc_by(total - cur);
-        }
-    }
-    /// Sets the samples evicted from the WAL by its size bound (a `samples_dropped` reason; it
-    /// only grows).
-    pub fn wal_evicted_total(&self, remote: &str, total: u64) {
-        let c = self.dropped.get_or_create(&vec![
-            ("remote", remote.to_owned()),
-            ("reason", "wal_evicted".to_owned()),
-        ]);
-        let cur = c.get();
-        if total > cur {
-            c.inc_by(total - cur);
-        }
+    /// Corrupt records the WAL found since the last report.
+    pub fn wal_corrupt_add(&self, remote: &str, n: u64) {
+        self.wal_corrupt.get_or_create(&Self::remote(remote)).inc_by(n);
     }
     /// A WAL read failed.
     pub fn wal_read_error(&self, remote: &str) {
         self.wal_errors
             .get_or_create(&vec![("remote", remote.to_owned()), ("op", "read".to_owned())])
+            .inc();
+    }
+    /// A periodic WAL sync failed.
+    pub fn wal_sync_error(&self, remote: &str) {
+        self.wal_errors
+            .get_or_create(&vec![("remote", remote.to_owned()), ("op", "sync".to_owned())])
             .inc();
     }
     /// A WAL commit failed.
@@ -346,15 +336,12 @@ impl Metrics {
             .get_or_create(&vec![("job", job.to_owned()), ("mechanism", mechanism.to_owned())])
             .inc();
     }
-    /// Brings the discovery counters of `job`/`mechanism` up to the provider's own totals.
-    pub fn discovery_totals(&self, job: &str, mechanism: &'static str, errors: u64, updates: u64) {
+    /// Adds what a discovery provider of `job`/`mechanism` counted since its last report
+    /// (counters never go back, whatever reloads restart providers).
+    pub fn discovery_add(&self, job: &str, mechanism: &'static str, errors: u64, updates: u64) {
         let l = vec![("job", job.to_owned()), ("mechanism", mechanism.to_owned())];
-        for (family, total) in [(&self.discovery_errors, errors), (&self.discovery_updates, updates)] {
-            let c = family.get_or_create(&l);
-            let cur = c.get();
-            if total > cur {
-                c.inc_by(total - cur);
-            }
+        for (family, n) in [(&self.discovery_errors, errors), (&self.discovery_updates, updates)] {
+            family.get_or_create(&l).inc_by(n);
         }
     }
     /// Creates a job's counters at zero, so dashboards and `rate()`/`increase()` alerts see
@@ -368,7 +355,7 @@ impl Metrics {
         }
         let _ = self.duplicate_samples.get_or_create(&Self::job(job));
         for mechanism in mechanisms {
-            self.discovery_totals(job, mechanism, 0, 0);
+            self.discovery_add(job, mechanism, 0, 0);
         }
     }
 
@@ -378,7 +365,7 @@ impl Metrics {
         for family in [&self.appended, &self.sent, &self.retried, &self.duplicate] {
             let _ = family.get_or_create(&r);
         }
-        for op in ["read", "commit"] {
+        for op in ["read", "commit", "sync"] {
             let _ = self
                 .wal_errors
                 .get_or_create(&vec![("remote", remote.to_owned()), ("op", op.to_owned())]);

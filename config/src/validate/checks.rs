@@ -71,6 +71,15 @@ pub fn validate(cfg: &AgentConfig, spans: &SpanTable, file: &str) -> Vec<ConfigE
     if cfg.storage.path.is_empty() {
         c.err("storage.path", "path must not be empty");
     }
+    if cfg.storage.wal_max_size.0 < 1 << 20 {
+        c.err(
+            "storage.wal_max_size",
+            format!(
+                "wal_max_size must be at least 1MiB (the smallest WAL segment), got {}",
+                cfg.storage.wal_max_size
+            ),
+        );
+    }
     if !valid_listen_address(&cfg.server.listen_address) {
         c.err(
             "server.listen_address",
