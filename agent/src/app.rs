@@ -18,7 +18,7 @@ use crate::relabel;
 use crate::remote_write::sender::{SenderConfig, SenderHandle};
 use crate::remote_write::wal::{FsyncPolicy, Wal, WalOptions};
 use crate::remote_write::{file_sink::FileSink, Endpoint, Outputs};
-use crate::scrape::manager::{Job, Manager};
+use crate::scrape::manager::{Inherited, Job, Manager};
 use crate::scrape::scrape_loop::ScrapeSettings;
 use crate::scrape::target::JobDefaults;
 use crate::telemetry::server::{self, ReloadRequest, ServerState};
@@ -146,18 +146,19 @@ struct Running {
 }
 
 impl Running {
-    /// Stops scraping and discovery, and returns the queues (still sending).
-    async fn stop_sources(self) -> Vec<Queue> {
-        self.manager.stop().await;
+    /// Stops scraping and discovery, and returns the queues (still sending) and each
+    /// target's series for the next generation.
+    async fn stop_sources(self) -> (Vec<Queue>, Inherited) {
+        let inherited = self.manager.stop().await;
         for p in &self.providers {
             p.abort();
         }
         self.wal_stats.abort();
-        self.queues
+        (self.queues, inherited)
     }
 
     async fn stop(self, send_timeout: Duration) {
-        let queues = self.stop_sources().await;
+        let (queues, _) = self.stop_sources().await;
         stop_queues(queues, send_timeout).await;
     }
 }
@@ -339,6 +340,7 @@ fn start(
     storage: &Path,
     metrics: &Arc<Metrics>,
     reuse: &mut Vec<Queue>,
+    inherited: Inherited,
 ) -> anyhow::Result<Running> {
     let base = config_path.parent().map(Path::to_path_buf).unwrap_or_default();
     // Outputs and senders.
@@ -405,6 +407,7 @@ fn start(
             auth,
             timeout: rw.remote_timeout.map(|d| d.get()).unwrap_or(Duration::from_secs(30)),
             queue: rw.queue_config.clone(),
+            follow_redirects: rw.follow_redirects.unwrap_or(true),
         };
         let reported = Arc::new(Reported::default());
         to_start.push((name.clone(), fingerprint, sc, wal.clone(), reported.clone()));
@@ -569,7 +572,7 @@ fn start(
             queues.push(reuse.swap_remove(i));
         }
     }
-    let manager = Manager::start(jobs, outputs, metrics.clone());
+    let manager = Manager::start(jobs, outputs, metrics.clone(), inherited);
     Ok(Running {
         manager,
         queues,
@@ -615,7 +618,14 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
 
-    let mut running = start(&cfg, &config_path, &storage, &metrics, &mut Vec::new())?;
+    let mut running = start(
+        &cfg,
+        &config_path,
+        &storage,
+        &metrics,
+        &mut Vec::new(),
+        Inherited::new(),
+    )?;
     *status.write().unwrap_or_else(|p| p.into_inner()) = running.manager.status_source();
     metrics.set_ready(true);
 
@@ -646,14 +656,14 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
                     let keep = new_cfg.scrape_configs.iter().map(|s| s.job_name.clone()).collect();
                     old.manager.retire_jobs(&keep).await;
                     let send_timeout = cfg.storage.shutdown_timeout.get().min(Duration::from_secs(25));
-                    let (mut kept, changed): (Vec<Queue>, Vec<Queue>) =
-                        old.stop_sources().await.into_iter().partition(|q| {
-                            new_cfg.remote_write.iter().any(|rw| {
-                                remote_name(rw) == q.name && queue_fingerprint(rw, &new_cfg.storage) == q.fingerprint
-                            })
-                        });
+                    let (queues, inherited) = old.stop_sources().await;
+                    let (mut kept, changed): (Vec<Queue>, Vec<Queue>) = queues.into_iter().partition(|q| {
+                        new_cfg.remote_write.iter().any(|rw| {
+                            remote_name(rw) == q.name && queue_fingerprint(rw, &new_cfg.storage) == q.fingerprint
+                        })
+                    });
                     stop_queues(changed, send_timeout).await;
-                    match start(&new_cfg, &config_path, &storage, &metrics, &mut kept) {
+                    match start(&new_cfg, &config_path, &storage, &metrics, &mut kept, inherited) {
                         Ok(r) => {
                             running = r;
                             cfg = new_cfg;
@@ -673,7 +683,7 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
                                     })
                                 })
                                 .collect();
-                            running = start(&cfg, &config_path, &storage, &metrics, &mut old_kept)
+                            running = start(&cfg, &config_path, &storage, &metrics, &mut old_kept, Inherited::new())
                                 .context("restarting the previous configuration after a failed reload")?;
                             Err(msg)
                         }

@@ -314,3 +314,41 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// The host of a URL, without port or credentials, lower-cased.
+fn url_host(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().unwrap_or(v6)
+    } else {
+        authority.split(':').next().unwrap_or(authority)
+    };
+    host.to_ascii_lowercase()
+}
+
+/// Whether the `Authorization` header (or basic-auth credentials) of a request to `initial`
+/// may be sent to `dest` after a redirect: only to the same host or one of its subdomains,
+/// as Go's HTTP client decides for sensitive headers.
+pub fn credentials_may_follow(initial: &str, dest: &str) -> bool {
+    let (a, b) = (url_host(initial), url_host(dest));
+    b == a || b.ends_with(&format!(".{a}"))
+}
+
+#[cfg(test)]
+mod redirect_tests {
+    use super::credentials_may_follow;
+
+    #[test]
+    fn credentials_follow_only_to_the_same_host_or_a_subdomain() {
+        let from = "https://user:pw@metrics.example.com:8443/metrics";
+        assert!(credentials_may_follow(from, "https://metrics.example.com/other"));
+        assert!(credentials_may_follow(from, "http://a.metrics.example.com:9000/x"));
+        assert!(!credentials_may_follow(from, "https://evil.com/metrics"));
+        assert!(!credentials_may_follow(from, "https://badmetrics.example.com/"));
+        assert!(!credentials_may_follow(from, "https://example.com/"));
+        assert!(credentials_may_follow("http://[::1]:80/", "http://[::1]:81/"));
+        assert!(!credentials_may_follow("http://127.0.0.1:80/", "http://127.0.0.2:80/"));
+    }
+}

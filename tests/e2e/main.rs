@@ -7,5 +7,7 @@ mod lab;
 mod metrics_oracle;
 mod outage;
 mod queue;
+mod redirects;
+mod reload;
 mod scrape_options;
 mod tls;

@@ -40,6 +40,8 @@ pub struct SenderConfig {
     pub timeout: Duration,
     /// Queue tuning.
     pub queue: config::agent::QueueConfig,
+    /// `follow_redirects`: 307/308 answers are followed (at most 10 hops) with the same body.
+    pub follow_redirects: bool,
 }
 
 /// Consecutive frames of one record and split on their way to a shard (at most
@@ -728,7 +730,7 @@ pub fn classify_rejection(body: &str) -> Rejection {
 }
 
 /// The reasons [`classify_rejection`] can give, for creating the counters at zero.
-pub const REJECTION_REASONS: [&str; 4] = ["out_of_order", "out_of_bounds", "too_old", "http_4xx"];
+pub const REJECTION_REASONS: [&str; 5] = ["out_of_order", "out_of_bounds", "too_old", "http_4xx", "http_3xx"];
 
 /// Sends one batch with retries. Returns `Aborted` when the shutdown deadline passes first.
 ///
@@ -791,6 +793,10 @@ async fn send_batch(
             Ok((status, retry_after, text)) => {
                 let retryable =
                     status.is_server_error() || (status == StatusCode::TOO_MANY_REQUESTS && q.retry_on_http_429);
+                if status.is_redirection() {
+                    tracing::warn!(remote = %cfg.name, %status, samples, follow_redirects = cfg.follow_redirects, "Receiver answered a redirect that is not followed (only 307/308 are, with follow_redirects); dropped. Point url at the final address.");
+                    return Outcome::Dropped("http_3xx");
+                }
                 if !retryable {
                     return match classify_rejection(&text) {
                         Rejection::Duplicate => {
@@ -834,29 +840,53 @@ async fn send_batch(
     }
 }
 
+/// How many redirects a push follows (Go's default, which Prometheus uses).
+const MAX_REDIRECTS: usize = 10;
+
 async fn post(cfg: &SenderConfig, body: Bytes) -> Result<(StatusCode, Option<Duration>, String), PostError> {
-    let mut req = Request::post(cfg.url.clone())
-        .header(header::CONTENT_ENCODING, "snappy")
-        .header(header::CONTENT_TYPE, "application/x-protobuf")
-        .header(header::USER_AGENT, crate::scrape::client::user_agent())
-        .header("X-Prometheus-Remote-Write-Version", "0.1.0")
-        .body(Full::new(body))
-        .map_err(|e| PostError::NotSent(e.to_string()))?;
-    for (k, v) in &cfg.headers {
-        req.headers_mut().insert(k.clone(), v.clone());
-    }
-    if let Some(a) = cfg.auth.header().map_err(|e| PostError::NotSent(e.to_string()))? {
-        req.headers_mut().insert(header::AUTHORIZATION, a);
-    }
+    let first = cfg.url.to_string();
+    let auth = cfg.auth.header().map_err(|e| PostError::NotSent(e.to_string()))?;
     let work = async {
-        let resp = cfg.client.request(req).await.map_err(|e| {
-            let text = crate::scrape::client::error_chain(&e);
-            if e.is_connect() {
-                PostError::NotSent(text)
-            } else {
-                PostError::Unknown(Unknown::Connection, text)
+        let mut url = first.clone();
+        let mut hops = 0;
+        let resp = loop {
+            let mut req = Request::post(url.as_str())
+                .header(header::CONTENT_ENCODING, "snappy")
+                .header(header::CONTENT_TYPE, "application/x-protobuf")
+                .header(header::USER_AGENT, crate::scrape::client::user_agent())
+                .header("X-Prometheus-Remote-Write-Version", "0.1.0")
+                .body(Full::new(body.clone()))
+                .map_err(|e| PostError::NotSent(e.to_string()))?;
+            for (k, v) in &cfg.headers {
+                req.headers_mut().insert(k.clone(), v.clone());
             }
-        })?;
+            // Credentials follow a redirect only to the same host or a subdomain (as Go's client).
+            if let Some(a) = auth
+                .as_ref()
+                .filter(|_| crate::http::credentials_may_follow(&first, &url))
+            {
+                req.headers_mut().insert(header::AUTHORIZATION, a.clone());
+            }
+            let resp = cfg.client.request(req).await.map_err(|e| {
+                let text = crate::scrape::client::error_chain(&e);
+                if e.is_connect() && hops == 0 {
+                    PostError::NotSent(text)
+                } else {
+                    PostError::Unknown(Unknown::Connection, text)
+                }
+            })?;
+            // Only method-preserving redirects can carry a push: 301/302/303 would turn the
+            // POST into a GET (as Go's client does), which no receiver accepts.
+            let status = resp.status();
+            let preserving = status == StatusCode::TEMPORARY_REDIRECT || status == StatusCode::PERMANENT_REDIRECT;
+            match resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()) {
+                Some(loc) if cfg.follow_redirects && preserving && hops < MAX_REDIRECTS => {
+                    url = crate::scrape::client::join_location(&url, loc);
+                    hops += 1;
+                }
+                _ => break resp,
+            }
+        };
         let status = resp.status();
         let retry_after = resp.headers().get(header::RETRY_AFTER).and_then(parse_retry_after);
         let text = if status.is_success() {

@@ -41,6 +41,20 @@ struct CacheEntry {
     text: Option<Box<str>>,
 }
 
+/// The series of a target's last scrape, handed by a loop stopped for a reload to the loop
+/// that replaces it, so that a series gone at the reload still gets its staleness marker at
+/// the new loop's first scrape (as Prometheus does by handing its scrape cache on).
+pub struct Leftover {
+    series: Vec<LeftSeries>,
+}
+
+struct LeftSeries {
+    series_id: u64,
+    /// Encodings by endpoint name (endpoints may be added or removed by the reload).
+    per_endpoint: Vec<(Arc<str>, Encoded)>,
+    text: Option<Box<str>>,
+}
+
 /// Series of the synthetic per-scrape metrics.
 const REPORT_NAMES: [&str; 5] = [
     "up",
@@ -117,7 +131,15 @@ pub struct Appender {
     counts: (u64, u64, u64),
     /// Series ids of the scrape in progress, to drop duplicates.
     seen: hashbrown::HashSet<u64, FxBuildHasher>,
+    /// Between `begin` and `finish`.
+    in_progress: bool,
+    /// Series of the loop this one replaced at a reload: those missing from the first scrape
+    /// get staleness markers.
+    inherited: Option<Vec<Inherited>>,
 }
+
+/// An inherited series: its id, encodings per current endpoint, file-sink text.
+type Inherited = (u64, Box<[Option<Encoded>]>, Option<Box<str>>);
 
 /// Outcome of one scrape, for the status page and metrics.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -165,11 +187,100 @@ impl Appender {
             scratch: Labels::new(),
             seen: hashbrown::HashSet::default(),
             counts: (0, 0, 0),
+            in_progress: false,
+            inherited: None,
+        }
+    }
+
+    /// Takes over the series of the loop this one replaces (see [`Leftover`]).
+    pub fn inherit(&mut self, left: Leftover) {
+        let names: Vec<&str> = self.outputs.endpoints.iter().map(|e| e.name.as_str()).collect();
+        let series = left
+            .series
+            .into_iter()
+            .map(|s| {
+                let mut per: Vec<Option<Encoded>> = names.iter().map(|_| None).collect();
+                for (name, enc) in s.per_endpoint {
+                    if let Some(i) = names.iter().position(|n| **n == *name) {
+                        per[i] = Some(enc);
+                    }
+                }
+                (s.series_id, per.into_boxed_slice(), s.text)
+            })
+            .collect();
+        self.inherited = Some(series);
+    }
+
+    /// The series of the last complete scrape, for the loop that replaces this one.
+    pub fn into_leftover(mut self) -> Leftover {
+        if self.in_progress {
+            // Abandoned mid-scrape: what it touched counts as of the scrape before.
+            for (_, e) in self.cache.iter_mut() {
+                if e.iter == self.iter {
+                    e.iter = e.prev_iter;
+                }
+            }
+            self.iter -= 1;
+        }
+        let last = self.iter;
+        let names: Vec<Arc<str>> = self
+            .outputs
+            .endpoints
+            .iter()
+            .map(|e| Arc::from(e.name.as_str()))
+            .collect();
+        let mut series = Vec::new();
+        for (_, e) in self.cache.drain() {
+            if last == 0 || e.iter != last || e.dropped || e.explicit_ts {
+                continue;
+            }
+            let per_endpoint = names
+                .iter()
+                .cloned()
+                .zip(e.per_endpoint.into_vec())
+                .filter_map(|(n, enc)| enc.map(|enc| (n, enc)))
+                .collect();
+            series.push(LeftSeries {
+                series_id: e.series_id,
+                per_endpoint,
+                text: e.text,
+            });
+        }
+        // Series the previous loop had inherited and not yet settled stay with the next one.
+        if let Some(inh) = self.inherited.take() {
+            for (series_id, per, text) in inh {
+                let per_endpoint = names
+                    .iter()
+                    .cloned()
+                    .zip(per.into_vec())
+                    .filter_map(|(n, enc)| enc.map(|enc| (n, enc)))
+                    .collect();
+                series.push(LeftSeries {
+                    series_id,
+                    per_endpoint,
+                    text,
+                });
+            }
+        }
+        self.batch.release(&self.outputs.pool);
+        Leftover { series }
+    }
+
+    /// Staleness markers for inherited series that this (first) scrape did not have; all of
+    /// them when it failed.
+    fn write_stale_inherited(&mut self, ts: i64, scrape_ok: bool) {
+        let Some(inh) = self.inherited.take() else { return };
+        let stale = f64::from_bits(proto::STALE_NAN_BITS);
+        for (id, per, text) in &inh {
+            if !scrape_ok || !self.seen.contains(id) {
+                self.batch.push(per, text.as_deref(), stale, ts);
+            }
         }
     }
 
     /// Starts a scrape: a new iteration with empty buffers.
     pub fn begin(&mut self) {
+        self.in_progress = true;
         self.iter += 1;
         self.counts = (0, 0, 0);
         self.batch.acquire(&self.outputs.pool);
@@ -188,6 +299,7 @@ impl Appender {
         let report = match result {
             Ok((scraped, post_relabel, added)) => {
                 self.write_stale_missing(ts);
+                self.write_stale_inherited(ts, true);
                 ScrapeReport {
                     up: 1.0,
                     scraped,
@@ -200,6 +312,7 @@ impl Appender {
                 // The report keeps the counts reached before the failure, as Prometheus does.
                 self.batch.clear();
                 self.write_stale_previous(ts);
+                self.write_stale_inherited(ts, false);
                 let (scraped, post_relabel, added) = self.counts;
                 ScrapeReport {
                     up: 0.0,
@@ -221,6 +334,7 @@ impl Appender {
             self.batch.push(&e.per_endpoint, e.text.as_deref(), v, ts);
         }
         self.flush();
+        self.in_progress = false;
         report
     }
 

@@ -115,7 +115,7 @@ pub async fn fetch(
 ) -> Result<Fetched, ScrapeError> {
     body.clear();
     scratch.clear();
-    let build = |url: &str| {
+    let build = |url: &str, auth: Option<&HeaderValue>| {
         let mut req = Request::get(url)
             .header(header::ACCEPT, ACCEPT)
             .header(header::ACCEPT_ENCODING, "gzip")
@@ -134,8 +134,11 @@ pub async fn fetch(
         let mut current = url.to_owned();
         let mut hops = 0;
         let resp = loop {
+            // Credentials go only to the first host and its subdomains, as Go's client (and
+            // so Prometheus) does on redirects.
+            let auth = auth.filter(|_| crate::http::credentials_may_follow(url, &current));
             let resp = client
-                .request(build(&current)?)
+                .request(build(&current, auth)?)
                 .await
                 .map_err(|e| ScrapeError::Connect(error_chain(&e)))?;
             let location = resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok());
@@ -184,7 +187,7 @@ pub async fn fetch(
 }
 
 /// Resolves a `Location` header against the URL that answered it.
-fn join_location(base: &str, loc: &str) -> String {
+pub fn join_location(base: &str, loc: &str) -> String {
     if loc.starts_with("http://") || loc.starts_with("https://") {
         return loc.to_owned();
     }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
+use super::appender::Leftover;
 use super::scrape_loop::{LoopHandle, ScrapeSettings, StopMode};
 use super::target::{self, JobDefaults, TargetError};
 use crate::discovery::TargetGroup;
@@ -15,6 +16,9 @@ use crate::relabel::Rule;
 use crate::remote_write::Outputs;
 use crate::telemetry::server::TargetView;
 use crate::telemetry::Metrics;
+
+/// Series of stopped loops by target key, for the loops of the next generation.
+pub type Inherited = std::collections::HashMap<String, Leftover>;
 
 /// Everything needed to run one job.
 pub struct Job {
@@ -47,9 +51,11 @@ pub struct Manager {
 }
 
 impl Manager {
-    /// Starts every job.
-    pub fn start(jobs: Vec<Job>, outputs: Arc<Outputs>, metrics: Arc<Metrics>) -> Self {
+    /// Starts every job. `inherited` holds the series of the previous generation's loops by
+    /// target key (a reload): a loop for the same target takes them over.
+    pub fn start(jobs: Vec<Job>, outputs: Arc<Outputs>, metrics: Arc<Metrics>, inherited: Inherited) -> Self {
         let (stop, stop_rx) = watch::channel(false);
+        let inherited = Arc::new(Mutex::new(inherited));
         let mut out = Self {
             jobs: Vec::new(),
             tasks: Vec::new(),
@@ -65,14 +71,16 @@ impl Manager {
                 views,
                 outputs.clone(),
                 metrics.clone(),
+                inherited.clone(),
                 stop_rx.clone(),
             )));
         }
         out
     }
 
-    /// Stops every loop without staleness markers (shutdown or reload).
-    pub async fn stop(self) {
+    /// Stops every loop without staleness markers (shutdown or reload), and returns each
+    /// target's series for the next generation.
+    pub async fn stop(self) -> Inherited {
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;
@@ -87,7 +95,12 @@ impl Manager {
                 all.push(l);
             }
         }
-        futures::future::join_all(all.into_iter().map(LoopHandle::join)).await;
+        let keys: Vec<String> = all.iter().map(|l| l.target.key()).collect();
+        let left = futures::future::join_all(all.into_iter().map(LoopHandle::join)).await;
+        keys.into_iter()
+            .zip(left)
+            .filter_map(|(k, l)| l.map(|l| (k, l)))
+            .collect()
     }
 
     /// Stops, with staleness markers, the loops of jobs not in `keep` (jobs removed by a
@@ -141,6 +154,7 @@ async fn run_job(
     views: Arc<Mutex<Vec<TargetView>>>,
     outputs: Arc<Outputs>,
     metrics: Arc<Metrics>,
+    inherited: Arc<Mutex<Inherited>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut providers = job.providers;
@@ -170,9 +184,10 @@ async fn run_job(
                 }
             }
             for (k, t) in wanted {
-                st.loops
-                    .entry(k)
-                    .or_insert_with(|| LoopHandle::start(t, job.settings.clone(), outputs.clone(), metrics.clone()));
+                st.loops.entry(k).or_insert_with_key(|k| {
+                    let left = inherited.lock().unwrap_or_else(|p| p.into_inner()).remove(k);
+                    LoopHandle::start(t, job.settings.clone(), outputs.clone(), metrics.clone(), left)
+                });
             }
             st.not_scraped = not_scraped.into_iter().chain(invalid_limit).collect();
             let dropped = st

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
-use super::appender::Appender;
+use super::appender::{Appender, Leftover};
 use super::client;
 use super::parse::Format;
 use super::target::Target;
@@ -65,7 +65,7 @@ pub struct LoopHandle {
     /// Shared status.
     pub status: Arc<Mutex<TargetStatus>>,
     stop: watch::Sender<Option<StopMode>>,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Option<Leftover>>,
 }
 
 /// How a loop stops.
@@ -78,15 +78,25 @@ pub enum StopMode {
 }
 
 impl LoopHandle {
-    /// Starts the loop for `target`.
-    pub fn start(target: Target, settings: Arc<ScrapeSettings>, outputs: Arc<Outputs>, metrics: Arc<Metrics>) -> Self {
+    /// Starts the loop for `target`, taking over the series of the loop it replaces at a
+    /// reload, if any.
+    pub fn start(
+        target: Target,
+        settings: Arc<ScrapeSettings>,
+        outputs: Arc<Outputs>,
+        metrics: Arc<Metrics>,
+        inherited: Option<Leftover>,
+    ) -> Self {
         let status = Arc::new(Mutex::new(TargetStatus {
             health: "unknown",
             ..Default::default()
         }));
         let (stop, stop_rx) = watch::channel(None);
         let mut sl = ScrapeLoop::new(target.clone(), settings, outputs, metrics, status.clone());
-        let task = tokio::spawn(async move { sl.run(stop_rx).await });
+        if let Some(left) = inherited {
+            sl.appender.inherit(left);
+        }
+        let task = tokio::spawn(sl.run(stop_rx));
         Self {
             target,
             status,
@@ -95,10 +105,11 @@ impl LoopHandle {
         }
     }
 
-    /// Stops the loop and waits for it.
-    pub async fn stop(self, mode: StopMode) {
+    /// Stops the loop and waits for it; a shutdown returns the target's series for a
+    /// successor (see [`Leftover`]).
+    pub async fn stop(self, mode: StopMode) -> Option<Leftover> {
         self.signal(mode);
-        self.join().await;
+        self.join().await
     }
 
     /// Asks the loop to stop (a shutdown also abandons a scrape in progress).
@@ -107,8 +118,8 @@ impl LoopHandle {
     }
 
     /// Waits for the loop to end.
-    pub async fn join(self) {
-        let _ = self.task.await;
+    pub async fn join(self) -> Option<Leftover> {
+        self.task.await.ok().flatten()
     }
 }
 
@@ -166,7 +177,7 @@ impl ScrapeLoop {
         Duration::from_nanos((want + iv - base) % iv)
     }
 
-    async fn run(&mut self, mut stop: watch::Receiver<Option<StopMode>>) {
+    async fn run(mut self, mut stop: watch::Receiver<Option<StopMode>>) -> Option<Leftover> {
         let start = tokio::time::Instant::now() + self.offset();
         let mut ticker = tokio::time::interval_at(start, self.target.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -199,7 +210,9 @@ impl ScrapeLoop {
         let mode = (*stop.borrow()).unwrap_or(StopMode::Shutdown);
         if mode == StopMode::TargetGone {
             self.appender.write_stale_all(now_ms());
+            return None;
         }
+        Some(self.appender.into_leftover())
     }
 
     async fn scrape_once(&mut self) {
