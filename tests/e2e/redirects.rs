@@ -62,7 +62,9 @@ fn scrape_redirects_keep_credentials_on_the_same_host_only() -> Result<()> {
 #[test]
 fn remote_write_follows_307_with_the_body_and_drops_credentials_across_hosts() -> Result<()> {
     let target = TinyServer::start(|_| (200, vec![], b"rw_redirect 1\n".to_vec()))?;
-    let pushes: Arc<Mutex<Vec<(usize, Option<String>)>>> = Arc::default();
+    // (body length, Authorization) of every push.
+    type Pushes = Arc<Mutex<Vec<(usize, Option<String>)>>>;
+    let pushes: Pushes = Arc::default();
     let p2 = pushes.clone();
     let receiver = TinyServer::start(move |req| {
         p2.lock()
