@@ -3,6 +3,7 @@
 
 mod cli;
 mod common;
+mod hostile;
 mod lab;
 mod metrics_oracle;
 mod outage;

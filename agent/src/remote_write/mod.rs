@@ -40,14 +40,20 @@ impl Endpoint {
     }
 }
 
-/// Scrape-sized buffers shared by all scrape loops (bounded: at most [`BufferPool::KEEP`]
-/// are kept; others are freed).
+/// Scrape-sized buffers shared by all scrape loops, bounded in count and in bytes: at most
+/// [`BufferPool::KEEP`] buffers and [`BufferPool::KEEP_BYTES`] of capacity are kept, and a
+/// buffer larger than [`BufferPool::MAX_KEPT`] (one huge page, a gzip bomb cut at
+/// `body_size_limit`) is freed at once rather than held for the next scrape.
 #[derive(Default)]
 pub struct BufferPool(std::sync::Mutex<Vec<Vec<u8>>>);
 
 impl BufferPool {
     /// Buffers kept for reuse.
     pub const KEEP: usize = 8;
+    /// Capacity kept for reuse, all buffers together.
+    pub const KEEP_BYTES: usize = 64 << 20;
+    /// The largest buffer kept.
+    pub const MAX_KEPT: usize = 16 << 20;
 
     /// An empty buffer, with capacity when one is available.
     pub fn take(&self) -> Vec<u8> {
@@ -58,16 +64,44 @@ impl BufferPool {
             .unwrap_or_default()
     }
 
-    /// Returns a buffer for reuse.
+    /// Returns a buffer for reuse (or frees it, beyond the bounds).
     pub fn give(&self, mut buf: Vec<u8>) {
-        if buf.capacity() == 0 {
+        if buf.capacity() == 0 || buf.capacity() > Self::MAX_KEPT {
             return;
         }
         buf.clear();
         let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < Self::KEEP {
+        let kept: usize = pool.iter().map(Vec::capacity).sum();
+        if pool.len() < Self::KEEP && kept + buf.capacity() <= Self::KEEP_BYTES {
             pool.push(buf);
         }
+    }
+
+    /// Capacity held by the pool.
+    pub fn kept_bytes(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(Vec::capacity)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod pool_tests {
+    use super::BufferPool;
+
+    #[test]
+    fn the_pool_is_bounded_in_bytes_and_frees_huge_buffers() {
+        let pool = BufferPool::default();
+        pool.give(Vec::with_capacity(BufferPool::MAX_KEPT + 1));
+        assert_eq!(pool.kept_bytes(), 0, "a huge buffer is freed");
+        for _ in 0..BufferPool::KEEP * 2 {
+            pool.give(Vec::with_capacity(BufferPool::MAX_KEPT));
+        }
+        assert!(pool.kept_bytes() <= BufferPool::KEEP_BYTES);
+        assert!(pool.kept_bytes() >= BufferPool::MAX_KEPT);
     }
 }
 
