@@ -16,12 +16,8 @@ use regex::{Captures, Regex};
 
 use crate::labels::Labels;
 
-/// Default `separator`.
-const DEFAULT_SEPARATOR: &str = ";";
 /// Default `regex`; it matches every value, so rules using it skip the regex engine.
 const DEFAULT_REGEX: &str = "(.*)";
-/// Default `replacement`.
-const DEFAULT_REPLACEMENT: &str = "$1";
 /// Scratch buffers that grew beyond this are released after a `process` call.
 const MAX_RETAINED_SCRATCH: usize = 64 * 1024;
 
@@ -43,34 +39,9 @@ pub enum RelabelError {
         #[source]
         source: regex::Error,
     },
-    /// `hashmod` without a non-zero `modulus`.
-    #[error("relabel action \"hashmod\" requires a non-zero modulus")]
-    MissingModulus,
-    /// The action writes or compares a label but `target_label` is empty.
-    #[error("relabel action {action:?} requires target_label")]
-    MissingTargetLabel {
-        /// The action (lower case).
-        action: &'static str,
-    },
-    /// `target_label` is not a valid label name (or, for `replace`, template).
-    #[error("{label:?} is not a valid target_label for relabel action {action:?}")]
-    InvalidTargetLabel {
-        /// The action (lower case).
-        action: &'static str,
-        /// The target label as written.
-        label: String,
-    },
-    /// `labelmap`'s `replacement` cannot produce a label name.
-    #[error("{0:?} is not a valid replacement for relabel action \"labelmap\"")]
-    InvalidReplacement(String),
-    /// A field the action does not use was set to a non-default value.
-    #[error("relabel action {action:?} does not allow setting {field}")]
-    FieldNotAllowed {
-        /// The action (lower case).
-        action: &'static str,
-        /// The offending field.
-        field: &'static str,
-    },
+    /// A check of the config crate's `rule_problems` failed.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// The relabel actions.
@@ -158,7 +129,10 @@ impl Rule {
             regex: cfg.regex.clone(),
             source,
         })?;
-        validate(action, cfg)?;
+        // The checks `check-config` makes, from the config crate: one definition.
+        if let Some(p) = config::rule_problems(cfg).into_iter().next() {
+            return Err(RelabelError::Invalid(p.message));
+        }
 
         let target_label = cfg.target_label.clone().unwrap_or_default();
         let target = if action == Action::Replace {
@@ -294,82 +268,6 @@ impl Rule {
     }
 }
 
-/// Validation beyond parsing, in the order Prometheus checks.
-fn validate(action: Action, cfg: &RelabelConfig) -> Result<(), RelabelError> {
-    use Action::*;
-    let target = cfg.target_label.as_deref().unwrap_or("");
-    let name = action.name();
-    let invalid_target = || RelabelError::InvalidTargetLabel {
-        action: name,
-        label: target.to_owned(),
-    };
-    let not_allowed = |field| Err(RelabelError::FieldNotAllowed { action: name, field });
-    let modulus = cfg.modulus.unwrap_or(0);
-
-    if action == HashMod && modulus == 0 {
-        return Err(RelabelError::MissingModulus);
-    }
-    let needs_target = matches!(
-        action,
-        Replace | HashMod | Lowercase | Uppercase | KeepEqual | DropEqual
-    );
-    if needs_target && target.is_empty() {
-        return Err(RelabelError::MissingTargetLabel { action: name });
-    }
-    if action == Replace {
-        let ok = if target.contains('$') {
-            is_valid_target_template(target)
-        } else {
-            is_valid_label_name(target)
-        };
-        if !ok {
-            return Err(invalid_target());
-        }
-    }
-    let literal_target = matches!(action, Lowercase | Uppercase | KeepEqual | DropEqual);
-    if literal_target && !is_valid_label_name(target) {
-        return Err(invalid_target());
-    }
-    if literal_target && cfg.replacement != DEFAULT_REPLACEMENT {
-        return not_allowed("replacement");
-    }
-    if action == LabelMap && !is_valid_target_template(&cfg.replacement) {
-        return Err(RelabelError::InvalidReplacement(cfg.replacement.clone()));
-    }
-    if action == HashMod && !is_valid_label_name(target) {
-        return Err(invalid_target());
-    }
-    if matches!(action, KeepEqual | DropEqual) {
-        if cfg.regex != DEFAULT_REGEX {
-            return not_allowed("regex");
-        }
-        if modulus != 0 {
-            return not_allowed("modulus");
-        }
-        if cfg.separator != DEFAULT_SEPARATOR {
-            return not_allowed("separator");
-        }
-    }
-    if matches!(action, LabelDrop | LabelKeep) {
-        if !cfg.source_labels.is_empty() {
-            return not_allowed("source_labels");
-        }
-        if !target.is_empty() {
-            return not_allowed("target_label");
-        }
-        if modulus != 0 {
-            return not_allowed("modulus");
-        }
-        if cfg.separator != DEFAULT_SEPARATOR {
-            return not_allowed("separator");
-        }
-        if cfg.replacement != DEFAULT_REPLACEMENT {
-            return not_allowed("replacement");
-        }
-    }
-    Ok(())
-}
-
 /// Validates and compiles rules, in order.
 pub fn compile(cfgs: &[RelabelConfig]) -> Result<Vec<Rule>, RelabelError> {
     cfgs.iter().map(Rule::new).collect()
@@ -428,18 +326,6 @@ pub fn is_valid_label_name(name: &str) -> bool {
     let mut bytes = name.bytes();
     matches!(bytes.next(), Some(b) if b == b'_' || b.is_ascii_alphabetic())
         && bytes.all(|b| b == b'_' || b.is_ascii_alphanumeric())
-}
-
-/// Whether a `replace` target label or a `labelmap` replacement containing `$` references can
-/// yield a label name (Prometheus's `relabelTarget` pattern, ASCII `\w`).
-fn is_valid_target_template(s: &str) -> bool {
-    static PATTERN: OnceLock<Regex> = OnceLock::new();
-    PATTERN
-        .get_or_init(|| {
-            Regex::new(r"^(?:(?:[a-zA-Z_]|\$(?:\{[0-9A-Za-z_]+\}|[0-9A-Za-z_]+))+[0-9A-Za-z_]*)+$")
-                .expect("static regex")
-        })
-        .is_match(s)
 }
 
 /// Capture groups of one match, as a template sees them.

@@ -26,5 +26,6 @@ pub use load::{
 };
 pub use units::{ByteSize, Duration};
 pub use validate::{
-    apply_defaults, effective_interval, effective_timeout, valid_label_name, validate, RELABEL_ACTIONS,
+    apply_defaults, effective_interval, effective_timeout, rule_problems, valid_label_name, valid_target_template,
+    validate, RuleProblem, RELABEL_ACTIONS,
 };

@@ -329,6 +329,19 @@ storage:
         );
     }
 
+    /// Regression: a `labelmap` whose replacement cannot make a label name passed
+    /// check-config and failed at start; the agent compiles rules with the same checks now.
+    #[test]
+    fn labelmap_replacement_and_case_actions_are_checked_like_the_agent_does() {
+        assert_eq!(
+            errors("scrape_configs:\n  - job_name: a\n    relabel_configs:\n      - action: labelmap\n        regex: __meta_(.+)\n        replacement: a-$1\n      - action: lowercase\n        target_label: t\n        replacement: x\n"),
+            [
+                "agent.yml:6:22: scrape_configs[0].relabel_configs[0].replacement: \"a-$1\" is not a valid replacement for relabel action \"labelmap\"",
+                "agent.yml:9:22: scrape_configs[0].relabel_configs[1].replacement: relabel action \"lowercase\" does not allow setting replacement",
+            ]
+        );
+    }
+
     #[test]
     fn storage_wal_max_size_below_a_segment_and_bad_fsync_are_errors() {
         assert_eq!(
@@ -419,7 +432,7 @@ scrape_configs:
                 "agent.yml:11:15: scrape_configs[0].kubernetes_sd_configs[0].role: kubernetes_sd role `node` is not supported (the agent supports role `pod`)",
                 "agent.yml:13:16: scrape_configs[0].relabel_configs[0].regex: invalid regular expression \"(unclosed\": unclosed group",
                 "agent.yml:15:17: scrape_configs[0].relabel_configs[1].action: unknown relabel action \"explode\" (expected one of: replace, keep, drop, keepequal, dropequal, hashmod, labelmap, labeldrop, labelkeep, lowercase, uppercase)",
-                "agent.yml:16:9: scrape_configs[0].relabel_configs[2]: action `hashmod` needs a non-zero modulus",
+                "agent.yml:16:9: scrape_configs[0].relabel_configs[2]: relabel action \"hashmod\" requires a non-zero modulus",
             ]
         );
     }

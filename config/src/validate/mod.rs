@@ -14,5 +14,5 @@ mod rules;
 pub use checks::validate;
 pub(crate) use defaults::settle_global;
 pub use defaults::{apply_defaults, effective_interval, effective_timeout};
-pub use relabel::RELABEL_ACTIONS;
-pub use rules::valid_label_name;
+pub use relabel::{rule_problems, RuleProblem, RELABEL_ACTIONS};
+pub use rules::{valid_label_name, valid_target_template};

@@ -7,32 +7,16 @@ pub fn valid_label_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// A replace target: label name characters and `$1`, `${1}`, `$name`, `${name}` references.
-pub(super) fn valid_target_template(target: &str) -> bool {
-    let mut rest = target;
-    while !rest.is_empty() {
-        if let Some(r) = rest.strip_prefix("${") {
-            let Some(end) = r.find('}') else { return false };
-            let name = &r[..end];
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return false;
-            }
-            rest = &r[end + 1..];
-        } else if let Some(r) = rest.strip_prefix('$') {
-            let n = r.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').count();
-            if n == 0 {
-                return false;
-            }
-            rest = &r[n..];
-        } else {
-            let c = rest.chars().next().unwrap_or('_');
-            if !(c.is_ascii_alphanumeric() || c == '_') {
-                return false;
-            }
-            rest = &rest[c.len_utf8()..];
-        }
-    }
-    target.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_' || c == '$')
+/// A `replace` target label or a `labelmap` replacement that may use `$1`, `${1}`, `$name`,
+/// `${name}`: Prometheus's own pattern for them (`relabelTarget`).
+pub fn valid_target_template(target: &str) -> bool {
+    static PATTERN: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    PATTERN
+        .get_or_init(|| {
+            regex::Regex::new(r"^(?:(?:[a-zA-Z_]|\$(?:\{[0-9A-Za-z_]+\}|[0-9A-Za-z_]+))+[0-9A-Za-z_]*)+$")
+                .expect("static regex")
+        })
+        .is_match(target)
 }
 
 /// A file_sd pattern: ends in `.json`, `.yml` or `.yaml`, with `*` only in the last element.
