@@ -221,7 +221,7 @@ fn queue_fingerprint(rw: &RemoteWriteConfig, storage: &config::agent::StorageCon
 
 fn scrape_settings(sc: &ScrapeConfig, cfg: &AgentConfig, base: &Path) -> anyhow::Result<ScrapeSettings> {
     let g = &cfg.global;
-    let client = crate::http::build_client(base, sc.tls_config.as_ref())
+    let client = crate::http::build_client(base, sc.tls_config.as_ref(), sc.enable_http2.unwrap_or(true))
         .with_context(|| format!("scrape config {:?}", sc.job_name))?;
     let auth = crate::http::Auth::new(
         base,
@@ -269,7 +269,7 @@ pub fn preflight(cfg: &AgentConfig, config_path: &Path) -> anyhow::Result<()> {
         rw.url
             .parse::<http::Uri>()
             .with_context(|| format!("remote_write url {:?}", rw.url))?;
-        crate::http::build_client(&base, rw.tls_config.as_ref())?;
+        crate::http::build_client(&base, rw.tls_config.as_ref(), rw.enable_http2.unwrap_or(true))?;
         remote_auth(&base, rw)?;
         relabel::compile(&rw.write_relabel_configs)
             .map_err(|e| anyhow!("remote_write {:?}: write_relabel_configs: {e}", rw.url))?;
@@ -398,7 +398,7 @@ fn start(
             );
         }
         let auth = remote_auth(&base, rw)?;
-        let client = crate::http::build_client(&base, rw.tls_config.as_ref())?;
+        let client = crate::http::build_client(&base, rw.tls_config.as_ref(), rw.enable_http2.unwrap_or(true))?;
         let sc = SenderConfig {
             name: name.clone(),
             url,

@@ -158,8 +158,10 @@ fn header_value(v: &str) -> Result<HeaderValue, HttpSetupError> {
     Ok(hv)
 }
 
-/// Builds a keep-alive HTTP(S) client for the given TLS settings.
-pub fn build_client(base: &Path, tls: Option<&TlsConfig>) -> Result<HttpClient, HttpSetupError> {
+/// Builds a keep-alive HTTP(S) client for the given TLS settings. With `http2` (Prometheus's
+/// `enable_http2`, default true) HTTPS connections offer HTTP/2 by ALPN and use it when the
+/// server picks it; plain HTTP stays HTTP/1.1 (no h2c), as in Prometheus.
+pub fn build_client(base: &Path, tls: Option<&TlsConfig>, http2: bool) -> Result<HttpClient, HttpSetupError> {
     let tls_config = rustls_config(base, tls)?;
     let mut http = HttpConnector::new();
     http.enforce_http(false);
@@ -168,12 +170,14 @@ pub fn build_client(base: &Path, tls: Option<&TlsConfig>) -> Result<HttpClient, 
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls_config)
         .https_or_http();
-    let connector = match tls.and_then(|t| t.server_name.clone()) {
-        Some(name) => builder
-            .with_server_name_resolver(FixedServerName(name))
-            .enable_http1()
-            .wrap_connector(http),
-        None => builder.enable_http1().wrap_connector(http),
+    let builder = match tls.and_then(|t| t.server_name.clone()) {
+        Some(name) => builder.with_server_name_resolver(FixedServerName(name)),
+        None => builder,
+    };
+    let connector = if http2 {
+        builder.enable_http1().enable_http2().wrap_connector(http)
+    } else {
+        builder.enable_http1().wrap_connector(http)
     };
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(std::time::Duration::from_secs(90))

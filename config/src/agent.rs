@@ -100,7 +100,7 @@ pub struct ScrapeConfig {
     pub tls_config: Option<TlsConfig>,
     /// Follow HTTP 3xx redirects (default true).
     pub follow_redirects: Option<bool>,
-    /// Accepted for compatibility; the agent speaks HTTP/1.1.
+    /// Offer HTTP/2 by ALPN on HTTPS (default true, as Prometheus).
     pub enable_http2: Option<bool>,
     /// Static targets.
     pub static_configs: Vec<StaticConfig>,

@@ -129,8 +129,13 @@ const SERVER_PY: &str = r#"
 import http.server, ssl, sys
 
 port, cert, key, client_ca = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+alpn = len(sys.argv) > 5 and sys.argv[5] == "alpn"
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(cert, key)
+if alpn:
+    # Prefers HTTP/2 but speaks only HTTP/1.1: prints what the client negotiated and hangs
+    # up on an h2 client.
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
 if client_ca != "-":
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(client_ca)
@@ -139,6 +144,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         self.request.settimeout(10)
         self.request = ctx.wrap_socket(self.request, server_side=True)
+        if alpn:
+            chosen = self.request.selected_alpn_protocol()
+            print(f"alpn {chosen}", flush=True)
+            if chosen == "h2":
+                self.request.close()
+                raise ConnectionAbortedError("h2 is not spoken here")
         super().setup()
 
     def finish(self):
@@ -187,6 +198,11 @@ impl TlsServer {
     /// Serves with certificate `cert` (`cert.pem`/`cert.key` in `dir`); `client_ca` makes
     /// client certificates signed by that CA mandatory.
     fn start(dir: &Path, cert: &str, client_ca: Option<&str>) -> Result<Self> {
+        Self::start_with(dir, cert, client_ca, false)
+    }
+
+    /// As [`TlsServer::start`]; `alpn` offers h2 and http/1.1 and logs the choice.
+    fn start_with(dir: &Path, cert: &str, client_ca: Option<&str>, alpn: bool) -> Result<Self> {
         let script = dir.join("tls_server.py");
         if !script.exists() {
             std::fs::write(&script, SERVER_PY)?;
@@ -198,6 +214,7 @@ impl TlsServer {
             .arg(dir.join(format!("{cert}.pem")))
             .arg(dir.join(format!("{cert}.key")))
             .arg(client_ca.map(|c| dir.join(c)).unwrap_or_else(|| "-".into()))
+            .arg(if alpn { "alpn" } else { "-" })
             .current_dir(dir);
         let name = format!("tls-server-{cert}-{port}");
         let proc = Proc::spawn(&name, cmd, dir.join(format!("{name}.log")))?;
@@ -390,5 +407,35 @@ fn remote_write_over_tls() -> Result<()> {
         0.0
     );
     assert_eq!(agent.metric("sre_agent_remote_samples_dropped_total", "")?, 0.0);
+    Ok(())
+}
+
+/// `enable_http2` (default true, as Prometheus) offers HTTP/2 by ALPN on HTTPS; with `false`
+/// the client offers no h2 and this server speaks HTTP/1.1 to it.
+#[test]
+fn enable_http2_offers_h2_by_alpn_and_false_keeps_http1() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    pki.issue("server", "localhost", "serverAuth", Some("DNS:localhost,IP:127.0.0.1"))?;
+    let h2 = TlsServer::start_with(dir.path(), "server", None, true)?;
+    let h1 = TlsServer::start_with(dir.path(), "server", None, true)?;
+    let mut no_h2 = job("http1", &h1.addr, &["ca_file: ca.pem"]);
+    no_h2 = no_h2.replace("    scheme: https\n", "    scheme: https\n    enable_http2: false\n");
+    let agent = Agent::start(
+        dir.path(),
+        &scrape_config(&[job("http2", &h2.addr, &["ca_file: ca.pem"]), no_h2]),
+    )?;
+    poll("the h2 server saw an h2 client", Duration::from_secs(20), || {
+        Ok(h2.proc.log_text().contains("alpn h2").then_some(()))
+    })?;
+    assert_eq!(
+        scraped(&agent, "http1")?,
+        ("up".to_owned(), String::new()),
+        "{}",
+        h1.proc.log_text()
+    );
+    // Without HTTP/2 the client offers no h2 (rustls then sends no ALPN at all).
+    let log = h1.proc.log_text();
+    assert!(log.contains("alpn ") && !log.contains("alpn h2"), "{log}");
     Ok(())
 }

@@ -8,7 +8,7 @@ use agent::scrape::scrape_loop::ScrapeSettings;
 pub fn plain_settings(dir: &Path) -> ScrapeSettings {
     ScrapeSettings {
         job: "j".into(),
-        client: agent::http::build_client(dir, None).unwrap(),
+        client: agent::http::build_client(dir, None, true).unwrap(),
         auth: agent::http::Auth::None,
         honor_labels: false,
         honor_timestamps: true,
