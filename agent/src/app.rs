@@ -15,14 +15,14 @@ use tokio::sync::{mpsc, watch};
 use crate::discovery::{self, TargetGroup};
 use crate::labels::Labels;
 use crate::relabel;
-use crate::remote_write::sender::{SenderConfig, SenderHandle};
-use crate::remote_write::wal::{FsyncPolicy, Wal, WalOptions};
 use crate::remote_write::{file_sink::FileSink, Endpoint, Outputs};
 use crate::scrape::manager::{Inherited, Job, Manager};
 use crate::scrape::scrape_loop::ScrapeSettings;
 use crate::scrape::target::JobDefaults;
+use crate::sender::{SenderConfig, SenderHandle};
 use crate::telemetry::server::{self, ReloadRequest, ServerState};
 use crate::telemetry::Metrics;
+use crate::wal::{FsyncPolicy, Wal, WalOptions};
 
 /// Command-line settings that override the config file.
 #[derive(Clone, Debug, Default)]
@@ -400,6 +400,7 @@ fn start(
         let auth = remote_auth(&base, rw)?;
         let client = crate::http::build_client(&base, rw.tls_config.as_ref(), rw.enable_http2.unwrap_or(true))?;
         let sc = SenderConfig {
+            protocol: Arc::new(crate::remote_write::RemoteWrite::new()),
             name: name.clone(),
             url,
             client,
@@ -453,7 +454,7 @@ fn start(
                     metrics.samples_dropped(
                         name,
                         "wal_evicted",
-                        Reported::delta(&reported.evicted_samples, s.evicted_samples),
+                        Reported::delta(&reported.evicted_samples, s.evicted_items),
                     );
                 }
             }

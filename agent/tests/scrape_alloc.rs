@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent::labels::Labels;
-use agent::remote_write::wal::{FsyncPolicy, Wal, WalOptions};
 use agent::remote_write::{Endpoint, Outputs};
 use agent::scrape::appender::Appender;
 use agent::scrape::parse::Format;
 use agent::telemetry::Metrics;
+use agent::wal::{FsyncPolicy, Wal, WalOptions};
 
 thread_local! {
     static ALLOCS: Cell<u64> = const { Cell::new(0) };

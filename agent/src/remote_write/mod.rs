@@ -8,21 +8,115 @@
 pub mod file_sink;
 pub mod frame;
 pub mod proto;
-pub mod sender;
-pub mod wal;
 
 use std::sync::Arc;
 
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+
 use crate::labels::Labels;
 use crate::relabel::Rule;
+use crate::sender::{Protocol, Rejection};
 use crate::telemetry::Metrics;
+
+/// Prometheus remote write 1.0: a snappy-compressed `WriteRequest` whose `timeseries` are the
+/// frames' bodies, with the spec's headers.
+pub struct RemoteWrite {
+    headers: HeaderMap,
+}
+
+impl RemoteWrite {
+    /// The protocol with its headers.
+    pub fn new() -> Self {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("snappy"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-protobuf"));
+        headers.insert(header::USER_AGENT, crate::scrape::client::user_agent());
+        headers.insert("X-Prometheus-Remote-Write-Version", HeaderValue::from_static("0.1.0"));
+        Self { headers }
+    }
+}
+
+impl Default for RemoteWrite {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Protocol for RemoteWrite {
+    fn frame(&self, body: &[u8], batch: &mut Vec<u8>) {
+        proto::frame_timeseries(body, batch);
+    }
+
+    fn encode(&self, batch: &[u8], body: &mut Vec<u8>) {
+        proto::compress(batch, body);
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    fn classify(&self, _status: StatusCode, body: &str) -> Rejection {
+        classify_rejection(body)
+    }
+
+    fn rejection_reasons(&self) -> &'static [&'static str] {
+        &REJECTION_REASONS
+    }
+}
+
+/// Classifies a 4xx answer by its body. Prometheus rolls back a whole request when any sample
+/// in it is out of order, out of bounds or too old, so those are loss of the whole request;
+/// only an exact duplicate means the receiver has the data already.
+pub fn classify_rejection(body: &str) -> Rejection {
+    let lower = body.to_ascii_lowercase();
+    if lower.contains("duplicate sample for timestamp") {
+        Rejection::Duplicate
+    } else if lower.contains("out of order") || lower.contains("out-of-order") {
+        Rejection::Dropped("out_of_order")
+    } else if lower.contains("out of bounds") || lower.contains("out-of-bounds") {
+        Rejection::Dropped("out_of_bounds")
+    } else if lower.contains("too old") {
+        Rejection::Dropped("too_old")
+    } else {
+        Rejection::Dropped("http_4xx")
+    }
+}
+
+/// The reasons [`classify_rejection`] can give, for creating the counters at zero.
+pub const REJECTION_REASONS: [&str; 5] = ["out_of_order", "out_of_bounds", "too_old", "http_4xx", "http_3xx"];
+
+#[cfg(test)]
+mod classify_tests {
+    use super::*;
+
+    #[test]
+    fn rejections_are_classified_as_prometheus_means_them() {
+        assert_eq!(
+            classify_rejection("duplicate sample for timestamp; series {__name__=\"x\"}"),
+            Rejection::Duplicate
+        );
+        assert_eq!(
+            classify_rejection("out of order sample"),
+            Rejection::Dropped("out_of_order")
+        );
+        assert_eq!(
+            classify_rejection("out of bounds: series {}"),
+            Rejection::Dropped("out_of_bounds")
+        );
+        assert_eq!(
+            classify_rejection("sample timestamp too old"),
+            Rejection::Dropped("too_old")
+        );
+        assert_eq!(classify_rejection("bad request"), Rejection::Dropped("http_4xx"));
+    }
+}
 
 /// One `remote_write` destination as seen by the scrape loops.
 pub struct Endpoint {
     /// Name used in metrics and logs.
     pub name: String,
     /// The write-ahead queue of this destination.
-    pub wal: Arc<wal::Wal>,
+    pub wal: Arc<crate::wal::Wal>,
     /// `write_relabel_configs`.
     pub write_relabel: Vec<Rule>,
 }
@@ -30,7 +124,7 @@ pub struct Endpoint {
 impl Endpoint {
     /// Appends one scrape's frames; a failure (disk full) drops them with a counter.
     pub fn append(&self, payload: &[u8], samples: u32, metrics: &Metrics) {
-        match self.wal.append(payload, samples) {
+        match crate::wal::blocking(|| self.wal.append(payload, samples)) {
             Ok(_) => metrics.samples_appended(&self.name, samples as u64),
             Err(e) => {
                 metrics.samples_dropped(&self.name, "wal_write_error", samples as u64);

@@ -268,7 +268,7 @@ impl Metrics {
             .inc_by(n);
     }
     /// A push whose answer never came: its samples are sent again.
-    pub fn push_unknown_outcome(&self, remote: &str, why: crate::remote_write::sender::Unknown) {
+    pub fn push_unknown_outcome(&self, remote: &str, why: crate::sender::Unknown) {
         self.unknown_outcome
             .get_or_create(&vec![
                 ("remote", remote.to_owned()),
@@ -370,13 +370,13 @@ impl Metrics {
                 .wal_errors
                 .get_or_create(&vec![("remote", remote.to_owned()), ("op", op.to_owned())]);
         }
-        for why in crate::remote_write::sender::Unknown::ALL {
+        for why in crate::sender::Unknown::ALL {
             let _ = self.unknown_outcome.get_or_create(&vec![
                 ("remote", remote.to_owned()),
                 ("reason", why.as_str().to_owned()),
             ]);
         }
-        let rejections = crate::remote_write::sender::REJECTION_REASONS;
+        let rejections = crate::remote_write::REJECTION_REASONS;
         for reason in rejections.iter().chain(&["wal_evicted", "wal_write_error"]) {
             let _ = self
                 .dropped

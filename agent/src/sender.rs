@@ -1,7 +1,9 @@
-//! Drains one endpoint's WAL to its receiver.
+//! The sender engine: drains one WAL to one receiver, whatever the receiver speaks. What
+//! differs per receiver is a [`Protocol`] (how frames become a request, its headers, what a
+//! refusal means): Prometheus remote write is the first ([`crate::remote_write::RemoteWrite`]).
 //!
-//! A reader task reads WAL records in order and routes every frame to a shard by its series
-//! hash, so samples of one series stay in order. Each shard batches up to
+//! A reader task reads WAL records in order and routes every frame to a shard by its routing
+//! hash (the series, for metrics), so the frames of one series stay in order. Each shard batches up to
 //! `max_samples_per_send` frames or `batch_send_deadline`, sends, retries 5xx/429 with
 //! exponential backoff (honouring `Retry-After`), drops and counts other 4xx, then acks the
 //! frames. The reader commits the WAL position up to the oldest record not fully acked, with the
@@ -18,14 +20,33 @@ use http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::sync::{mpsc, watch};
 
-use super::wal::Wal;
-use super::{frame, proto};
+use crate::frame;
 use crate::http::HttpClient;
 use crate::telemetry::Metrics;
+use crate::wal::Wal;
+
+/// What differs per receiver. The engine batches frames, sends, retries 5xx and 429 with
+/// backoff, follows 307/308, and acks; the protocol makes the request of the frames and says
+/// what any other answer means.
+pub trait Protocol: Send + Sync + 'static {
+    /// Appends one frame's body to a batch being built (a batch is the concatenation of
+    /// what this appends for each of its frames, in order).
+    fn frame(&self, body: &[u8], batch: &mut Vec<u8>);
+    /// Encodes a batch into the request body (envelope, compression).
+    fn encode(&self, batch: &[u8], body: &mut Vec<u8>);
+    /// Headers of every request (content type and encoding, protocol version, user agent).
+    fn headers(&self) -> &HeaderMap;
+    /// What a 4xx other than 429 means for the frames of the request.
+    fn classify(&self, status: StatusCode, body: &str) -> Rejection;
+    /// Every reason [`Protocol::classify`] can give, so counters exist at zero.
+    fn rejection_reasons(&self) -> &'static [&'static str];
+}
 
 /// Everything the sender needs besides the WAL.
 #[derive(Clone)]
 pub struct SenderConfig {
+    /// The receiver's protocol.
+    pub protocol: Arc<dyn Protocol>,
     /// Name in metrics and logs.
     pub name: String,
     /// Receiver URL.
@@ -201,7 +222,7 @@ impl Progress {
         let partial_progress = self.pending.values().any(|p| p.acked.iter().any(|&a| a > 0));
         if changed || partial_progress {
             let extra = encode_partials(&self.pending, &self.carried, self.posted_until);
-            if let Err(e) = wal.commit(self.next_unacked, &extra) {
+            if let Err(e) = crate::wal::blocking(|| wal.commit(self.next_unacked, &extra)) {
                 tracing::error!(remote = %name, error = %e, "Committing the WAL position failed.");
                 metrics.wal_commit_error(name);
                 self.next_unacked = before.max(self.next_unacked);
@@ -212,7 +233,7 @@ impl Progress {
     /// Writes the commit file even when nothing moved (the last commit before stopping).
     fn force_commit(&mut self, wal: &Wal, metrics: &Metrics, name: &str) {
         let extra = encode_partials(&self.pending, &self.carried, self.posted_until);
-        if let Err(e) = wal.commit(self.next_unacked, &extra) {
+        if let Err(e) = crate::wal::blocking(|| wal.commit(self.next_unacked, &extra)) {
             tracing::error!(remote = %name, error = %e, "Committing the WAL position failed.");
             metrics.wal_commit_error(name);
         }
@@ -232,6 +253,7 @@ impl Progress {
     /// Splits a record's frames into per-shard chunks, skipping frames acked before.
     fn route(
         &mut self,
+        protocol: &dyn Protocol,
         seq: u64,
         payload: &[u8],
         nshards: usize,
@@ -264,7 +286,7 @@ impl Progress {
                 continue;
             }
             let chunk = &mut open[k];
-            proto::frame_timeseries(body, &mut chunk.body);
+            protocol.frame(body, &mut chunk.body);
             chunk.count += 1;
             part.remaining += 1;
             if chunk.count == per_send {
@@ -367,7 +389,7 @@ pub async fn run(
                 }
                 continue;
             }
-            let record = match reader.next() {
+            let record = match crate::wal::blocking(|| reader.next()) {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     caught_up = true;
@@ -389,7 +411,14 @@ pub async fn run(
                 metrics.push_unknown_outcome(&cfg.name, Unknown::Restart);
             }
             let mut malformed = false;
-            let items = progress.route(record.seq, &record.payload, nshards, per_send, &mut malformed);
+            let items = progress.route(
+                &*cfg.protocol,
+                record.seq,
+                &record.payload,
+                nshards,
+                per_send,
+                &mut malformed,
+            );
             if malformed {
                 metrics.wal_corrupt(&cfg.name);
             }
@@ -489,7 +518,7 @@ impl Sizing {
         let s = wal.stats();
         Self {
             last: Instant::now(),
-            appended_samples: s.appended_samples,
+            appended_samples: s.appended_items,
             appended_records: s.appended_records,
             in_rate: None,
             cost: None,
@@ -512,9 +541,9 @@ impl Sizing {
         }
         let s = wal.stats();
         self.last = Instant::now();
-        let appended = s.appended_samples.saturating_sub(self.appended_samples);
+        let appended = s.appended_items.saturating_sub(self.appended_samples);
         let records = s.appended_records.saturating_sub(self.appended_records);
-        self.appended_samples = s.appended_samples;
+        self.appended_samples = s.appended_items;
         self.appended_records = s.appended_records;
         let busy = stats.busy_nanos.swap(0, Relaxed) as f64 / 1e9;
         let done = stats.done.swap(0, Relaxed);
@@ -531,7 +560,7 @@ impl Sizing {
         }
         let backlog_records = s.next_seq.saturating_sub(p.next_unacked);
         let per_record = if s.appended_records > 0 {
-            s.appended_samples as f64 / s.appended_records as f64
+            s.appended_items as f64 / s.appended_records as f64
         } else if records > 0 {
             appended as f64 / records as f64
         } else {
@@ -702,35 +731,15 @@ enum PostError {
     Unknown(Unknown, String),
 }
 
-/// What a receiver's non-retryable answer means for the samples of the request.
+/// What a receiver's non-retryable answer means for the frames of the request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Rejection {
-    /// The receiver already has these samples ("duplicate sample for timestamp"): delivered.
+    /// The receiver already has them (for remote write, "duplicate sample for timestamp"):
+    /// delivered.
     Duplicate,
     /// Lost, with the reason for `sre_agent_remote_samples_dropped_total`.
     Dropped(&'static str),
 }
-
-/// Classifies a 4xx answer by its body. Prometheus rolls back a whole request when any sample
-/// in it is out of order, out of bounds or too old, so those are loss of the whole request;
-/// only an exact duplicate means the receiver has the data already.
-pub fn classify_rejection(body: &str) -> Rejection {
-    let lower = body.to_ascii_lowercase();
-    if lower.contains("duplicate sample for timestamp") {
-        Rejection::Duplicate
-    } else if lower.contains("out of order") || lower.contains("out-of-order") {
-        Rejection::Dropped("out_of_order")
-    } else if lower.contains("out of bounds") || lower.contains("out-of-bounds") {
-        Rejection::Dropped("out_of_bounds")
-    } else if lower.contains("too old") {
-        Rejection::Dropped("too_old")
-    } else {
-        Rejection::Dropped("http_4xx")
-    }
-}
-
-/// The reasons [`classify_rejection`] can give, for creating the counters at zero.
-pub const REJECTION_REASONS: [&str; 5] = ["out_of_order", "out_of_bounds", "too_old", "http_4xx", "http_3xx"];
 
 /// Sends one batch with retries. Returns `Aborted` when the shutdown deadline passes first.
 ///
@@ -750,7 +759,7 @@ async fn send_batch(
         raw.extend_from_slice(&item.body);
     }
     compressed.clear();
-    proto::compress(raw, compressed);
+    cfg.protocol.encode(raw, compressed);
     let body = Bytes::copy_from_slice(compressed);
     let samples: u64 = batch.iter().map(|i| u64::from(i.count)).sum();
     let q = &cfg.queue;
@@ -798,7 +807,7 @@ async fn send_batch(
                     return Outcome::Dropped("http_3xx");
                 }
                 if !retryable {
-                    return match classify_rejection(&text) {
+                    return match cfg.protocol.classify(status, &text) {
                         Rejection::Duplicate => {
                             tracing::info!(remote = %cfg.name, %status, body = %text.trim(), samples, "Receiver already had these samples; not resent.");
                             Outcome::Duplicate
@@ -851,12 +860,11 @@ async fn post(cfg: &SenderConfig, body: Bytes) -> Result<(StatusCode, Option<Dur
         let mut hops = 0;
         let resp = loop {
             let mut req = Request::post(url.as_str())
-                .header(header::CONTENT_ENCODING, "snappy")
-                .header(header::CONTENT_TYPE, "application/x-protobuf")
-                .header(header::USER_AGENT, crate::scrape::client::user_agent())
-                .header("X-Prometheus-Remote-Write-Version", "0.1.0")
                 .body(Full::new(body.clone()))
                 .map_err(|e| PostError::NotSent(e.to_string()))?;
+            for (k, v) in cfg.protocol.headers() {
+                req.headers_mut().insert(k.clone(), v.clone());
+            }
             for (k, v) in &cfg.headers {
                 req.headers_mut().insert(k.clone(), v.clone());
             }
@@ -1017,38 +1025,24 @@ mod tests {
     fn routing_a_carried_record_skips_its_acked_frames() {
         let mut payload = Vec::new();
         for i in 0..40u64 {
-            frame::push(&mut payload, i, format!("s{i}").as_bytes(), 1.0, 1000);
+            crate::remote_write::frame::push(&mut payload, i, format!("s{i}").as_bytes(), 1.0, 1000);
         }
         let mut p = progress_with_carried();
         let mut malformed = false;
-        let items = p.route(11, &payload, 4, 500, &mut malformed);
+        let items = p.route(
+            &crate::remote_write::RemoteWrite::new(),
+            11,
+            &payload,
+            4,
+            500,
+            &mut malformed,
+        );
         assert!(!malformed);
         let sent: u32 = items.iter().map(|(_, i)| i.count).sum();
         assert_eq!(sent, 40 - 3, "2 frames of split 0 and 1 of split 2 were acked before");
         assert!(!p.carried.contains_key(&11));
         assert_eq!(p.pending[&11].acked, vec![2, 0, 1, 0]);
         assert_eq!(p.pending[&11].remaining, 37);
-    }
-
-    #[test]
-    fn rejections_are_classified_as_prometheus_means_them() {
-        assert_eq!(
-            classify_rejection("duplicate sample for timestamp; series {__name__=\"x\"}"),
-            Rejection::Duplicate
-        );
-        assert_eq!(
-            classify_rejection("out of order sample"),
-            Rejection::Dropped("out_of_order")
-        );
-        assert_eq!(
-            classify_rejection("out of bounds: series {}"),
-            Rejection::Dropped("out_of_bounds")
-        );
-        assert_eq!(
-            classify_rejection("sample timestamp too old"),
-            Rejection::Dropped("too_old")
-        );
-        assert_eq!(classify_rejection("bad request"), Rejection::Dropped("http_4xx"));
     }
 
     #[test]

@@ -1,16 +1,18 @@
-//! The on-disk write-ahead queue between the scrape loops and the remote write sender.
+//! The on-disk write-ahead queue between a source and the sender engine: opaque,
+//! checksummed, bounded records (for the metrics path, one per scrape of [`crate::frame`]s).
 //!
-//! Scrape loops [`Wal::append`] one record per scrape; the sender reads records back with a
-//! [`WalReader`] and, once the receiver acknowledged them, [`Wal::commit`]s its position.
+//! Sources [`Wal::append`] records; the sender reads them back with a [`WalReader`] and, once
+//! the receiver acknowledged them, [`Wal::commit`]s its position. Calls from async code go
+//! through [`blocking`], so the file I/O does not hold up other tasks on the worker.
 //! The queue is bounded by `max_size_bytes`: the oldest segments are evicted, acked or not,
-//! and every evicted record and sample is counted.
+//! and every evicted record and item (frame) is counted.
 //!
 //! # On-disk layout (all integers little endian)
 //!
 //! ```text
 //! <dir>/00000001.seg    segments, numbered by an increasing u64 index
 //!   header  [4 "SRWL"][u32 version = 1][u64 first_seq][u32 crc32 of the previous 16 bytes][u32 0]
-//!   record* [u32 len][u32 crc32 of (len, sample_count, payload)][u32 sample_count][len bytes payload]
+//!   record* [u32 len][u32 crc32 of (len, item_count, payload)][u32 item_count][len bytes payload]
 //! <dir>/commit          [4 "SRWC"][u32 version = 1][u64 next_unacked_seq][u32 extra_len]
 //!                       [extra_len bytes extra][u32 crc32 of everything before]
 //! ```
@@ -118,13 +120,13 @@ pub struct WalStats {
     /// Records appended since open.
     pub appended_records: u64,
     /// Samples appended since open.
-    pub appended_samples: u64,
+    pub appended_items: u64,
     /// Segments deleted by the size bound.
     pub evicted_segments: u64,
     /// Unacknowledged records deleted by the size bound.
     pub evicted_records: u64,
     /// Samples of those records.
-    pub evicted_samples: u64,
+    pub evicted_items: u64,
     /// Records lost to corruption (at open, and found by readers).
     pub corrupt_records: u64,
     /// Failed appends (write or fsync errors, e.g. disk full).
@@ -136,8 +138,8 @@ pub struct WalStats {
 pub struct Record {
     /// Its sequence number.
     pub seq: u64,
-    /// The sample count given to [`Wal::append`].
-    pub sample_count: u32,
+    /// The item count (frames) given to [`Wal::append`].
+    pub item_count: u32,
     /// The payload given to [`Wal::append`].
     pub payload: Vec<u8>,
 }
@@ -153,12 +155,12 @@ struct Segment {
     /// an older segment with a corrupt tail, where it is the next segment's `first_seq`.
     end_seq: u64,
     /// Sample count of every readable record.
-    samples: Vec<u32>,
+    items: Vec<u32>,
     /// File length; the readable records end here.
     bytes: u64,
     /// Samples of all readable records before this segment, counted from open (lets a
-    /// reader count the samples it skipped over when segments are evicted under it).
-    samples_before: u64,
+    /// reader count the items it skipped over when segments are evicted under it).
+    items_before: u64,
 }
 
 struct Inner {
@@ -172,7 +174,7 @@ struct Inner {
     committed_seq: u64,
     committed_extra: Vec<u8>,
     total_bytes: u64,
-    samples_total: u64,
+    items_total: u64,
     stats: WalStats,
     /// Reused by `append` to issue one write per record.
     scratch: Vec<u8>,
@@ -220,10 +222,10 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-fn record_crc(len: u32, sample_count: u32, payload: &[u8]) -> u32 {
+fn record_crc(len: u32, item_count: u32, payload: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&len.to_le_bytes());
-    h.update(&sample_count.to_le_bytes());
+    h.update(&item_count.to_le_bytes());
     h.update(payload);
     h.finalize()
 }
@@ -254,7 +256,7 @@ fn read_segment_header(path: &Path) -> io::Result<Option<u64>> {
 /// Result of validating the records of one segment file.
 #[derive(Default)]
 struct Scan {
-    samples: Vec<u32>,
+    items: Vec<u32>,
     /// End of the last valid record.
     valid_bytes: u64,
     file_len: u64,
@@ -279,12 +281,12 @@ fn scan_segment(path: &Path, max_records: u64) -> io::Result<Scan> {
     let mut pos = SEGMENT_HEADER_LEN;
     let mut bad = false;
     loop {
-        if scan.samples.len() as u64 >= max_records && !bad {
+        if scan.items.len() as u64 >= max_records && !bad {
             break;
         }
         match read_record_at(&mut r, pos, file_len, &mut payload)? {
-            RecordRead::Ok { sample_count, len } if !bad => {
-                scan.samples.push(sample_count);
+            RecordRead::Ok { item_count, len } if !bad => {
+                scan.items.push(item_count);
                 pos += RECORD_HEADER_LEN + len;
                 scan.valid_bytes = pos;
             }
@@ -308,7 +310,7 @@ fn scan_segment(path: &Path, max_records: u64) -> io::Result<Scan> {
 
 enum RecordRead {
     Ok {
-        sample_count: u32,
+        item_count: u32,
         len: u64,
     },
     /// A record that fits in the file but whose CRC does not match.
@@ -331,18 +333,18 @@ fn read_record_at(r: &mut impl Read, pos: u64, limit: u64, payload: &mut Vec<u8>
     }
     let mut h = [0u8; RECORD_HEADER_LEN as usize];
     r.read_exact(&mut h)?;
-    let (len, crc, sample_count) = (u32_at(&h, 0), u32_at(&h, 4), u32_at(&h, 8));
+    let (len, crc, item_count) = (u32_at(&h, 0), u32_at(&h, 4), u32_at(&h, 8));
     if u64::from(len) > limit - pos - RECORD_HEADER_LEN {
         return Ok(RecordRead::Torn);
     }
     payload.clear();
     payload.resize(len as usize, 0);
     r.read_exact(payload)?;
-    if record_crc(len, sample_count, payload) != crc {
+    if record_crc(len, item_count, payload) != crc {
         return Ok(RecordRead::BadCrc { len: u64::from(len) });
     }
     Ok(RecordRead::Ok {
-        sample_count,
+        item_count,
         len: u64::from(len),
     })
 }
@@ -442,7 +444,7 @@ fn load_segments(dir: &Path, committed_seq: u64, recovery: &mut Recovery) -> io:
         }
     }
     let mut segments = VecDeque::new();
-    let mut samples_total = 0;
+    let mut items_total = 0;
     for (i, &(index, first_seq)) in headers.iter().enumerate() {
         let path = segment_path(dir, index);
         let next_first = headers.get(i + 1).map(|&(_, f)| f);
@@ -452,10 +454,10 @@ fn load_segments(dir: &Path, committed_seq: u64, recovery: &mut Recovery) -> io:
         }
         let segment = recover_segment(&path, index, first_seq, next_first, recovery)?;
         let segment = Segment {
-            samples_before: samples_total,
+            items_before: items_total,
             ..segment
         };
-        samples_total += sum(&segment.samples);
+        items_total += sum(&segment.items);
         segments.push_back(segment);
     }
     Ok(segments)
@@ -470,7 +472,7 @@ fn recover_segment(
     recovery: &mut Recovery,
 ) -> io::Result<Segment> {
     let scan = scan_segment(path, next_first.map_or(u64::MAX, |n| n - first_seq))?;
-    let readable = scan.samples.len() as u64;
+    let readable = scan.items.len() as u64;
     let end_seq = next_first.unwrap_or(first_seq + readable);
     let bad_tail = scan.valid_bytes < scan.file_len;
     if scan.corrupt || bad_tail || readable < end_seq - first_seq {
@@ -495,9 +497,9 @@ fn recover_segment(
         first_seq,
         readable,
         end_seq,
-        samples: scan.samples,
+        items: scan.items,
         bytes,
-        samples_before: 0,
+        items_before: 0,
     })
 }
 
@@ -509,11 +511,11 @@ fn ensure_active_segment(
     committed_seq: u64,
     fsync: FsyncPolicy,
 ) -> io::Result<()> {
-    let (index, first_seq, samples_before) = match segments.back() {
+    let (index, first_seq, items_before) = match segments.back() {
         Some(s) if s.end_seq >= committed_seq => return Ok(()),
         // An empty newest segment is rewritten in place with the right first_seq.
-        Some(s) if s.readable == 0 => (s.index, committed_seq, s.samples_before),
-        Some(s) => (s.index + 1, committed_seq, s.samples_before + sum(&s.samples)),
+        Some(s) if s.readable == 0 => (s.index, committed_seq, s.items_before),
+        Some(s) => (s.index + 1, committed_seq, s.items_before + sum(&s.items)),
         None => (1, committed_seq, 0),
     };
     if segments.back().is_some_and(|s| s.index == index) {
@@ -525,16 +527,16 @@ fn ensure_active_segment(
         first_seq,
         readable: 0,
         end_seq: first_seq,
-        samples: Vec::new(),
+        items: Vec::new(),
         bytes: SEGMENT_HEADER_LEN,
-        samples_before,
+        items_before,
     });
     Ok(())
 }
 
-/// Total samples of `samples` (u64, no overflow).
-fn sum(samples: &[u32]) -> u64 {
-    samples.iter().map(|&s| u64::from(s)).sum()
+/// Total items of `items` (u64, no overflow).
+fn sum(items: &[u32]) -> u64 {
+    items.iter().map(|&s| u64::from(s)).sum()
 }
 
 impl Wal {
@@ -579,7 +581,7 @@ impl Wal {
 
         let next_seq = segments.back().map_or(0, |s| s.end_seq);
         let total_bytes = segments.iter().map(|s| s.bytes).sum();
-        let samples_total = segments.back().map_or(0, |s| s.samples_before + sum(&s.samples));
+        let items_total = segments.back().map_or(0, |s| s.items_before + sum(&s.items));
         let stats = WalStats {
             corrupt_records: recovery.corrupt_records,
             ..WalStats::default()
@@ -592,7 +594,7 @@ impl Wal {
             committed_seq,
             committed_extra,
             total_bytes,
-            samples_total,
+            items_total,
             stats,
             scratch: Vec::new(),
             #[cfg(test)]
@@ -649,7 +651,7 @@ impl Wal {
     /// Appends one record and returns its sequence number. The bytes go to the file with a
     /// single `write_all` (nothing is buffered in the process); on error the partial record
     /// is cut off again and the WAL stays usable.
-    pub fn append(&self, payload: &[u8], sample_count: u32) -> io::Result<u64> {
+    pub fn append(&self, payload: &[u8], item_count: u32) -> io::Result<u64> {
         let record_len = RECORD_HEADER_LEN + payload.len() as u64;
         let limit = (self.opts.max_size_bytes - SEGMENT_HEADER_LEN).min(u64::from(u32::MAX));
         if record_len > limit {
@@ -657,7 +659,7 @@ impl Wal {
                 "record of {record_len} bytes exceeds the WAL limit {limit}"
             )));
         }
-        let crc = record_crc(payload.len() as u32, sample_count, payload);
+        let crc = record_crc(payload.len() as u32, item_count, payload);
         let mut inner = lock(&self.inner);
         let inner = &mut *inner;
         let active = inner.segments.back().map_or((0, 0), |s| (s.bytes, s.readable));
@@ -672,7 +674,7 @@ impl Wal {
         inner.scratch.clear();
         inner.scratch.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         inner.scratch.extend_from_slice(&crc.to_le_bytes());
-        inner.scratch.extend_from_slice(&sample_count.to_le_bytes());
+        inner.scratch.extend_from_slice(&item_count.to_le_bytes());
         inner.scratch.extend_from_slice(payload);
         let file = inner.active.clone();
         let prev_len = inner.segments.back().map_or(SEGMENT_HEADER_LEN, |s| s.bytes);
@@ -707,13 +709,13 @@ impl Wal {
             s.readable += 1;
             s.end_seq += 1;
             s.bytes += record_len;
-            s.samples.push(sample_count);
+            s.items.push(item_count);
         }
         inner.next_seq += 1;
         inner.total_bytes += record_len;
-        inner.samples_total += u64::from(sample_count);
+        inner.items_total += u64::from(item_count);
         inner.stats.appended_records += 1;
-        inner.stats.appended_samples += u64::from(sample_count);
+        inner.stats.appended_items += u64::from(item_count);
         self.notify.notify_one();
         Ok(seq)
     }
@@ -794,11 +796,11 @@ impl Wal {
         WalReader {
             wal: self.clone(),
             next_seq: from_seq,
-            samples_before: None,
+            items_before: None,
             cur: None,
             bad_segment: None,
             evicted_records: 0,
-            evicted_samples: 0,
+            evicted_items: 0,
             corrupt_records: 0,
         }
     }
@@ -846,9 +848,9 @@ impl Inner {
             first_seq,
             readable: 0,
             end_seq: first_seq,
-            samples: Vec::new(),
+            items: Vec::new(),
             bytes,
-            samples_before: self.samples_total,
+            items_before: self.items_total,
         });
     }
 
@@ -890,7 +892,7 @@ impl Inner {
             let acked = self.committed_seq.saturating_sub(s.first_seq).min(s.readable);
             self.stats.evicted_segments += 1;
             self.stats.evicted_records += s.readable - acked;
-            self.stats.evicted_samples += sum(&s.samples[acked as usize..]);
+            self.stats.evicted_items += sum(&s.items[acked as usize..]);
             self.total_bytes -= s.bytes;
             // A file that cannot be deleted is forgotten rather than blocking appends.
             let _ = remove_segment(dir, s.index);
@@ -912,12 +914,12 @@ pub struct WalReader {
     wal: Arc<Wal>,
     next_seq: u64,
     /// Samples of all records before `next_seq`, in the WAL's count; `None` until positioned.
-    samples_before: Option<u64>,
+    items_before: Option<u64>,
     cur: Option<Cursor>,
     /// A segment in which this reader found a bad record; the rest of it is skipped.
     bad_segment: Option<u64>,
     evicted_records: u64,
-    evicted_samples: u64,
+    evicted_items: u64,
     corrupt_records: u64,
 }
 
@@ -938,11 +940,11 @@ impl WalReader {
         self.next_seq
     }
 
-    /// Records and samples skipped because their segments were evicted, since the last call.
+    /// Records and items skipped because their segments were evicted, since the last call.
     pub fn take_evicted(&mut self) -> (u64, u64) {
         (
             std::mem::take(&mut self.evicted_records),
-            std::mem::take(&mut self.evicted_samples),
+            std::mem::take(&mut self.evicted_items),
         )
     }
 
@@ -961,11 +963,11 @@ impl WalReader {
                 Plan::CaughtUp => return Ok(None),
                 Plan::Read { index, limit, open_at } => (index, limit, open_at),
             };
-            if let Some((record_index, samples_before)) = open_at {
+            if let Some((record_index, items_before)) = open_at {
                 match self.open_cursor(index, record_index) {
                     Ok(cursor) => {
                         self.cur = Some(cursor);
-                        self.samples_before = Some(samples_before);
+                        self.items_before = Some(items_before);
                     }
                     // Evicted or acked meanwhile: plan again.
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -979,16 +981,16 @@ impl WalReader {
             let Some(cur) = self.cur.as_mut() else { continue };
             let mut payload = Vec::new();
             match read_record_at(&mut cur.file, cur.offset, limit, &mut payload) {
-                Ok(RecordRead::Ok { sample_count, len }) => {
+                Ok(RecordRead::Ok { item_count, len }) => {
                     let record = Record {
                         seq: cur.seq,
-                        sample_count,
+                        item_count,
                         payload,
                     };
                     cur.offset += RECORD_HEADER_LEN + len;
                     cur.seq += 1;
                     self.next_seq += 1;
-                    self.samples_before = self.samples_before.map(|s| s + u64::from(sample_count));
+                    self.items_before = self.items_before.map(|s| s + u64::from(item_count));
                     return Ok(Some(record));
                 }
                 Ok(_) => {
@@ -1018,11 +1020,11 @@ impl WalReader {
             };
             if self.next_seq < oldest.first_seq {
                 self.evicted_records += oldest.first_seq - self.next_seq;
-                if let Some(before) = self.samples_before {
-                    self.evicted_samples += oldest.samples_before.saturating_sub(before);
+                if let Some(before) = self.items_before {
+                    self.evicted_items += oldest.items_before.saturating_sub(before);
                 }
                 self.next_seq = oldest.first_seq;
-                self.samples_before = Some(oldest.samples_before);
+                self.items_before = Some(oldest.items_before);
                 self.cur = None;
             }
             if self.next_seq >= inner.next_seq {
@@ -1047,11 +1049,11 @@ impl WalReader {
                     inner.stats.corrupt_records += end - self.next_seq;
                 }
                 self.next_seq = end;
-                self.samples_before = Some(
+                self.items_before = Some(
                     inner
                         .segments
                         .get(pos + 1)
-                        .map_or(inner.samples_total, |n| n.samples_before),
+                        .map_or(inner.items_total, |n| n.items_before),
                 );
                 self.cur = None;
                 if is_active {
@@ -1065,8 +1067,7 @@ impl WalReader {
                 .cur
                 .as_ref()
                 .is_some_and(|c| c.index == s.index && c.seq == self.next_seq);
-            let open_at =
-                (!positioned).then(|| (in_segment, s.samples_before + sum(&s.samples[..in_segment as usize])));
+            let open_at = (!positioned).then(|| (in_segment, s.items_before + sum(&s.items[..in_segment as usize])));
             return Plan::Read {
                 index: s.index,
                 limit: s.bytes,
@@ -1092,6 +1093,16 @@ impl WalReader {
             offset,
             seq: self.next_seq,
         })
+    }
+}
+
+/// Runs WAL file I/O from async code: on a multi-threaded runtime the worker is handed to
+/// other tasks meanwhile (`block_in_place`); elsewhere (a current-thread runtime, no runtime)
+/// it simply runs.
+pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
@@ -1139,7 +1150,7 @@ mod tests {
         assert_eq!(got.len(), 10);
         for (i, rec) in got.iter().enumerate() {
             assert_eq!(
-                (rec.seq, rec.sample_count, &rec.payload),
+                (rec.seq, rec.item_count, &rec.payload),
                 (i as u64, i as u32, &payload(i as u64))
             );
         }
@@ -1358,7 +1369,7 @@ mod tests {
             r.next().unwrap().unwrap(),
             Record {
                 seq,
-                sample_count: 3,
+                item_count: 3,
                 payload: big
             }
         );
@@ -1443,7 +1454,7 @@ mod tests {
         let stats = wal.stats();
         assert!(stats.evicted_segments > 0);
         assert!(stats.evicted_records > 0);
-        assert_eq!(stats.evicted_samples, stats.evicted_records * 5);
+        assert_eq!(stats.evicted_items, stats.evicted_records * 5);
         let oldest = read_segment_header(&segment_path(dir.path(), segment_files(dir.path())[0]))
             .unwrap()
             .unwrap();
@@ -1544,7 +1555,7 @@ mod tests {
             assert_eq!(rec.seq, k as u64);
             let t = u32_at(&rec.payload, 0) as usize;
             let i = u32_at(&rec.payload, 4);
-            assert_eq!((i, rec.sample_count), (next[t], next[t]), "thread {t} in order");
+            assert_eq!((i, rec.item_count), (next[t], next[t]), "thread {t} in order");
             next[t] += 1;
         }
         assert!(segment_files(dir.path()).len() > 1);
