@@ -213,8 +213,9 @@ fn slow_flaky_receiver_gets_every_sample_exactly_once() -> Result<()> {
         std::thread::sleep(Duration::from_millis(500));
     }
     let unknown = agent.metric("sre_agent_remote_pushes_unknown_outcome_total", "")?;
-    // How far delivery keeps up is a figure for BENCHMARKS.md (scripts/bench-slow-receiver.sh),
-    // not an assertion of a timed test; it is printed here.
+    // How far delivery keeps up is a figure for BENCHMARKS.md (the ignored
+    // `bench_slow_receiver_agent_vs_prometheus_agent_mode` below), not an assertion of a timed
+    // test; it is printed here.
     let (served_then, delivered_then) = (
         served.load(Ordering::SeqCst),
         delivered.lock().unwrap().scrapes() as u64,
@@ -408,5 +409,56 @@ fn reloads_under_load_send_nothing_twice_and_keep_counters() -> Result<()> {
     }
     // A reload abandons a scrape in progress (nothing of it was written); nothing else is lost.
     assert_no_loss(&d, served.load(Ordering::SeqCst), reloads + 1)?;
+    Ok(())
+}
+
+/// Benchmark, not a test (`--run-ignored only`; BENCHMARKS.md): the slow-receiver run,
+/// 2000 series at 1 s for 60 s, pushes answered after 0–2 s, 20 % answered 500, `min_shards: 1`,
+/// `max_shards: 8`, the agent and Prometheus 2.42 in agent mode side by side, each with its own
+/// receiver of the same behaviour. Prints scrapes delivered while running and duplicates.
+#[test]
+#[ignore = "benchmark: run with --run-ignored only"]
+fn bench_slow_receiver_agent_vs_prometheus_agent_mode() -> Result<()> {
+    let secs: u64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let (target_a, served_a) = counting_target(2000)?;
+    let (target_p, served_p) = counting_target(2000)?;
+    let (recv_a, faults_a, delivered_a) = flaky_receiver(0x5eed_1001)?;
+    let (recv_p, faults_p, delivered_p) = flaky_receiver(0x5eed_1001)?;
+    faults_a.set(2000, 20, 0);
+    faults_p.set(2000, 20, 0);
+    let dir = tempfile::tempdir()?;
+    let agent = Agent::start(dir.path(), &stress_config(Some(&target_a.addr), &recv_a.addr))?;
+    let prom_config = stress_config(Some(&target_p.addr), &recv_p.addr).replace("    name: stress\n", "");
+    let prom_yml = dir.path().join("prometheus-agent.yml");
+    std::fs::write(&prom_yml, prom_config)?;
+    let port = sre_lab_tests::free_port();
+    let mut cmd = std::process::Command::new("prometheus");
+    cmd.arg("--enable-feature=agent")
+        .arg(format!("--config.file={}", prom_yml.display()))
+        .arg(format!(
+            "--storage.agent.path={}",
+            dir.path().join("prom-agent-data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--log.level=warn");
+    let _prom = sre_lab_tests::Proc::spawn("prometheus-agent", cmd, dir.path().join("prometheus-agent.log"))?;
+    std::thread::sleep(Duration::from_secs(secs));
+    let report = |name: &str, served: &AtomicU64, d: &Mutex<Delivered>| {
+        let d = d.lock().unwrap();
+        let (dups, _) = d.duplicates();
+        eprintln!(
+            "{name}: {} of {} scrapes delivered in {secs} s, {dups} (series, timestamp) pairs twice, {} pushes accepted, {} answered 500",
+            d.scrapes(),
+            served.load(Ordering::SeqCst),
+            d.pushes,
+            d.rejected
+        );
+    };
+    report("sre-lab agent", &served_a, &delivered_a);
+    report("prometheus 2.42 agent mode", &served_p, &delivered_p);
+    drop(agent);
     Ok(())
 }
