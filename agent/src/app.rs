@@ -360,7 +360,11 @@ fn start(
     warn_orphaned_wals(&storage.join("wal"), &names);
     for rw in &cfg.remote_write {
         let name = remote_name(rw);
-        metrics.init_remote(&name);
+        metrics.init_remote(
+            &name,
+            &crate::remote_write::REJECTION_REASONS,
+            &crate::sender::Unknown::REASONS,
+        );
         let fingerprint = queue_fingerprint(rw, &cfg.storage);
         if let Some(q) = reuse.iter().find(|q| q.name == name && q.fingerprint == fingerprint) {
             wals.push((name.clone(), q.wal.clone(), q.reported.clone()));
@@ -475,7 +479,7 @@ fn start(
         if !sc.kubernetes_sd_configs.is_empty() {
             mechanisms.push("kubernetes");
         }
-        metrics.init_job(&sc.job_name, &mechanisms);
+        metrics.init_job(&sc.job_name, crate::scrape::client::ScrapeError::KINDS, &mechanisms);
         let mut rx = Vec::new();
         if !sc.static_configs.is_empty() {
             let (tx, r) = watch::channel(discovery::static_groups(&sc.job_name, &sc.static_configs));

@@ -340,6 +340,45 @@ pub fn credentials_may_follow(initial: &str, dest: &str) -> bool {
     b == a || b.ends_with(&format!(".{a}"))
 }
 
+/// The agent's `User-Agent`.
+pub fn user_agent() -> HeaderValue {
+    HeaderValue::from_static(concat!("sre-lab-agent/", env!("CARGO_PKG_VERSION")))
+}
+
+/// Renders an error with its sources, `a: b: c`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Resolves a `Location` header against the URL that answered it.
+pub fn join_location(base: &str, loc: &str) -> String {
+    if loc.starts_with("http://") || loc.starts_with("https://") {
+        return loc.to_owned();
+    }
+    let (scheme, rest) = base.split_once("://").unwrap_or(("http", base));
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    if let Some(p) = loc.strip_prefix("//") {
+        return format!("{scheme}://{p}");
+    }
+    if loc.starts_with('/') {
+        return format!("{scheme}://{authority}{loc}");
+    }
+    let path = &rest[authority.len()..];
+    let path = path.split('?').next().unwrap_or("");
+    let dir = path.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+    format!("{scheme}://{authority}{dir}/{loc}")
+}
+
 #[cfg(test)]
 mod redirect_tests {
     use super::credentials_may_follow;

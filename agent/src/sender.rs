@@ -408,7 +408,7 @@ pub async fn run(
             let _ = reader.take_evicted();
             if record.seq < dispatched_before {
                 // Handed to a shard before the restart and not acked: the receiver may have it.
-                metrics.push_unknown_outcome(&cfg.name, Unknown::Restart);
+                metrics.push_unknown_outcome(&cfg.name, Unknown::Restart.as_str());
             }
             let mut malformed = false;
             let items = progress.route(
@@ -714,13 +714,8 @@ impl Unknown {
         }
     }
 
-    /// Every reason, for creating the counters at zero.
-    pub const ALL: [Unknown; 4] = [
-        Unknown::Timeout,
-        Unknown::Connection,
-        Unknown::Shutdown,
-        Unknown::Restart,
-    ];
+    /// Every reason as label values, for creating the counters at zero.
+    pub const REASONS: [&'static str; 4] = ["timeout", "connection", "shutdown", "restart"];
 }
 
 /// How a request ended, as far as the sender can tell.
@@ -781,7 +776,7 @@ async fn send_batch(
                 Some(d) => match tokio::time::timeout_at(d.into(), &mut request).await {
                     Ok(r) => break r,
                     Err(_) => {
-                        metrics.push_unknown_outcome(&cfg.name, Unknown::Shutdown);
+                        metrics.push_unknown_outcome(&cfg.name, Unknown::Shutdown.as_str());
                         tracing::warn!(remote = %cfg.name, samples, "The shutdown deadline cut off a request in flight; its samples stay in the WAL and are sent again at the next start (the receiver may have them).");
                         return Outcome::Aborted;
                     }
@@ -827,7 +822,7 @@ async fn send_batch(
             }
             Err(PostError::Unknown(why, e)) => {
                 // The receiver may have stored these samples: the retry may repeat them.
-                metrics.push_unknown_outcome(&cfg.name, why);
+                metrics.push_unknown_outcome(&cfg.name, why.as_str());
                 tracing::warn!(remote = %cfg.name, error = %e, reason = why.as_str(), "No answer to a request; retrying (the receiver may get these samples twice).");
                 None
             }
@@ -876,7 +871,7 @@ async fn post(cfg: &SenderConfig, body: Bytes) -> Result<(StatusCode, Option<Dur
                 req.headers_mut().insert(header::AUTHORIZATION, a.clone());
             }
             let resp = cfg.client.request(req).await.map_err(|e| {
-                let text = crate::scrape::client::error_chain(&e);
+                let text = crate::http::error_chain(&e);
                 if e.is_connect() && hops == 0 {
                     PostError::NotSent(text)
                 } else {
@@ -889,7 +884,7 @@ async fn post(cfg: &SenderConfig, body: Bytes) -> Result<(StatusCode, Option<Dur
             let preserving = status == StatusCode::TEMPORARY_REDIRECT || status == StatusCode::PERMANENT_REDIRECT;
             match resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()) {
                 Some(loc) if cfg.follow_redirects && preserving && hops < MAX_REDIRECTS => {
-                    url = crate::scrape::client::join_location(&url, loc);
+                    url = crate::http::join_location(&url, loc);
                     hops += 1;
                 }
                 _ => break resp,

@@ -30,7 +30,7 @@ impl RemoteWrite {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("snappy"));
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-protobuf"));
-        headers.insert(header::USER_AGENT, crate::scrape::client::user_agent());
+        headers.insert(header::USER_AGENT, crate::http::user_agent());
         headers.insert("X-Prometheus-Remote-Write-Version", HeaderValue::from_static("0.1.0"));
         Self { headers }
     }

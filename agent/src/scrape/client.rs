@@ -12,10 +12,7 @@ use crate::http::HttpClient;
 /// The `Accept` header Prometheus 2.42 sends: OpenMetrics preferred, text 0.0.4 accepted.
 pub const ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
 
-/// The agent's `User-Agent`.
-pub fn user_agent() -> HeaderValue {
-    HeaderValue::from_static(concat!("sre-lab-agent/", env!("CARGO_PKG_VERSION")))
-}
+pub use crate::http::{error_chain, join_location, user_agent};
 
 /// Why a scrape failed; `kind()` is the bounded label value for metrics.
 #[derive(Debug, thiserror::Error)]
@@ -186,25 +183,6 @@ pub async fn fetch(
     }
 }
 
-/// Resolves a `Location` header against the URL that answered it.
-pub fn join_location(base: &str, loc: &str) -> String {
-    if loc.starts_with("http://") || loc.starts_with("https://") {
-        return loc.to_owned();
-    }
-    let (scheme, rest) = base.split_once("://").unwrap_or(("http", base));
-    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
-    if let Some(p) = loc.strip_prefix("//") {
-        return format!("{scheme}://{p}");
-    }
-    if loc.starts_with('/') {
-        return format!("{scheme}://{authority}{loc}");
-    }
-    let path = &rest[authority.len()..];
-    let path = path.split('?').next().unwrap_or("");
-    let dir = path.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
-    format!("{scheme}://{authority}{dir}/{loc}")
-}
-
 fn gunzip(data: &[u8], limit: u64, out: &mut Vec<u8>) -> Result<(), ScrapeError> {
     let cap = if limit == 0 { u64::MAX } else { limit + 1 };
     flate2::read::MultiGzDecoder::new(data)
@@ -215,21 +193,6 @@ fn gunzip(data: &[u8], limit: u64, out: &mut Vec<u8>) -> Result<(), ScrapeError>
         return Err(ScrapeError::BodyTooLarge(limit));
     }
     Ok(())
-}
-
-/// Renders an error with its sources, `a: b: c`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -268,12 +268,9 @@ impl Metrics {
             .inc_by(n);
     }
     /// A push whose answer never came: its samples are sent again.
-    pub fn push_unknown_outcome(&self, remote: &str, why: crate::sender::Unknown) {
+    pub fn push_unknown_outcome(&self, remote: &str, reason: &'static str) {
         self.unknown_outcome
-            .get_or_create(&vec![
-                ("remote", remote.to_owned()),
-                ("reason", why.as_str().to_owned()),
-            ])
+            .get_or_create(&vec![("remote", remote.to_owned()), ("reason", reason.to_owned())])
             .inc();
     }
     /// Records a send's duration.
@@ -347,8 +344,8 @@ impl Metrics {
     /// Creates a job's counters at zero, so dashboards and `rate()`/`increase()` alerts see
     /// series before the first failure rather than nothing: failures by every reason,
     /// duplicates, and the discovery counters of each mechanism the job uses.
-    pub fn init_job(&self, job: &str, mechanisms: &[&'static str]) {
-        for reason in crate::scrape::client::ScrapeError::KINDS {
+    pub fn init_job(&self, job: &str, failure_reasons: &[&'static str], mechanisms: &[&'static str]) {
+        for reason in failure_reasons {
             let _ = self
                 .scrape_failures
                 .get_or_create(&vec![("job", job.to_owned()), ("reason", (*reason).to_owned())]);
@@ -360,7 +357,7 @@ impl Metrics {
     }
 
     /// Creates a remote's counters at zero (see [`Metrics::init_job`]).
-    pub fn init_remote(&self, remote: &str) {
+    pub fn init_remote(&self, remote: &str, drop_reasons: &[&'static str], unknown_reasons: &[&'static str]) {
         let r = Self::remote(remote);
         for family in [&self.appended, &self.sent, &self.retried, &self.duplicate] {
             let _ = family.get_or_create(&r);
@@ -370,14 +367,12 @@ impl Metrics {
                 .wal_errors
                 .get_or_create(&vec![("remote", remote.to_owned()), ("op", op.to_owned())]);
         }
-        for why in crate::sender::Unknown::ALL {
-            let _ = self.unknown_outcome.get_or_create(&vec![
-                ("remote", remote.to_owned()),
-                ("reason", why.as_str().to_owned()),
-            ]);
+        for reason in unknown_reasons {
+            let _ = self
+                .unknown_outcome
+                .get_or_create(&vec![("remote", remote.to_owned()), ("reason", (*reason).to_owned())]);
         }
-        let rejections = crate::remote_write::REJECTION_REASONS;
-        for reason in rejections.iter().chain(&["wal_evicted", "wal_write_error"]) {
+        for reason in drop_reasons.iter().chain(&["wal_evicted", "wal_write_error"]) {
             let _ = self
                 .dropped
                 .get_or_create(&vec![("remote", remote.to_owned()), ("reason", (*reason).to_owned())]);
