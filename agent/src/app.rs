@@ -121,6 +121,17 @@ struct Queue {
     syncer: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// Whether this process opens the WAL in `dir` for the first time.
+fn first_open(dir: &Path) -> bool {
+    static OPENED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut opened = OPENED.lock().unwrap_or_else(|p| p.into_inner());
+    if opened.iter().any(|d| d == dir) {
+        return false;
+    }
+    opened.push(dir.to_path_buf());
+    true
+}
+
 /// Totals of a WAL's own counters already added to the self metrics, so that the metrics
 /// grow by what the WAL counted since (the WAL counts from its open; the metrics never reset).
 #[derive(Default)]
@@ -390,6 +401,14 @@ fn start(
         )
         .with_context(|| format!("opening WAL {}", dir.display()))?;
         let wal = Arc::new(wal);
+        // Holes found when this process opened the WAL before (a reload that changed the
+        // queue) were counted then; a reopened WAL starts its count from them.
+        let reported = Arc::new(Reported::default());
+        if !first_open(&dir) {
+            reported
+                .corrupt_records
+                .store(wal.stats().corrupt_records, std::sync::atomic::Ordering::Relaxed);
+        }
         let url: http::Uri = rw
             .url
             .parse()
@@ -414,7 +433,6 @@ fn start(
             queue: rw.queue_config.clone(),
             follow_redirects: rw.follow_redirects.unwrap_or(true),
         };
-        let reported = Arc::new(Reported::default());
         to_start.push((name.clone(), fingerprint, sc, wal.clone(), reported.clone()));
         wals.push((name.clone(), wal.clone(), reported));
         endpoints.push(Arc::new(Endpoint {

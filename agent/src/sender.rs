@@ -169,8 +169,17 @@ impl SenderHandle {
     /// WAL, and returns.
     pub async fn shutdown(self, timeout: Duration) {
         let _ = self.shutdown.send(Some(Instant::now() + timeout));
-        // The task itself honours the deadline; this outer bound only guards against bugs.
-        let _ = tokio::time::timeout(timeout + Duration::from_secs(5), self.task).await;
+        // The task itself honours the deadline; this outer bound only guards against bugs,
+        // and ends the task for sure (a detached sender could share its WAL with the next).
+        let mut task = self.task;
+        if tokio::time::timeout(timeout + Duration::from_secs(5), &mut task)
+            .await
+            .is_err()
+        {
+            tracing::error!("A sender did not stop within its deadline; aborted.");
+            task.abort();
+            let _ = task.await;
+        }
     }
 }
 
@@ -186,8 +195,11 @@ struct Progress {
     /// The next record to read.
     reads_from: u64,
     /// Records below this may have been in a posted request (kept in commits so a restart
-    /// can count what it sends again; 0 after a clean stop, which counts its own aborts).
+    /// can count what it sends again; a clean stop keeps only the previous run's mark, as it
+    /// counts its own aborts).
     posted_until: u64,
+    /// The posted mark in the last commit.
+    committed_posted: u64,
 }
 
 impl Progress {
@@ -220,7 +232,11 @@ impl Progress {
             changed = true;
         }
         let partial_progress = self.pending.values().any(|p| p.acked.iter().any(|&a| a > 0));
-        if changed || partial_progress {
+        // A new posted mark is written soon (commits are tried at least every second), so a
+        // kill leaves few posted records uncounted.
+        let posted_moved = self.posted_until > self.committed_posted;
+        if changed || partial_progress || posted_moved {
+            self.committed_posted = self.posted_until;
             let extra = encode_partials(&self.pending, &self.carried, self.posted_until);
             if let Err(e) = crate::wal::blocking(|| wal.commit(self.next_unacked, &extra)) {
                 tracing::error!(remote = %name, error = %e, "Committing the WAL position failed.");
@@ -260,6 +276,9 @@ impl Progress {
         per_send: u32,
         malformed: &mut bool,
     ) -> Vec<(usize, Item)> {
+        // Carried records before this one were skipped by the reader (evicted or corrupt):
+        // their progress means nothing any more.
+        self.carried.retain(|s, _| *s >= seq);
         let (split_n, already) = match self.carried.remove(&seq) {
             Some((n, acked)) => (n as usize, acked),
             None => (nshards, vec![0; nshards]),
@@ -319,7 +338,8 @@ pub async fn run(
         carried,
         next_unacked,
         reads_from: next_unacked,
-        posted_until: 0,
+        posted_until: dispatched_before,
+        committed_posted: dispatched_before,
     };
     // Records partly acked before a restart were split with the shard count of that run; use
     // it again so their remaining frames and new records of the same series share a shard.
@@ -406,10 +426,6 @@ pub async fn run(
                 }
             };
             let _ = reader.take_evicted();
-            if record.seq < dispatched_before {
-                // Handed to a shard before the restart and not acked: the receiver may have it.
-                metrics.push_unknown_outcome(&cfg.name, Unknown::Restart.as_str());
-            }
             let mut malformed = false;
             let items = progress.route(
                 &*cfg.protocol,
@@ -419,6 +435,10 @@ pub async fn run(
                 per_send,
                 &mut malformed,
             );
+            if record.seq < dispatched_before && !items.is_empty() {
+                // Posted before the restart and not (fully) acked: the receiver may have it.
+                metrics.push_unknown_outcome(&cfg.name, Unknown::Restart.as_str());
+            }
             if malformed {
                 metrics.wal_corrupt(&cfg.name);
             }
@@ -466,8 +486,9 @@ pub async fn run(
         }
         progress.end_generation();
         if shutdown.borrow().is_some() {
-            // Requests cut off by the deadline were counted as they were aborted.
-            progress.posted_until = 0;
+            // Requests cut off by the deadline were counted as they were aborted; records the
+            // previous run had posted and this one did not read again stay marked.
+            progress.posted_until = dispatched_before;
             progress.force_commit(&wal, &metrics, &cfg.name);
             tracing::info!(remote = %cfg.name, unacked_records = wal.next_seq().saturating_sub(progress.next_unacked), "Sender stopped; unsent samples stay in the WAL.");
             return;
@@ -592,7 +613,7 @@ impl Sizing {
 
 enum Outcome {
     Sent,
-    /// Rejected as already present (out of order / duplicate): counted apart from loss.
+    /// Rejected as already present ("duplicate sample for timestamp"): counted apart from loss.
     Duplicate,
     Dropped(&'static str),
     Aborted,
@@ -962,6 +983,7 @@ mod tests {
             next_unacked: 10,
             reads_from: 10,
             posted_until: 0,
+            committed_posted: 0,
         }
     }
 

@@ -1014,6 +1014,13 @@ impl WalReader {
     fn plan(&mut self) -> Plan {
         let mut inner = lock(&self.wal.inner);
         let inner = &mut *inner;
+        // A segment deleted under the cursor (acked, evicted, or replaced to free a full disk)
+        // is let go at once: an open file keeps its blocks allocated.
+        if let Some(c) = &self.cur {
+            if !inner.segments.iter().any(|s| s.index == c.index) {
+                self.cur = None;
+            }
+        }
         loop {
             let Some(oldest) = inner.segments.front() else {
                 return Plan::CaughtUp;

@@ -370,23 +370,31 @@ fn reloads_under_load_send_nothing_twice_and_keep_counters() -> Result<()> {
     let counters = [
         "sre_agent_wal_samples_appended_total",
         "sre_agent_remote_samples_sent_total",
+        "sre_agent_remote_samples_retried_total",
+        "sre_agent_wal_corrupt_records_total",
         "sre_agent_scrapes_total",
     ];
     let mut last = vec![0.0; counters.len()];
     let reloads = 8;
+    let (mut scrape_v, mut queue_v) = (0u64, 0u64);
     for i in 0..reloads {
         std::thread::sleep(Duration::from_millis(2000 + 250 * (i % 4)));
-        let config = if i % 2 == 0 {
-            base.replace(
-                "job_name: stress\n",
-                &format!("job_name: stress\n    scrape_timeout: {}ms\n", 800 + i),
-            )
+        // Even reloads change a scrape setting only (the queue goes on as it runs); odd ones
+        // change the queue too (its sender stops and starts again on the same WAL).
+        if i % 2 == 0 {
+            scrape_v += 1;
         } else {
-            base.replace(
-                "max_backoff: 1s\n",
-                &format!("max_backoff: 1s\n      max_samples_per_send: {}\n", 400 + i),
+            queue_v += 1;
+        }
+        let config = base
+            .replace(
+                "job_name: stress\n",
+                &format!("job_name: stress\n    scrape_timeout: {}ms\n", 800 + scrape_v),
             )
-        };
+            .replace(
+                "max_backoff: 1s\n",
+                &format!("max_backoff: 1s\n      max_samples_per_send: {}\n", 400 + queue_v),
+            );
         std::fs::write(&agent.config, config)?;
         let (status, body) = sre_lab_tests::http_post(&format!("{}/-/reload", agent.url))?;
         assert_eq!(status, 200, "reload {i}: {body}\n{}", agent.proc.log_text());

@@ -33,8 +33,9 @@ fn series_vanishing_at_a_reload_are_marked_stale_in_prometheus() -> Result<()> {
     }
     // Scraped for a while before the reload, so the window checked below is all covered.
     std::thread::sleep(Duration::from_secs(5));
-    // At the reload, one series is dropped by new metric relabeling and another leaves the
-    // page; the target itself stays.
+    // At the reload, one series is dropped by new metric relabeling (only the new loop applies
+    // it, so only the handed-over series can end it) and another leaves the page; the target
+    // itself stays.
     page.lock()
         .unwrap()
         .replace_range(.., "reload_kept 1\nreload_dropped 2\n");
