@@ -570,6 +570,7 @@ fn start(
             settings,
             providers: rx,
             target_limit: sc.target_limit.unwrap_or(cfg.global.target_limit),
+            complete_at_start: sc.file_sd_configs.is_empty() && sc.kubernetes_sd_configs.is_empty(),
         });
     }
     // Nothing above failed: take the kept queues over and start the new ones.

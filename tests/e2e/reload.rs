@@ -1,6 +1,6 @@
-//! Reloads keep what runs: a series that vanishes from a kept target at a reload gets its
-//! staleness marker in a real Prometheus (as Prometheus 2.42 itself does), and scraping goes
-//! on without a gap.
+//! Reloads keep what runs: a series that vanishes from a kept target at a reload, and the
+//! series of a target the reload removes, get their staleness markers in a real Prometheus (as
+//! Prometheus 2.42 itself does), and scraping goes on without a gap.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,16 +16,19 @@ fn series_vanishing_at_a_reload_are_marked_stale_in_prometheus() -> Result<()> {
     ));
     let p2 = page.clone();
     let target = TinyServer::start(move |_| (200, vec![], p2.lock().unwrap().clone().into_bytes()))?;
+    // A second target of the same job that the reload removes.
+    let removed = TinyServer::start(|_| (200, vec![], b"reload_target_removed 1\n".to_vec()))?;
     let prom = Prometheus::start(dir.path(), "receiver", "global:\n  scrape_interval: 1m\n", true)?;
-    let config = |extra: &str| {
+    let config = |targets: &str, extra: &str| {
         format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: reload\n    static_configs:\n      - targets: ['{}']\n{extra}remote_write:\n  - url: {}/api/v1/write\n    queue_config:\n      batch_send_deadline: 100ms\n",
-            target.addr, prom.url
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: reload\n    static_configs:\n      - targets: [{targets}]\n{extra}remote_write:\n  - url: {}/api/v1/write\n    queue_config:\n      batch_send_deadline: 100ms\n",
+            prom.url
         )
     };
-    let agent = Agent::start(dir.path(), &config(""))?;
+    let both = format!("'{}', '{}'", target.addr, removed.addr);
+    let agent = Agent::start(dir.path(), &config(&both, ""))?;
     let present = |name: &str| -> Result<bool> { Ok(!prom.query(name)?.is_empty()) };
-    for name in ["reload_kept", "reload_dropped", "reload_gone"] {
+    for name in ["reload_kept", "reload_dropped", "reload_gone", "reload_target_removed"] {
         poll(&format!("{name} in Prometheus"), Duration::from_secs(30), || {
             Ok(present(name)?.then_some(()))
         })
@@ -34,20 +37,28 @@ fn series_vanishing_at_a_reload_are_marked_stale_in_prometheus() -> Result<()> {
     // Scraped for a while before the reload, so the window checked below is all covered.
     std::thread::sleep(Duration::from_secs(5));
     // At the reload, one series is dropped by new metric relabeling (only the new loop applies
-    // it, so only the handed-over series can end it) and another leaves the page; the target
-    // itself stays.
+    // it, so only the handed-over series can end it), another leaves the page, and the job's
+    // second target is removed (its series and `up` end at once, as in Prometheus).
     page.lock()
         .unwrap()
         .replace_range(.., "reload_kept 1\nreload_dropped 2\n");
     std::fs::write(
         &agent.config,
-        config("    metric_relabel_configs:\n      - source_labels: [__name__]\n        regex: reload_dropped\n        action: drop\n"),
+        config(
+            &format!("'{}'", target.addr),
+            "    metric_relabel_configs:\n      - source_labels: [__name__]\n        regex: reload_dropped\n        action: drop\n"),
     )?;
     let reloaded_at = sre_lab_tests::now_s();
     let (status, body) = http_post(&format!("{}/-/reload", agent.url))?;
     assert_eq!(status, 200, "{body}");
     // Without staleness markers, Prometheus would answer them for its 5-minute lookback.
-    for name in ["reload_dropped", "reload_gone"] {
+    let removed_up = format!("up{{instance=\"{}\"}}", removed.addr);
+    for name in [
+        "reload_dropped",
+        "reload_gone",
+        "reload_target_removed",
+        removed_up.as_str(),
+    ] {
         poll(&format!("{name} stale"), Duration::from_secs(20), || {
             Ok((!present(name)?).then_some(()))
         })

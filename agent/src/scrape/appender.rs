@@ -45,7 +45,48 @@ struct CacheEntry {
 /// that replaces it, so that a series gone at the reload still gets its staleness marker at
 /// the new loop's first scrape (as Prometheus does by handing its scrape cache on).
 pub struct Leftover {
+    /// The job the target belonged to.
+    pub job: String,
     series: Vec<LeftSeries>,
+    /// The report series (`up`, …): ended only when the target is gone.
+    report: Vec<LeftSeries>,
+}
+
+impl Leftover {
+    /// The target is gone at the reload: staleness markers for all its series, at `ts`, to the
+    /// endpoints of `outputs` that had them.
+    pub fn write_stale(self, outputs: &Outputs, metrics: &Metrics, ts: i64) {
+        let stale = f64::from_bits(proto::STALE_NAN_BITS);
+        let all = || self.series.iter().chain(&self.report);
+        for ep in &outputs.endpoints {
+            let mut buf = outputs.pool.take();
+            let mut n = 0u32;
+            for s in all() {
+                if let Some((_, enc)) = s.per_endpoint.iter().find(|(name, _)| **name == *ep.name) {
+                    frame::push(&mut buf, enc.hash, &enc.labels, stale, ts);
+                    n += 1;
+                }
+            }
+            if n > 0 {
+                ep.append(&buf, n, metrics);
+            }
+            outputs.pool.give(buf);
+        }
+        if let Some(sink) = &outputs.file_sink {
+            let mut buf = Vec::new();
+            for s in all() {
+                if let Some(t) = &s.text {
+                    file_sink::push_line(&mut buf, t, stale, ts);
+                }
+            }
+            if !buf.is_empty() {
+                if let Err(e) = sink.write_block(&buf) {
+                    metrics.file_sink_error();
+                    tracing::error!(error = %e, "Writing to the file sink failed; samples lost for that sink.");
+                }
+            }
+        }
+    }
 }
 
 struct LeftSeries {
@@ -263,7 +304,28 @@ impl Appender {
             }
         }
         self.batch.release(&self.outputs.pool);
-        Leftover { series }
+        let report = if last == 0 {
+            Vec::new()
+        } else {
+            std::mem::take(&mut self.report)
+                .into_iter()
+                .map(|e| LeftSeries {
+                    series_id: e.series_id,
+                    per_endpoint: names
+                        .iter()
+                        .cloned()
+                        .zip(e.per_endpoint.into_vec())
+                        .filter_map(|(n, enc)| enc.map(|enc| (n, enc)))
+                        .collect(),
+                    text: e.text,
+                })
+                .collect()
+        };
+        Leftover {
+            job: self.settings.job.clone(),
+            series,
+            report,
+        }
     }
 
     /// Staleness markers for inherited series that this (first) scrape did not have; all of

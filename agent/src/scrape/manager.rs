@@ -32,6 +32,9 @@ pub struct Job {
     pub providers: Vec<watch::Receiver<Vec<TargetGroup>>>,
     /// `target_limit` (0 = none).
     pub target_limit: u64,
+    /// Its providers publish the whole target list at once (static configs only): after the
+    /// first sync, targets of the previous generation that are not there are gone.
+    pub complete_at_start: bool,
 }
 
 #[derive(Default)]
@@ -158,6 +161,7 @@ async fn run_job(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut providers = job.providers;
+    let mut first = true;
     loop {
         let groups: Vec<TargetGroup> = providers
             .iter_mut()
@@ -189,6 +193,27 @@ async fn run_job(
                     LoopHandle::start(t, job.settings.clone(), outputs.clone(), metrics.clone(), left)
                 });
             }
+            if first && job.complete_at_start {
+                // Targets of this job that the reload removed: their series end now, as when a
+                // target goes away while running.
+                let gone: Vec<Leftover> = {
+                    let mut inh = inherited.lock().unwrap_or_else(|p| p.into_inner());
+                    let keys: Vec<String> = inh
+                        .iter()
+                        .filter(|(_, l)| l.job == job.defaults.job)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    keys.into_iter().filter_map(|k| inh.remove(&k)).collect()
+                };
+                let ts = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0);
+                for left in gone {
+                    left.write_stale(&outputs, &metrics, ts);
+                }
+            }
+            first = false;
             st.not_scraped = not_scraped.into_iter().chain(invalid_limit).collect();
             let dropped = st
                 .not_scraped
