@@ -323,43 +323,94 @@ impl Progress {
     }
 }
 
-/// The reader/commit loop. Returns after a shutdown request.
-pub async fn run(
+/// One generation of shards: their channels, tasks and the acks they send back.
+struct Generation {
+    nshards: usize,
+    txs: Vec<mpsc::Sender<Item>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    acks: mpsc::UnboundedReceiver<Ack>,
+}
+
+/// The reader side of the engine: reads the WAL, routes frames to shards, applies acks,
+/// commits, sizes the shards. Lives as long as the sender; generations of shards come and go.
+struct Reader {
     cfg: SenderConfig,
     wal: Arc<Wal>,
     metrics: Arc<Metrics>,
-    mut shutdown: watch::Receiver<Option<Instant>>,
-) {
-    let q = cfg.queue.clone();
-    let (next_unacked, extra) = wal.committed();
-    let (carried, dispatched_before) = decode_partials(&extra);
-    let mut progress = Progress {
-        pending: BTreeMap::new(),
-        carried,
-        next_unacked,
-        reads_from: next_unacked,
-        posted_until: dispatched_before,
-        committed_posted: dispatched_before,
-    };
-    // Records partly acked before a restart were split with the shard count of that run; use
-    // it again so their remaining frames and new records of the same series share a shard.
-    let mut nshards = match progress.carried.values().next() {
-        Some((n, _)) => (*n as usize).max(1),
-        None => q.min_shards.max(1),
-    };
-    let stats = Arc::new(ShardStats::default());
-    stats
-        .posted_until
-        .store(dispatched_before, std::sync::atomic::Ordering::Relaxed);
-    let mut sizing = Sizing::new(&wal);
-    let per_send = q.max_samples_per_send.max(1) as u32;
-    loop {
-        metrics.set_shards(&cfg.name, nshards as i64);
-        // One generation of shards; it ends on reshard or shutdown.
+    shutdown: watch::Receiver<Option<Instant>>,
+    progress: Progress,
+    stats: Arc<ShardStats>,
+    sizing: Sizing,
+    /// Records below this were posted before this start (counted when sent again).
+    dispatched_before: u64,
+}
+
+impl Reader {
+    /// Picks up where the commit file says the previous run stopped.
+    fn new(
+        cfg: SenderConfig,
+        wal: Arc<Wal>,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<Option<Instant>>,
+    ) -> Self {
+        let (next_unacked, extra) = wal.committed();
+        let (carried, dispatched_before) = decode_partials(&extra);
+        let progress = Progress {
+            pending: BTreeMap::new(),
+            carried,
+            next_unacked,
+            reads_from: next_unacked,
+            posted_until: dispatched_before,
+            committed_posted: dispatched_before,
+        };
+        let stats = Arc::new(ShardStats::default());
+        stats
+            .posted_until
+            .store(dispatched_before, std::sync::atomic::Ordering::Relaxed);
+        let sizing = Sizing::new(&wal);
+        Self {
+            cfg,
+            wal,
+            metrics,
+            shutdown,
+            progress,
+            stats,
+            sizing,
+            dispatched_before,
+        }
+    }
+
+    /// Records partly acked before a restart were split with the shard count of that run; it
+    /// is used again so their remaining frames and new records of the same series share a
+    /// shard.
+    fn initial_shards(&self) -> usize {
+        match self.progress.carried.values().next() {
+            Some((n, _)) => (*n as usize).max(1),
+            None => self.cfg.queue.min_shards.max(1),
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.shutdown.borrow().is_some()
+    }
+
+    fn commit(&mut self) {
+        self.progress.commit(&self.wal, &self.metrics, &self.cfg.name);
+    }
+
+    fn decide(&mut self, nshards: usize) -> usize {
+        self.sizing
+            .decide(nshards, &self.cfg.queue, &self.stats, &self.wal, &self.progress)
+    }
+
+    /// Starts `nshards` shards.
+    fn start_generation(&self, nshards: usize) -> Generation {
+        let q = &self.cfg.queue;
+        self.metrics.set_shards(&self.cfg.name, nshards as i64);
         // Unbounded on purpose: acks are bounded by the batches in flight (shards × channel
         // capacity / batch size), and a bounded ack channel could deadlock against the reader
         // waiting for room in a shard channel.
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Ack>();
+        let (ack_tx, acks) = mpsc::unbounded_channel::<Ack>();
         let mut txs = Vec::with_capacity(nshards);
         let mut tasks = Vec::with_capacity(nshards);
         for i in 0..nshards {
@@ -368,43 +419,54 @@ pub async fn run(
             txs.push(tx);
             tasks.push(tokio::spawn(shard(
                 i,
-                cfg.clone(),
+                self.cfg.clone(),
                 rx,
                 ack_tx.clone(),
-                metrics.clone(),
-                shutdown.clone(),
-                stats.clone(),
+                self.metrics.clone(),
+                self.shutdown.clone(),
+                self.stats.clone(),
             )));
         }
-        drop(ack_tx);
-        let mut reader = wal.reader(progress.reads_from);
+        Generation {
+            nshards,
+            txs,
+            tasks,
+            acks,
+        }
+    }
+
+    /// Feeds the generation's shards until shutdown or a reshard decision; returns the shard
+    /// count wanted next.
+    async fn feed(&mut self, g: &mut Generation) -> usize {
+        let nshards = g.nshards;
+        let per_send = self.cfg.queue.max_samples_per_send.max(1) as u32;
+        let mut reader = self.wal.reader(self.progress.reads_from);
         // Checked every second; `Sizing` decides once per period, and as soon as the first
         // pushes are timed.
         let mut reshard_tick = tokio::time::interval_at(tokio::time::Instant::now() + RESHARD_CHECK, RESHARD_CHECK);
         reshard_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut desired = nshards;
         let mut caught_up = false;
-        let notify = wal.notifier();
-        // Feed shards until shutdown or a reshard decision.
-        'feed: loop {
-            if shutdown.borrow().is_some() {
-                break 'feed;
+        let notify = self.wal.notifier();
+        loop {
+            if self.stopping() {
+                return desired;
             }
             // Apply acks that are already there without waiting.
-            while let Ok(ack) = ack_rx.try_recv() {
-                progress.apply_ack(ack);
+            while let Ok(ack) = g.acks.try_recv() {
+                self.progress.apply_ack(ack);
             }
-            progress.posted_until = stats.posted_until.load(std::sync::atomic::Ordering::Relaxed);
-            progress.commit(&wal, &metrics, &cfg.name);
+            self.progress.posted_until = self.stats.posted_until.load(std::sync::atomic::Ordering::Relaxed);
+            self.commit();
             if caught_up {
                 tokio::select! {
                     _ = notify.notified() => { caught_up = false; }
                     _ = tokio::time::sleep(Duration::from_millis(250)) => { caught_up = false; }
-                    Some(ack) = ack_rx.recv() => progress.apply_ack(ack),
-                    _ = shutdown.changed() => {}
+                    Some(ack) = g.acks.recv() => self.progress.apply_ack(ack),
+                    _ = self.shutdown.changed() => {}
                     _ = reshard_tick.tick() => {
-                        desired = sizing.decide(nshards, &q, &stats, &wal, &progress);
-                        if desired != nshards { break 'feed; }
+                        desired = self.decide(nshards);
+                        if desired != nshards { return desired; }
                     }
                 }
                 continue;
@@ -418,84 +480,121 @@ pub async fn run(
                     continue;
                 }
                 Err(e) => {
-                    tracing::error!(remote = %cfg.name, error = %e, "Reading the WAL failed; retrying.");
-                    metrics.wal_read_error(&cfg.name);
+                    tracing::error!(remote = %self.cfg.name, error = %e, "Reading the WAL failed; retrying.");
+                    self.metrics.wal_read_error(&self.cfg.name);
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    reader = wal.reader(progress.reads_from);
+                    reader = self.wal.reader(self.progress.reads_from);
                     continue;
                 }
             };
             let _ = reader.take_evicted();
             let mut malformed = false;
-            let items = progress.route(
-                &*cfg.protocol,
+            let items = self.progress.route(
+                &*self.cfg.protocol,
                 record.seq,
                 &record.payload,
                 nshards,
                 per_send,
                 &mut malformed,
             );
-            if record.seq < dispatched_before && !items.is_empty() {
+            if record.seq < self.dispatched_before && !items.is_empty() {
                 // Posted before the restart and not (fully) acked: the receiver may have it.
-                metrics.push_unknown_outcome(&cfg.name, Unknown::Restart.as_str());
+                self.metrics
+                    .push_unknown_outcome(&self.cfg.name, Unknown::Restart.as_str());
             }
             if malformed {
-                metrics.wal_corrupt(&cfg.name);
+                self.metrics.wal_corrupt(&self.cfg.name);
             }
             for (target, item) in items {
-                let tx = &txs[target];
-                // Wait for room in the shard while still taking acks (and committing them) and
-                // deciding the shard count; a new count takes effect after this record.
-                loop {
-                    tokio::select! {
-                        biased;
-                        Some(ack) = ack_rx.recv() => {
-                            progress.apply_ack(ack);
-                            progress.commit(&wal, &metrics, &cfg.name);
-                        }
-                        _ = reshard_tick.tick(), if desired == nshards => {
-                            desired = sizing.decide(nshards, &q, &stats, &wal, &progress);
-                        }
-                        permit = tx.reserve() => match permit {
-                            Ok(p) => {
-                                p.send(item);
-                                break;
-                            }
-                            Err(_) => break 'feed,
-                        },
-                        _ = shutdown.changed() => break 'feed,
-                    }
+                if !self.hand_over(g, target, item, &mut reshard_tick, &mut desired).await {
+                    return desired;
                 }
             }
             if desired == nshards && reshard_tick_ready(&mut reshard_tick) {
-                desired = sizing.decide(nshards, &q, &stats, &wal, &progress);
+                desired = self.decide(nshards);
             }
             if desired != nshards {
-                break 'feed;
+                return desired;
             }
         }
-        // Drain this generation: close the channels, let shards finish (they stop retrying once
-        // the shutdown deadline passes), collect their acks.
+    }
+
+    /// Waits for room in shard `target` while still taking acks (and committing them) and
+    /// deciding the shard count (a new count takes effect after the record). False when the
+    /// shard is gone or shutdown began.
+    async fn hand_over(
+        &mut self,
+        g: &mut Generation,
+        target: usize,
+        item: Item,
+        reshard_tick: &mut tokio::time::Interval,
+        desired: &mut usize,
+    ) -> bool {
+        let tx = g.txs[target].clone();
+        loop {
+            tokio::select! {
+                biased;
+                Some(ack) = g.acks.recv() => {
+                    self.progress.apply_ack(ack);
+                    self.commit();
+                }
+                _ = reshard_tick.tick(), if *desired == g.nshards => {
+                    *desired = self.decide(g.nshards);
+                }
+                permit = tx.reserve() => return match permit {
+                    Ok(p) => {
+                        p.send(item);
+                        true
+                    }
+                    Err(_) => false,
+                },
+                _ = self.shutdown.changed() => return false,
+            }
+        }
+    }
+
+    /// Ends a generation: closes its channels, lets its shards finish (they stop retrying once
+    /// the shutdown deadline passes) and collects their acks.
+    async fn drain(&mut self, g: Generation) {
+        let Generation {
+            txs, tasks, mut acks, ..
+        } = g;
         drop(txs);
-        while let Some(ack) = ack_rx.recv().await {
-            progress.apply_ack(ack);
-            progress.commit(&wal, &metrics, &cfg.name);
+        while let Some(ack) = acks.recv().await {
+            self.progress.apply_ack(ack);
+            self.commit();
         }
         for t in tasks {
             let _ = t.await;
         }
-        progress.end_generation();
-        if shutdown.borrow().is_some() {
-            // Requests cut off by the deadline were counted as they were aborted; records the
-            // previous run had posted and this one did not read again stay marked.
-            progress.posted_until = dispatched_before;
-            progress.force_commit(&wal, &metrics, &cfg.name);
-            tracing::info!(remote = %cfg.name, unacked_records = wal.next_seq().saturating_sub(progress.next_unacked), "Sender stopped; unsent samples stay in the WAL.");
+        self.progress.end_generation();
+    }
+
+    /// The last commit before the sender stops.
+    fn finish(&mut self) {
+        // Requests cut off by the deadline were counted as they were aborted; records the
+        // previous run had posted and this one did not read again stay marked.
+        self.progress.posted_until = self.dispatched_before;
+        self.progress.force_commit(&self.wal, &self.metrics, &self.cfg.name);
+        tracing::info!(remote = %self.cfg.name, unacked_records = self.wal.next_seq().saturating_sub(self.progress.next_unacked), "Sender stopped; unsent samples stay in the WAL.");
+    }
+}
+
+/// The sender: generations of shards fed by one [`Reader`], until shutdown.
+pub async fn run(cfg: SenderConfig, wal: Arc<Wal>, metrics: Arc<Metrics>, shutdown: watch::Receiver<Option<Instant>>) {
+    let mut reader = Reader::new(cfg, wal, metrics, shutdown);
+    let mut nshards = reader.initial_shards();
+    loop {
+        let mut generation = reader.start_generation(nshards);
+        let desired = reader.feed(&mut generation).await;
+        reader.drain(generation).await;
+        if reader.stopping() {
+            reader.finish();
             return;
         }
-        progress.commit(&wal, &metrics, &cfg.name);
+        reader.commit();
         if desired != nshards {
-            tracing::info!(remote = %cfg.name, from = nshards, to = desired, "Resharding.");
+            tracing::info!(remote = %reader.cfg.name, from = nshards, to = desired, "Resharding.");
             nshards = desired;
         }
     }
