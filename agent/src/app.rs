@@ -259,45 +259,6 @@ fn scrape_settings(sc: &ScrapeConfig, cfg: &AgentConfig, base: &Path) -> anyhow:
     })
 }
 
-/// Builds everything of `cfg` that can fail on files or settings (clients, TLS, credentials,
-/// rules, the file sink) without starting anything, so a reload can refuse a config that
-/// would not start while the running one keeps going.
-pub fn preflight(cfg: &AgentConfig, config_path: &Path) -> anyhow::Result<()> {
-    let base = config_path.parent().map(Path::to_path_buf).unwrap_or_default();
-    for sc in &cfg.scrape_configs {
-        scrape_settings(sc, cfg, &base)?;
-        relabel::compile(&sc.relabel_configs)
-            .map_err(|e| anyhow!("scrape config {:?}: relabel_configs: {e}", sc.job_name))?;
-    }
-    let names: Vec<String> = cfg.remote_write.iter().map(remote_name).collect();
-    for (i, rw) in cfg.remote_write.iter().enumerate() {
-        if names[..i].contains(&names[i]) {
-            return Err(anyhow!(
-                "remote_write entries share the queue {:?}; give them distinct `name`s",
-                names[i]
-            ));
-        }
-        rw.url
-            .parse::<http::Uri>()
-            .with_context(|| format!("remote_write url {:?}", rw.url))?;
-        crate::http::build_client(&base, rw.tls_config.as_ref(), rw.enable_http2.unwrap_or(true))?;
-        remote_auth(&base, rw)?;
-        relabel::compile(&rw.write_relabel_configs)
-            .map_err(|e| anyhow!("remote_write {:?}: write_relabel_configs: {e}", rw.url))?;
-    }
-    if let Some(fs) = &cfg.file_sink {
-        // Checked without creating anything: an existing file must be writable.
-        let p = Path::new(&fs.path);
-        if fs.path != "-" && p.exists() {
-            std::fs::OpenOptions::new()
-                .append(true)
-                .open(p)
-                .with_context(|| format!("opening file_sink {}", fs.path))?;
-        }
-    }
-    Ok(())
-}
-
 /// The Kubernetes SD config with its file paths made relative to the config file's directory.
 fn resolve_sd_paths(k: &config::agent::KubernetesSdConfig, base: &Path) -> config::agent::KubernetesSdConfig {
     let r = |p: &mut Option<String>| {
@@ -343,21 +304,41 @@ pub fn interval_timeout(sc: &ScrapeConfig, cfg: &AgentConfig) -> (Duration, Dura
     (interval, timeout)
 }
 
-/// Starts a generation. `reuse` holds the queues of the previous one whose settings did not
-/// change; they are taken over as they are. On error nothing was started.
-fn start(
-    cfg: &AgentConfig,
-    config_path: &Path,
-    storage: &Path,
-    metrics: &Arc<Metrics>,
-    reuse: &mut Vec<Queue>,
-    inherited: Inherited,
-) -> anyhow::Result<Running> {
+/// One remote_write entry, built and checked, not started.
+struct BuiltQueue {
+    name: String,
+    fingerprint: String,
+    sender: SenderConfig,
+    write_relabel: Vec<relabel::Rule>,
+}
+
+/// One scrape config, built and checked, not started.
+struct BuiltJob {
+    defaults: JobDefaults,
+    relabel: Vec<relabel::Rule>,
+    settings: Arc<ScrapeSettings>,
+    target_limit: u64,
+    static_configs: Vec<config::agent::StaticConfig>,
+    file_sd: Vec<(Vec<PathBuf>, Duration)>,
+    kubernetes_sd: Vec<config::agent::KubernetesSdConfig>,
+}
+
+/// A configuration built and checked completely, with nothing started and nothing of the
+/// running generation touched: a reload builds this first and refuses the file if it fails.
+/// Only what needs the storage (opening WALs, the file sink) is left to [`launch`].
+pub struct Built {
+    queues: Vec<BuiltQueue>,
+    jobs: Vec<BuiltJob>,
+    external_labels: Labels,
+    file_sink: Option<PathBuf>,
+    storage: config::agent::StorageConfig,
+}
+
+/// Builds everything of `cfg` that can fail on files or settings: HTTP clients, TLS,
+/// credentials, headers, rules, scrape settings; checks that an existing file sink is
+/// writable. `check-config` runs it too.
+pub fn build(cfg: &AgentConfig, config_path: &Path) -> anyhow::Result<Built> {
     let base = config_path.parent().map(Path::to_path_buf).unwrap_or_default();
-    // Outputs and senders.
-    let mut endpoints = Vec::new();
-    let mut to_start = Vec::new();
-    let mut wals = Vec::new();
     let names: Vec<String> = cfg.remote_write.iter().map(remote_name).collect();
     for (i, n) in names.iter().enumerate() {
         if names[..i].contains(n) {
@@ -368,47 +349,9 @@ fn start(
             ));
         }
     }
-    warn_orphaned_wals(&storage.join("wal"), &names);
+    let mut queues = Vec::new();
     for rw in &cfg.remote_write {
         let name = remote_name(rw);
-        metrics.init_remote(
-            &name,
-            &crate::remote_write::REJECTION_REASONS,
-            &crate::sender::Unknown::REASONS,
-        );
-        let fingerprint = queue_fingerprint(rw, &cfg.storage);
-        if let Some(q) = reuse.iter().find(|q| q.name == name && q.fingerprint == fingerprint) {
-            wals.push((name.clone(), q.wal.clone(), q.reported.clone()));
-            endpoints.push(Arc::new(Endpoint {
-                name,
-                wal: q.wal.clone(),
-                write_relabel: relabel::compile(&rw.write_relabel_configs)
-                    .map_err(|e| anyhow!("remote_write {:?}: write_relabel_configs: {e}", rw.url))?,
-            }));
-            continue;
-        }
-        if reuse.iter().any(|q| q.name == name) {
-            return Err(anyhow!("queue {name:?} is still running with other settings"));
-        }
-        let dir = storage.join("wal").join(&name);
-        let wal = Wal::open(
-            &dir,
-            WalOptions {
-                max_size_bytes: cfg.storage.wal_max_size.0,
-                segment_size_bytes: (cfg.storage.wal_max_size.0 / 8).clamp(1 << 20, 64 << 20),
-                fsync: wal_fsync(&cfg.storage),
-            },
-        )
-        .with_context(|| format!("opening WAL {}", dir.display()))?;
-        let wal = Arc::new(wal);
-        // Holes found when this process opened the WAL before (a reload that changed the
-        // queue) were counted then; a reopened WAL starts its count from them.
-        let reported = Arc::new(Reported::default());
-        if !first_open(&dir) {
-            reported
-                .corrupt_records
-                .store(wal.stats().corrupt_records, std::sync::atomic::Ordering::Relaxed);
-        }
         let url: http::Uri = rw
             .url
             .parse()
@@ -422,141 +365,38 @@ fn start(
         }
         let auth = remote_auth(&base, rw)?;
         let client = crate::http::build_client(&base, rw.tls_config.as_ref(), rw.enable_http2.unwrap_or(true))?;
-        let sc = SenderConfig {
-            protocol: Arc::new(crate::remote_write::RemoteWrite::new()),
-            name: name.clone(),
-            url,
-            client,
-            headers,
-            auth,
-            timeout: rw.remote_timeout.map(|d| d.get()).unwrap_or(Duration::from_secs(30)),
-            queue: rw.queue_config.clone(),
-            follow_redirects: rw.follow_redirects.unwrap_or(true),
-        };
-        to_start.push((name.clone(), fingerprint, sc, wal.clone(), reported.clone()));
-        wals.push((name.clone(), wal.clone(), reported));
-        endpoints.push(Arc::new(Endpoint {
-            name,
-            wal,
+        queues.push(BuiltQueue {
+            fingerprint: queue_fingerprint(rw, &cfg.storage),
+            sender: SenderConfig {
+                protocol: Arc::new(crate::remote_write::RemoteWrite::new()),
+                name: name.clone(),
+                url,
+                client,
+                headers,
+                auth,
+                timeout: rw.remote_timeout.map(|d| d.get()).unwrap_or(Duration::from_secs(30)),
+                queue: rw.queue_config.clone(),
+                follow_redirects: rw.follow_redirects.unwrap_or(true),
+            },
             write_relabel: relabel::compile(&rw.write_relabel_configs)
                 .map_err(|e| anyhow!("remote_write {:?}: write_relabel_configs: {e}", rw.url))?,
-        }));
+            name,
+        });
     }
-    let file_sink = match &cfg.file_sink {
-        Some(fs) => {
-            let p = PathBuf::from(&fs.path);
-            Some(Arc::new(
-                FileSink::open(&p).with_context(|| format!("opening file_sink {}", p.display()))?,
-            ))
+    if let Some(fs) = &cfg.file_sink {
+        // Checked without creating anything: an existing file must be writable.
+        let p = Path::new(&fs.path);
+        if fs.path != "-" && p.exists() {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening file_sink {}", fs.path))?;
         }
-        None => None,
-    };
-    let outputs = Arc::new(Outputs {
-        endpoints,
-        external_labels: Labels::from_pairs(cfg.global.external_labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
-        file_sink,
-        pool: Default::default(),
-    });
-
-    let wal_stats = {
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut t = tokio::time::interval(Duration::from_secs(2));
-            loop {
-                t.tick().await;
-                for (name, wal, reported) in &wals {
-                    let s = wal.stats();
-                    metrics.set_wal(
-                        name,
-                        s.bytes,
-                        s.segments as u64,
-                        s.next_seq.saturating_sub(s.committed_seq),
-                    );
-                    metrics.wal_corrupt_add(name, Reported::delta(&reported.corrupt_records, s.corrupt_records));
-                    metrics.samples_dropped(
-                        name,
-                        "wal_evicted",
-                        Reported::delta(&reported.evicted_samples, s.evicted_items),
-                    );
-                }
-            }
-        })
-    };
-
-    // Discovery and jobs.
-    let node_name = std::env::var("NODE_NAME").ok().filter(|s| !s.is_empty());
+    }
     let mut jobs = Vec::new();
-    let mut providers = Vec::new();
-    let mut static_keep = Vec::new();
     for sc in &cfg.scrape_configs {
         let (interval, timeout) = interval_timeout(sc, cfg);
-        let mut mechanisms = Vec::new();
-        if !sc.file_sd_configs.is_empty() {
-            mechanisms.push("file");
-        }
-        if !sc.kubernetes_sd_configs.is_empty() {
-            mechanisms.push("kubernetes");
-        }
-        metrics.init_job(&sc.job_name, crate::scrape::client::ScrapeError::KINDS, &mechanisms);
-        let mut rx = Vec::new();
-        if !sc.static_configs.is_empty() {
-            let (tx, r) = watch::channel(discovery::static_groups(&sc.job_name, &sc.static_configs));
-            static_keep.push(tx);
-            rx.push(r);
-        }
-        for fsd in &sc.file_sd_configs {
-            let (tx, r) = watch::channel(Vec::new());
-            let files: Vec<PathBuf> = fsd.files.iter().map(|f| crate::http::resolve(&base, f)).collect();
-            let (m, job) = (metrics.clone(), sc.job_name.clone());
-            let on_error = move || m.discovery_error(&job, "file");
-            providers.push(tokio::spawn(discovery::file::run(
-                files,
-                fsd.refresh_interval.get(),
-                tx,
-                on_error,
-            )));
-            rx.push(r);
-        }
-        for k in &sc.kubernetes_sd_configs {
-            let (tx, r) = watch::channel(Vec::new());
-            let k = resolve_sd_paths(k, &base);
-            let node = node_name.clone();
-            let job = sc.job_name.clone();
-            let m = metrics.clone();
-            providers.push(tokio::spawn(async move {
-                let started = match discovery::kubernetes::PodDiscovery::new(&k, node) {
-                    Ok(pd) => discovery::kubernetes::client_for(&k).await.map(|c| (pd, c)),
-                    Err(e) => Err(e),
-                };
-                let (pd, client) = match started {
-                    Ok(v) => v,
-                    Err(e) => {
-                        m.discovery_error(&job, "kubernetes");
-                        tracing::error!(%job, error = %e, "Kubernetes discovery cannot start; no targets from it.");
-                        return;
-                    }
-                };
-                let stats = pd.stats();
-                let publish = async {
-                    // This provider's counts start at zero; the metrics get what grew since.
-                    let (mut errors, mut updates) = (0, 0);
-                    let mut t = tokio::time::interval(Duration::from_secs(5));
-                    loop {
-                        t.tick().await;
-                        let (e, u) = (stats.watch_errors(), stats.updates());
-                        m.discovery_add(&job, "kubernetes", e.saturating_sub(errors), u.saturating_sub(updates));
-                        (errors, updates) = (e, u);
-                    }
-                };
-                tokio::select! {
-                    _ = pd.run(client, tx) => {}
-                    _ = publish => {}
-                }
-            }));
-            rx.push(r);
-        }
-        let settings = Arc::new(scrape_settings(sc, cfg, &base)?);
-        jobs.push(Job {
+        jobs.push(BuiltJob {
             defaults: JobDefaults {
                 job: sc.job_name.clone(),
                 scheme: sc.scheme.clone().unwrap_or_else(|| "http".to_owned()),
@@ -567,35 +407,141 @@ fn start(
             },
             relabel: relabel::compile(&sc.relabel_configs)
                 .map_err(|e| anyhow!("scrape config {:?}: relabel_configs: {e}", sc.job_name))?,
-            settings,
-            providers: rx,
+            settings: Arc::new(scrape_settings(sc, cfg, &base)?),
             target_limit: sc.target_limit.unwrap_or(cfg.global.target_limit),
-            complete_at_start: sc.file_sd_configs.is_empty() && sc.kubernetes_sd_configs.is_empty(),
+            static_configs: sc.static_configs.clone(),
+            file_sd: sc
+                .file_sd_configs
+                .iter()
+                .map(|f| {
+                    let files = f.files.iter().map(|p| crate::http::resolve(&base, p)).collect();
+                    (files, f.refresh_interval.get())
+                })
+                .collect(),
+            kubernetes_sd: sc
+                .kubernetes_sd_configs
+                .iter()
+                .map(|k| resolve_sd_paths(k, &base))
+                .collect(),
         });
     }
-    // Nothing above failed: take the kept queues over and start the new ones.
-    let mut queues = Vec::new();
-    for (name, fingerprint, sc, wal, reported) in to_start {
-        let sender = SenderHandle::start(sc, wal.clone(), metrics.clone());
-        let syncer = start_syncer(&name, &wal, wal_fsync(&cfg.storage), metrics);
-        queues.push(Queue {
-            name,
-            fingerprint,
-            wal,
-            sender,
-            reported,
-            syncer,
-        });
+    Ok(Built {
+        queues,
+        jobs,
+        external_labels: Labels::from_pairs(cfg.global.external_labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+        file_sink: cfg.file_sink.as_ref().map(|f| PathBuf::from(&f.path)),
+        storage: cfg.storage.clone(),
+    })
+}
+
+/// Checks everything of `cfg` that can fail on files or settings without starting anything
+/// (`check-config`).
+pub fn preflight(cfg: &AgentConfig, config_path: &Path) -> anyhow::Result<()> {
+    build(cfg, config_path).map(|_| ())
+}
+
+/// Opens a new queue's WAL.
+fn open_wal(
+    storage: &Path,
+    name: &str,
+    settings: &config::agent::StorageConfig,
+) -> anyhow::Result<(Arc<Wal>, Arc<Reported>)> {
+    let dir = storage.join("wal").join(name);
+    let wal = Wal::open(
+        &dir,
+        WalOptions {
+            max_size_bytes: settings.wal_max_size.0,
+            segment_size_bytes: (settings.wal_max_size.0 / 8).clamp(1 << 20, 64 << 20),
+            fsync: wal_fsync(settings),
+        },
+    )
+    .with_context(|| format!("opening WAL {}", dir.display()))?;
+    let wal = Arc::new(wal);
+    // Holes found when this process opened the WAL before (a reload that changed the queue)
+    // were counted then; a reopened WAL starts its count from them.
+    let reported = Arc::new(Reported::default());
+    if !first_open(&dir) {
+        reported
+            .corrupt_records
+            .store(wal.stats().corrupt_records, std::sync::atomic::Ordering::Relaxed);
     }
-    for rw in &cfg.remote_write {
-        let (name, fingerprint) = (remote_name(rw), queue_fingerprint(rw, &cfg.storage));
-        if let Some(i) = reuse
-            .iter()
-            .position(|q| q.name == name && q.fingerprint == fingerprint)
-        {
-            queues.push(reuse.swap_remove(i));
+    Ok((wal, reported))
+}
+
+/// Starts a built configuration. `reuse` holds the queues of the previous generation whose
+/// settings did not change; they are taken over as they are. What can still fail here is
+/// opening the new queues' WALs and the file sink; then nothing was started.
+fn launch(
+    built: Built,
+    storage: &Path,
+    metrics: &Arc<Metrics>,
+    reuse: &mut Vec<Queue>,
+    inherited: Inherited,
+) -> anyhow::Result<Running> {
+    let names: Vec<String> = built.queues.iter().map(|q| q.name.clone()).collect();
+    warn_orphaned_wals(&storage.join("wal"), &names);
+    // Open first (fallible), start after.
+    let mut opened = Vec::new();
+    for q in &built.queues {
+        if reuse.iter().any(|r| r.name == q.name && r.fingerprint == q.fingerprint) {
+            opened.push(None);
+            continue;
         }
+        if reuse.iter().any(|r| r.name == q.name) {
+            return Err(anyhow!("queue {:?} is still running with other settings", q.name));
+        }
+        opened.push(Some(open_wal(storage, &q.name, &built.storage)?));
     }
+    let file_sink = match &built.file_sink {
+        Some(p) => Some(Arc::new(
+            FileSink::open(p).with_context(|| format!("opening file_sink {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let mut queues = Vec::new();
+    let mut endpoints = Vec::new();
+    for (q, opened) in built.queues.into_iter().zip(opened) {
+        metrics.init_remote(
+            &q.name,
+            &crate::remote_write::REJECTION_REASONS,
+            &crate::sender::Unknown::REASONS,
+        );
+        let queue = match opened {
+            None => {
+                let i = reuse
+                    .iter()
+                    .position(|r| r.name == q.name && r.fingerprint == q.fingerprint)
+                    .ok_or_else(|| anyhow!("queue {:?} vanished", q.name))?;
+                reuse.swap_remove(i)
+            }
+            Some((wal, reported)) => {
+                let sender = SenderHandle::start(q.sender, wal.clone(), metrics.clone());
+                let syncer = start_syncer(&q.name, &wal, wal_fsync(&built.storage), metrics);
+                Queue {
+                    name: q.name.clone(),
+                    fingerprint: q.fingerprint,
+                    wal,
+                    sender,
+                    reported,
+                    syncer,
+                }
+            }
+        };
+        endpoints.push(Arc::new(Endpoint {
+            name: q.name,
+            wal: queue.wal.clone(),
+            write_relabel: q.write_relabel,
+        }));
+        queues.push(queue);
+    }
+    let outputs = Arc::new(Outputs {
+        endpoints,
+        external_labels: built.external_labels,
+        file_sink,
+        pool: Default::default(),
+    });
+    let wal_stats = start_wal_stats(&queues, metrics);
+    let (jobs, providers, static_keep) = start_discovery(built.jobs, metrics);
     let manager = Manager::start(jobs, outputs, metrics.clone(), inherited);
     Ok(Running {
         manager,
@@ -604,6 +550,177 @@ fn start(
         _static_keep: static_keep,
         wal_stats,
     })
+}
+
+/// Publishes the queues' WAL gauges and adds what their counters grew, every 2 s.
+fn start_wal_stats(queues: &[Queue], metrics: &Arc<Metrics>) -> tokio::task::JoinHandle<()> {
+    let wals: Vec<(String, Arc<Wal>, Arc<Reported>)> = queues
+        .iter()
+        .map(|q| (q.name.clone(), q.wal.clone(), q.reported.clone()))
+        .collect();
+    let metrics = metrics.clone();
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            t.tick().await;
+            for (name, wal, reported) in &wals {
+                let s = wal.stats();
+                metrics.set_wal(
+                    name,
+                    s.bytes,
+                    s.segments as u64,
+                    s.next_seq.saturating_sub(s.committed_seq),
+                );
+                metrics.wal_corrupt_add(name, Reported::delta(&reported.corrupt_records, s.corrupt_records));
+                metrics.samples_dropped(
+                    name,
+                    "wal_evicted",
+                    Reported::delta(&reported.evicted_samples, s.evicted_items),
+                );
+            }
+        }
+    })
+}
+
+/// What [`start_discovery`] returns: the jobs for the manager, the provider tasks, and the
+/// senders keeping static target groups alive.
+type Discovery = (
+    Vec<Job>,
+    Vec<tokio::task::JoinHandle<()>>,
+    Vec<watch::Sender<Vec<TargetGroup>>>,
+);
+
+/// Starts each job's discovery providers.
+fn start_discovery(built: Vec<BuiltJob>, metrics: &Arc<Metrics>) -> Discovery {
+    let node_name = std::env::var("NODE_NAME").ok().filter(|s| !s.is_empty());
+    let mut jobs = Vec::new();
+    let mut providers = Vec::new();
+    let mut static_keep = Vec::new();
+    for bj in built {
+        let job_name = bj.defaults.job.clone();
+        let mut mechanisms = Vec::new();
+        if !bj.file_sd.is_empty() {
+            mechanisms.push("file");
+        }
+        if !bj.kubernetes_sd.is_empty() {
+            mechanisms.push("kubernetes");
+        }
+        metrics.init_job(&job_name, crate::scrape::client::ScrapeError::KINDS, &mechanisms);
+        let mut rx = Vec::new();
+        if !bj.static_configs.is_empty() {
+            let (tx, r) = watch::channel(discovery::static_groups(&job_name, &bj.static_configs));
+            static_keep.push(tx);
+            rx.push(r);
+        }
+        for (files, refresh) in bj.file_sd.iter().cloned() {
+            let (tx, r) = watch::channel(Vec::new());
+            let (m, job) = (metrics.clone(), job_name.clone());
+            let on_error = move || m.discovery_error(&job, "file");
+            providers.push(tokio::spawn(discovery::file::run(files, refresh, tx, on_error)));
+            rx.push(r);
+        }
+        for k in bj.kubernetes_sd.iter().cloned() {
+            let (tx, r) = watch::channel(Vec::new());
+            providers.push(tokio::spawn(run_kubernetes_sd(
+                k,
+                node_name.clone(),
+                job_name.clone(),
+                metrics.clone(),
+                tx,
+            )));
+            rx.push(r);
+        }
+        jobs.push(Job {
+            complete_at_start: bj.file_sd.is_empty() && bj.kubernetes_sd.is_empty(),
+            defaults: bj.defaults,
+            relabel: bj.relabel,
+            settings: bj.settings,
+            providers: rx,
+            target_limit: bj.target_limit,
+        });
+    }
+    (jobs, providers, static_keep)
+}
+
+/// One `kubernetes_sd_config`'s provider: pod discovery publishing target groups, and its
+/// counters added to the self metrics every 5 s.
+async fn run_kubernetes_sd(
+    k: config::agent::KubernetesSdConfig,
+    node: Option<String>,
+    job: String,
+    m: Arc<Metrics>,
+    tx: watch::Sender<Vec<TargetGroup>>,
+) {
+    let started = match discovery::kubernetes::PodDiscovery::new(&k, node) {
+        Ok(pd) => discovery::kubernetes::client_for(&k).await.map(|c| (pd, c)),
+        Err(e) => Err(e),
+    };
+    let (pd, client) = match started {
+        Ok(v) => v,
+        Err(e) => {
+            m.discovery_error(&job, "kubernetes");
+            tracing::error!(%job, error = %e, "Kubernetes discovery cannot start; no targets from it.");
+            return;
+        }
+    };
+    let stats = pd.stats();
+    let publish = async {
+        // This provider's counts start at zero; the metrics get what grew since.
+        let (mut errors, mut updates) = (0, 0);
+        let mut t = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            t.tick().await;
+            let (e, u) = (stats.watch_errors(), stats.updates());
+            m.discovery_add(&job, "kubernetes", e.saturating_sub(errors), u.saturating_sub(updates));
+            (errors, updates) = (e, u);
+        }
+    };
+    tokio::select! {
+        _ = pd.run(client, tx) => {}
+        _ = publish => {}
+    }
+}
+
+/// Replaces the running generation by `built` (from `new`): ends the series of removed jobs,
+/// stops the old scrape loops and discovery (each target's series handed on), keeps the queues
+/// whose settings are unchanged and stops the others like at shutdown (requests in flight are
+/// answered, never abandoned and sent again), then launches. If the launch fails (a WAL or the
+/// file sink cannot be opened), the previous configuration is started again; only an error
+/// doing that is returned as `Err`, a refused reload is the `Err` of the pair.
+async fn swap(
+    old: Running,
+    built: Built,
+    cfg: &AgentConfig,
+    new: &AgentConfig,
+    config_path: &Path,
+    storage: &Path,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Running, Result<(), String>)> {
+    let keep = new.scrape_configs.iter().map(|s| s.job_name.clone()).collect();
+    old.manager.retire_jobs(&keep).await;
+    let send_timeout = cfg.storage.shutdown_timeout.get().min(Duration::from_secs(25));
+    let (queues, inherited) = old.stop_sources().await;
+    let (mut kept, changed): (Vec<Queue>, Vec<Queue>) = queues.into_iter().partition(|q| {
+        new.remote_write
+            .iter()
+            .any(|rw| remote_name(rw) == q.name && queue_fingerprint(rw, &new.storage) == q.fingerprint)
+    });
+    stop_queues(changed, send_timeout).await;
+    match launch(built, storage, metrics, &mut kept, inherited) {
+        Ok(running) => {
+            stop_queues(kept, send_timeout).await;
+            Ok((running, Ok(())))
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            let previous =
+                build(cfg, config_path).context("building the previous configuration after a failed reload")?;
+            let running = launch(previous, storage, metrics, &mut kept, Inherited::new())
+                .context("restarting the previous configuration after a failed reload")?;
+            stop_queues(kept, send_timeout).await;
+            Ok((running, Err(msg)))
+        }
+    }
 }
 
 /// Runs the agent until SIGTERM/SIGINT. Returns after a clean shutdown.
@@ -642,9 +759,8 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
 
-    let mut running = start(
-        &cfg,
-        &config_path,
+    let mut running = launch(
+        build(&cfg, &config_path)?,
         &storage,
         &metrics,
         &mut Vec::new(),
@@ -669,47 +785,18 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
                 }
                 if storage_dir(&new_cfg, &ov) != storage {
                     Err("storage.path cannot change on reload; restart the agent".to_owned())
-                } else if let Err(e) = preflight(&new_cfg, &config_path) {
-                    Err(format!("{e:#}"))
                 } else {
-                    // Stop the old generation's sources (no staleness markers but for removed
-                    // jobs). Queues whose settings are unchanged go on sending untouched; the
-                    // others stop like at shutdown (requests in flight are answered, never
-                    // abandoned and sent again) before their WAL is opened anew.
-                    let old = running;
-                    let keep = new_cfg.scrape_configs.iter().map(|s| s.job_name.clone()).collect();
-                    old.manager.retire_jobs(&keep).await;
-                    let send_timeout = cfg.storage.shutdown_timeout.get().min(Duration::from_secs(25));
-                    let (queues, inherited) = old.stop_sources().await;
-                    let (mut kept, changed): (Vec<Queue>, Vec<Queue>) = queues.into_iter().partition(|q| {
-                        new_cfg.remote_write.iter().any(|rw| {
-                            remote_name(rw) == q.name && queue_fingerprint(rw, &new_cfg.storage) == q.fingerprint
-                        })
-                    });
-                    stop_queues(changed, send_timeout).await;
-                    match start(&new_cfg, &config_path, &storage, &metrics, &mut kept, inherited) {
-                        Ok(r) => {
+                    match build(&new_cfg, &config_path) {
+                        // Built and checked completely before anything running is touched.
+                        Err(e) => Err(format!("{e:#}")),
+                        Ok(built) => {
+                            let (r, result) =
+                                swap(running, built, &cfg, &new_cfg, &config_path, &storage, &metrics).await?;
                             running = r;
-                            cfg = new_cfg;
-                            stop_queues(kept, send_timeout).await;
-                            Ok(())
-                        }
-                        Err(e) => {
-                            let msg = format!("{e:#}");
-                            // Queues of the old config that were stopped are started again;
-                            // the kept ones are taken over as they are.
-                            let mut old_kept: Vec<Queue> = kept
-                                .into_iter()
-                                .filter(|q| {
-                                    cfg.remote_write.iter().any(|rw| {
-                                        remote_name(rw) == q.name
-                                            && queue_fingerprint(rw, &cfg.storage) == q.fingerprint
-                                    })
-                                })
-                                .collect();
-                            running = start(&cfg, &config_path, &storage, &metrics, &mut old_kept, Inherited::new())
-                                .context("restarting the previous configuration after a failed reload")?;
-                            Err(msg)
+                            if result.is_ok() {
+                                cfg = new_cfg;
+                            }
+                            result
                         }
                     }
                 }
