@@ -487,7 +487,6 @@ pub fn agent_manifests(lab: &LabConfig) -> String {
 pub fn up(ctx: &Context<'_>) -> Vec<Step> {
     let lab = ctx.lab;
     let paths = ctx.paths;
-    let name = lab.cluster_name.as_str();
     let mut steps = Vec::new();
 
     let (patch_action, patch_file) = write_values(ctx, "talos-patch.yaml", values::talos_patch(lab));
@@ -542,220 +541,7 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
         );
     }
 
-    match lab.provider {
-        Provider::Docker | Provider::Qemu => {
-            let provisioner = if lab.provider == Provider::Docker {
-                "docker"
-            } else {
-                "qemu"
-            };
-            let cpus = format!("{:.1}", lab.nodes.cpus);
-            let memory = format!("{}MiB", lab.nodes.memory_mib);
-            let mut create = Cmd::new(
-                "talosctl",
-                [
-                    "cluster",
-                    "create",
-                    provisioner,
-                    "--name",
-                    name,
-                    "--state",
-                    &paths.talos_state().display().to_string(),
-                    "--talosconfig-destination",
-                    &paths.talosconfig().display().to_string(),
-                ],
-            );
-            if lab.provider == Provider::Qemu {
-                create
-                    .args
-                    .extend(["--controlplanes".to_owned(), lab.nodes.control_planes.to_string()]);
-                create
-                    .args
-                    .extend(["--talos-version".to_owned(), lab.versions.talos.clone()]);
-            } else {
-                create.args.extend([
-                    "--image".to_owned(),
-                    format!("ghcr.io/siderolabs/talos:{}", lab.versions.talos),
-                ]);
-            }
-            for (flag, value) in [
-                ("--workers", lab.nodes.workers.to_string()),
-                ("--cpus-controlplanes", cpus.clone()),
-                ("--cpus-workers", cpus),
-                ("--memory-controlplanes", memory.clone()),
-                ("--memory-workers", memory),
-                ("--kubernetes-version", lab.versions.kubernetes.clone()),
-                ("--config-patch", patch_arg.clone()),
-            ] {
-                create.args.extend([flag.to_owned(), value]);
-            }
-            // talosctl merges the admin kubeconfig (API server mapped to 127.0.0.1) into the
-            // single file $KUBECONFIG names: make that the lab's own.
-            let create = create.env("KUBECONFIG", kubeconfig.clone());
-            // Made, and made to the end: `cluster create` writes the kubeconfig last. Containers
-            // without it are a create that failed half-way; the step then runs (and talosctl
-            // says the cluster exists: the hint says to `installer down` first).
-            let made = if lab.provider == Provider::Docker {
-                Probe::Succeeds {
-                    cmd: Cmd::new(
-                        "docker",
-                        [
-                            "container",
-                            "inspect",
-                            "--format",
-                            "{{.Name}}",
-                            &format!("{name}-controlplane-1"),
-                        ],
-                    ),
-                }
-            } else {
-                Probe::Exists {
-                    path: paths.talos_state().join(name),
-                }
-            };
-            let probe = Probe::All {
-                probes: vec![
-                    made,
-                    Probe::Exists {
-                        path: paths.kubeconfig(),
-                    },
-                ],
-            };
-            let s = Step::new(
-                "cluster",
-                format!("Create Talos {} cluster {name:?} in {provisioner} ({} control plane, {} workers)", lab.versions.talos, lab.nodes.control_planes, lab.nodes.workers),
-                "`installer check-deps` says what is missing; a create that failed half-way leaves containers behind: `installer down`, then `installer up`".to_owned(),
-            )
-            .act(patch_action);
-            let s = if lab.addons.cilium {
-                s.act(Action::RunServing {
-                    cmd: create,
-                    file: cni_file.clone(),
-                    port: manifest_port(),
-                })
-            } else {
-                s.run(create)
-            };
-            let mut s = s
-                .act(Action::Private {
-                    path: paths.talosconfig(),
-                })
-                .act(Action::Private {
-                    path: paths.kubeconfig(),
-                });
-            s.skip_if = Some(probe);
-            s.also_done = vec!["machine-config".into()];
-            s.resets_later = true;
-            steps.push(s);
-        }
-        Provider::Nodes => {
-            let m = &lab.machines;
-            let mut secrets = Step::new(
-                "secrets",
-                "Generate the Talos secrets bundle (kept for idempotent re-runs)",
-                "talosctl must be installed; see `installer check-deps`",
-            )
-            .run(Cmd::new(
-                "talosctl",
-                [
-                    "gen",
-                    "secrets",
-                    "--output-file",
-                    &paths.secrets().display().to_string(),
-                ],
-            ))
-            .act(Action::Private { path: paths.secrets() });
-            secrets.skip_if = Some(Probe::Exists { path: paths.secrets() });
-            secrets.resets_later = true;
-            steps.push(secrets);
-
-            let out_dir = paths.machine_configs();
-            let mut gen = Cmd::new(
-                "talosctl",
-                [
-                    "gen",
-                    "config",
-                    name,
-                    &format!("https://{cp}:6443"),
-                    "--with-secrets",
-                    &paths.secrets().display().to_string(),
-                    "--install-disk",
-                    &m.install_disk,
-                    "--talos-version",
-                    &lab.versions.talos,
-                    "--kubernetes-version",
-                    &lab.versions.kubernetes,
-                    "--config-patch",
-                    &patch_arg,
-                ],
-            );
-            gen.args.extend([
-                "--output".to_owned(),
-                out_dir.display().to_string(),
-                "--force".to_owned(),
-            ]);
-            let mut endpoints = talosctl(ctx, &["config", "endpoint"]);
-            endpoints.args.extend(m.control_planes.iter().cloned());
-            let mut nodes = talosctl(ctx, &["config", "node"]);
-            nodes.args.push(cp.clone());
-            steps.push(
-                Step::new(
-                    "machine-configs",
-                    "Generate machine configs from the secrets bundle",
-                    "check the lab file's machines section",
-                )
-                .act(patch_action)
-                .run(gen)
-                .act(Action::Private {
-                    path: out_dir.join("controlplane.yaml"),
-                })
-                .act(Action::Private {
-                    path: out_dir.join("worker.yaml"),
-                })
-                .run(Cmd::new(
-                    "cp",
-                    [
-                        out_dir.join("talosconfig").display().to_string(),
-                        paths.talosconfig().display().to_string(),
-                    ],
-                ))
-                .act(Action::Private {
-                    path: paths.talosconfig(),
-                })
-                .run(endpoints)
-                .run(nodes),
-            );
-            for (role, ips, file) in [
-                ("control-plane", &m.control_planes, "controlplane.yaml"),
-                ("worker", &m.workers, "worker.yaml"),
-            ] {
-                for ip in ips {
-                    let mut s = Step::new(
-                        &format!("apply-config-{ip}"),
-                        format!("Apply the {role} config to {ip} (maintenance mode)"),
-                        format!("is {ip} booted from the Talos ISO and reachable on port 50000? `talosctl --nodes {ip} get disks --insecure` lists its disks"),
-                    )
-                    .run(Cmd::new("talosctl", ["apply-config", "--insecure", "--nodes", ip, "--file", &out_dir.join(file).display().to_string()]));
-                    // A configured node answers on its authenticated API: nothing to apply.
-                    s.skip_if = Some(Probe::Succeeds {
-                        cmd: talosctl_on(ctx, ip, &["version"]),
-                    });
-                    steps.push(s);
-                }
-            }
-            let mut boot = Step::new(
-                "bootstrap",
-                format!("Bootstrap etcd on {cp} (once)"),
-                "the node reboots after installing; if this keeps failing, `talosctl dmesg` on it says why",
-            )
-            .run(talosctl_on(ctx, &cp, &["bootstrap"]));
-            boot.skip_if = Some(Probe::Succeeds {
-                cmd: talosctl_on(ctx, &cp, &["etcd", "status"]),
-            });
-            boot.retry_secs = Some(600);
-            steps.push(boot);
-        }
-    }
+    node_steps(ctx, &mut steps, patch_action, &patch_arg, &cni_file);
 
     // The patch also reaches nodes that already exist: a changed lab file (add-ons, the
     // registry mirror) is applied to them; unchanged, the step is skipped by its fingerprint,
@@ -842,6 +628,249 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
     ns.retry_secs = Some(120);
     steps.push(ns);
 
+    registry_steps(ctx, &mut steps);
+    addon_steps(ctx, &mut steps);
+    // Generating the machine configs puts the patch in them, as creating a cluster does.
+    if let Some(s) = steps.iter_mut().find(|s| s.id == "machine-configs") {
+        s.also_done = vec!["machine-config".into()];
+    }
+    steps
+}
+
+/// Making the nodes, by provider: `talosctl cluster create` for Docker and QEMU; for existing
+/// machines, the secrets bundle, machine configs, `apply-config`, bootstrap.
+fn node_steps(
+    ctx: &Context<'_>,
+    steps: &mut Vec<Step>,
+    patch_action: Action,
+    patch_arg: &str,
+    cni_file: &std::path::Path,
+) {
+    let lab = ctx.lab;
+    let paths = ctx.paths;
+    let name = lab.cluster_name.as_str();
+    let cp = first_control_plane(lab);
+    let kubeconfig = paths.kubeconfig().display().to_string();
+    match lab.provider {
+        Provider::Docker | Provider::Qemu => {
+            let provisioner = if lab.provider == Provider::Docker {
+                "docker"
+            } else {
+                "qemu"
+            };
+            let cpus = format!("{:.1}", lab.nodes.cpus);
+            let memory = format!("{}MiB", lab.nodes.memory_mib);
+            let mut create = Cmd::new(
+                "talosctl",
+                [
+                    "cluster",
+                    "create",
+                    provisioner,
+                    "--name",
+                    name,
+                    "--state",
+                    &paths.talos_state().display().to_string(),
+                    "--talosconfig-destination",
+                    &paths.talosconfig().display().to_string(),
+                ],
+            );
+            if lab.provider == Provider::Qemu {
+                create
+                    .args
+                    .extend(["--controlplanes".to_owned(), lab.nodes.control_planes.to_string()]);
+                create
+                    .args
+                    .extend(["--talos-version".to_owned(), lab.versions.talos.clone()]);
+            } else {
+                create.args.extend([
+                    "--image".to_owned(),
+                    format!("ghcr.io/siderolabs/talos:{}", lab.versions.talos),
+                ]);
+            }
+            for (flag, value) in [
+                ("--workers", lab.nodes.workers.to_string()),
+                ("--cpus-controlplanes", cpus.clone()),
+                ("--cpus-workers", cpus),
+                ("--memory-controlplanes", memory.clone()),
+                ("--memory-workers", memory),
+                ("--kubernetes-version", lab.versions.kubernetes.clone()),
+                ("--config-patch", patch_arg.to_owned()),
+            ] {
+                create.args.extend([flag.to_owned(), value]);
+            }
+            // talosctl merges the admin kubeconfig (API server mapped to 127.0.0.1) into the
+            // single file $KUBECONFIG names: make that the lab's own.
+            let create = create.env("KUBECONFIG", kubeconfig.clone());
+            // Made, and made to the end: `cluster create` writes the kubeconfig last. Containers
+            // without it are a create that failed half-way; the step then runs (and talosctl
+            // says the cluster exists: the hint says to `installer down` first).
+            let made = if lab.provider == Provider::Docker {
+                Probe::Succeeds {
+                    cmd: Cmd::new(
+                        "docker",
+                        [
+                            "container",
+                            "inspect",
+                            "--format",
+                            "{{.Name}}",
+                            &format!("{name}-controlplane-1"),
+                        ],
+                    ),
+                }
+            } else {
+                Probe::Exists {
+                    path: paths.talos_state().join(name),
+                }
+            };
+            let probe = Probe::All {
+                probes: vec![
+                    made,
+                    Probe::Exists {
+                        path: paths.kubeconfig(),
+                    },
+                ],
+            };
+            let s = Step::new(
+                "cluster",
+                format!("Create Talos {} cluster {name:?} in {provisioner} ({} control plane, {} workers)", lab.versions.talos, lab.nodes.control_planes, lab.nodes.workers),
+                "`installer check-deps` says what is missing; a create that failed half-way leaves containers behind: `installer down`, then `installer up`".to_owned(),
+            )
+            .act(patch_action);
+            let s = if lab.addons.cilium {
+                s.act(Action::RunServing {
+                    cmd: create,
+                    file: cni_file.to_path_buf(),
+                    port: manifest_port(),
+                })
+            } else {
+                s.run(create)
+            };
+            let mut s = s
+                .act(Action::Private {
+                    path: paths.talosconfig(),
+                })
+                .act(Action::Private {
+                    path: paths.kubeconfig(),
+                });
+            s.skip_if = Some(probe);
+            s.also_done = vec!["machine-config".into()];
+            s.resets_later = true;
+            steps.push(s);
+        }
+        Provider::Nodes => {
+            let m = &lab.machines;
+            let mut secrets = Step::new(
+                "secrets",
+                "Generate the Talos secrets bundle (kept for idempotent re-runs)",
+                "talosctl must be installed; see `installer check-deps`",
+            )
+            .run(Cmd::new(
+                "talosctl",
+                [
+                    "gen",
+                    "secrets",
+                    "--output-file",
+                    &paths.secrets().display().to_string(),
+                ],
+            ))
+            .act(Action::Private { path: paths.secrets() });
+            secrets.skip_if = Some(Probe::Exists { path: paths.secrets() });
+            secrets.resets_later = true;
+            steps.push(secrets);
+
+            let out_dir = paths.machine_configs();
+            let mut gen = Cmd::new(
+                "talosctl",
+                [
+                    "gen",
+                    "config",
+                    name,
+                    &format!("https://{cp}:6443"),
+                    "--with-secrets",
+                    &paths.secrets().display().to_string(),
+                    "--install-disk",
+                    &m.install_disk,
+                    "--talos-version",
+                    &lab.versions.talos,
+                    "--kubernetes-version",
+                    &lab.versions.kubernetes,
+                    "--config-patch",
+                    patch_arg,
+                ],
+            );
+            gen.args.extend([
+                "--output".to_owned(),
+                out_dir.display().to_string(),
+                "--force".to_owned(),
+            ]);
+            let mut endpoints = talosctl(ctx, &["config", "endpoint"]);
+            endpoints.args.extend(m.control_planes.iter().cloned());
+            let mut nodes = talosctl(ctx, &["config", "node"]);
+            nodes.args.push(cp.clone());
+            steps.push(
+                Step::new(
+                    "machine-configs",
+                    "Generate machine configs from the secrets bundle",
+                    "check the lab file's machines section",
+                )
+                .act(patch_action)
+                .run(gen)
+                .act(Action::Private {
+                    path: out_dir.join("controlplane.yaml"),
+                })
+                .act(Action::Private {
+                    path: out_dir.join("worker.yaml"),
+                })
+                .run(Cmd::new(
+                    "cp",
+                    [
+                        out_dir.join("talosconfig").display().to_string(),
+                        paths.talosconfig().display().to_string(),
+                    ],
+                ))
+                .act(Action::Private {
+                    path: paths.talosconfig(),
+                })
+                .run(endpoints)
+                .run(nodes),
+            );
+            for (role, ips, file) in [
+                ("control-plane", &m.control_planes, "controlplane.yaml"),
+                ("worker", &m.workers, "worker.yaml"),
+            ] {
+                for ip in ips {
+                    let mut s = Step::new(
+                        &format!("apply-config-{ip}"),
+                        format!("Apply the {role} config to {ip} (maintenance mode)"),
+                        format!("is {ip} booted from the Talos ISO and reachable on port 50000? `talosctl --nodes {ip} get disks --insecure` lists its disks"),
+                    )
+                    .run(Cmd::new("talosctl", ["apply-config", "--insecure", "--nodes", ip, "--file", &out_dir.join(file).display().to_string()]));
+                    // A configured node answers on its authenticated API: nothing to apply.
+                    s.skip_if = Some(Probe::Succeeds {
+                        cmd: talosctl_on(ctx, ip, &["version"]),
+                    });
+                    steps.push(s);
+                }
+            }
+            let mut boot = Step::new(
+                "bootstrap",
+                format!("Bootstrap etcd on {cp} (once)"),
+                "the node reboots after installing; if this keeps failing, `talosctl dmesg` on it says why",
+            )
+            .run(talosctl_on(ctx, &cp, &["bootstrap"]));
+            boot.skip_if = Some(Probe::Succeeds {
+                cmd: talosctl_on(ctx, &cp, &["etcd", "status"]),
+            });
+            boot.retry_secs = Some(600);
+            steps.push(boot);
+        }
+    }
+}
+
+/// The lab's image registry and the agent image pushed to it (Talos in Docker/QEMU without
+/// an `agent_image`).
+fn registry_steps(ctx: &Context<'_>, steps: &mut Vec<Step>) {
+    let lab = ctx.lab;
     if let Some(reg) = local_registry(lab) {
         let mut run = Step::new(
             "registry",
@@ -910,7 +939,12 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
         image.always = true;
         steps.push(image);
     }
+}
 
+/// The add-ons, in dependency order: storage, monitoring CRDs and stack, Cilium taken over by
+/// Helm, Loki, MetalLB, Traefik, the agent, the sample app.
+fn addon_steps(ctx: &Context<'_>, steps: &mut Vec<Step>) {
+    let lab = ctx.lab;
     if lab.addons.local_path {
         steps.push(helm_step(
             ctx,
@@ -1092,11 +1126,6 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
             }),
         );
     }
-    // Generating the machine configs puts the patch in them, as creating a cluster does.
-    if let Some(s) = steps.iter_mut().find(|s| s.id == "machine-configs") {
-        s.also_done = vec!["machine-config".into()];
-    }
-    steps
 }
 
 /// The steps of `down`: destroy what `up` made; the state directory goes too unless
