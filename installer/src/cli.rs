@@ -191,6 +191,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         paths: &paths,
     };
     let json_out = cli.output == Format::Json;
+    let session = Session {
+        lab: &lab,
+        paths: &paths,
+        runner: &runner,
+        source: &source,
+        plain: cli.plain,
+        json_out,
+    };
 
     match cli.command {
         Command::Init { .. } => unreachable!("handled above"),
@@ -198,58 +206,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print_plan(&plan::up(&ctx), &source, json_out);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Up { dry_run: false } => {
-            preflight(&lab, &runner).await?;
-            let steps = plan::up(&ctx);
-            let mut ex = Executor::new(&runner, &paths);
-            ex.plain = cli.plain;
-            if let Some(s) = std::env::var("SRE_LAB_RETRY_PAUSE_MS")
-                .ok()
-                .and_then(|s| s.parse().ok())
-            {
-                ex.retry_pause = std::time::Duration::from_millis(s);
-            }
-            crate::progress::line(&format!(
-                "lab {:?} from {source}; state in {}",
-                lab.cluster_name,
-                paths.dir.display()
-            ));
-            let took = ex.run(&steps).await?;
-            let info = info(&lab, &paths);
-            if json_out {
-                println!("{}", serde_json::to_string_pretty(&info)?);
-            } else {
-                println!("\nThe lab is up ({:.0}s).\n{}", took.as_secs_f64(), info_text(&info));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Up { dry_run: false } => up(&session).await,
         Command::Down {
             keep_config,
             dry_run,
             yes,
-        } => {
-            let steps = plan::down(&ctx, keep_config);
-            if dry_run {
-                print_plan(&steps, &source, json_out);
-                return Ok(ExitCode::SUCCESS);
-            }
-            if lab.provider == config::lab::Provider::Nodes && !yes {
-                bail!(
-                    "`down` resets the machines {:?} (wiping Talos); add --yes to confirm",
-                    lab.machines
-                        .control_planes
-                        .iter()
-                        .chain(&lab.machines.workers)
-                        .collect::<Vec<_>>()
-                );
-            }
-            let mut ex = Executor::new(&runner, &paths);
-            ex.plain = cli.plain;
-            ex.record = false;
-            let took = ex.run(&steps).await?;
-            println!("The lab {:?} is down ({:.0}s).", lab.cluster_name, took.as_secs_f64());
-            Ok(ExitCode::SUCCESS)
-        }
+        } => down(&session, keep_config, dry_run, yes).await,
         Command::Status => status(&lab, &paths, json_out).await,
         Command::Info => {
             let info = info(&lab, &paths);
@@ -260,68 +222,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Kubeconfig { raw, merge } => {
-            let kc = paths.kubeconfig();
-            if !kc.exists() {
-                bail!("no kubeconfig at {} yet (run `installer up`)", kc.display());
-            }
-            if raw {
-                std::io::stdout().write_all(&std::fs::read(&kc)?)?;
-            } else if let Some(into) = merge {
-                let into = into.unwrap_or_else(default_user_kubeconfig);
-                // Recorded absolute, so `down` finds it from any directory.
-                let into = std::path::absolute(&into).unwrap_or(into);
-                let context = format!("admin@{}", lab.cluster_name);
-                crate::kubeconfig::merge(&kc, &into, &context)?;
-                let into = into.canonicalize().unwrap_or(into);
-                let mut st = State::load(&paths)?;
-                let m = MergedContext {
-                    file: into.clone(),
-                    context: context.clone(),
-                };
-                if !st.merged_contexts.contains(&m) {
-                    st.merged_contexts.push(m);
-                }
-                st.save(&paths)?;
-                println!(
-                    "merged context {context} into {} (current); `installer down` removes it",
-                    into.display()
-                );
-            } else if json_out {
-                println!("{}", json!({"kubeconfig": kc, "talosconfig": paths.talosconfig()}));
-            } else {
-                println!("export KUBECONFIG={}", kc.display());
-                println!("export TALOSCONFIG={}", paths.talosconfig().display());
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Kubeconfig { raw, merge } => kubeconfig_cmd(&session, raw, merge),
         Command::PortForward {
             service,
             local_port,
             address,
-        } => {
-            let f = kube::forwardable(&service).ok_or_else(|| anyhow!("unknown service {service}"))?;
-            let client = kube::client(&paths.kubeconfig()).await?;
-            let (pod, port) = kube::resolve_service(&client, f.namespace, f.service, f.port).await?;
-            let listener = tokio::net::TcpListener::bind((address.as_str(), local_port.unwrap_or(f.local_port)))
-                .await
-                .with_context(|| {
-                    format!(
-                        "listening on {address}:{} (try --local-port)",
-                        local_port.unwrap_or(f.local_port)
-                    )
-                })?;
-            let local = listener.local_addr()?;
-            println!(
-                "Forwarding http://{local}{} -> {}/{pod}:{port} (Ctrl-C to stop)",
-                f.path, f.namespace
-            );
-            tokio::select! {
-                r = kube::forward(client, f.namespace.to_owned(), pod, port, listener) => r?,
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => port_forward(&session, &service, local_port, &address).await,
         Command::Password { .. } => {
             let client = kube::client(&paths.kubeconfig()).await;
             let pw = match client {
@@ -374,6 +280,162 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
     }
+}
+
+/// What every command works with: the lab, its state paths, the tool runner, output flags.
+struct Session<'a> {
+    lab: &'a LabConfig,
+    paths: &'a Paths,
+    runner: &'a Runner,
+    source: &'a str,
+    plain: bool,
+    json_out: bool,
+}
+
+impl Session<'_> {
+    fn ctx(&self) -> Context<'_> {
+        Context {
+            lab: self.lab,
+            paths: self.paths,
+        }
+    }
+}
+
+/// `up`: preflight, then the plan, with progress; prints how to reach the lab.
+async fn up(session: &Session<'_>) -> anyhow::Result<ExitCode> {
+    let (lab, paths, runner, source, json_out) = (
+        session.lab,
+        session.paths,
+        session.runner,
+        session.source,
+        session.json_out,
+    );
+    let ctx = session.ctx();
+    preflight(lab, runner).await?;
+    let steps = plan::up(&ctx);
+    let mut ex = Executor::new(runner, paths);
+    ex.plain = session.plain;
+    if let Some(s) = std::env::var("SRE_LAB_RETRY_PAUSE_MS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        ex.retry_pause = std::time::Duration::from_millis(s);
+    }
+    crate::progress::line(&format!(
+        "lab {:?} from {source}; state in {}",
+        lab.cluster_name,
+        paths.dir.display()
+    ));
+    let took = ex.run(&steps).await?;
+    let info = info(lab, paths);
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        println!("\nThe lab is up ({:.0}s).\n{}", took.as_secs_f64(), info_text(&info));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `down`: the teardown plan (printed with `--dry-run`); machines are reset only with `--yes`.
+async fn down(session: &Session<'_>, keep_config: bool, dry_run: bool, yes: bool) -> anyhow::Result<ExitCode> {
+    let (lab, paths, runner, source, json_out) = (
+        session.lab,
+        session.paths,
+        session.runner,
+        session.source,
+        session.json_out,
+    );
+    let ctx = session.ctx();
+    let steps = plan::down(&ctx, keep_config);
+    if dry_run {
+        print_plan(&steps, source, json_out);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if lab.provider == config::lab::Provider::Nodes && !yes {
+        bail!(
+            "`down` resets the machines {:?} (wiping Talos); add --yes to confirm",
+            lab.machines
+                .control_planes
+                .iter()
+                .chain(&lab.machines.workers)
+                .collect::<Vec<_>>()
+        );
+    }
+    let mut ex = Executor::new(runner, paths);
+    ex.plain = session.plain;
+    ex.record = false;
+    let took = ex.run(&steps).await?;
+    println!("The lab {:?} is down ({:.0}s).", lab.cluster_name, took.as_secs_f64());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kubeconfig`: export lines, the raw file, or the context merged into the user's.
+fn kubeconfig_cmd(session: &Session<'_>, raw: bool, merge: Option<Option<PathBuf>>) -> anyhow::Result<ExitCode> {
+    let (lab, paths, json_out) = (session.lab, session.paths, session.json_out);
+    let kc = paths.kubeconfig();
+    if !kc.exists() {
+        bail!("no kubeconfig at {} yet (run `installer up`)", kc.display());
+    }
+    if raw {
+        std::io::stdout().write_all(&std::fs::read(&kc)?)?;
+    } else if let Some(into) = merge {
+        let into = into.unwrap_or_else(default_user_kubeconfig);
+        // Recorded absolute, so `down` finds it from any directory.
+        let into = std::path::absolute(&into).unwrap_or(into);
+        let context = format!("admin@{}", lab.cluster_name);
+        crate::kubeconfig::merge(&kc, &into, &context)?;
+        let into = into.canonicalize().unwrap_or(into);
+        let mut st = State::load(paths)?;
+        let m = MergedContext {
+            file: into.clone(),
+            context: context.clone(),
+        };
+        if !st.merged_contexts.contains(&m) {
+            st.merged_contexts.push(m);
+        }
+        st.save(paths)?;
+        println!(
+            "merged context {context} into {} (current); `installer down` removes it",
+            into.display()
+        );
+    } else if json_out {
+        println!("{}", json!({"kubeconfig": kc, "talosconfig": paths.talosconfig()}));
+    } else {
+        println!("export KUBECONFIG={}", kc.display());
+        println!("export TALOSCONFIG={}", paths.talosconfig().display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `port-forward`: a local listener forwarded to the service's pod through the API server.
+async fn port_forward(
+    session: &Session<'_>,
+    service: &str,
+    local_port: Option<u16>,
+    address: &str,
+) -> anyhow::Result<ExitCode> {
+    let paths = session.paths;
+    let f = kube::forwardable(service).ok_or_else(|| anyhow!("unknown service {service}"))?;
+    let client = kube::client(&paths.kubeconfig()).await?;
+    let (pod, port) = kube::resolve_service(&client, f.namespace, f.service, f.port).await?;
+    let listener = tokio::net::TcpListener::bind((address, local_port.unwrap_or(f.local_port)))
+        .await
+        .with_context(|| {
+            format!(
+                "listening on {address}:{} (try --local-port)",
+                local_port.unwrap_or(f.local_port)
+            )
+        })?;
+    let local = listener.local_addr()?;
+    println!(
+        "Forwarding http://{local}{} -> {}/{pod}:{port} (Ctrl-C to stop)",
+        f.path, f.namespace
+    );
+    tokio::select! {
+        r = kube::forward(client, f.namespace.to_owned(), pod, port, listener) => r?,
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn default_user_kubeconfig() -> PathBuf {
