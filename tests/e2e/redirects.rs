@@ -95,3 +95,45 @@ fn remote_write_follows_307_with_the_body_and_drops_credentials_across_hosts() -
     assert_eq!(agent.metric("sre_agent_remote_samples_dropped_total", "")?, 0.0);
     Ok(())
 }
+
+/// A 308 is followed like a 307; with `follow_redirects: false` a redirect is not followed and
+/// its push is dropped as `http_3xx` (counted, not retried).
+#[test]
+fn remote_write_follows_308_and_counts_unfollowed_redirects() -> Result<()> {
+    let target = TinyServer::start(|_| (200, vec![], b"rw_redirect 1\n".to_vec()))?;
+    let pushes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let p2 = pushes.clone();
+    let receiver = TinyServer::start(move |req| {
+        if !req.body.is_empty() {
+            p2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        (200, vec![], Vec::new())
+    })?;
+    let hop = redirecting(308, format!("http://{}/api/v1/write", receiver.addr))?;
+    let dir = tempfile::tempdir()?;
+    let agent = Agent::start(
+        dir.path(),
+        &format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: r\n    static_configs:\n      - targets: ['{t}']\nremote_write:\n  - url: http://{h}/api/v1/write\n    name: follows\n    queue_config:\n      batch_send_deadline: 100ms\n  - url: http://{h}/api/v1/write?no\n    name: stays\n    follow_redirects: false\n    queue_config:\n      batch_send_deadline: 100ms\n",
+            t = target.addr,
+            h = hop.addr
+        ),
+    )?;
+    poll(
+        "pushes through a 308, drops of the unfollowed",
+        Duration::from_secs(20),
+        || {
+            let dropped = agent.metric(
+                "sre_agent_remote_samples_dropped_total",
+                "remote=\"stays\",reason=\"http_3xx\"",
+            )?;
+            Ok((pushes.load(std::sync::atomic::Ordering::SeqCst) >= 2 && dropped > 0.0).then_some(()))
+        },
+    )
+    .map_err(|e| e.context(agent.proc.log_text()))?;
+    assert_eq!(
+        agent.metric("sre_agent_remote_samples_dropped_total", "remote=\"follows\"")?,
+        0.0
+    );
+    Ok(())
+}
