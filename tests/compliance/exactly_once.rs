@@ -187,11 +187,29 @@ pub fn drain(dir: &std::path::Path, receiver: &str, faults: &Faults, storage: st
 }
 
 /// Every scrape the target answered has its `up` sample delivered, allowing `lost_in_flight`
-/// scrapes abandoned by stops (a stop abandons a scrape in progress before it is written).
-pub fn assert_no_loss(d: &Delivered, served: u64, lost_in_flight: u64) -> Result<()> {
+/// scrapes abandoned by stops (a stop abandons a scrape in progress before it is written);
+/// and every delivered scrape has every one of the page's `series` (none lost from a record
+/// sent in pieces).
+pub fn assert_no_loss(d: &Delivered, served: u64, lost_in_flight: u64, series: usize) -> Result<()> {
     let delivered = d.scrapes() as u64;
     if delivered + lost_in_flight < served {
         bail!("the target answered {served} scrapes, {delivered} reached the receiver");
+    }
+    let mut per_ts: HashMap<i64, usize> = HashMap::new();
+    for (k, ts) in d.counts.keys() {
+        if k.starts_with("__name__=stress_series,") {
+            *per_ts.entry(*ts).or_default() += 1;
+        }
+    }
+    for (k, t) in d.counts.keys() {
+        if !k.starts_with("__name__=up,") {
+            continue;
+        }
+        let n = per_ts.get(t).copied().unwrap_or(0);
+        // A failed scrape (timeout) has up=0 and no series; a good one has all of them.
+        if n != 0 && n != series {
+            bail!("the scrape at {t} reached the receiver with {n} of {series} series");
+        }
     }
     Ok(())
 }
@@ -238,7 +256,7 @@ fn slow_flaky_receiver_gets_every_sample_exactly_once() -> Result<()> {
         "shards never grew under a slow receiver: {max_shards}\n{log}"
     );
     assert_eq!(unknown, 0.0, "every push was answered here");
-    assert_no_loss(&d, served.load(Ordering::SeqCst), 1)?;
+    assert_no_loss(&d, served.load(Ordering::SeqCst), 1, 2000)?;
     eprintln!("while running: {delivered_then} of {served_then} scrapes delivered");
     eprintln!(
         "scrapes served {}, delivered {}, pushes {}, rejected {}, max shards {max_shards}",
@@ -290,7 +308,7 @@ fn kill_9_at_random_moments_loses_nothing_and_repeats_only_in_flight_pushes() ->
         "{n} samples delivered twice and no push counted as sent again"
     );
     // A kill also loses the scrape in progress (not yet written to the WAL).
-    assert_no_loss(&d, served.load(Ordering::SeqCst), kills + 1)?;
+    assert_no_loss(&d, served.load(Ordering::SeqCst), kills + 1, 2000)?;
     eprintln!(
         "scrapes served {}, delivered {}, repeated samples {n}, pushes {}, counted as sent again {counted_again}",
         served.load(Ordering::SeqCst),
@@ -416,7 +434,7 @@ fn reloads_under_load_send_nothing_twice_and_keep_counters() -> Result<()> {
         bail!("{n} (series, timestamp) pairs delivered more than once, e.g. {examples:?}\n{log}");
     }
     // A reload abandons a scrape in progress (nothing of it was written); nothing else is lost.
-    assert_no_loss(&d, served.load(Ordering::SeqCst), reloads + 1)?;
+    assert_no_loss(&d, served.load(Ordering::SeqCst), reloads + 1, 2000)?;
     Ok(())
 }
 
