@@ -475,6 +475,7 @@ fn launch(
     built: Built,
     storage: &Path,
     metrics: &Arc<Metrics>,
+    caches: &crate::pods::PodCaches,
     reuse: &mut Vec<Queue>,
     inherited: Inherited,
 ) -> anyhow::Result<Running> {
@@ -541,7 +542,7 @@ fn launch(
         pool: Default::default(),
     });
     let wal_stats = start_wal_stats(&queues, metrics);
-    let (jobs, providers, static_keep) = start_discovery(built.jobs, metrics);
+    let (jobs, providers, static_keep) = start_discovery(built.jobs, metrics, caches);
     let manager = Manager::start(jobs, outputs, metrics.clone(), inherited);
     Ok(Running {
         manager,
@@ -590,9 +591,11 @@ type Discovery = (
     Vec<watch::Sender<Vec<TargetGroup>>>,
 );
 
-/// Starts each job's discovery providers.
-fn start_discovery(built: Vec<BuiltJob>, metrics: &Arc<Metrics>) -> Discovery {
+/// Starts each job's discovery providers. Kubernetes providers read the shared pod caches;
+/// caches no job of this configuration reads are let go.
+fn start_discovery(built: Vec<BuiltJob>, metrics: &Arc<Metrics>, caches: &crate::pods::PodCaches) -> Discovery {
     let node_name = std::env::var("NODE_NAME").ok().filter(|s| !s.is_empty());
+    let mut used = std::collections::BTreeSet::new();
     let mut jobs = Vec::new();
     let mut providers = Vec::new();
     let mut static_keep = Vec::new();
@@ -619,16 +622,27 @@ fn start_discovery(built: Vec<BuiltJob>, metrics: &Arc<Metrics>) -> Discovery {
             providers.push(tokio::spawn(discovery::file::run(files, refresh, tx, on_error)));
             rx.push(r);
         }
-        for k in bj.kubernetes_sd.iter().cloned() {
+        for k in &bj.kubernetes_sd {
             let (tx, r) = watch::channel(Vec::new());
+            rx.push(r);
+            let sub = match crate::pods::Subscription::new(k, node_name.as_deref()) {
+                Ok(sub) => sub,
+                Err(e) => {
+                    metrics.discovery_error(&job_name, "kubernetes");
+                    tracing::error!(job = %job_name, error = %e, "Kubernetes discovery cannot start; no targets from it.");
+                    static_keep.push(tx);
+                    continue;
+                }
+            };
+            let cache = caches.get(&sub);
+            used.insert(sub.key.clone());
             providers.push(tokio::spawn(run_kubernetes_sd(
-                k,
-                node_name.clone(),
+                cache,
+                sub,
                 job_name.clone(),
                 metrics.clone(),
                 tx,
             )));
-            rx.push(r);
         }
         jobs.push(Job {
             complete_at_start: bj.file_sd.is_empty() && bj.kubernetes_sd.is_empty(),
@@ -639,45 +653,38 @@ fn start_discovery(built: Vec<BuiltJob>, metrics: &Arc<Metrics>) -> Discovery {
             target_limit: bj.target_limit,
         });
     }
+    caches.retain(&used);
     (jobs, providers, static_keep)
 }
 
-/// One `kubernetes_sd_config`'s provider: pod discovery publishing target groups, and its
-/// counters added to the self metrics every 5 s.
+/// One `kubernetes_sd_config`'s provider: pod discovery over the shared pod cache publishing
+/// target groups; its updates, and the watch errors of its cache while it reads it, are added
+/// to the job's discovery metrics every 5 s.
 async fn run_kubernetes_sd(
-    k: config::agent::KubernetesSdConfig,
-    node: Option<String>,
+    cache: Arc<crate::pods::PodCache>,
+    sub: crate::pods::Subscription,
     job: String,
     m: Arc<Metrics>,
     tx: watch::Sender<Vec<TargetGroup>>,
 ) {
-    let started = match discovery::kubernetes::PodDiscovery::new(&k, node) {
-        Ok(pd) => discovery::kubernetes::client_for(&k).await.map(|c| (pd, c)),
-        Err(e) => Err(e),
-    };
-    let (pd, client) = match started {
-        Ok(v) => v,
-        Err(e) => {
-            m.discovery_error(&job, "kubernetes");
-            tracing::error!(%job, error = %e, "Kubernetes discovery cannot start; no targets from it.");
-            return;
-        }
-    };
-    let stats = pd.stats();
-    let publish = async {
-        // This provider's counts start at zero; the metrics get what grew since.
-        let (mut errors, mut updates) = (0, 0);
-        let mut t = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            t.tick().await;
-            let (e, u) = (stats.watch_errors(), stats.updates());
-            m.discovery_add(&job, "kubernetes", e.saturating_sub(errors), u.saturating_sub(updates));
-            (errors, updates) = (e, u);
+    let stats = Arc::new(discovery::kubernetes::PodDiscoveryStats::default());
+    let publish = {
+        let (cache, stats) = (cache.clone(), stats.clone());
+        async move {
+            let watch_errors = || cache.stats().watch_errors.load(std::sync::atomic::Ordering::Relaxed);
+            let (mut errors, mut updates) = (watch_errors(), 0);
+            let mut t = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                t.tick().await;
+                let (e, u) = (watch_errors(), stats.updates());
+                m.discovery_add(&job, "kubernetes", e.saturating_sub(errors), u.saturating_sub(updates));
+                (errors, updates) = (e, u);
+            }
         }
     };
     tokio::select! {
-        _ = pd.run(client, tx) => {}
-        _ = publish => {}
+        () = discovery::kubernetes::run(cache, sub, tx, stats) => {}
+        () = publish => {}
     }
 }
 
@@ -695,6 +702,7 @@ async fn swap(
     config_path: &Path,
     storage: &Path,
     metrics: &Arc<Metrics>,
+    caches: &crate::pods::PodCaches,
 ) -> anyhow::Result<(Running, Result<(), String>)> {
     let keep = new.scrape_configs.iter().map(|s| s.job_name.clone()).collect();
     old.manager.retire_jobs(&keep).await;
@@ -706,7 +714,7 @@ async fn swap(
             .any(|rw| remote_name(rw) == q.name && queue_fingerprint(rw, &new.storage) == q.fingerprint)
     });
     stop_queues(changed, send_timeout).await;
-    match launch(built, storage, metrics, &mut kept, inherited) {
+    match launch(built, storage, metrics, caches, &mut kept, inherited) {
         Ok(running) => {
             stop_queues(kept, send_timeout).await;
             Ok((running, Ok(())))
@@ -715,7 +723,7 @@ async fn swap(
             let msg = format!("{e:#}");
             let previous =
                 build(cfg, config_path).context("building the previous configuration after a failed reload")?;
-            let running = launch(previous, storage, metrics, &mut kept, Inherited::new())
+            let running = launch(previous, storage, metrics, caches, &mut kept, Inherited::new())
                 .context("restarting the previous configuration after a failed reload")?;
             stop_queues(kept, send_timeout).await;
             Ok((running, Err(msg)))
@@ -759,10 +767,13 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
 
+    // Pod watches live here, across reloads: a reload keeps those it still needs.
+    let caches = crate::pods::PodCaches::new(metrics.clone());
     let mut running = launch(
         build(&cfg, &config_path)?,
         &storage,
         &metrics,
+        &caches,
         &mut Vec::new(),
         Inherited::new(),
     )?;
@@ -791,7 +802,7 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
                         Err(e) => Err(format!("{e:#}")),
                         Ok(built) => {
                             let (r, result) =
-                                swap(running, built, &cfg, &new_cfg, &config_path, &storage, &metrics).await?;
+                                swap(running, built, &cfg, &new_cfg, &config_path, &storage, &metrics, &caches).await?;
                             running = r;
                             if result.is_ok() {
                                 cfg = new_cfg;

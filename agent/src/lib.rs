@@ -13,6 +13,7 @@ pub mod discovery;
 pub mod frame;
 pub mod http;
 pub mod labels;
+pub mod pods;
 pub mod relabel;
 pub mod remote_write;
 pub mod scrape;

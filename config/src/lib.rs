@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod lab;
+pub mod selector;
 pub mod units;
 
 mod de;

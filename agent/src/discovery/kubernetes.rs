@@ -1,15 +1,16 @@
 //! Kubernetes service discovery, role `pod`.
 //!
-//! Pods enter through one kube-runtime watcher per watched namespace (or one for the whole
-//! cluster), each mirrored into a reflector store. After every change the stores are turned
-//! into [`TargetGroup`]s by [`pod_target_group`] — the labels Prometheus's `pod` role produces —
-//! and the full, source-sorted list is published on a `tokio::sync::watch` channel. A pod that
-//! disappeared since the previous publication is published once more as an empty group for its
-//! source, so a consumer applying groups incrementally also drops its targets.
+//! Pods come from the shared pod cache ([`crate::pods`]): configs with the same connection
+//! settings read one watch and apply their label selector client-side. After every change of
+//! the cache, its pods that pass the selector are turned into [`TargetGroup`]s by
+//! [`pod_target_group`] — the labels Prometheus's `pod` role produces — and the full,
+//! source-sorted list is published on a `tokio::sync::watch` channel. A pod that disappeared
+//! since the previous publication is published once more as an empty group for its source, so
+//! a consumer applying groups incrementally also drops its targets.
 //!
-//! On a DaemonSet the caller passes the node name (env `NODE_NAME`) so each agent only lists the
-//! pods of its own node (`spec.nodeName=<node>`); an explicit `selectors[].field` for role `pod`
-//! replaces that selector.
+//! On a DaemonSet the node name (env `NODE_NAME`) makes the cache list only the pods of its own
+//! node (`spec.nodeName=<node>`); an explicit `selectors[].field` for role `pod` replaces that
+//! selector and gets its own watch.
 
 use std::collections::BTreeSet;
 use std::io;
@@ -18,17 +19,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use config::agent::KubernetesSdConfig;
-use futures::stream::{SelectAll, StreamExt};
 use k8s_openapi::api::core::v1::{Container, ContainerStatus, Pod};
 use kube::config::{KubeConfigOptions, Kubeconfig, KubeconfigError};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Api, Client, ResourceExt};
+use kube::{Client, ResourceExt};
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::discovery::TargetGroup;
 use crate::labels::{Labels, ADDRESS};
+use crate::pods::{PodCache, Subscription};
 
 /// File holding the namespace of the agent's own pod (`namespaces.own_namespace`).
 pub const OWN_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
@@ -88,6 +87,9 @@ pub enum Error {
     /// The `authorization` credentials are not a valid header value.
     #[error("kubernetes_sd_configs: authorization credentials are not a valid HTTP header value")]
     InvalidAuthorization,
+    /// A selector does not parse.
+    #[error("kubernetes_sd_configs: invalid selector: {0}")]
+    Selector(String),
     /// The client could not be built (including in-cluster / `~/.kube/config` inference).
     #[error("building the Kubernetes client")]
     Client(#[source] kube::Error),
@@ -229,158 +231,51 @@ fn sanitize_label_name(name: &str) -> String {
     name.chars().map(|c| if keep(c) { c } else { '_' }).collect()
 }
 
-/// Counters of a running [`PodDiscovery`], readable while it runs.
+/// Counters of one `kubernetes_sd_config`'s discovery, readable while it runs.
 #[derive(Debug, Default)]
 pub struct PodDiscoveryStats {
-    watch_errors: AtomicU64,
     updates: AtomicU64,
 }
 
 impl PodDiscoveryStats {
-    /// Watch/list failures so far (each retried after a backoff).
-    pub fn watch_errors(&self) -> u64 {
-        self.watch_errors.load(Ordering::Relaxed)
-    }
-
     /// Publications of a changed group list so far.
     pub fn updates(&self) -> u64 {
         self.updates.load(Ordering::Relaxed)
     }
 }
 
-/// Validated pod discovery for one `kubernetes_sd_configs` entry: which namespaces to watch and
-/// with which selectors. Build with [`PodDiscovery::new`], then [`PodDiscovery::run`] it.
-#[derive(Debug)]
-pub struct PodDiscovery {
-    /// Namespaces to watch; `None` is the whole cluster.
-    namespaces: Vec<Option<String>>,
-    watcher_config: watcher::Config,
+/// Publishes the target groups of the pods of `cache` that pass `sub`'s selectors on `out`:
+/// once the cache has listed, then after every change (unchanged lists are not re-sent).
+/// Returns once every receiver of `out` is gone. The watch itself (errors, retries, relists)
+/// belongs to the shared cache.
+pub async fn run(
+    cache: Arc<PodCache>,
+    sub: Subscription,
+    out: watch::Sender<Vec<TargetGroup>>,
     stats: Arc<PodDiscoveryStats>,
-}
-
-impl PodDiscovery {
-    /// Validates `cfg` (role and selectors must be `pod`). The field selector is the `field`
-    /// of the `pod` selector when set, else `spec.nodeName=<node_name>` when `node_name` is set.
-    /// Reads [`OWN_NAMESPACE_FILE`] when `namespaces.own_namespace` is true.
-    pub fn new(cfg: &KubernetesSdConfig, node_name: Option<String>) -> Result<Self, Error> {
-        let own_namespace = match &cfg.namespaces {
-            Some(ns) if ns.own_namespace => Some(read_trimmed("own namespace", Path::new(OWN_NAMESPACE_FILE))?),
-            _ => None,
-        };
-        Self::from_parts(cfg, node_name, own_namespace)
-    }
-
-    fn from_parts(
-        cfg: &KubernetesSdConfig,
-        node_name: Option<String>,
-        own_namespace: Option<String>,
-    ) -> Result<Self, Error> {
-        if cfg.role != "pod" {
-            return Err(Error::UnsupportedRole(cfg.role.clone()));
+) {
+    let mut changes = cache.changes();
+    let mut published = BTreeSet::new();
+    loop {
+        if cache.synced() {
+            let pods = cache.pods();
+            let groups = snapshot(pods.iter().filter(|p| sub.matches(p)).map(|p| &**p), &mut published);
+            if out.send_if_modified(|current| replace_if_changed(current, groups)) {
+                stats.updates.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        if let Some(other) = cfg.selectors.iter().find(|s| s.role != "pod") {
-            return Err(Error::SelectorRole(other.role.clone()));
-        }
-        if cfg.attach_metadata.as_ref().is_some_and(|m| m.node) {
-            warn!("attach_metadata.node is not supported; node labels will not be attached.");
-        }
-        let non_empty = |s: &Option<String>| s.clone().filter(|s| !s.is_empty());
-        let selector = cfg.selectors.first();
-        let field = selector.and_then(|s| non_empty(&s.field)).or_else(|| {
-            let node = node_name.filter(|n| !n.is_empty())?;
-            Some(format!("spec.nodeName={node}"))
-        });
-        let mut watcher_config = watcher::Config::default();
-        if let Some(field) = &field {
-            watcher_config = watcher_config.fields(field);
-        }
-        if let Some(label) = selector.and_then(|s| non_empty(&s.label)) {
-            watcher_config = watcher_config.labels(&label);
-        }
-        let names = cfg.namespaces.iter().flat_map(|n| n.names.iter().cloned());
-        let names: BTreeSet<String> = names.chain(own_namespace).collect();
-        let namespaces = if names.is_empty() {
-            vec![None]
-        } else {
-            names.into_iter().map(Some).collect()
-        };
-        Ok(Self {
-            namespaces,
-            watcher_config,
-            stats: Arc::default(),
-        })
-    }
-
-    /// The list/watch parameters (selectors, page size) every watcher uses.
-    pub fn watcher_config(&self) -> &watcher::Config {
-        &self.watcher_config
-    }
-
-    /// Shared counters; clone before [`PodDiscovery::run`] consumes `self`.
-    pub fn stats(&self) -> Arc<PodDiscoveryStats> {
-        Arc::clone(&self.stats)
-    }
-
-    /// Watches pods and publishes the full group list on `out` after every change (unchanged
-    /// lists are not re-sent). Watch errors are logged, counted and retried with kube's
-    /// default backoff; the task only returns once every receiver of `out` is gone.
-    pub async fn run(self, client: Client, out: watch::Sender<Vec<TargetGroup>>) {
-        let mut stores = Vec::with_capacity(self.namespaces.len());
-        let mut events = SelectAll::new();
-        for (index, namespace) in self.namespaces.iter().enumerate() {
-            let api: Api<Pod> = match namespace {
-                Some(ns) => Api::namespaced(client.clone(), ns),
-                None => Api::all(client.clone()),
-            };
-            let (store, writer) = reflector::store();
-            stores.push(store);
-            let stream = watcher(api, self.watcher_config.clone())
-                .modify(|pod| pod.managed_fields_mut().clear())
-                .default_backoff()
-                .reflect(writer)
-                .map(move |event| (index, event));
-            events.push(stream.boxed());
-        }
-        let mut published = BTreeSet::new();
-        loop {
-            let next = tokio::select! {
-                () = out.closed() => {
-                    debug!("Target group receivers gone; stopping pod discovery.");
+        tokio::select! {
+            () = out.closed() => {
+                debug!("Target group receivers gone; stopping pod discovery.");
+                return;
+            }
+            changed = changes.changed() => {
+                if changed.is_err() {
                     return;
-                }
-                next = events.next() => next,
-            };
-            let Some((index, event)) = next else {
-                return; // watchers never end; only reachable without namespaces
-            };
-            match event {
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
-                    let groups = snapshot(&stores, &mut published);
-                    if out.send_if_modified(|current| replace_if_changed(current, groups)) {
-                        self.stats.updates.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-                Err(error) => {
-                    self.stats.watch_errors.fetch_add(1, Ordering::Relaxed);
-                    let namespace = self.namespaces[index].as_deref().unwrap_or("<all>");
-                    warn!(namespace, %error, "Pod watch failed; retrying after backoff.");
                 }
             }
         }
     }
-}
-
-/// Runs pod discovery for `cfg` until every receiver of `out` is dropped; see
-/// [`PodDiscovery::new`] and [`PodDiscovery::run`]. Fails only on an invalid config.
-pub async fn run(
-    client: Client,
-    cfg: &KubernetesSdConfig,
-    node_name: Option<String>,
-    out: watch::Sender<Vec<TargetGroup>>,
-) -> Result<(), Error> {
-    PodDiscovery::new(cfg, node_name)?.run(client, out).await;
-    Ok(())
 }
 
 fn replace_if_changed(current: &mut Vec<TargetGroup>, new: Vec<TargetGroup>) -> bool {
@@ -391,11 +286,10 @@ fn replace_if_changed(current: &mut Vec<TargetGroup>, new: Vec<TargetGroup>) -> 
     true
 }
 
-/// All groups of `stores`, sorted by source, plus an empty group for each source present in
+/// Groups of `pods`, sorted by source, plus an empty group for each source present in
 /// `published` but gone now; `published` becomes the current set of sources.
-fn snapshot(stores: &[Store<Pod>], published: &mut BTreeSet<String>) -> Vec<TargetGroup> {
-    let pods = stores.iter().flat_map(Store::state);
-    let mut groups: Vec<TargetGroup> = pods.map(|pod| pod_target_group(&pod)).collect();
+fn snapshot<'a>(pods: impl Iterator<Item = &'a Pod>, published: &mut BTreeSet<String>) -> Vec<TargetGroup> {
+    let mut groups: Vec<TargetGroup> = pods.map(pod_target_group).collect();
     groups.sort_by(|a, b| a.source.cmp(&b.source));
     groups.dedup_by(|a, b| a.source == b.source);
     let current: BTreeSet<String> = groups.iter().map(|g| g.source.clone()).collect();
@@ -702,26 +596,23 @@ mod tests {
 
     #[test]
     fn config_selectors_and_namespaces() {
-        let d = PodDiscovery::from_parts(&pod_cfg(), Some("node-a".into()), None).unwrap();
-        assert_eq!(
-            d.watcher_config().field_selector.as_deref(),
-            Some("spec.nodeName=node-a")
-        );
-        assert_eq!(d.namespaces, vec![None]);
-        let d = PodDiscovery::from_parts(&pod_cfg(), Some(String::new()), None).unwrap();
-        assert_eq!(d.watcher_config().field_selector, None);
+        let d = Subscription::from_parts(&pod_cfg(), Some("node-a"), None).unwrap();
+        assert_eq!(d.scope.field.as_deref(), Some("spec.nodeName=node-a"));
+        assert_eq!(d.scope.namespaces, vec![None]);
+        let d = Subscription::from_parts(&pod_cfg(), Some(""), None).unwrap();
+        assert_eq!(d.scope.field, None);
 
         let mut cfg = pod_cfg();
         cfg.namespaces = Some(NamespaceDiscovery {
             own_namespace: true,
             names: vec!["b".into(), "a".into()],
         });
-        let d = PodDiscovery::from_parts(&cfg, None, Some("a".into())).unwrap();
-        assert_eq!(d.namespaces, vec![Some("a".into()), Some("b".into())]);
+        let d = Subscription::from_parts(&cfg, None, Some("a".into())).unwrap();
+        assert_eq!(d.scope.namespaces, vec![Some("a".into()), Some("b".into())]);
 
         cfg.role = "endpoints".into();
         assert!(matches!(
-            PodDiscovery::from_parts(&cfg, None, None),
+            Subscription::from_parts(&cfg, None, None),
             Err(Error::UnsupportedRole(_))
         ));
         let mut cfg = pod_cfg();
@@ -730,7 +621,7 @@ mod tests {
             ..Selector::default()
         }];
         assert!(matches!(
-            PodDiscovery::from_parts(&cfg, None, None),
+            Subscription::from_parts(&cfg, None, None),
             Err(Error::SelectorRole(_))
         ));
     }
@@ -749,22 +640,17 @@ mod tests {
 
     #[test]
     fn snapshot_publishes_a_tombstone_once() {
-        let (store, mut writer) = reflector::store::<Pod>();
         let (a, b) = (pod(small_pod("a", "1")), pod(small_pod("b", "2")));
-        writer.apply_watcher_event(&watcher::Event::Apply(a.clone()));
-        writer.apply_watcher_event(&watcher::Event::Apply(b.clone()));
         let mut published = BTreeSet::new();
-        let stores = [store];
         let all = vec![pod_target_group(&a), pod_target_group(&b)];
-        assert_eq!(snapshot(&stores, &mut published), all);
-        writer.apply_watcher_event(&watcher::Event::Delete(a));
+        assert_eq!(snapshot([&b, &a].into_iter(), &mut published), all);
         let tombstone = TargetGroup {
             source: "pod/default/a".into(),
             ..TargetGroup::default()
         };
         let b_only = vec![pod_target_group(&b)];
-        assert_eq!(snapshot(&stores, &mut published), vec![tombstone, b_only[0].clone()]);
-        assert_eq!(snapshot(&stores, &mut published), b_only);
+        assert_eq!(snapshot([&b].into_iter(), &mut published), vec![tombstone, b_only[0].clone()]);
+        assert_eq!(snapshot([&b].into_iter(), &mut published), b_only);
     }
 
     async fn next_request(handle: &mut Handle) -> (Request<Body>, Respond) {
@@ -815,10 +701,7 @@ mod tests {
     #[tokio::test]
     async fn watch_publishes_list_added_and_deleted() {
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let discovery = PodDiscovery::new(&pod_cfg(), Some("node-a".into())).unwrap();
-        let stats = discovery.stats();
-        let (tx, mut rx) = watch::channel(Vec::new());
-        let task = tokio::spawn(discovery.run(Client::new(service, "default"), tx));
+        let (cache, stats, mut rx, task) = start(&pod_cfg(), Some("node-a"), service);
 
         let (request, respond) = next_request(&mut handle).await;
         let q = query(&request);
@@ -855,7 +738,13 @@ mod tests {
             pod_target_group(&pod(small_pod("c", "101"))),
         ];
         assert_eq!(groups, expected);
-        assert_eq!((stats.updates(), stats.watch_errors()), (3, 0));
+        assert_eq!(stats.updates(), 3);
+        assert_eq!(cache.stats().watch_errors.load(Ordering::Relaxed), 0);
+        // a, b and c share 10.0.0.1 in this fixture; a is gone from both indexes.
+        let by_ip = cache.by_ip("10.0.0.1".parse().unwrap()).expect("b or c by IP");
+        assert_ne!(by_ip.metadata.name.as_deref(), Some("a"));
+        assert!(cache.by_uid("uid-a").is_none());
+        assert_eq!(cache.by_uid("uid-c").and_then(|c| c.metadata.name.clone()).as_deref(), Some("c"));
 
         drop(rx);
         timeout(DEADLINE, task)
@@ -867,10 +756,7 @@ mod tests {
     #[tokio::test]
     async fn list_error_is_counted_and_retried() {
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let discovery = PodDiscovery::new(&pod_cfg(), None).unwrap();
-        let stats = discovery.stats();
-        let (tx, mut rx) = watch::channel(Vec::new());
-        let task = tokio::spawn(discovery.run(Client::new(service, "default"), tx));
+        let (cache, _stats, mut rx, task) = start(&pod_cfg(), None, service);
 
         let (_, respond) = next_request(&mut handle).await;
         let status = json!({ "apiVersion": "v1", "kind": "Status", "metadata": {},
@@ -882,7 +768,7 @@ mod tests {
         // The retry comes after kube's default backoff (about a second).
         let (request, respond) = next_request(&mut handle).await;
         assert!(!query(&request).contains("watch"), "{}", request.uri());
-        assert_eq!(stats.watch_errors(), 1);
+        assert_eq!(cache.stats().watch_errors.load(Ordering::Relaxed), 1);
         respond.send_response(pod_list("5", vec![small_pod("a", "4")]));
         let groups = wait_for(&mut rx, |g| !g.is_empty()).await;
         assert_eq!(sources(&groups), ["pod/default/a"]);
@@ -890,7 +776,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn explicit_field_selector_wins_over_node_name() {
+    async fn explicit_field_selector_wins_over_node_name_and_labels_select_client_side() {
         let mut cfg = pod_cfg();
         cfg.selectors = vec![Selector {
             role: "pod".into(),
@@ -901,24 +787,46 @@ mod tests {
             own_namespace: false,
             names: vec!["ns2".into(), "ns1".into()],
         });
-        let discovery = PodDiscovery::new(&cfg, Some("node-a".into())).unwrap();
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let (tx, _rx) = watch::channel(Vec::new());
-        let task = tokio::spawn(discovery.run(Client::new(service, "default"), tx));
+        let (_cache, _stats, mut rx, task) = start(&cfg, Some("node-a"), service);
 
         let mut paths = Vec::new();
-        let mut pending = Vec::new();
         for _ in 0..2 {
             let (request, respond) = next_request(&mut handle).await;
             let q = query(&request);
             assert!(q.contains("fieldSelector=status.phase%3DRunning"), "{q}");
-            assert!(q.contains("labelSelector=app%3Dweb") && !q.contains("nodeName"), "{q}");
+            assert!(!q.contains("labelSelector") && !q.contains("nodeName"), "{q}");
             paths.push(request.uri().path().to_owned());
-            pending.push(respond);
+            let mut web = small_pod(&format!("web{}", paths.len()), "1");
+            web["metadata"]["labels"] = json!({"app": "web"});
+            let mut other = small_pod(&format!("other{}", paths.len()), "1");
+            other["metadata"]["labels"] = json!({"app": "db"});
+            respond.send_response(pod_list("2", vec![web, other]));
         }
         paths.sort();
         assert_eq!(paths, ["/api/v1/namespaces/ns1/pods", "/api/v1/namespaces/ns2/pods"]);
+        let groups = wait_for(&mut rx, |g| g.len() == 2).await;
+        assert_eq!(sources(&groups), ["pod/default/web1", "pod/default/web2"]);
         task.abort();
+    }
+
+    /// A cache over the mocked API and discovery for `cfg` reading it.
+    fn start(
+        cfg: &KubernetesSdConfig,
+        node: Option<&str>,
+        service: mock::Mock<Request<Body>, Response<Body>>,
+    ) -> (
+        Arc<PodCache>,
+        Arc<PodDiscoveryStats>,
+        watch::Receiver<Groups>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let sub = Subscription::from_parts(cfg, node, None).unwrap();
+        let cache = PodCache::start("test".into(), Client::new(service, "default"), &sub.scope);
+        let stats = Arc::new(PodDiscoveryStats::default());
+        let (tx, rx) = watch::channel(Vec::new());
+        let task = tokio::spawn(run(cache.clone(), sub, tx, stats.clone()));
+        (cache, stats, rx, task)
     }
 
     #[tokio::test]

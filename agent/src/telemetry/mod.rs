@@ -48,6 +48,68 @@ pub struct Metrics {
     reload_ok: Gauge,
     file_sink_errors: Counter,
     ready: AtomicBool,
+    /// The shared pod cache's metrics (`sre_agent_pod_cache_*`, a sub-registry).
+    pub pod_cache: PodCacheMetrics,
+}
+
+/// Metrics of the shared pod caches, registered under `sre_agent_pod_cache_`.
+#[derive(Default)]
+pub struct PodCacheMetrics {
+    pods: Family<L, Gauge>,
+    watch_errors: Family<L, Counter>,
+    relists: Family<L, Counter>,
+    events: Family<L, Counter>,
+    watches_started: Counter,
+}
+
+impl PodCacheMetrics {
+    fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("pod_cache");
+        r.register("pods", "Pods held, by cache.", self.pods.clone());
+        r.register(
+            "watch_errors",
+            "Failed pod lists/watches (retried after a backoff), by cache.",
+            self.watch_errors.clone(),
+        );
+        r.register(
+            "relists",
+            "Pod lists after the first (a watch expired with 410 Gone, or reconnected), by cache.",
+            self.relists.clone(),
+        );
+        r.register("events", "Pod changes applied, by cache.", self.events.clone());
+        r.register(
+            "watches_started",
+            "Pod watches started (a reload that keeps the connection settings starts none).",
+            self.watches_started.clone(),
+        );
+    }
+    fn cache(name: &str) -> L {
+        vec![("cache", name.to_owned())]
+    }
+    /// A cache was started.
+    pub fn started(&self, name: &str) {
+        self.watches_started.inc();
+        for f in [&self.watch_errors, &self.relists, &self.events] {
+            let _ = f.get_or_create(&Self::cache(name));
+        }
+    }
+    /// A list or watch failed.
+    pub fn watch_error(&self, name: &str) {
+        self.watch_errors.get_or_create(&Self::cache(name)).inc();
+    }
+    /// A list after the first completed.
+    pub fn relist(&self, name: &str) {
+        self.relists.get_or_create(&Self::cache(name)).inc();
+    }
+    /// A change was applied; the cache now holds `pods`.
+    pub fn event(&self, name: &str, pods: usize) {
+        self.events.get_or_create(&Self::cache(name)).inc();
+        self.set_pods(name, pods);
+    }
+    /// The cache holds `pods`.
+    pub fn set_pods(&self, name: &str, pods: usize) {
+        self.pods.get_or_create(&Self::cache(name)).set(pods as i64);
+    }
 }
 
 impl Default for Metrics {
@@ -87,7 +149,9 @@ impl Metrics {
             reload_ok: Gauge::default(),
             file_sink_errors: Counter::default(),
             ready: AtomicBool::new(false),
+            pod_cache: PodCacheMetrics::default(),
         };
+        m.pod_cache.register(&mut r);
         r.register("scrapes", "Scrapes performed, by job.", m.scrapes.clone());
         r.register(
             "scrape_failures",

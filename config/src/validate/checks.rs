@@ -249,6 +249,18 @@ impl Checker<'_> {
                     format!("selector role must be `pod`, got {:?}", sel.role),
                 );
             }
+            if let Some(Err(e)) = sel.label.as_deref().map(crate::selector::LabelSelector::parse) {
+                self.err(&format!("{path}.selectors[{j}].label"), format!("invalid label selector: {e}"));
+            }
+            if let Some(Err(e)) = sel.field.as_deref().map(crate::selector::FieldSelector::parse) {
+                self.err(&format!("{path}.selectors[{j}].field"), format!("invalid field selector: {e}"));
+            }
+        }
+        if k.selectors.len() > 1 {
+            self.err(
+                &format!("{path}.selectors[1]"),
+                "only one selector per role: merge the requirements into one `label` and one `field`",
+            );
         }
         let client = HttpClient {
             basic_auth: k.basic_auth.as_ref(),
