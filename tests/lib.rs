@@ -352,6 +352,11 @@ impl Agent {
 
     /// Starts the agent with an existing config/storage on `port`.
     pub fn start_with(dir: &Path, config: PathBuf, storage: PathBuf, port: u16) -> Result<Self> {
+        Self::start_env(dir, config, storage, port, &[])
+    }
+
+    /// Like [`Agent::start_with`], with extra environment variables.
+    pub fn start_env(dir: &Path, config: PathBuf, storage: PathBuf, port: u16, env: &[(&str, &str)]) -> Result<Self> {
         let bin = workspace_bin("agent");
         let mut cmd = Command::new(&bin);
         cmd.arg("--config")
@@ -360,7 +365,8 @@ impl Agent {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--storage-path")
             .arg(&storage)
-            .env("AGENT_LOG", "info,agent=debug");
+            .env("AGENT_LOG", "info,agent=debug")
+            .envs(env.iter().copied());
         let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
         let proc = Proc::spawn("agent", cmd, dir.join(format!("agent-{n}.log")))?;
         let url = format!("http://127.0.0.1:{port}");
@@ -535,4 +541,201 @@ pub fn scraped(agent: &Agent, job: &str) -> Result<(String, String)> {
             }))
     })
     .map_err(|e| e.context(agent.proc.log_text()))
+}
+
+/// Whether missing peers fail tests instead of skipping them (`SRE_LAB_REQUIRE_PEERS=1`).
+pub fn peers_required() -> bool {
+    std::env::var("SRE_LAB_REQUIRE_PEERS").is_ok_and(|v| v == "1")
+}
+
+/// A real kube-apiserver + etcd on loopback, started by `../shared/kube/start-apiserver.sh`
+/// from the binaries in `$SRE_LAB_KUBE_DIR` (default `~/.cache/sre-lab/kube`), stopped on drop.
+pub struct KubeApi {
+    /// State directory (certificates, kubeconfigs, logs, pids).
+    pub state: PathBuf,
+    /// `https://127.0.0.1:PORT`.
+    pub url: String,
+    /// etcd's client URL (plain HTTP, with its JSON gateway).
+    pub etcd: String,
+    /// The admin kubeconfig.
+    pub kubeconfig: PathBuf,
+    scripts: PathBuf,
+}
+
+impl KubeApi {
+    /// Starts one; `Ok(None)` (with a SKIPPED line on stderr) where the binaries are not built,
+    /// an error instead when [`peers_required`]. `extra_args` go to kube-apiserver.
+    pub fn start(dir: &Path, extra_args: &str) -> Result<Option<Self>> {
+        let bin = std::env::var_os("SRE_LAB_KUBE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/sre-lab/kube"));
+        let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/kube");
+        let missing: Vec<String> = ["kube-apiserver", "etcd"]
+            .iter()
+            .filter(|b| !bin.join(b).is_file())
+            .map(|b| bin.join(b).display().to_string())
+            .chain(
+                (!scripts.join("start-apiserver.sh").is_file())
+                    .then(|| scripts.join("start-apiserver.sh").display().to_string()),
+            )
+            .collect();
+        if !missing.is_empty() {
+            let why = format!(
+                "no real Kubernetes API server: missing {} (build kube-apiserver and etcd as shared/kube/README.md says)",
+                missing.join(", ")
+            );
+            if peers_required() {
+                bail!("SRE_LAB_REQUIRE_PEERS=1 and {why}");
+            }
+            eprintln!("SKIPPED: {why}");
+            return Ok(None);
+        }
+        let state = dir.join("kube");
+        let (api, etcd, peer) = (free_port(), free_port(), free_port());
+        let out = Command::new("bash")
+            .arg(scripts.join("start-apiserver.sh"))
+            .env("KUBE_BIN_DIR", &bin)
+            .env("KUBE_STATE_DIR", &state)
+            .env("KUBE_API_PORT", api.to_string())
+            .env("ETCD_CLIENT_PORT", etcd.to_string())
+            .env("ETCD_PEER_PORT", peer.to_string())
+            .env("KUBE_CONTROLLER_MANAGER", "auto")
+            .env("KUBE_APISERVER_ARGS", extra_args)
+            .output()?;
+        let me = Self {
+            kubeconfig: state.join("admin.kubeconfig"),
+            state,
+            url: format!("https://127.0.0.1:{api}"),
+            etcd: format!("http://127.0.0.1:{etcd}"),
+            scripts,
+        };
+        if !out.status.success() {
+            bail!(
+                "start-apiserver.sh failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(Some(me))
+    }
+
+    /// Runs kubectl as admin; its stdout, or an error with its stderr.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        self.kubectl_as(&self.kubeconfig, args)
+    }
+
+    /// Runs kubectl with `kubeconfig`.
+    pub fn kubectl_as(&self, kubeconfig: &Path, args: &[&str]) -> Result<String> {
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `kubectl apply -f -` of `yaml`.
+    pub fn apply(&self, yaml: &str) -> Result<()> {
+        use std::io::Write;
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["apply", "--validate=false", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child.stdin.take().context("stdin")?.write_all(yaml.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// A kubeconfig for `token` (with the server's CA), written to `path`.
+    pub fn token_kubeconfig(&self, token: &str, path: &Path) -> Result<()> {
+        use base64::Engine as _;
+        let ca = base64::engine::general_purpose::STANDARD.encode(std::fs::read(self.state.join("ca.crt"))?);
+        std::fs::write(
+            path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\nusers:\n- name: sa\n  user:\n    token: {token}\ncontexts:\n- name: sa\n  context: {{cluster: lab, user: sa}}\ncurrent-context: sa\n",
+                self.url
+            ),
+        )?;
+        Ok(())
+    }
+
+    fn apiserver_pid(&self) -> Result<i32> {
+        Ok(std::fs::read_to_string(self.state.join("kube-apiserver.pid"))?
+            .trim()
+            .parse()?)
+    }
+
+    /// Kills kube-apiserver (SIGKILL, as a crash; etcd keeps running) and returns its command line for
+    /// [`KubeApi::start_apiserver_again`].
+    pub fn stop_apiserver(&self) -> Result<Vec<String>> {
+        let pid = self.apiserver_pid()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        Command::new("kill").args(["-KILL", &pid.to_string()]).status()?;
+        poll("kube-apiserver to exit", Duration::from_secs(30), || {
+            Ok((!Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z ")))
+            .then_some(()))
+        })?;
+        Ok(args)
+    }
+
+    /// Starts kube-apiserver again with `args` (same certificates, same etcd) and waits for
+    /// `/readyz`.
+    pub fn start_apiserver_again(&self, args: &[String]) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(self.state.join("kube-apiserver.log"))?;
+        let child = Command::new("setsid")
+            .args(args)
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .stdin(Stdio::null())
+            .spawn()?;
+        std::fs::write(self.state.join("kube-apiserver.pid"), child.id().to_string())?;
+        poll("kube-apiserver ready again", Duration::from_secs(120), || {
+            Ok(self
+                .kubectl(&["get", "--raw", "/readyz"])
+                .ok()
+                .filter(|s| s.trim() == "ok")
+                .map(|_| ()))
+        })
+    }
+
+    /// Calls etcd's JSON gateway (`/v3/...`) and returns the answer.
+    pub fn etcd_call(&self, path: &str, body: &Value) -> Result<Value> {
+        let out = Command::new("curl")
+            .args(["-sf", "-m", "10", "-X", "POST", "-d", &body.to_string()])
+            .arg(format!("{}{path}", self.etcd))
+            .output()?;
+        if !out.status.success() {
+            bail!("etcd {path}: curl exit {:?}", out.status.code());
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+impl Drop for KubeApi {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(self.scripts.join("stop-apiserver.sh"))
+            .env("KUBE_STATE_DIR", &self.state)
+            .output();
+    }
 }

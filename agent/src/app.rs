@@ -468,17 +468,24 @@ fn open_wal(
     Ok((wal, reported))
 }
 
+/// What outlives configuration generations: the storage directory, the self metrics and the
+/// pod caches.
+#[derive(Clone, Copy)]
+struct Host<'a> {
+    storage: &'a Path,
+    metrics: &'a Arc<Metrics>,
+    caches: &'a crate::pods::PodCaches,
+}
+
 /// Starts a built configuration. `reuse` holds the queues of the previous generation whose
 /// settings did not change; they are taken over as they are. What can still fail here is
 /// opening the new queues' WALs and the file sink; then nothing was started.
-fn launch(
-    built: Built,
-    storage: &Path,
-    metrics: &Arc<Metrics>,
-    caches: &crate::pods::PodCaches,
-    reuse: &mut Vec<Queue>,
-    inherited: Inherited,
-) -> anyhow::Result<Running> {
+fn launch(built: Built, host: &Host<'_>, reuse: &mut Vec<Queue>, inherited: Inherited) -> anyhow::Result<Running> {
+    let Host {
+        storage,
+        metrics,
+        caches,
+    } = *host;
     let names: Vec<String> = built.queues.iter().map(|q| q.name.clone()).collect();
     warn_orphaned_wals(&storage.join("wal"), &names);
     // Open first (fallible), start after.
@@ -700,9 +707,7 @@ async fn swap(
     cfg: &AgentConfig,
     new: &AgentConfig,
     config_path: &Path,
-    storage: &Path,
-    metrics: &Arc<Metrics>,
-    caches: &crate::pods::PodCaches,
+    host: &Host<'_>,
 ) -> anyhow::Result<(Running, Result<(), String>)> {
     let keep = new.scrape_configs.iter().map(|s| s.job_name.clone()).collect();
     old.manager.retire_jobs(&keep).await;
@@ -714,7 +719,7 @@ async fn swap(
             .any(|rw| remote_name(rw) == q.name && queue_fingerprint(rw, &new.storage) == q.fingerprint)
     });
     stop_queues(changed, send_timeout).await;
-    match launch(built, storage, metrics, caches, &mut kept, inherited) {
+    match launch(built, host, &mut kept, inherited) {
         Ok(running) => {
             stop_queues(kept, send_timeout).await;
             Ok((running, Ok(())))
@@ -723,7 +728,7 @@ async fn swap(
             let msg = format!("{e:#}");
             let previous =
                 build(cfg, config_path).context("building the previous configuration after a failed reload")?;
-            let running = launch(previous, storage, metrics, caches, &mut kept, Inherited::new())
+            let running = launch(previous, host, &mut kept, Inherited::new())
                 .context("restarting the previous configuration after a failed reload")?;
             stop_queues(kept, send_timeout).await;
             Ok((running, Err(msg)))
@@ -769,14 +774,12 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
 
     // Pod watches live here, across reloads: a reload keeps those it still needs.
     let caches = crate::pods::PodCaches::new(metrics.clone());
-    let mut running = launch(
-        build(&cfg, &config_path)?,
-        &storage,
-        &metrics,
-        &caches,
-        &mut Vec::new(),
-        Inherited::new(),
-    )?;
+    let host = Host {
+        storage: &storage,
+        metrics: &metrics,
+        caches: &caches,
+    };
+    let mut running = launch(build(&cfg, &config_path)?, &host, &mut Vec::new(), Inherited::new())?;
     *status.write().unwrap_or_else(|p| p.into_inner()) = running.manager.status_source();
     metrics.set_ready(true);
 
@@ -801,8 +804,7 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
                         // Built and checked completely before anything running is touched.
                         Err(e) => Err(format!("{e:#}")),
                         Ok(built) => {
-                            let (r, result) =
-                                swap(running, built, &cfg, &new_cfg, &config_path, &storage, &metrics, &caches).await?;
+                            let (r, result) = swap(running, built, &cfg, &new_cfg, &config_path, &host).await?;
                             running = r;
                             if result.is_ok() {
                                 cfg = new_cfg;

@@ -98,7 +98,9 @@ impl Subscription {
                 FieldSelector::parse(f).map_err(|e| Error::Selector(e.0))?;
                 Some(f.clone())
             }
-            None => node_name.filter(|n| !n.is_empty()).map(|n| format!("spec.nodeName={n}")),
+            None => node_name
+                .filter(|n| !n.is_empty())
+                .map(|n| format!("spec.nodeName={n}")),
         };
         let names = cfg.namespaces.iter().flat_map(|n| n.names.iter().cloned());
         let names: BTreeSet<String> = names.chain(own_namespace).collect();
@@ -221,7 +223,11 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
         return Vec::new();
     }
     let status = pod.status.as_ref();
-    let listed = status.and_then(|s| s.pod_ips.as_ref()).into_iter().flatten().map(|p| p.ip.as_str());
+    let listed = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|p| p.ip.as_str());
     let single = status.and_then(|s| s.pod_ip.as_deref());
     let mut ips: Vec<IpAddr> = listed.chain(single).filter_map(|s| s.parse().ok()).collect();
     ips.sort_unstable();
@@ -244,7 +250,9 @@ pub struct PodCache {
 
 impl std::fmt::Debug for PodCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PodCache").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("PodCache")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -441,7 +449,10 @@ async fn run_watch(cache: std::sync::Weak<PodCache>, client: Client, scope: Scop
                 // The reflector swapped in the new list; deletions missed during a gap are gone.
                 c.rebuild();
                 if let Some(m) = &c.metrics {
-                    m.pod_cache.set_pods(&c.name, c.indexes.read().unwrap_or_else(|p| p.into_inner()).by_uid.len());
+                    m.pod_cache.set_pods(
+                        &c.name,
+                        c.indexes.read().unwrap_or_else(|p| p.into_inner()).by_uid.len(),
+                    );
                 }
                 if initial_lists[index] {
                     c.stats.relists.fetch_add(1, Ordering::Relaxed);
@@ -560,15 +571,40 @@ mod tests {
 
     #[test]
     fn configs_with_same_connection_share_a_key_and_differ_by_selector_only() {
-        let a = Subscription::from_parts(&sd(json!({"role": "pod", "selectors": [{"role": "pod", "label": "app=a"}]})), Some("n1"), None).unwrap();
-        let b = Subscription::from_parts(&sd(json!({"role": "pod", "selectors": [{"role": "pod", "label": "app=b"}]})), Some("n1"), None).unwrap();
+        let a = Subscription::from_parts(
+            &sd(json!({"role": "pod", "selectors": [{"role": "pod", "label": "app=a"}]})),
+            Some("n1"),
+            None,
+        )
+        .unwrap();
+        let b = Subscription::from_parts(
+            &sd(json!({"role": "pod", "selectors": [{"role": "pod", "label": "app=b"}]})),
+            Some("n1"),
+            None,
+        )
+        .unwrap();
         assert_eq!(a.key, b.key);
         assert_eq!(a.scope.field.as_deref(), Some("spec.nodeName=n1"));
-        let own_ns = Subscription::from_parts(&sd(json!({"role": "pod", "namespaces": {"names": ["x"]}})), Some("n1"), None).unwrap();
+        let own_ns = Subscription::from_parts(
+            &sd(json!({"role": "pod", "namespaces": {"names": ["x"]}})),
+            Some("n1"),
+            None,
+        )
+        .unwrap();
         assert_ne!(a.key, own_ns.key);
-        let server = Subscription::from_parts(&sd(json!({"role": "pod", "api_server": "https://k:6443"})), Some("n1"), None).unwrap();
+        let server = Subscription::from_parts(
+            &sd(json!({"role": "pod", "api_server": "https://k:6443"})),
+            Some("n1"),
+            None,
+        )
+        .unwrap();
         assert_ne!(a.key, server.key);
-        let field = Subscription::from_parts(&sd(json!({"role": "pod", "selectors": [{"role": "pod", "field": "status.phase=Running"}]})), Some("n1"), None).unwrap();
+        let field = Subscription::from_parts(
+            &sd(json!({"role": "pod", "selectors": [{"role": "pod", "field": "status.phase=Running"}]})),
+            Some("n1"),
+            None,
+        )
+        .unwrap();
         assert_ne!(a.key, field.key);
         assert_eq!(field.scope.field.as_deref(), Some("status.phase=Running"));
         let p = |labels: serde_json::Value| -> Pod {
@@ -577,7 +613,11 @@ mod tests {
         assert!(a.matches(&p(json!({"app": "a"}))));
         assert!(!a.matches(&p(json!({"app": "b"}))));
         assert!(b.matches(&p(json!({"app": "b"}))));
-        let bad = Subscription::from_parts(&sd(json!({"role": "pod", "selectors": [{"role": "pod", "label": "a in x"}]})), None, None);
+        let bad = Subscription::from_parts(
+            &sd(json!({"role": "pod", "selectors": [{"role": "pod", "label": "a in x"}]})),
+            None,
+            None,
+        );
         assert!(matches!(bad, Err(Error::Selector(_))));
     }
 }

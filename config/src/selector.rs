@@ -133,7 +133,9 @@ fn check_name(name: &str, what: &str) -> Result<(), SelectorError> {
     if ok {
         Ok(())
     } else {
-        err(format!("invalid {what} {name:?} (at most 63 characters of [A-Za-z0-9._-], alphanumeric at both ends)"))
+        err(format!(
+            "invalid {what} {name:?} (at most 63 characters of [A-Za-z0-9._-], alphanumeric at both ends)"
+        ))
     }
 }
 
@@ -291,7 +293,9 @@ mod tests {
         assert!(LabelSelector::parse("app.kubernetes.io/name==x")
             .unwrap()
             .matches(&labels(&[("app.kubernetes.io/name", "x")])));
-        assert!(LabelSelector::parse("a in(x,y)").unwrap().matches(&labels(&[("a", "y")])));
+        assert!(LabelSelector::parse("a in(x,y)")
+            .unwrap()
+            .matches(&labels(&[("a", "y")])));
     }
 
     #[test]

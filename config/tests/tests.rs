@@ -343,6 +343,19 @@ storage:
     }
 
     #[test]
+    fn kubernetes_selectors_are_checked_with_their_position() {
+        let text = "scrape_configs:\n  - job_name: k\n    kubernetes_sd_configs:\n      - role: pod\n        selectors:\n          - role: pod\n            label: 'app in web'\n            field: metadata.labels=x\n          - role: pod\n";
+        assert_eq!(
+            errors(text),
+            [
+                "agent.yml:7:20: scrape_configs[0].kubernetes_sd_configs[0].selectors[0].label: invalid label selector: expected a parenthesised value list after \"in\" in \"app in web\"",
+                "agent.yml:8:20: scrape_configs[0].kubernetes_sd_configs[0].selectors[0].field: invalid field selector: field \"metadata.labels\" cannot be selected on for pods (supported: metadata.name, metadata.namespace, spec.nodeName, spec.restartPolicy, spec.schedulerName, spec.serviceAccountName, spec.hostNetwork, status.phase, status.podIP, status.nominatedNodeName)",
+                "agent.yml:9:13: scrape_configs[0].kubernetes_sd_configs[0].selectors[1]: only one selector per role: merge the requirements into one `label` and one `field`",
+            ]
+        );
+    }
+
+    #[test]
     fn storage_wal_max_size_below_a_segment_and_bad_fsync_are_errors() {
         assert_eq!(
             errors("storage:\n  wal_max_size: 512KiB\n  wal_fsync: sometimes\n"),

@@ -4,6 +4,7 @@
 mod cli;
 mod common;
 mod hostile;
+mod kube;
 mod lab;
 mod metrics_oracle;
 mod outage;

@@ -649,7 +649,10 @@ mod tests {
             ..TargetGroup::default()
         };
         let b_only = vec![pod_target_group(&b)];
-        assert_eq!(snapshot([&b].into_iter(), &mut published), vec![tombstone, b_only[0].clone()]);
+        assert_eq!(
+            snapshot([&b].into_iter(), &mut published),
+            vec![tombstone, b_only[0].clone()]
+        );
         assert_eq!(snapshot([&b].into_iter(), &mut published), b_only);
     }
 
@@ -744,7 +747,10 @@ mod tests {
         let by_ip = cache.by_ip("10.0.0.1".parse().unwrap()).expect("b or c by IP");
         assert_ne!(by_ip.metadata.name.as_deref(), Some("a"));
         assert!(cache.by_uid("uid-a").is_none());
-        assert_eq!(cache.by_uid("uid-c").and_then(|c| c.metadata.name.clone()).as_deref(), Some("c"));
+        assert_eq!(
+            cache.by_uid("uid-c").and_then(|c| c.metadata.name.clone()).as_deref(),
+            Some("c")
+        );
 
         drop(rx);
         timeout(DEADLINE, task)

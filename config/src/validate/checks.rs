@@ -250,10 +250,16 @@ impl Checker<'_> {
                 );
             }
             if let Some(Err(e)) = sel.label.as_deref().map(crate::selector::LabelSelector::parse) {
-                self.err(&format!("{path}.selectors[{j}].label"), format!("invalid label selector: {e}"));
+                self.err(
+                    &format!("{path}.selectors[{j}].label"),
+                    format!("invalid label selector: {e}"),
+                );
             }
             if let Some(Err(e)) = sel.field.as_deref().map(crate::selector::FieldSelector::parse) {
-                self.err(&format!("{path}.selectors[{j}].field"), format!("invalid field selector: {e}"));
+                self.err(
+                    &format!("{path}.selectors[{j}].field"),
+                    format!("invalid field selector: {e}"),
+                );
             }
         }
         if k.selectors.len() > 1 {
