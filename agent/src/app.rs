@@ -618,7 +618,9 @@ fn start_discovery(built: Vec<BuiltJob>, metrics: &Arc<Metrics>, caches: &crate:
         metrics.init_job(&job_name, crate::scrape::client::ScrapeError::KINDS, &mechanisms);
         let mut rx = Vec::new();
         if !bj.static_configs.is_empty() {
-            let (tx, r) = watch::channel(discovery::static_groups(&job_name, &bj.static_configs));
+            let (tx, r) = watch::channel(Vec::new());
+            // Sent, not the initial value: the job sees the provider has published its list.
+            tx.send_replace(discovery::static_groups(&job_name, &bj.static_configs));
             static_keep.push(tx);
             rx.push(r);
         }
@@ -637,6 +639,7 @@ fn start_discovery(built: Vec<BuiltJob>, metrics: &Arc<Metrics>, caches: &crate:
                 Err(e) => {
                     metrics.discovery_error(&job_name, "kubernetes");
                     tracing::error!(job = %job_name, error = %e, "Kubernetes discovery cannot start; no targets from it.");
+                    tx.send_replace(Vec::new()); // complete, and empty
                     static_keep.push(tx);
                     continue;
                 }
@@ -652,7 +655,6 @@ fn start_discovery(built: Vec<BuiltJob>, metrics: &Arc<Metrics>, caches: &crate:
             )));
         }
         jobs.push(Job {
-            complete_at_start: bj.file_sd.is_empty() && bj.kubernetes_sd.is_empty(),
             defaults: bj.defaults,
             relabel: bj.relabel,
             settings: bj.settings,

@@ -1,6 +1,7 @@
 //! Reloads keep what runs: a series that vanishes from a kept target at a reload, and the
 //! series of a target the reload removes, get their staleness markers in a real Prometheus (as
-//! Prometheus 2.42 itself does), and scraping goes on without a gap.
+//! Prometheus 2.42 itself does) whether it came from static configs or from file discovery,
+//! and scraping goes on without a gap.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -85,5 +86,49 @@ fn series_vanishing_at_a_reload_are_marked_stale_in_prometheus() -> Result<()> {
         "reload_kept has {n} samples in the 8 s around the reload: {v}"
     );
     assert!(present("reload_kept")?);
+    Ok(())
+}
+
+#[test]
+fn targets_a_reload_removes_from_file_sd_are_marked_stale_in_prometheus() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let kept = TinyServer::start(|_| (200, vec![], b"reload_fsd_kept 1\n".to_vec()))?;
+    let removed = TinyServer::start(|_| (200, vec![], b"reload_fsd_removed 1\n".to_vec()))?;
+    let prom = Prometheus::start(dir.path(), "receiver", "global:\n  scrape_interval: 1m\n", true)?;
+    let both = dir.path().join("both.json");
+    let one = dir.path().join("one.json");
+    std::fs::write(
+        &both,
+        format!("[{{\"targets\": [\"{}\", \"{}\"]}}]", kept.addr, removed.addr),
+    )?;
+    std::fs::write(&one, format!("[{{\"targets\": [\"{}\"]}}]", kept.addr))?;
+    let config = |file: &std::path::Path| {
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: fsd\n    file_sd_configs:\n      - files: ['{}']\nremote_write:\n  - url: {}/api/v1/write\n    queue_config:\n      batch_send_deadline: 100ms\n",
+            file.display(),
+            prom.url
+        )
+    };
+    let agent = Agent::start(dir.path(), &config(&both))?;
+    let present = |q: &str| -> Result<bool> { Ok(!prom.query(q)?.is_empty()) };
+    for q in ["reload_fsd_kept", "reload_fsd_removed"] {
+        poll(&format!("{q} in Prometheus"), Duration::from_secs(30), || {
+            Ok(present(q)?.then_some(()))
+        })
+        .map_err(|e| e.context(agent.proc.log_text()))?;
+    }
+    // The reload points the job at a file without the second target: no running loop sees it
+    // go, so only the reload can end its series.
+    std::fs::write(&agent.config, config(&one))?;
+    let (status, body) = http_post(&format!("{}/-/reload", agent.url))?;
+    assert_eq!(status, 200, "{body}");
+    let removed_up = format!("up{{job=\"fsd\",instance=\"{}\"}}", removed.addr);
+    for q in ["reload_fsd_removed", removed_up.as_str()] {
+        poll(&format!("{q} stale"), Duration::from_secs(20), || {
+            Ok((!present(q)?).then_some(()))
+        })
+        .map_err(|e| e.context(agent.proc.log_text()))?;
+    }
+    assert!(present("reload_fsd_kept")?, "the kept target's series must go on");
     Ok(())
 }

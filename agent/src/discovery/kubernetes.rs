@@ -256,11 +256,17 @@ pub async fn run(
 ) {
     let mut changes = cache.changes();
     let mut published = BTreeSet::new();
+    let mut first = true;
     loop {
         if cache.synced() {
             let pods = cache.pods();
             let groups = snapshot(pods.iter().filter(|p| sub.matches(p)).map(|p| &**p), &mut published);
-            if out.send_if_modified(|current| replace_if_changed(current, groups)) {
+            // The first list is always sent (even empty): the job learns it is complete.
+            if first {
+                out.send_replace(groups);
+                stats.updates.fetch_add(1, Ordering::Relaxed);
+                first = false;
+            } else if out.send_if_modified(|current| replace_if_changed(current, groups)) {
                 stats.updates.fetch_add(1, Ordering::Relaxed);
             }
         }

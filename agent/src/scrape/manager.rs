@@ -32,9 +32,6 @@ pub struct Job {
     pub providers: Vec<watch::Receiver<Vec<TargetGroup>>>,
     /// `target_limit` (0 = none).
     pub target_limit: u64,
-    /// Its providers publish the whole target list at once (static configs only): after the
-    /// first sync, targets of the previous generation that are not there are gone.
-    pub complete_at_start: bool,
 }
 
 #[derive(Default)]
@@ -161,8 +158,15 @@ async fn run_job(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut providers = job.providers;
-    let mut first = true;
+    // Whether each provider has published its first full list (static groups, a file read,
+    // a listed pod cache). Once all have, the targets of the previous generation that none of
+    // them has any more are gone, and their series end.
+    let mut synced = vec![false; providers.len()];
+    let mut reaped = false;
     loop {
+        for (p, s) in providers.iter().zip(synced.iter_mut()) {
+            *s |= p.has_changed().unwrap_or(true);
+        }
         let groups: Vec<TargetGroup> = providers
             .iter_mut()
             .flat_map(|p| p.borrow_and_update().clone())
@@ -193,9 +197,10 @@ async fn run_job(
                     LoopHandle::start(t, job.settings.clone(), outputs.clone(), metrics.clone(), left)
                 });
             }
-            if first && job.complete_at_start {
-                // Targets of this job that the reload removed: their series end now, as when a
-                // target goes away while running.
+            if !reaped && synced.iter().all(|s| *s) {
+                reaped = true;
+                // Targets of this job that the reload removed (from its static configs, files
+                // or pods): their series end now, as when a target goes away while running.
                 let gone: Vec<Leftover> = {
                     let mut inh = inherited.lock().unwrap_or_else(|p| p.into_inner());
                     let keys: Vec<String> = inh
@@ -210,10 +215,10 @@ async fn run_job(
                     .map(|d| d.as_millis() as i64)
                     .unwrap_or(0);
                 for left in gone {
+                    tracing::debug!(job = %job.defaults.job, "Target removed by the reload; ending its series.");
                     left.write_stale(&outputs, &metrics, ts);
                 }
             }
-            first = false;
             st.not_scraped = not_scraped.into_iter().chain(invalid_limit).collect();
             let dropped = st
                 .not_scraped
@@ -247,16 +252,22 @@ async fn run_job(
         // Wait for any provider to change, or stop.
         let changed = async {
             if providers.is_empty() {
-                std::future::pending::<()>().await;
+                return std::future::pending::<(bool, usize)>().await;
             }
             let futs = providers.iter_mut().map(|p| Box::pin(p.changed()));
-            let (r, _, _) = futures::future::select_all(futs).await;
-            r.is_ok()
+            let (r, index, _) = futures::future::select_all(futs).await;
+            (r.is_ok(), index)
         };
         tokio::select! {
-            ok = changed => {
+            (ok, index) = changed => {
+                // `changed` marked the new list seen: note here that this provider published.
+                if let Some(s) = synced.get_mut(index) {
+                    *s = true;
+                }
                 if !ok {
                     // A provider ended (its task stopped); keep its last groups out and go on.
+                    let mut keep = providers.iter().map(|p| p.has_changed().is_ok());
+                    synced.retain(|_| keep.next().unwrap_or(false));
                     providers.retain(|p| p.has_changed().is_ok());
                 }
             }
