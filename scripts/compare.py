@@ -177,10 +177,12 @@ def build_pages(target, series):
     return "".join(a).encode(), "".join(b).encode()
 
 
-def serve_targets(n, series):
-    """Child process: one listener thread per port; prints the ports as one JSON line."""
+def serve_targets(counts):
+    """Child process: one listener thread per port (one per entry of `counts`, the series of
+    each target); prints the ports as one JSON line."""
     pages = []
-    for t in range(n):
+    n = len(counts)
+    for t, series in enumerate(counts):
         variants = build_pages(t, series)
         pages.append([(raw, gzip.compress(raw, compresslevel=6)) for raw in variants])
 
@@ -536,6 +538,42 @@ class Contender:
             self.log.close()
 
 
+class RssSampler:
+    """VmRSS of a process every 250 ms, in a thread."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.samples = []
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while not self.done.wait(0.25):
+            try:
+                kib = proc_status_kib(self.pid, "VmRSS")
+            except OSError:
+                return
+            with self.lock:
+                self.samples.append(kib)
+
+    def reset(self):
+        with self.lock:
+            self.samples = []
+
+    def peak_mib(self):
+        with self.lock:
+            return max(self.samples, default=0) / 1024.0
+
+    def median_mib(self):
+        with self.lock:
+            s = sorted(self.samples)
+        return s[len(s) // 2] / 1024.0 if s else 0.0
+
+    def stop(self):
+        self.done.set()
+
+
 def measure(name, args, workdir, ports, receiver):
     c = Contender(name, args, workdir, ports, receiver)
     res = {"name": name, "cmd": c.cmd}
@@ -544,6 +582,7 @@ def measure(name, args, workdir, ports, receiver):
         rows_before = receiver.counters()["rows"]
         t_start = time.monotonic()
         c.start()
+        rss = RssSampler(c.proc.pid)
         # the warm-up starts with the first sample delivered (Prometheus, for one, applies
         # its targets only after ~5 s), so that every contender is measured in steady state
         while receiver.counters()["rows"] == rows_before:
@@ -556,6 +595,8 @@ def measure(name, args, workdir, ports, receiver):
         time.sleep(args.warmup)
         if c.proc.poll() is not None:
             raise RuntimeError(f"{name} exited with code {c.proc.returncode} during warm-up")
+        res["rss_startup_peak_mib"] = rss.peak_mib()
+        rss.reset()
         pid = c.proc.pid
         m0, r0 = c.metrics(), receiver.counters()
         c.log.flush()
@@ -567,6 +608,8 @@ def measure(name, args, workdir, ports, receiver):
             time.time()
         r1, m1 = receiver.counters(), c.metrics()
         hwm = proc_status_kib(pid, "VmHWM")
+        res["rss_steady_mib"] = rss.median_mib()
+        rss.stop()
         log1 = os.path.getsize(c.log_path)
         res["rss_parts"] = {k: proc_status_kib(pid, k) / 1024.0
                             for k in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}
@@ -621,21 +664,35 @@ def measure(name, args, workdir, ports, receiver):
 # report
 # --------------------------------------------------------------------------------------------
 
+def n_targets(args):
+    return args.targets + (1 if args.big_target else 0) + (1 if args.node_exporter else 0)
+
+
+def total_series(args):
+    """Series per scrape round, auto series included."""
+    return (args.targets * args.series + args.big_target + args.node_exporter_series
+            + n_targets(args) * AUTO_SERIES)
+
+
 def fmt_row(r, args):
-    expected_scrapes = args.targets * args.duration / args.interval_s
-    expected_rate = args.targets * (args.series + AUTO_SERIES) / args.interval_s
+    expected_scrapes = n_targets(args) * args.duration / args.interval_s
+    expected_rate = total_series(args) / args.interval_s
     if "failure" in r and "delivered" not in r:
-        return [r["name"], "-", "-", "-", "-", "-", "-", "FAILED", "-"]
+        return [r["name"]] + ["-"] * 9 + ["FAILED", "-"]
     rate = r["delivered"] / r["elapsed"]
     per_m = r["cpu"] / (r["delivered"] / 1e6) if r["delivered"] > 0 else float("inf")
     errors = (r.get("scrapes_failed", 0) + int(sum(r["own_errors"].values()))
               + int(r["receiver_errors"]))
     scrapes = r.get("scrapes")
+    steady = r.get("rss_steady_mib", 0.0)
     return [
         r["name"],
         f"{per_m:.2f}",
         f"{r['cpu'] / r['elapsed'] * 100:.1f}%",
+        f"{steady:.1f}",
+        f"{r.get('rss_startup_peak_mib', 0.0):.1f}",
         f"{r['rss_mib']:.1f}",
+        f"{steady * 1048576 / total_series(args):.0f}",
         f"{rate:,.0f}",
         f"{rate / expected_rate * 100:.1f}%",
         f"{scrapes}/{expected_scrapes:.0f}" if scrapes is not None else "?",
@@ -644,7 +701,8 @@ def fmt_row(r, args):
     ]
 
 
-HEADERS = ["contender", "CPU s / M samples", "CPU (of 1 core)", "peak RSS MiB",
+HEADERS = ["contender", "CPU s / M samples", "CPU (of 1 core)", "steady RSS MiB",
+           "start-up peak RSS MiB", "peak RSS MiB", "bytes/series (steady RSS)",
            "samples/s delivered", "of expected", "scrapes seen/expected", "errors",
            "warn/error log lines"]
 
@@ -669,10 +727,18 @@ def print_markdown(rows, args, versions, sizes):
     for k, v in versions.items():
         print(f"- {k}: `{v}`")
     raw, gz = sizes
-    print(f"- workload: {args.targets} targets × {args.series} series (+{AUTO_SERIES} "
-          f"auto series) every {prom_duration(args.interval_s)}; page {raw / 1024:.0f} KiB "
+    extra = ""
+    if args.big_target:
+        braw, bgz = args.big_sizes
+        extra += (f" + one target × {args.big_target} series (page {braw / 1048576:.1f} MiB, "
+                  f"{bgz / 1048576:.1f} MiB gzip)")
+    if args.node_exporter:
+        extra += f" + prometheus-node-exporter ({args.node_exporter_series} series)"
+    print(f"- workload: {args.targets} targets × {args.series} series{extra} (+{AUTO_SERIES} "
+          f"auto series each; {total_series(args):,} series in all) every "
+          f"{prom_duration(args.interval_s)}; page {raw / 1024:.0f} KiB "
           f"({gz / 1024:.0f} KiB gzip); expected "
-          f"{args.targets * (args.series + AUTO_SERIES) / args.interval_s:,.0f} samples/s; "
+          f"{total_series(args) / args.interval_s:,.0f} samples/s; "
           f"warm-up {args.warmup:g} s after the first delivered sample, measured {args.duration:g} s, one contender at a time; "
           f"receiver: victoria-metrics single node")
     print()
@@ -685,7 +751,10 @@ def print_markdown(rows, args, versions, sizes):
           "samples = rows the receiver inserted from remote_write in that window; "
           "errors = failed scrapes (`up == 0`) + failures/drops the contender reports + "
           "write requests the receiver rejected; warn/error log lines are counted in the "
-          "measured window only.")
+          "measured window only. Steady RSS = median VmRSS (sampled every 250 ms) over the "
+          "measured window; start-up peak = highest VmRSS from start to the end of the "
+          "warm-up; peak = VmHWM over the whole run; bytes/series = steady RSS / series "
+          "per scrape round.")
 
 
 def nproc():
@@ -736,7 +805,7 @@ def print_details(results):
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--serve-targets":
-        serve_targets(int(sys.argv[2]), int(sys.argv[3]))
+        serve_targets([int(x) for x in sys.argv[2].split(",")])
         return 0
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -748,6 +817,10 @@ def main():
     p.add_argument("--warmup", type=float, default=10, help="seconds before measuring")
     p.add_argument("--only", default=",".join(CONTENDERS),
                    help="comma-separated subset of " + ",".join(CONTENDERS))
+    p.add_argument("--big-target", type=int, default=0,
+                   help="series of one extra, large target (0 = none)")
+    p.add_argument("--node-exporter", action="store_true",
+                   help="also scrape a prometheus-node-exporter started for the run")
     p.add_argument("--agent-bin", default=os.path.join(ROOT, "target/release/agent"),
                    help="our agent binary")
     args = p.parse_args()
@@ -794,20 +867,34 @@ def main():
     except OSError:
         pass
     workdir = tempfile.mkdtemp(prefix="sre-lab-compare-")
-    targets = receiver = None
+    targets = receiver = node_exporter = None
+    args.node_exporter_series = 0
     results = []
     try:
         print(f"==> generating {args.targets} targets × {args.series} series",
               file=sys.stderr, flush=True)
+        counts = [args.series] * args.targets + ([args.big_target] if args.big_target else [])
         targets = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--serve-targets", str(args.targets),
-             str(args.series)], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            [sys.executable, os.path.abspath(__file__), "--serve-targets",
+             ",".join(map(str, counts))], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         ready, _, _ = select.select([targets.stdout], [], [], 300)
         line = targets.stdout.readline() if ready else b""
         if not line:
             raise RuntimeError("the target server did not start")
         info = json.loads(line)
         ports, sizes = info["ports"], info["sizes"][0]
+        if args.big_target:
+            args.big_sizes = info["sizes"][-1]
+        if args.node_exporter:
+            ne_port = free_port()
+            node_exporter = subprocess.Popen(
+                ["prometheus-node-exporter", f"--web.listen-address=127.0.0.1:{ne_port}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+            wait_http(f"http://127.0.0.1:{ne_port}/metrics", node_exporter, 30, "node_exporter")
+            args.node_exporter_series = sum(
+                1 for line in http_get(f"http://127.0.0.1:{ne_port}/metrics").splitlines()
+                if line and not line.startswith("#"))
+            ports = ports + [ne_port]
         receiver = Receiver(workdir)
         receiver.start()
         for name in only:
@@ -817,6 +904,7 @@ def main():
         if receiver is not None:
             receiver.stop()
         stop_process(targets, grace=10)
+        stop_process(node_exporter, grace=10)
         shutil.rmtree(workdir, ignore_errors=True)
 
     rows = [fmt_row(r, args) for r in results]

@@ -8,11 +8,14 @@ use std::time::Duration;
 
 use agent::labels::Labels;
 use agent::remote_write::{frame, proto, Endpoint, Outputs};
-use agent::scrape::appender::Appender;
+use agent::scrape::appender::{Appender, StreamParse};
 use agent::scrape::parse::Format;
 use agent::telemetry::Metrics;
 use agent::wal::{FsyncPolicy, Wal, WalOptions};
 use prost::Message;
+
+/// (scraped, post-relabeling, added) of a scrape, or its error.
+type Counts = Result<(u64, u64, u64), String>;
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -64,6 +67,34 @@ impl Fixture {
         self.a.begin();
         let r = self.a.scrape_body(body.as_bytes(), Format::Text, ts);
         self.a.finish(r.as_ref().map(|r| *r), ts, Duration::from_millis(1));
+        self.written()
+    }
+
+    /// One scrape of `body` streamed in pieces of `piece` bytes, as `content_type`; the
+    /// pairs written and the scrape's result.
+    fn scrape_streamed(
+        &mut self,
+        body: &[u8],
+        piece: usize,
+        content_type: &str,
+        ts: i64,
+    ) -> (Vec<(String, f64)>, Counts) {
+        use agent::scrape::client::BodySink;
+        self.a.begin();
+        let mut pending = Vec::new();
+        let fed = {
+            let mut sink = StreamParse::new(&mut self.a, &mut pending, ts);
+            sink.start(content_type);
+            body.chunks(piece.max(1))
+                .try_for_each(|p| sink.data(p))
+                .and_then(|()| sink.end())
+        };
+        let r = fed.and_then(|()| self.a.end_body());
+        self.a.finish(r.as_ref().map(|r| *r), ts, Duration::from_millis(1));
+        (self.written(), r.map_err(|e| e.to_string()))
+    }
+
+    fn written(&mut self) -> Vec<(String, f64)> {
         let mut reader = self.wal.reader(self.next);
         let mut out = Vec::new();
         while let Some(rec) = reader.next().unwrap() {
@@ -154,4 +185,48 @@ fn failed_scrape_reports_counts_reached() {
     assert!(r.is_err());
     let report = f.a.finish(r.as_ref().map(|r| *r), 1000, Duration::from_millis(1));
     assert_eq!((report.up, report.scraped, report.post_relabel), (0.0, 2, 2));
+}
+
+#[test]
+fn a_body_streamed_in_pieces_of_any_size_gives_the_same_samples() {
+    let mut body = String::from("# HELP m A metric.\n# TYPE m counter\n");
+    for i in 0..200 {
+        body.push_str(&format!("m{{k=\"v{i}\",long=\"{}\"}} {i}\n", "x".repeat(i % 37)));
+    }
+    body.push_str("last 7"); // no final newline
+    let whole = Fixture::new().scrape(&body, 1000);
+    assert_eq!(whole.len(), 202);
+    for piece in [1, 2, 3, 7, 64, 1000, body.len()] {
+        let mut f = Fixture::new();
+        let (got, r) = f.scrape_streamed(body.as_bytes(), piece, "text/plain; version=0.0.4", 1000);
+        assert_eq!(r, Ok((201, 201, 201)), "piece {piece}");
+        assert_eq!(got, whole, "piece {piece}");
+    }
+}
+
+#[test]
+fn a_streamed_body_stays_all_or_nothing_with_the_right_line_number() {
+    let mut body = String::new();
+    for i in 0..100 {
+        body.push_str(&format!("ok_{i} 1\n"));
+    }
+    body.push_str("broken{\n");
+    let mut f = Fixture::new();
+    let (got, r) = f.scrape_streamed(body.as_bytes(), 5, "text/plain", 1000);
+    let err = r.unwrap_err();
+    assert!(err.contains("line 101"), "{err}");
+    assert_eq!(got, vec![("up".into(), 0.0)], "nothing of a failed page is appended");
+}
+
+#[test]
+fn openmetrics_eof_is_checked_across_pieces() {
+    const OM: &str = "application/openmetrics-text; version=1.0.0";
+    let mut f = Fixture::new();
+    let (got, r) = f.scrape_streamed(b"a 1\n# EOF\n", 3, OM, 1000);
+    assert_eq!(r, Ok((1, 1, 1)));
+    assert!(got.contains(&("a".into(), 1.0)));
+    let (_, r) = f.scrape_streamed(b"a 1\n# EOF\nb 2\n", 4, OM, 2000);
+    assert!(r.unwrap_err().contains("unexpected data after # EOF"));
+    let (_, r) = f.scrape_streamed(b"a 1\nb 2\n", 4, OM, 3000);
+    assert!(r.unwrap_err().contains("does not end with # EOF"));
 }

@@ -154,6 +154,82 @@ impl Batch {
     }
 }
 
+/// Feeds a streamed body to an [`Appender`] in whole lines as it arrives: the longest part
+/// held is one piece of the body plus the line it cut, never the body.
+pub struct StreamParse<'a> {
+    appender: &'a mut Appender,
+    /// The cut line carried to the next piece (a buffer the scrape loop keeps).
+    pending: &'a mut Vec<u8>,
+    format: Format,
+    ts: i64,
+    lines: usize,
+    eof: bool,
+}
+
+impl<'a> StreamParse<'a> {
+    /// Parses into `appender` for a scrape at `ts`; `pending` is a reusable buffer.
+    pub fn new(appender: &'a mut Appender, pending: &'a mut Vec<u8>, ts: i64) -> Self {
+        pending.clear();
+        Self {
+            appender,
+            pending,
+            format: Format::Text,
+            ts,
+            lines: 0,
+            eof: false,
+        }
+    }
+
+    fn parse(&mut self, lines: &[u8], last: bool) -> Result<(), ScrapeError> {
+        if self.eof {
+            if lines.iter().all(u8::is_ascii_whitespace) && last {
+                return Ok(());
+            }
+            let e = super::parse::ParseError::after_eof(self.lines + 1);
+            return Err(ScrapeError::Parse(e.to_string()));
+        }
+        let parser = Parser::chunk(lines, self.format, self.lines, last);
+        let parser = self.appender.append_chunk(parser, self.ts)?;
+        self.lines = parser.line();
+        self.eof = parser.saw_eof();
+        Ok(())
+    }
+}
+
+impl super::client::BodySink for StreamParse<'_> {
+    fn start(&mut self, content_type: &str) {
+        self.format = Format::from_content_type(content_type);
+    }
+
+    fn data(&mut self, piece: &[u8]) -> Result<(), ScrapeError> {
+        let Some(cut) = memchr::memrchr(b'\n', piece) else {
+            self.pending.extend_from_slice(piece);
+            return Ok(());
+        };
+        let (whole, rest) = piece.split_at(cut + 1);
+        if self.pending.is_empty() {
+            // The common case: parse straight from the piece, no copy.
+            self.parse(whole, false)?;
+        } else {
+            let mut held = std::mem::take(self.pending);
+            held.extend_from_slice(whole);
+            let r = self.parse(&held, false);
+            held.clear();
+            *self.pending = held;
+            r?;
+        }
+        self.pending.extend_from_slice(rest);
+        Ok(())
+    }
+
+    fn end(&mut self) -> Result<(), ScrapeError> {
+        let held = std::mem::take(self.pending);
+        let r = self.parse(&held, true);
+        *self.pending = held;
+        r
+    }
+}
+
 /// Per-target series state and the buffers of the scrape in progress.
 pub struct Appender {
     target_labels: Labels,
@@ -170,6 +246,8 @@ pub struct Appender {
     scratch: Labels,
     /// (scraped, post-relabeling, added) of the scrape in progress, kept when it fails.
     counts: (u64, u64, u64),
+    /// The scrape in progress went over `sample_limit` (it goes on counting).
+    limit_hit: bool,
     /// Series ids of the scrape in progress, to drop duplicates.
     seen: hashbrown::HashSet<u64, FxBuildHasher>,
     /// Between `begin` and `finish`.
@@ -228,6 +306,7 @@ impl Appender {
             scratch: Labels::new(),
             seen: hashbrown::HashSet::default(),
             counts: (0, 0, 0),
+            limit_hit: false,
             in_progress: false,
             inherited: None,
         }
@@ -345,6 +424,7 @@ impl Appender {
         self.in_progress = true;
         self.iter += 1;
         self.counts = (0, 0, 0);
+        self.limit_hit = false;
         self.batch.acquire(&self.outputs.pool);
         self.batch.clear();
         self.seen.clear();
@@ -410,13 +490,35 @@ impl Appender {
         self.append_body(body, format, ts)
     }
 
-    /// Parses the body and appends its samples to the batch. Returns (scraped,
+    /// Parses a whole body and appends its samples to the batch. Returns (scraped,
     /// post-relabeling, series added).
     pub fn append_body(&mut self, body: &[u8], format: Format, ts: i64) -> Result<(u64, u64, u64), ScrapeError> {
+        self.limit_hit = false;
+        self.append_chunk(Parser::new(body, format), ts)?;
+        self.end_body()
+    }
+
+    /// After the last [`Appender::append_chunk`] of a body: its totals, or the sample-limit
+    /// error.
+    pub fn end_body(&mut self) -> Result<(u64, u64, u64), ScrapeError> {
+        let (scraped, post, added) = self.counts;
+        if self.limit_hit {
+            self.limit_hit = false;
+            return Err(ScrapeError::SampleLimit {
+                got: post,
+                limit: self.settings.sample_limit,
+            });
+        }
+        Ok((scraped, post, added))
+    }
+
+    /// Appends the samples of one piece of a streamed body (whole lines; see
+    /// [`Parser::chunk`]) to the batch; totals so far are kept for [`Appender::end_body`].
+    /// Returns the parser, for its line count and `# EOF` state.
+    pub fn append_chunk<'p>(&mut self, mut parser: Parser<'p>, ts: i64) -> Result<Parser<'p>, ScrapeError> {
         let s = self.settings.clone();
-        let mut parser = Parser::new(body, format);
-        let (mut scraped, mut post, mut added) = (0u64, 0u64, 0u64);
-        let mut limit_hit = false;
+        let (mut scraped, mut post, mut added) = self.counts;
+        let mut limit_hit = self.limit_hit;
         while let Some(entry) = parser.next_entry() {
             let sample = match entry.map_err(|e| ScrapeError::Parse(e.to_string()))? {
                 Entry::Sample(sample) => sample,
@@ -475,13 +577,8 @@ impl Appender {
             self.batch.samples += 1;
         }
         self.counts = (scraped, post, added);
-        if limit_hit {
-            return Err(ScrapeError::SampleLimit {
-                got: post,
-                limit: s.sample_limit,
-            });
-        }
-        Ok((scraped, post, added))
+        self.limit_hit = limit_hit;
+        Ok(parser)
     }
 
     /// Staleness markers for series seen in the previous iteration but not in this one.

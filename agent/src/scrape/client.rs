@@ -1,6 +1,6 @@
 //! Fetching one scrape: HTTP GET with Prometheus's headers, timeout, gzip and a body size cap.
 
-use std::io::Read;
+use std::io::Write;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -86,19 +86,24 @@ impl ScrapeError {
     }
 }
 
-/// What a fetch returns besides the body (which goes into the caller's buffer).
-pub struct Fetched {
-    /// `Content-Type` of the answer.
-    pub content_type: String,
+/// Where a fetched body goes, decompressed, piece by piece: nothing holds the whole body.
+pub trait BodySink: Send {
+    /// The answer's `Content-Type`, before any data.
+    fn start(&mut self, content_type: &str);
+    /// The next piece of the (decompressed) body.
+    fn data(&mut self, piece: &[u8]) -> Result<(), ScrapeError>;
+    /// The body ended.
+    fn end(&mut self) -> Result<(), ScrapeError>;
 }
 
 /// How many redirects a scrape follows (Go's default, which Prometheus uses).
 const MAX_REDIRECTS: usize = 10;
 
-/// Fetches `url` into `body` (uncompressed; `scratch` holds the compressed form). Both are
-/// reused buffers, so a steady-state scrape does not allocate its body. `limit` of 0 means no
-/// size limit. With `follow_redirects`, 3xx answers with a `Location` are followed (at most
-/// 10), as Prometheus does by default.
+/// Fetches `url` and streams its body, gunzipped when the answer is gzip, into `sink` in
+/// pieces of at most a network frame (or 32 KiB of decompressed output), so memory does not
+/// grow with the page. `limit` (0 = none) caps the decompressed body, and the compressed one.
+/// With `follow_redirects`, 3xx answers with a `Location` are followed (at most 10), as
+/// Prometheus does by default. The timeout covers the whole exchange, parsing included.
 #[allow(clippy::too_many_arguments)]
 pub async fn fetch(
     client: &HttpClient,
@@ -107,11 +112,8 @@ pub async fn fetch(
     timeout: Duration,
     limit: u64,
     follow_redirects: bool,
-    body: &mut Vec<u8>,
-    scratch: &mut Vec<u8>,
-) -> Result<Fetched, ScrapeError> {
-    body.clear();
-    scratch.clear();
+    sink: &mut dyn BodySink,
+) -> Result<(), ScrapeError> {
     let build = |url: &str, auth: Option<&HeaderValue>| {
         let mut req = Request::get(url)
             .header(header::ACCEPT, ACCEPT)
@@ -154,28 +156,37 @@ pub async fn fetch(
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
+            .unwrap_or("");
+        sink.start(content_type);
         let gzip = resp
             .headers()
             .get(header::CONTENT_ENCODING)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
         let cap = if limit == 0 { u64::MAX } else { limit };
-        let raw: &mut Vec<u8> = if gzip { &mut *scratch } else { &mut *body };
+        let capped = Capped {
+            sink,
+            written: 0,
+            cap,
+            limit,
+            error: None,
+        };
+        let mut out = if gzip {
+            Out::Gzip(Box::new(flate2::write::MultiGzDecoder::new(capped)))
+        } else {
+            Out::Plain(capped)
+        };
+        let mut received = 0u64;
         let mut incoming = resp.into_body();
         while let Some(frame) = incoming.frame().await {
             let frame = frame.map_err(|e| ScrapeError::Connect(format!("reading body: {e}")))?;
-            if let Ok(data) = frame.into_data() {
-                if (raw.len() + data.len()) as u64 > cap {
-                    return Err(ScrapeError::BodyTooLarge(limit));
-                }
-                raw.extend_from_slice(&data);
+            let Ok(data) = frame.into_data() else { continue };
+            received += data.len() as u64;
+            if received > cap {
+                return Err(ScrapeError::BodyTooLarge(limit));
             }
+            out.write(&data)?;
         }
-        if gzip {
-            gunzip(scratch, limit, body)?;
-        }
-        Ok(Fetched { content_type })
+        out.finish()
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
@@ -183,16 +194,71 @@ pub async fn fetch(
     }
 }
 
-fn gunzip(data: &[u8], limit: u64, out: &mut Vec<u8>) -> Result<(), ScrapeError> {
-    let cap = if limit == 0 { u64::MAX } else { limit + 1 };
-    flate2::read::MultiGzDecoder::new(data)
-        .take(cap)
-        .read_to_end(out)
-        .map_err(|e| ScrapeError::Decompress(e.to_string()))?;
-    if limit != 0 && out.len() as u64 > limit {
-        return Err(ScrapeError::BodyTooLarge(limit));
+/// The sink behind a size cap, as a `Write` for the gzip decoder.
+struct Capped<'s> {
+    sink: &'s mut dyn BodySink,
+    written: u64,
+    cap: u64,
+    limit: u64,
+    /// Why the sink refused (the decoder only passes an `io::Error` on).
+    error: Option<ScrapeError>,
+}
+
+impl Write for Capped<'_> {
+    fn write(&mut self, piece: &[u8]) -> std::io::Result<usize> {
+        self.written += piece.len() as u64;
+        let refused = if self.written > self.cap {
+            Err(ScrapeError::BodyTooLarge(self.limit))
+        } else {
+            self.sink.data(piece)
+        };
+        match refused {
+            Ok(()) => Ok(piece.len()),
+            Err(e) => {
+                self.error = Some(e);
+                Err(std::io::Error::other("refused by the sink"))
+            }
+        }
     }
-    Ok(())
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The body as it is, or through the gzip decoder.
+enum Out<'s> {
+    Plain(Capped<'s>),
+    Gzip(Box<flate2::write::MultiGzDecoder<Capped<'s>>>),
+}
+
+impl Out<'_> {
+    fn write(&mut self, data: &[u8]) -> Result<(), ScrapeError> {
+        match self {
+            Out::Plain(c) => c.write_all(data).map_err(|e| c.refused(e)),
+            Out::Gzip(d) => d.write_all(data).map_err(|e| d.get_mut().refused(e)),
+        }
+    }
+
+    fn finish(self) -> Result<(), ScrapeError> {
+        let capped = match self {
+            Out::Plain(c) => c,
+            Out::Gzip(mut d) => {
+                d.try_finish().map_err(|e| d.get_mut().refused(e))?;
+                d.finish().map_err(|e| ScrapeError::Decompress(e.to_string()))?
+            }
+        };
+        capped.sink.end()
+    }
+}
+
+impl Capped<'_> {
+    /// The sink's own error if it refused, else a decompression error.
+    fn refused(&mut self, e: std::io::Error) -> ScrapeError {
+        self.error
+            .take()
+            .unwrap_or_else(|| ScrapeError::Decompress(e.to_string()))
+    }
 }
 
 #[cfg(test)]

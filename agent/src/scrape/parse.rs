@@ -271,6 +271,17 @@ impl fmt::Display for ParseError {
 
 impl std::error::Error for ParseError {}
 
+impl ParseError {
+    /// OpenMetrics data after `# EOF`, found at `line` of a streamed body.
+    pub fn after_eof(line: usize) -> Self {
+        ParseError {
+            line,
+            message: "unexpected data after # EOF".to_owned(),
+            context: String::new(),
+        }
+    }
+}
+
 /// Pull parser over one scraped body.
 #[derive(Clone, Debug)]
 pub struct Parser<'a> {
@@ -279,17 +290,36 @@ pub struct Parser<'a> {
     line_no: usize,
     format: Format,
     done: bool,
+    /// The body ends with this slice (else more chunks follow).
+    last: bool,
+    /// OpenMetrics `# EOF` was read.
+    eof: bool,
 }
 
 impl<'a> Parser<'a> {
+    /// A parser over a whole body.
     pub fn new(body: &'a [u8], format: Format) -> Self {
+        Self::chunk(body, format, 0, true)
+    }
+
+    /// A parser over one piece of a streamed body: `body` holds whole lines (it ends with a
+    /// newline unless `last`), the first of them line `lines_before + 1`. Only the `last`
+    /// piece checks how the body ends (OpenMetrics `# EOF`).
+    pub fn chunk(body: &'a [u8], format: Format, lines_before: usize, last: bool) -> Self {
         Parser {
             body,
             pos: 0,
-            line_no: 0,
+            line_no: lines_before,
             format,
             done: false,
+            last,
+            eof: false,
         }
+    }
+
+    /// Whether an OpenMetrics `# EOF` line was read: nothing may follow it.
+    pub fn saw_eof(&self) -> bool {
+        self.eof
     }
 
     /// The next entry, `None` at the end of the body or after an error.
@@ -299,7 +329,7 @@ impl<'a> Parser<'a> {
             let start = self.pos;
             if start >= body.len() {
                 self.done = true;
-                if self.format == Format::OpenMetrics {
+                if self.format == Format::OpenMetrics && self.last && !self.eof {
                     let fail = fail_msg("data does not end with # EOF");
                     return Some(Err(self.error(fail, b"", false)));
                 }
@@ -341,6 +371,7 @@ impl<'a> Parser<'a> {
                     return Err(fail_msg("unexpected data after # EOF"));
                 }
                 self.done = true;
+                self.eof = true;
                 return Ok(None);
             }
             Some(b'#') if line.starts_with(b"# EOF") => return Err(fail_msg("unexpected data after # EOF")),

@@ -6,9 +6,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
-use super::appender::{Appender, Leftover};
+use super::appender::{Appender, Leftover, StreamParse};
 use super::client;
-use super::parse::Format;
 use super::target::Target;
 use crate::http::HttpClient;
 use crate::relabel::Rule;
@@ -128,9 +127,13 @@ struct ScrapeLoop {
     settings: Arc<ScrapeSettings>,
     metrics: Arc<Metrics>,
     status: Arc<Mutex<TargetStatus>>,
-    outputs: Arc<Outputs>,
     appender: Appender,
+    /// The line cut between two pieces of a streamed body.
+    pending: Vec<u8>,
 }
+
+/// Carry-over capacity kept between scrapes (a longer line grows it for one scrape only).
+const PENDING_KEEP: usize = 256 << 10;
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -158,8 +161,8 @@ impl ScrapeLoop {
             settings,
             metrics,
             status,
-            outputs,
             appender,
+            pending: Vec::new(),
         }
     }
 
@@ -220,10 +223,10 @@ impl ScrapeLoop {
         let ts = now_ms();
         self.appender.begin();
         let s = self.settings.clone();
-        let mut body = self.outputs.pool.take();
-        let mut scratch = self.outputs.pool.take();
+        let mut pending = std::mem::take(&mut self.pending);
         let fetched = match s.auth.header() {
             Ok(auth) => {
+                let mut sink = StreamParse::new(&mut self.appender, &mut pending, ts);
                 client::fetch(
                     &s.client,
                     &self.target.url,
@@ -231,19 +234,18 @@ impl ScrapeLoop {
                     self.target.timeout,
                     s.body_size_limit,
                     s.follow_redirects,
-                    &mut body,
-                    &mut scratch,
+                    &mut sink,
                 )
                 .await
             }
             Err(e) => Err(client::ScrapeError::Auth(e.to_string())),
         };
-        self.outputs.pool.give(scratch);
-        let result = fetched.and_then(|f| {
-            let format = Format::from_content_type(&f.content_type);
-            self.appender.scrape_body(&body, format, ts)
-        });
-        self.outputs.pool.give(body);
+        // A long line may have grown the carry-over buffer; do not keep that between scrapes.
+        if pending.capacity() > PENDING_KEEP {
+            pending = Vec::new();
+        }
+        self.pending = pending;
+        let result = fetched.and_then(|()| self.appender.end_body());
         let duration = started.elapsed();
         let report = self.appender.finish(result.as_ref().map(|r| *r), ts, duration);
         let err = match &result {
