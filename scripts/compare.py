@@ -515,8 +515,11 @@ class Contender:
                         "--listen-address", listen]
         elif name == "vmagent":
             # graphite/influx/opentsdb listeners are off unless set; no other network use.
+            # -promscrape.maxScrapeSize: its default (16 MiB) would refuse a large target's
+            # page, which our agent (no body_size_limit by default) and Prometheus take.
             self.cmd = ["vmagent", f"-promscrape.config={cfg}", f"-remoteWrite.url={rw_url}",
-                        f"-remoteWrite.tmpDataPath={data}", f"-httpListenAddr={listen}"]
+                        f"-remoteWrite.tmpDataPath={data}", f"-httpListenAddr={listen}",
+                        "-promscrape.maxScrapeSize=1GB"]
         else:
             self.cmd = ["prometheus", "--enable-feature=agent", f"--config.file={cfg}",
                         f"--storage.agent.path={data}", f"--web.listen-address={listen}"]

@@ -7,6 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// `--features system-alloc` keeps the C library's malloc, for heap profilers (heaptrack)
+// that hook malloc.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -49,7 +52,7 @@ fn main() -> ExitCode {
     // Return freed memory to the OS at once rather than after 10 ms: scrape-sized buffers are
     // freed every scrape, and the delay kept ~25 MiB more resident at 100k series for no
     // measurable CPU gain (BENCHMARKS.md). MIMALLOC_PURGE_DELAY still overrides.
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+    if cfg!(not(feature = "system-alloc")) && std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets a plain integer option; mimalloc reads options atomically.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
     }

@@ -266,16 +266,11 @@ impl Progress {
         self.reads_from = self.next_unacked;
     }
 
-    /// Splits a record's frames into per-shard chunks, skipping frames acked before.
-    fn route(
-        &mut self,
-        protocol: &dyn Protocol,
-        seq: u64,
-        payload: &[u8],
-        nshards: usize,
-        per_send: u32,
-        malformed: &mut bool,
-    ) -> Vec<(usize, Item)> {
+    /// Starts routing a record: counts the frames still to send (so that acks of its first
+    /// chunks cannot complete it early), records it as pending, and returns the [`Routing`]
+    /// that cuts its per-shard chunks one at a time — only the chunks a shard has room for
+    /// exist at once, not a copy of the whole record.
+    fn route<'p>(&mut self, seq: u64, payload: &'p [u8], nshards: usize, per_send: u32) -> Routing<'p> {
         // Carried records before this one were skipped by the reader (evicted or corrupt):
         // their progress means nothing any more.
         self.carried.retain(|s, _| *s >= seq);
@@ -284,42 +279,97 @@ impl Progress {
             None => (nshards, vec![0; nshards]),
         };
         let mut seen = vec![0u32; split_n];
-        let mut part = Partial {
-            nshards: split_n as u32,
-            acked: already.clone(),
-            remaining: 0,
-        };
-        let new_chunk = |k: usize| Item {
-            seq,
-            split: k as u32,
-            count: 0,
-            body: Vec::new(),
-        };
-        let mut open: Vec<Item> = (0..split_n).map(new_chunk).collect();
-        let mut items: Vec<(usize, Item)> = Vec::new();
+        let mut remaining = 0u32;
         let mut frames = frame::Frames::new(payload);
-        for (hash, body) in frames.by_ref() {
+        for (hash, _) in frames.by_ref() {
             let k = (hash % split_n as u64) as usize;
             seen[k] += 1;
-            if seen[k] <= already[k] {
-                continue;
-            }
-            let chunk = &mut open[k];
-            protocol.frame(body, &mut chunk.body);
-            chunk.count += 1;
-            part.remaining += 1;
-            if chunk.count == per_send {
-                items.push((k, std::mem::replace(chunk, new_chunk(k))));
+            if seen[k] > already[k] {
+                remaining += 1;
             }
         }
-        items.extend(open.into_iter().enumerate().filter(|(_, c)| c.count > 0));
-        *malformed = frames.malformed;
-        self.pending.insert(seq, part);
+        self.pending.insert(
+            seq,
+            Partial {
+                nshards: split_n as u32,
+                acked: already.clone(),
+                remaining,
+            },
+        );
         self.reads_from = seq + 1;
-        // A record split with another shard count (carried from a run with other shards) maps
-        // its split index onto a current shard; no reshard happens while such records remain,
-        // so a series stays on one shard and in order.
-        items.into_iter().map(|(k, item)| (k % nshards, item)).collect()
+        Routing {
+            seq,
+            nshards,
+            per_send,
+            seen: vec![0; split_n],
+            open: (0..split_n).map(|k| Item::empty(seq, k)).collect(),
+            already,
+            frames: frame::Frames::new(payload),
+            flushed: 0,
+            remaining,
+            malformed: frames.malformed,
+        }
+    }
+}
+
+impl Item {
+    fn empty(seq: u64, split: usize) -> Self {
+        Item {
+            seq,
+            split: split as u32,
+            count: 0,
+            body: Vec::new(),
+        }
+    }
+}
+
+/// A record being cut into per-shard chunks of at most `per_send` frames, skipping frames
+/// acked before (a record carried over with partial progress).
+struct Routing<'p> {
+    seq: u64,
+    nshards: usize,
+    per_send: u32,
+    already: Vec<u32>,
+    seen: Vec<u32>,
+    open: Vec<Item>,
+    frames: frame::Frames<'p>,
+    /// Open chunks handed out after the last frame.
+    flushed: usize,
+    /// Frames to send.
+    remaining: u32,
+    /// Trailing bytes did not form a frame.
+    malformed: bool,
+}
+
+impl Routing<'_> {
+    /// The next chunk and the shard it goes to. A record split with another shard count
+    /// (carried from a run with other shards) maps its split index onto a current shard; no
+    /// reshard happens while such records remain, so a series stays on one shard and in order.
+    fn next(&mut self, protocol: &dyn Protocol) -> Option<(usize, Item)> {
+        let split_n = self.open.len();
+        for (hash, body) in self.frames.by_ref() {
+            let k = (hash % split_n as u64) as usize;
+            self.seen[k] += 1;
+            if self.seen[k] <= self.already[k] {
+                continue;
+            }
+            let chunk = &mut self.open[k];
+            protocol.frame(body, &mut chunk.body);
+            chunk.count += 1;
+            if chunk.count == self.per_send {
+                let full = std::mem::replace(chunk, Item::empty(self.seq, k));
+                return Some((k % self.nshards, full));
+            }
+        }
+        while self.flushed < split_n {
+            let k = self.flushed;
+            self.flushed += 1;
+            if self.open[k].count > 0 {
+                let last = std::mem::replace(&mut self.open[k], Item::empty(self.seq, k));
+                return Some((k % self.nshards, last));
+            }
+        }
+        None
     }
 }
 
@@ -488,24 +538,17 @@ impl Reader {
                 }
             };
             let _ = reader.take_evicted();
-            let mut malformed = false;
-            let items = self.progress.route(
-                &*self.cfg.protocol,
-                record.seq,
-                &record.payload,
-                nshards,
-                per_send,
-                &mut malformed,
-            );
-            if record.seq < self.dispatched_before && !items.is_empty() {
+            let mut routing = self.progress.route(record.seq, &record.payload, nshards, per_send);
+            if record.seq < self.dispatched_before && routing.remaining > 0 {
                 // Posted before the restart and not (fully) acked: the receiver may have it.
                 self.metrics
                     .push_unknown_outcome(&self.cfg.name, Unknown::Restart.as_str());
             }
-            if malformed {
+            if routing.malformed {
                 self.metrics.wal_corrupt(&self.cfg.name);
             }
-            for (target, item) in items {
+            let protocol = self.cfg.protocol.clone();
+            while let Some((target, item)) = routing.next(&*protocol) {
                 if !self.hand_over(g, target, item, &mut reshard_tick, &mut desired).await {
                     return desired;
                 }
@@ -1144,16 +1187,12 @@ mod tests {
             crate::remote_write::frame::push(&mut payload, i, format!("s{i}").as_bytes(), 1.0, 1000);
         }
         let mut p = progress_with_carried();
-        let mut malformed = false;
-        let items = p.route(
-            &crate::remote_write::RemoteWrite::new(),
-            11,
-            &payload,
-            4,
-            500,
-            &mut malformed,
-        );
-        assert!(!malformed);
+        let mut routing = p.route(11, &payload, 4, 7);
+        assert!(!routing.malformed);
+        assert_eq!(routing.remaining, 37, "counted before any chunk is cut");
+        let protocol = crate::remote_write::RemoteWrite::new();
+        let items: Vec<(usize, Item)> = std::iter::from_fn(|| routing.next(&protocol)).collect();
+        assert!(items.iter().all(|(_, i)| i.count <= 7), "chunks of at most per_send frames");
         let sent: u32 = items.iter().map(|(_, i)| i.count).sum();
         assert_eq!(sent, 40 - 3, "2 frames of split 0 and 1 of split 2 were acked before");
         assert!(!p.carried.contains_key(&11));

@@ -183,7 +183,11 @@ struct Inner {
     fail_next_write: bool,
 }
 
+/// Records up to this payload size are copied next to their header and written at once.
+const SMALL_RECORD: usize = 64 << 10;
+
 /// The write-ahead queue. Share it with `Arc`; every method takes `&self`.
+
 pub struct Wal {
     dir: PathBuf,
     opts: WalOptions,
@@ -675,10 +679,16 @@ impl Wal {
         inner.scratch.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         inner.scratch.extend_from_slice(&crc.to_le_bytes());
         inner.scratch.extend_from_slice(&item_count.to_le_bytes());
-        inner.scratch.extend_from_slice(payload);
+        // A small record goes out in one write; a large one is written from where it is
+        // rather than copied next to its header (a scrape of 200k series is ~40 MB).
+        let separate = payload.len() > SMALL_RECORD;
+        if !separate {
+            inner.scratch.extend_from_slice(payload);
+        }
+        let rest: &[u8] = if separate { payload } else { &[] };
         let file = inner.active.clone();
         let prev_len = inner.segments.back().map_or(SEGMENT_HEADER_LEN, |s| s.bytes);
-        let mut written = inner.write_record(&file);
+        let mut written = inner.write_record(&file, rest);
         if written.is_ok() && self.opts.fsync == FsyncPolicy::Always {
             written = file.sync_data();
         }
@@ -694,7 +704,7 @@ impl Wal {
                 return Err(e);
             }
             let file = inner.active.clone();
-            let mut again = inner.write_record(&file);
+            let mut again = inner.write_record(&file, rest);
             if again.is_ok() && self.opts.fsync == FsyncPolicy::Always {
                 again = file.sync_data();
             }
@@ -814,13 +824,19 @@ fn remove_segment(dir: &Path, index: u64) -> io::Result<()> {
 }
 
 impl Inner {
-    fn write_record(&mut self, mut file: &File) -> io::Result<()> {
+    /// Writes the record held in `scratch` (its header, and its payload if small) followed
+    /// by `rest` (the payload of a large record).
+    fn write_record(&mut self, mut file: &File, rest: &[u8]) -> io::Result<()> {
         #[cfg(test)]
         if std::mem::take(&mut self.fail_next_write) {
             file.write_all(&self.scratch[..self.scratch.len() / 2])?;
             return Err(io::Error::new(io::ErrorKind::StorageFull, "injected"));
         }
-        file.write_all(&self.scratch)
+        file.write_all(&self.scratch)?;
+        if !rest.is_empty() {
+            file.write_all(rest)?;
+        }
+        Ok(())
     }
 
     /// Starts a new segment after the active one.
