@@ -110,15 +110,19 @@ struct Batch {
     per_endpoint: Vec<Vec<u8>>,
     file: Vec<u8>,
     samples: u32,
+    /// What each endpoint's buffer held at the end of the last scrape: the next one is sized
+    /// for it at once, rather than grown by doubling (copies, and up to twice the memory).
+    last_len: Vec<usize>,
 }
 
 impl Batch {
     /// Takes empty buffers from the shared pool for the scrape in progress.
     fn acquire(&mut self, pool: &crate::remote_write::BufferPool) {
-        for b in self.per_endpoint.iter_mut() {
+        for (b, last) in self.per_endpoint.iter_mut().zip(&self.last_len) {
             if b.capacity() == 0 {
                 *b = pool.take();
             }
+            b.reserve_exact((last + last / 32).saturating_sub(b.len()));
         }
         if self.file.capacity() == 0 {
             self.file = pool.take();
@@ -128,7 +132,10 @@ impl Batch {
     /// Gives the buffers back: targets scrape at different moments, so a few buffers serve
     /// them all instead of one scrape-sized buffer per target and output.
     fn release(&mut self, pool: &crate::remote_write::BufferPool) {
-        for b in self.per_endpoint.iter_mut() {
+        for (b, last) in self.per_endpoint.iter_mut().zip(self.last_len.iter_mut()) {
+            if !b.is_empty() {
+                *last = b.len();
+            }
             pool.give(std::mem::take(b));
         }
         pool.give(std::mem::take(&mut self.file));
@@ -302,6 +309,7 @@ impl Appender {
                 per_endpoint: vec![Vec::new(); n],
                 file: Vec::new(),
                 samples: 0,
+                last_len: vec![0; n],
             },
             scratch: Labels::new(),
             seen: hashbrown::HashSet::default(),
