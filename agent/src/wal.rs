@@ -194,6 +194,8 @@ pub struct Wal {
     inner: Mutex<Inner>,
     /// Serialises commits so the commit file is written by one caller at a time.
     commit_lock: Mutex<()>,
+    /// A commit was written but not made durable yet (interval fsync policy).
+    commit_dirty: std::sync::atomic::AtomicBool,
     notify: Arc<Notify>,
     recovery: Recovery,
 }
@@ -609,6 +611,7 @@ impl Wal {
             opts,
             inner: Mutex::new(inner),
             commit_lock: Mutex::new(()),
+            commit_dirty: std::sync::atomic::AtomicBool::new(false),
             notify: Arc::new(Notify::new()),
             recovery,
         };
@@ -730,11 +733,23 @@ impl Wal {
         Ok(seq)
     }
 
-    /// Flushes the segment being written to stable storage (for [`FsyncPolicy::Interval`]).
-    /// Appends are not blocked while the flush runs.
+    /// Flushes the segment being written, and a commit written since the last call, to stable
+    /// storage (for [`FsyncPolicy::Interval`], and at shutdown). Appends are not blocked while
+    /// the flush runs.
     pub fn sync(&self) -> io::Result<()> {
         let file = self.with_inner(|i| i.active.clone());
-        file.sync_data()
+        file.sync_data()?;
+        if self.commit_dirty.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            // A commit renamed in since: the file, then its directory entry.
+            let synced = File::open(self.dir.join(COMMIT_FILE))
+                .and_then(|f| f.sync_all())
+                .and_then(|()| sync_dir(&self.dir));
+            if synced.is_err() {
+                self.commit_dirty.store(true, std::sync::atomic::Ordering::Release);
+            }
+            synced?;
+        }
+        Ok(())
     }
 
     /// Persists "all records with `seq < next_unacked_seq` are acknowledged" plus the
@@ -762,12 +777,15 @@ impl Wal {
         if next_unacked_seq == committed && unchanged {
             return Ok(());
         }
-        let written = write_commit(
-            &self.dir,
-            next_unacked_seq,
-            extra,
-            self.opts.fsync != FsyncPolicy::Never,
-        );
+        // Only `Always` makes every commit durable at once (an fsync of the file and of the
+        // directory: two disk flushes per acknowledged push). With an interval the commit is
+        // renamed into place at once — enough for a process crash — and made durable by the
+        // next [`Wal::sync`].
+        let durable = self.opts.fsync == FsyncPolicy::Always;
+        let written = write_commit(&self.dir, next_unacked_seq, extra, durable);
+        if written.is_ok() && !durable && matches!(self.opts.fsync, FsyncPolicy::Interval(_)) {
+            self.commit_dirty.store(true, std::sync::atomic::Ordering::Release);
+        }
         if written.is_err() {
             let _ = fs::remove_file(self.dir.join(COMMIT_TMP));
         }
