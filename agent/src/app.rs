@@ -113,6 +113,9 @@ struct Queue {
     name: String,
     /// The settings it was started with (remote_write entry and WAL sizing).
     fingerprint: String,
+    /// The WAL's own settings: while they stay, a reload that changes the sender keeps the WAL
+    /// (and scraping into it) and restarts only the sender.
+    wal_fingerprint: String,
     wal: Arc<Wal>,
     sender: SenderHandle,
     /// The WAL's counters already added to the self metrics.
@@ -227,7 +230,12 @@ fn start_syncer(
 
 /// The settings a queue depends on: a change restarts its sender.
 fn queue_fingerprint(rw: &RemoteWriteConfig, storage: &config::agent::StorageConfig) -> String {
-    format!("{rw:?}|{}|{:?}", storage.wal_max_size.0, storage.wal_fsync)
+    format!("{rw:?}|{}", wal_fingerprint(storage))
+}
+
+/// The settings a queue's WAL depends on.
+fn wal_fingerprint(storage: &config::agent::StorageConfig) -> String {
+    format!("{}|{:?}", storage.wal_max_size.0, storage.wal_fsync)
 }
 
 fn scrape_settings(sc: &ScrapeConfig, cfg: &AgentConfig, base: &Path) -> anyhow::Result<ScrapeSettings> {
@@ -308,6 +316,7 @@ pub fn interval_timeout(sc: &ScrapeConfig, cfg: &AgentConfig) -> (Duration, Dura
 struct BuiltQueue {
     name: String,
     fingerprint: String,
+    wal_fingerprint: String,
     sender: SenderConfig,
     write_relabel: Vec<relabel::Rule>,
 }
@@ -367,6 +376,7 @@ pub fn build(cfg: &AgentConfig, config_path: &Path) -> anyhow::Result<Built> {
         let client = crate::http::build_client(&base, rw.tls_config.as_ref(), rw.enable_http2.unwrap_or(true))?;
         queues.push(BuiltQueue {
             fingerprint: queue_fingerprint(rw, &cfg.storage),
+            wal_fingerprint: wal_fingerprint(&cfg.storage),
             sender: SenderConfig {
                 protocol: Arc::new(crate::remote_write::RemoteWrite::new()),
                 name: name.clone(),
@@ -469,22 +479,40 @@ fn open_wal(
 }
 
 /// What outlives configuration generations: the storage directory, the self metrics and the
-/// pod caches.
+/// pod caches; and how long a stopping sender may take.
 #[derive(Clone, Copy)]
 struct Host<'a> {
     storage: &'a Path,
     metrics: &'a Arc<Metrics>,
     caches: &'a crate::pods::PodCaches,
+    send_timeout: Duration,
+}
+
+/// How [`launch`] gets a queue's WAL.
+enum Opened {
+    /// The running queue, untouched.
+    Reuse,
+    /// The running queue's WAL, with a new sender.
+    Handover,
+    /// Opened now.
+    New(Arc<Wal>, Arc<Reported>),
 }
 
 /// Starts a built configuration. `reuse` holds the queues of the previous generation whose
 /// settings did not change; they are taken over as they are. What can still fail here is
 /// opening the new queues' WALs and the file sink; then nothing was started.
-fn launch(built: Built, host: &Host<'_>, reuse: &mut Vec<Queue>, inherited: Inherited) -> anyhow::Result<Running> {
+fn launch(
+    built: Built,
+    host: &Host<'_>,
+    reuse: &mut Vec<Queue>,
+    handover: &mut Vec<Queue>,
+    inherited: Inherited,
+) -> anyhow::Result<Running> {
     let Host {
         storage,
         metrics,
         caches,
+        ..
     } = *host;
     let names: Vec<String> = built.queues.iter().map(|q| q.name.clone()).collect();
     warn_orphaned_wals(&storage.join("wal"), &names);
@@ -492,13 +520,21 @@ fn launch(built: Built, host: &Host<'_>, reuse: &mut Vec<Queue>, inherited: Inhe
     let mut opened = Vec::new();
     for q in &built.queues {
         if reuse.iter().any(|r| r.name == q.name && r.fingerprint == q.fingerprint) {
-            opened.push(None);
+            opened.push(Opened::Reuse);
             continue;
         }
-        if reuse.iter().any(|r| r.name == q.name) {
+        if handover
+            .iter()
+            .any(|r| r.name == q.name && r.wal_fingerprint == q.wal_fingerprint)
+        {
+            opened.push(Opened::Handover);
+            continue;
+        }
+        if reuse.iter().chain(handover.iter()).any(|r| r.name == q.name) {
             return Err(anyhow!("queue {:?} is still running with other settings", q.name));
         }
-        opened.push(Some(open_wal(storage, &q.name, &built.storage)?));
+        let (wal, reported) = open_wal(storage, &q.name, &built.storage)?;
+        opened.push(Opened::New(wal, reported));
     }
     let file_sink = match &built.file_sink {
         Some(p) => Some(Arc::new(
@@ -515,19 +551,46 @@ fn launch(built: Built, host: &Host<'_>, reuse: &mut Vec<Queue>, inherited: Inhe
             &crate::sender::Unknown::REASONS,
         );
         let queue = match opened {
-            None => {
+            Opened::Reuse => {
                 let i = reuse
                     .iter()
                     .position(|r| r.name == q.name && r.fingerprint == q.fingerprint)
                     .ok_or_else(|| anyhow!("queue {:?} vanished", q.name))?;
                 reuse.swap_remove(i)
             }
-            Some((wal, reported)) => {
+            Opened::Handover => {
+                // Same WAL, new sender settings: scraping goes on into the WAL at once; the
+                // new sender starts where the old one committed, once that one has stopped as
+                // at shutdown (answers awaited, nothing abandoned and sent again).
+                let i = handover
+                    .iter()
+                    .position(|r| r.name == q.name)
+                    .ok_or_else(|| anyhow!("queue {:?} vanished", q.name))?;
+                let old = handover.swap_remove(i);
+                let sender = SenderHandle::start_after(
+                    old.sender,
+                    host.send_timeout,
+                    q.sender,
+                    old.wal.clone(),
+                    metrics.clone(),
+                );
+                Queue {
+                    name: q.name.clone(),
+                    fingerprint: q.fingerprint,
+                    wal_fingerprint: q.wal_fingerprint,
+                    wal: old.wal,
+                    sender,
+                    reported: old.reported,
+                    syncer: old.syncer,
+                }
+            }
+            Opened::New(wal, reported) => {
                 let sender = SenderHandle::start(q.sender, wal.clone(), metrics.clone());
                 let syncer = start_syncer(&q.name, &wal, wal_fsync(&built.storage), metrics);
                 Queue {
                     name: q.name.clone(),
                     fingerprint: q.fingerprint,
+                    wal_fingerprint: q.wal_fingerprint,
                     wal,
                     sender,
                     reported,
@@ -713,15 +776,21 @@ async fn swap(
 ) -> anyhow::Result<(Running, Result<(), String>)> {
     let keep = new.scrape_configs.iter().map(|s| s.job_name.clone()).collect();
     old.manager.retire_jobs(&keep).await;
-    let send_timeout = cfg.storage.shutdown_timeout.get().min(Duration::from_secs(25));
+    let send_timeout = host.send_timeout;
     let (queues, inherited) = old.stop_sources().await;
-    let (mut kept, changed): (Vec<Queue>, Vec<Queue>) = queues.into_iter().partition(|q| {
+    let (mut kept, others): (Vec<Queue>, Vec<Queue>) = queues.into_iter().partition(|q| {
         new.remote_write
             .iter()
             .any(|rw| remote_name(rw) == q.name && queue_fingerprint(rw, &new.storage) == q.fingerprint)
     });
+    // A queue whose sender settings changed but whose WAL settings did not keeps its WAL, so
+    // scraping goes on; only queues removed or with new WAL settings stop here, first.
+    let new_wal = wal_fingerprint(&new.storage);
+    let (mut handover, changed): (Vec<Queue>, Vec<Queue>) = others
+        .into_iter()
+        .partition(|q| q.wal_fingerprint == new_wal && new.remote_write.iter().any(|rw| remote_name(rw) == q.name));
     stop_queues(changed, send_timeout).await;
-    match launch(built, host, &mut kept, inherited) {
+    match launch(built, host, &mut kept, &mut handover, inherited) {
         Ok(running) => {
             stop_queues(kept, send_timeout).await;
             Ok((running, Ok(())))
@@ -730,12 +799,20 @@ async fn swap(
             let msg = format!("{e:#}");
             let previous =
                 build(cfg, config_path).context("building the previous configuration after a failed reload")?;
-            let running = launch(previous, host, &mut kept, Inherited::new())
+            // Nothing was started: the handed-over queues run as they were.
+            kept.append(&mut handover);
+            let running = launch(previous, host, &mut kept, &mut Vec::new(), Inherited::new())
                 .context("restarting the previous configuration after a failed reload")?;
             stop_queues(kept, send_timeout).await;
             Ok((running, Err(msg)))
         }
     }
+}
+
+/// How long stopping senders may take: `storage.shutdown_timeout`, at most 25 s (the agent
+/// exits within 30 s).
+fn send_timeout(cfg: &AgentConfig) -> Duration {
+    cfg.storage.shutdown_timeout.get().min(Duration::from_secs(25))
 }
 
 /// Runs the agent until SIGTERM/SIGINT. Returns after a clean shutdown.
@@ -776,12 +853,19 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
 
     // Pod watches live here, across reloads: a reload keeps those it still needs.
     let caches = crate::pods::PodCaches::new(metrics.clone());
-    let host = Host {
+    let mut host = Host {
         storage: &storage,
         metrics: &metrics,
         caches: &caches,
+        send_timeout: send_timeout(&cfg),
     };
-    let mut running = launch(build(&cfg, &config_path)?, &host, &mut Vec::new(), Inherited::new())?;
+    let mut running = launch(
+        build(&cfg, &config_path)?,
+        &host,
+        &mut Vec::new(),
+        &mut Vec::new(),
+        Inherited::new(),
+    )?;
     *status.write().unwrap_or_else(|p| p.into_inner()) = running.manager.status_source();
     metrics.set_ready(true);
 
@@ -806,6 +890,7 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
                         // Built and checked completely before anything running is touched.
                         Err(e) => Err(format!("{e:#}")),
                         Ok(built) => {
+                            host.send_timeout = send_timeout(&cfg);
                             let (r, result) = swap(running, built, &cfg, &new_cfg, &config_path, &host).await?;
                             running = r;
                             if result.is_ok() {
@@ -829,7 +914,7 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
     }
     tracing::info!("Shutting down: stopping scrapes, flushing to receivers.");
     metrics.set_ready(false);
-    let timeout = cfg.storage.shutdown_timeout.get().min(Duration::from_secs(25));
+    let timeout = send_timeout(&cfg);
     running.stop(timeout).await;
     let _ = stop_tx.send(true);
     let _ = server_task.await;

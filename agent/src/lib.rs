@@ -12,6 +12,7 @@ pub mod app;
 pub mod discovery;
 pub mod frame;
 pub mod http;
+pub mod kubeapi;
 pub mod labels;
 pub mod pods;
 pub mod relabel;

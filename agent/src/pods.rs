@@ -27,7 +27,7 @@ use kube::{Api, Client, ResourceExt};
 use tokio::sync::{broadcast, watch};
 use tracing::{info, warn};
 
-use crate::discovery::kubernetes::{client_for, Error, OWN_NAMESPACE_FILE};
+use crate::kubeapi::{client_for, Error, OWN_NAMESPACE_FILE};
 use crate::telemetry::Metrics;
 
 /// What identifies a cache: configs with equal keys share one watch.
@@ -60,8 +60,9 @@ pub struct Subscription {
 
 impl Subscription {
     /// Validates `cfg` (role `pod`, selectors) and works out its cache. The server-side field
-    /// selector is the config's explicit `field` when set (its own watch), else
-    /// `spec.nodeName=<node_name>` when `node_name` is set. The label selector is applied
+    /// selector is `spec.nodeName=<node_name>` when `node_name` is set, joined with the
+    /// config's explicit `field` when set (then the config gets its own watch); a `field`
+    /// naming `spec.nodeName` itself replaces the node scope. The label selector is applied
     /// client-side. Reads [`OWN_NAMESPACE_FILE`] when `namespaces.own_namespace` is true.
     pub fn new(cfg: &KubernetesSdConfig, node_name: Option<&str>) -> Result<Self, Error> {
         let own = match &cfg.namespaces {
@@ -93,14 +94,20 @@ impl Subscription {
         let explicit_field = selector.and_then(|s| non_empty(&s.field));
         let label = selector.and_then(|s| non_empty(&s.label)).unwrap_or_default();
         let label = LabelSelector::parse(&label).map_err(|e| Error::Selector(e.0))?;
-        let field = match &explicit_field {
-            Some(f) => {
-                FieldSelector::parse(f).map_err(|e| Error::Selector(e.0))?;
-                Some(f.clone())
+        let node = node_name
+            .filter(|n| !n.is_empty())
+            .map(|n| format!("spec.nodeName={n}"));
+        let field = match (explicit_field, node) {
+            (Some(f), node) => {
+                let parsed = FieldSelector::parse(&f).map_err(|e| Error::Selector(e.0))?;
+                // On a DaemonSet the node scope stays unless the selector names a node itself.
+                let names_node = parsed.0.iter().any(|r| r.field == "spec.nodeName");
+                match node {
+                    Some(node) if !names_node => Some(format!("{node},{f}")),
+                    _ => Some(f),
+                }
             }
-            None => node_name
-                .filter(|n| !n.is_empty())
-                .map(|n| format!("spec.nodeName={n}")),
+            (None, node) => node,
         };
         let names = cfg.namespaces.iter().flat_map(|n| n.names.iter().cloned());
         let names: BTreeSet<String> = names.chain(own_namespace).collect();
@@ -606,7 +613,17 @@ mod tests {
         )
         .unwrap();
         assert_ne!(a.key, field.key);
-        assert_eq!(field.scope.field.as_deref(), Some("status.phase=Running"));
+        assert_eq!(
+            field.scope.field.as_deref(),
+            Some("spec.nodeName=n1,status.phase=Running")
+        );
+        let other_node = Subscription::from_parts(
+            &sd(json!({"role": "pod", "selectors": [{"role": "pod", "field": "spec.nodeName=n2"}]})),
+            Some("n1"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(other_node.scope.field.as_deref(), Some("spec.nodeName=n2"));
         let p = |labels: serde_json::Value| -> Pod {
             serde_json::from_value(json!({"metadata": {"name": "p", "labels": labels}})).unwrap()
         };

@@ -165,6 +165,26 @@ impl SenderHandle {
         Self { shutdown, task }
     }
 
+    /// Starts the sender for `wal` once `previous` (a sender of the same WAL, with other
+    /// settings) has stopped as at shutdown, within `timeout`: it then begins where that one
+    /// committed. Meanwhile the WAL keeps taking appends.
+    pub fn start_after(
+        previous: SenderHandle,
+        timeout: Duration,
+        cfg: SenderConfig,
+        wal: Arc<Wal>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let (shutdown, rx) = watch::channel(None);
+        let task = tokio::spawn(async move {
+            previous.shutdown(timeout).await;
+            if rx.borrow().is_none() {
+                run(cfg, wal, metrics, rx).await;
+            }
+        });
+        Self { shutdown, task }
+    }
+
     /// Stops reading, sends what the receiver accepts before `deadline`, keeps the rest in the
     /// WAL, and returns.
     pub async fn shutdown(self, timeout: Duration) {
@@ -1192,7 +1212,10 @@ mod tests {
         assert_eq!(routing.remaining, 37, "counted before any chunk is cut");
         let protocol = crate::remote_write::RemoteWrite::new();
         let items: Vec<(usize, Item)> = std::iter::from_fn(|| routing.next(&protocol)).collect();
-        assert!(items.iter().all(|(_, i)| i.count <= 7), "chunks of at most per_send frames");
+        assert!(
+            items.iter().all(|(_, i)| i.count <= 7),
+            "chunks of at most per_send frames"
+        );
         let sent: u32 = items.iter().map(|(_, i)| i.count).sum();
         assert_eq!(sent, 40 - 3, "2 frames of split 0 and 1 of split 2 were acked before");
         assert!(!p.carried.contains_key(&11));

@@ -187,7 +187,6 @@ struct Inner {
 const SMALL_RECORD: usize = 64 << 10;
 
 /// The write-ahead queue. Share it with `Arc`; every method takes `&self`.
-
 pub struct Wal {
     dir: PathBuf,
     opts: WalOptions,

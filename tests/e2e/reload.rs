@@ -132,3 +132,50 @@ fn targets_a_reload_removes_from_file_sd_are_marked_stale_in_prometheus() -> Res
     assert!(present("reload_fsd_kept")?, "the kept target's series must go on");
     Ok(())
 }
+
+#[test]
+fn a_reload_changing_a_queue_does_not_pause_scraping() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // Every scrape of the target is timed; pushes take 4 s to be answered, so a sender
+    // stopping as at shutdown has one in flight for seconds.
+    let scraped: Arc<Mutex<Vec<std::time::Instant>>> = Arc::default();
+    let s2 = scraped.clone();
+    let target = TinyServer::start(move |_| {
+        s2.lock().unwrap().push(std::time::Instant::now());
+        (200, vec![], b"queue_reload 1\n".to_vec())
+    })?;
+    let receiver = TinyServer::start(|_| {
+        std::thread::sleep(Duration::from_secs(4));
+        (204, vec![], Vec::new())
+    })?;
+    let config = |header: &str| {
+        format!(
+            "global:\n  scrape_interval: 500ms\n  scrape_timeout: 500ms\nscrape_configs:\n  - job_name: q\n    static_configs:\n      - targets: ['{}']\nremote_write:\n  - url: http://{}/api/v1/write\n    headers:\n      X-Test: {header}\n    queue_config:\n      batch_send_deadline: 100ms\nstorage:\n  shutdown_timeout: 10s\n",
+            target.addr, receiver.addr
+        )
+    };
+    let agent = Agent::start(dir.path(), &config("a"))?;
+    poll("a push in flight", Duration::from_secs(20), || {
+        Ok((agent.metric("sre_agent_wal_samples_appended_total", "")? > 0.0).then_some(()))
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    // The queue's settings change (a header): its sender restarts behind the same WAL.
+    std::fs::write(&agent.config, config("b"))?;
+    let before = std::time::Instant::now();
+    let (status, body) = http_post(&format!("{}/-/reload", agent.url))?;
+    assert_eq!(status, 200, "{body}");
+    let reload_took = before.elapsed();
+    std::thread::sleep(Duration::from_secs(4));
+    let times = scraped.lock().unwrap().clone();
+    let around: Vec<_> = times
+        .iter()
+        .filter(|t| **t >= before - Duration::from_secs(2))
+        .collect();
+    let worst = around.windows(2).map(|w| *w[1] - *w[0]).max().unwrap_or_default();
+    assert!(
+        reload_took < Duration::from_secs(2) && worst < Duration::from_millis(2500),
+        "scraping paused at the reload: the reload took {reload_took:?}, longest gap between scrapes {worst:?}\n{}",
+        agent.proc.log_text()
+    );
+    Ok(())
+}
