@@ -230,3 +230,15 @@ fn openmetrics_eof_is_checked_across_pieces() {
     let (_, r) = f.scrape_streamed(b"a 1\nb 2\n", 4, OM, 3000);
     assert!(r.unwrap_err().contains("does not end with # EOF"));
 }
+
+#[test]
+fn a_streamed_line_longer_than_the_cap_fails_the_scrape() {
+    let mut body = b"ok 1\nendless ".to_vec();
+    body.extend(std::iter::repeat_n(b'9', agent::scrape::appender::MAX_LINE + 10));
+    body.push(b'\n');
+    let mut f = Fixture::new();
+    let (got, r) = f.scrape_streamed(&body, 64 << 10, "text/plain", 1000);
+    let err = r.unwrap_err();
+    assert!(err.contains("line 2 is longer than 4 MiB"), "{err}");
+    assert_eq!(got, vec![("up".into(), 0.0)]);
+}

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use agent::labels::Labels;
 use agent::remote_write::{Endpoint, Outputs};
-use agent::scrape::appender::Appender;
+use agent::scrape::appender::{Appender, StreamParse};
+use agent::scrape::client::BodySink;
 use agent::scrape::parse::Format;
 use agent::telemetry::Metrics;
 use agent::wal::{FsyncPolicy, Wal, WalOptions};
@@ -115,4 +116,44 @@ fn warm_scrape_allocates_nothing_per_sample() {
         "per-scrape allocations must not grow with samples"
     );
     assert!(whole_small < 64, "per-scrape constant: {whole_small}");
+}
+
+/// Allocations of a warm scrape fed as the scrape loop feeds it: streamed in 16 KiB pieces
+/// (lines cut between pieces) through `StreamParse`.
+fn measure_streamed(n: usize) -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = appender(dir.path());
+    let body = page(n);
+    let mut pending = Vec::new();
+    let mut ts = 1_700_000_000_000;
+    let mut scrape = |a: &mut Appender, pending: &mut Vec<u8>, ts: i64| {
+        a.begin();
+        let fed = {
+            let mut sink = StreamParse::new(a, pending, ts);
+            sink.start("text/plain; version=0.0.4");
+            body.as_bytes()
+                .chunks(16 << 10)
+                .try_for_each(|p| sink.data(p))
+                .and_then(|()| sink.end())
+        };
+        let r = fed.and_then(|()| a.end_body());
+        assert_eq!(r.as_ref().ok().map(|c| c.0), Some(n as u64));
+        r
+    };
+    for _ in 0..3 {
+        let r = scrape(&mut a, &mut pending, ts);
+        a.finish(r.as_ref().map(|r| *r), ts, Duration::from_millis(5));
+        ts += 15_000;
+    }
+    let before = allocs();
+    let _ = scrape(&mut a, &mut pending, ts);
+    allocs() - before
+}
+
+#[test]
+fn warm_streamed_scrape_allocates_nothing_per_sample() {
+    let small = measure_streamed(1_000);
+    let large = measure_streamed(10_000);
+    assert_eq!(small, 0, "streamed parse + cache + encode of 1k samples allocated");
+    assert_eq!(large, 0, "streamed parse + cache + encode of 10k samples allocated");
 }

@@ -161,6 +161,11 @@ impl Batch {
     }
 }
 
+/// The longest line a streamed body may have: what is held at once is one piece of the body
+/// plus at most this (a line of valid exposition this long would already break any label
+/// value length limit; without one, a page of a single endless line stops here).
+pub const MAX_LINE: usize = 4 << 20;
+
 /// Feeds a streamed body to an [`Appender`] in whole lines as it arrives: the longest part
 /// held is one piece of the body plus the line it cut, never the body.
 pub struct StreamParse<'a> {
@@ -210,9 +215,23 @@ impl super::client::BodySink for StreamParse<'_> {
 
     fn data(&mut self, piece: &[u8]) -> Result<(), ScrapeError> {
         let Some(cut) = memchr::memrchr(b'\n', piece) else {
+            if self.pending.len() + piece.len() > MAX_LINE {
+                return Err(ScrapeError::Parse(format!(
+                    "line {} is longer than {} MiB",
+                    self.lines + 1,
+                    MAX_LINE >> 20
+                )));
+            }
             self.pending.extend_from_slice(piece);
             return Ok(());
         };
+        if !self.pending.is_empty() && self.pending.len() + cut > MAX_LINE {
+            return Err(ScrapeError::Parse(format!(
+                "line {} is longer than {} MiB",
+                self.lines + 1,
+                MAX_LINE >> 20
+            )));
+        }
         let (whole, rest) = piece.split_at(cut + 1);
         if self.pending.is_empty() {
             // The common case: parse straight from the piece, no copy.

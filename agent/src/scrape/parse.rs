@@ -1254,7 +1254,12 @@ enum ValueError {
 impl ValueError {
     #[cold]
     fn fail(self, token: &[u8]) -> Fail {
-        let token = String::from_utf8_lossy(token);
+        // A hostile page can make the token megabytes long: the message quotes its start.
+        const SHOWN: usize = 64;
+        let token = match token.get(..SHOWN) {
+            Some(start) if token.len() > SHOWN => format!("{}…", String::from_utf8_lossy(start)),
+            _ => String::from_utf8_lossy(token).into_owned(),
+        };
         let msg = match self {
             ValueError::Syntax => format!("invalid float {token:?}"),
             ValueError::Unsupported => format!("unsupported character in float {token:?}"),
