@@ -126,7 +126,7 @@ fn measure_streamed(n: usize) -> u64 {
     let body = page(n);
     let mut pending = Vec::new();
     let mut ts = 1_700_000_000_000;
-    let mut scrape = |a: &mut Appender, pending: &mut Vec<u8>, ts: i64| {
+    let scrape = |a: &mut Appender, pending: &mut Vec<u8>, ts: i64| {
         a.begin();
         let fed = {
             let mut sink = StreamParse::new(a, pending, ts);
