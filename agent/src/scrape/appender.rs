@@ -546,6 +546,8 @@ impl Appender {
         let s = self.settings.clone();
         let (mut scraped, mut post, mut added) = self.counts;
         let mut limit_hit = self.limit_hit;
+        // Counted once per piece, not per sample: the metric's label lookup allocates.
+        let mut duplicates = 0u64;
         while let Some(entry) = parser.next_entry() {
             let sample = match entry.map_err(|e| ScrapeError::Parse(e.to_string()))? {
                 Entry::Sample(sample) => sample,
@@ -567,7 +569,7 @@ impl Appender {
             };
             if entry.iter == iter {
                 // The same series twice in one scrape: Prometheus rejects the duplicate.
-                self.metrics.duplicate_sample(&s.job);
+                duplicates += 1;
                 continue;
             }
             entry.prev_iter = entry.iter;
@@ -578,7 +580,7 @@ impl Appender {
             if !self.seen.insert(entry.series_id) {
                 // Another raw series with the same final labels: Prometheus keeps the first
                 // sample and rejects the duplicate.
-                self.metrics.duplicate_sample(&s.job);
+                duplicates += 1;
                 continue;
             }
             post += 1;
@@ -605,6 +607,7 @@ impl Appender {
         }
         self.counts = (scraped, post, added);
         self.limit_hit = limit_hit;
+        self.metrics.duplicate_samples(&s.job, duplicates);
         Ok(parser)
     }
 

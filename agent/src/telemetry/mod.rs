@@ -306,8 +306,10 @@ impl Metrics {
             .inc();
     }
     /// A series appeared twice in one scrape.
-    pub fn duplicate_sample(&self, job: &str) {
-        self.duplicate_samples.get_or_create(&Self::job(job)).inc();
+    pub fn duplicate_samples(&self, job: &str, n: u64) {
+        if n > 0 {
+            self.duplicate_samples.get_or_create(&Self::job(job)).inc_by(n);
+        }
     }
     /// Samples went into the WAL.
     pub fn samples_appended(&self, remote: &str, n: u64) {
