@@ -40,6 +40,8 @@ impl Rng {
 #[derive(Default)]
 pub struct Delivered {
     pub counts: HashMap<(String, i64), u32>,
+    /// When each (series, timestamp) was first accepted (just before the 2xx went out).
+    pub first_seen: HashMap<(String, i64), std::time::Instant>,
     pub pushes: u64,
     pub rejected: u64,
 }
@@ -60,8 +62,10 @@ impl Delivered {
                 key.push_str(&l.value);
                 key.push(',');
             }
+            let now = std::time::Instant::now();
             for s in ts.samples {
                 *self.counts.entry((key.clone(), s.timestamp)).or_default() += 1;
+                self.first_seen.entry((key.clone(), s.timestamp)).or_insert(now);
             }
         }
     }
@@ -281,9 +285,11 @@ fn kill_9_at_random_moments_loses_nothing_and_repeats_only_in_flight_pushes() ->
     let mut agent = Agent::start(dir.path(), &config)?;
     let kills = 4;
     let mut counted_again = 0.0;
+    let mut killed_at = Vec::new();
     for _ in 0..kills {
         std::thread::sleep(Duration::from_millis(3000 + rng.below(5000)));
         counted_again += agent.metric("sre_agent_remote_pushes_unknown_outcome_total", "")?;
+        killed_at.push(std::time::Instant::now());
         agent.proc.signal("KILL")?;
         let (cfg, storage) = (agent.config.clone(), agent.storage.clone());
         drop(agent);
@@ -306,6 +312,28 @@ fn kill_9_at_random_moments_loses_nothing_and_repeats_only_in_flight_pushes() ->
     assert!(
         n == 0 || counted_again > 0.0,
         "{n} samples delivered twice and no push counted as sent again"
+    );
+    // Each repeated sample was first accepted around a kill: in a push still unanswered when
+    // the agent died (the receiver answers up to 1.5 s later), or answered in the moment
+    // between the 2xx and the commit's write. A sample accepted well before or after any
+    // kill and sent again would be a push answered 2xx and sent twice.
+    let window = Duration::from_secs(3);
+    let stray: Vec<String> = d
+        .counts
+        .iter()
+        .filter(|(_, &c)| c > 1)
+        .filter_map(|(k, _)| {
+            let first = d.first_seen.get(k)?;
+            let near = killed_at.iter().any(|kill| {
+                first.saturating_duration_since(*kill) <= window && kill.saturating_duration_since(*first) <= window
+            });
+            (!near).then(|| format!("{} @{}", k.0, k.1))
+        })
+        .take(5)
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "samples first accepted away from every kill were delivered again: {stray:?}"
     );
     // A kill also loses the scrape in progress (not yet written to the WAL).
     assert_no_loss(&d, served.load(Ordering::SeqCst), kills + 1, 2000)?;
