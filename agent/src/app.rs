@@ -153,6 +153,10 @@ impl Reported {
 /// One generation of running components (replaced on reload; queues are handed on).
 struct Running {
     manager: Manager,
+    /// What the scrape loops write to, and the settings it was built from.
+    outputs: (Arc<Outputs>, String),
+    /// Each job's settings, by name.
+    job_fingerprints: std::collections::HashMap<String, String>,
     queues: Vec<Queue>,
     providers: Vec<tokio::task::JoinHandle<()>>,
     _static_keep: Vec<watch::Sender<Vec<TargetGroup>>>,
@@ -163,12 +167,26 @@ impl Running {
     /// Stops scraping and discovery, and returns the queues (still sending) and each
     /// target's series for the next generation.
     async fn stop_sources(self) -> (Vec<Queue>, Inherited) {
-        let inherited = self.manager.stop().await;
+        let (queues, inherited, _) = self.stop_sources_keeping(&std::collections::HashSet::new()).await;
+        (queues, inherited)
+    }
+
+    /// Like [`Running::stop_sources`], but the scrape loops of the jobs in `keep` go on
+    /// running and are handed back with the outputs they write to.
+    async fn stop_sources_keeping(self, keep: &std::collections::HashSet<String>) -> (Vec<Queue>, Inherited, Kept) {
+        let (inherited, adopted) = self.manager.stop_keeping(keep).await;
         for p in &self.providers {
             p.abort();
         }
         self.wal_stats.abort();
-        (self.queues, inherited)
+        (
+            self.queues,
+            inherited,
+            Kept {
+                adopted,
+                outputs: self.outputs,
+            },
+        )
     }
 
     async fn stop(self, send_timeout: Duration) {
@@ -323,6 +341,9 @@ struct BuiltQueue {
 
 /// One scrape config, built and checked, not started.
 struct BuiltJob {
+    /// Its settings (the scrape config and the global section): a reload keeps the loops of a
+    /// job whose settings stay.
+    fingerprint: String,
     defaults: JobDefaults,
     relabel: Vec<relabel::Rule>,
     settings: Arc<ScrapeSettings>,
@@ -338,6 +359,7 @@ struct BuiltJob {
 pub struct Built {
     queues: Vec<BuiltQueue>,
     jobs: Vec<BuiltJob>,
+    outputs_fingerprint: String,
     external_labels: Labels,
     file_sink: Option<PathBuf>,
     storage: config::agent::StorageConfig,
@@ -407,6 +429,7 @@ pub fn build(cfg: &AgentConfig, config_path: &Path) -> anyhow::Result<Built> {
     for sc in &cfg.scrape_configs {
         let (interval, timeout) = interval_timeout(sc, cfg);
         jobs.push(BuiltJob {
+            fingerprint: format!("{sc:?}|{:?}", cfg.global),
             defaults: JobDefaults {
                 job: sc.job_name.clone(),
                 scheme: sc.scheme.clone().unwrap_or_else(|| "http".to_owned()),
@@ -436,6 +459,7 @@ pub fn build(cfg: &AgentConfig, config_path: &Path) -> anyhow::Result<Built> {
         });
     }
     Ok(Built {
+        outputs_fingerprint: outputs_fingerprint(cfg),
         queues,
         jobs,
         external_labels: Labels::from_pairs(cfg.global.external_labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
@@ -488,6 +512,28 @@ struct Host<'a> {
     send_timeout: Duration,
 }
 
+/// Scrape loops a reload keeps running, and the outputs they write to.
+struct Kept {
+    adopted: crate::scrape::manager::Adopted,
+    outputs: (Arc<Outputs>, String),
+}
+
+/// The settings the scrape loops' outputs are built from: while they stay (same queues and
+/// WAL settings, write relabeling, external labels, file sink), a reload keeps the outputs.
+fn outputs_fingerprint(cfg: &AgentConfig) -> String {
+    let queues: Vec<(String, String)> = cfg
+        .remote_write
+        .iter()
+        .map(|rw| (remote_name(rw), format!("{:?}", rw.write_relabel_configs)))
+        .collect();
+    format!(
+        "{queues:?}|{:?}|{:?}|{}",
+        cfg.global.external_labels,
+        cfg.file_sink.as_ref().map(|f| &f.path),
+        wal_fingerprint(&cfg.storage)
+    )
+}
+
 /// How [`launch`] gets a queue's WAL.
 enum Opened {
     /// The running queue, untouched.
@@ -507,6 +553,7 @@ fn launch(
     reuse: &mut Vec<Queue>,
     handover: &mut Vec<Queue>,
     inherited: Inherited,
+    kept: &mut Option<Kept>,
 ) -> anyhow::Result<Running> {
     let Host {
         storage,
@@ -536,7 +583,10 @@ fn launch(
         let (wal, reported) = open_wal(storage, &q.name, &built.storage)?;
         opened.push(Opened::New(wal, reported));
     }
+    let reuse_outputs = kept.as_ref().is_some_and(|k| k.outputs.1 == built.outputs_fingerprint);
     let file_sink = match &built.file_sink {
+        // Kept outputs keep their file sink open.
+        _ if reuse_outputs => None,
         Some(p) => Some(Arc::new(
             FileSink::open(p).with_context(|| format!("opening file_sink {}", p.display()))?,
         )),
@@ -605,17 +655,33 @@ fn launch(
         }));
         queues.push(queue);
     }
-    let outputs = Arc::new(Outputs {
-        endpoints,
-        external_labels: built.external_labels,
-        file_sink,
-        pool: Default::default(),
-    });
+    // Nothing fails from here on: take over the kept loops.
+    let same_outputs = kept.take().filter(|_| reuse_outputs);
+    let (outputs, adopted) = match same_outputs {
+        // Same queues (kept or handed over, so the same WALs): the running loops' outputs.
+        Some(k) => (k.outputs.0, k.adopted),
+        None => (
+            Arc::new(Outputs {
+                endpoints,
+                external_labels: built.external_labels,
+                file_sink,
+                pool: Default::default(),
+            }),
+            Default::default(),
+        ),
+    };
     let wal_stats = start_wal_stats(&queues, metrics);
+    let job_fingerprints = built
+        .jobs
+        .iter()
+        .map(|j| (j.defaults.job.clone(), j.fingerprint.clone()))
+        .collect();
     let (jobs, providers, static_keep) = start_discovery(built.jobs, metrics, caches);
-    let manager = Manager::start(jobs, outputs, metrics.clone(), inherited);
+    let manager = Manager::start(jobs, outputs.clone(), metrics.clone(), inherited, adopted);
     Ok(Running {
         manager,
+        outputs: (outputs, built.outputs_fingerprint),
+        job_fingerprints,
         queues,
         providers,
         _static_keep: static_keep,
@@ -777,7 +843,19 @@ async fn swap(
     let keep = new.scrape_configs.iter().map(|s| s.job_name.clone()).collect();
     old.manager.retire_jobs(&keep).await;
     let send_timeout = host.send_timeout;
-    let (queues, inherited) = old.stop_sources().await;
+    // Jobs whose settings stay keep their scrape loops running — schedule, series cache and
+    // all — as long as the outputs they write to stay too.
+    let keep_loops: std::collections::HashSet<String> = if old.outputs.1 == built.outputs_fingerprint {
+        built
+            .jobs
+            .iter()
+            .filter(|j| old.job_fingerprints.get(&j.defaults.job) == Some(&j.fingerprint))
+            .map(|j| j.defaults.job.clone())
+            .collect()
+    } else {
+        Default::default()
+    };
+    let (queues, inherited, kept_loops) = old.stop_sources_keeping(&keep_loops).await;
     let (mut kept, others): (Vec<Queue>, Vec<Queue>) = queues.into_iter().partition(|q| {
         new.remote_write
             .iter()
@@ -790,7 +868,8 @@ async fn swap(
         .into_iter()
         .partition(|q| q.wal_fingerprint == new_wal && new.remote_write.iter().any(|rw| remote_name(rw) == q.name));
     stop_queues(changed, send_timeout).await;
-    match launch(built, host, &mut kept, &mut handover, inherited) {
+    let mut kept_loops = Some(kept_loops);
+    match launch(built, host, &mut kept, &mut handover, inherited, &mut kept_loops) {
         Ok(running) => {
             stop_queues(kept, send_timeout).await;
             Ok((running, Ok(())))
@@ -799,9 +878,14 @@ async fn swap(
             let msg = format!("{e:#}");
             let previous =
                 build(cfg, config_path).context("building the previous configuration after a failed reload")?;
-            // Nothing was started: the handed-over queues run as they were.
+            // Nothing was started: the handed-over queues run as they were, and loops kept
+            // for the new configuration stop, handing on their series.
             kept.append(&mut handover);
-            let running = launch(previous, host, &mut kept, &mut Vec::new(), Inherited::new())
+            let inherited = match kept_loops.take() {
+                Some(k) => Manager::release(k.adopted).await,
+                None => Inherited::new(),
+            };
+            let running = launch(previous, host, &mut kept, &mut Vec::new(), inherited, &mut None)
                 .context("restarting the previous configuration after a failed reload")?;
             stop_queues(kept, send_timeout).await;
             Ok((running, Err(msg)))
@@ -865,6 +949,7 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
         &mut Vec::new(),
         &mut Vec::new(),
         Inherited::new(),
+        &mut None,
     )?;
     *status.write().unwrap_or_else(|p| p.into_inner()) = running.manager.status_source();
     metrics.set_ready(true);

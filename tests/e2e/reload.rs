@@ -179,3 +179,51 @@ fn a_reload_changing_a_queue_does_not_pause_scraping() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_reload_keeps_the_running_loops_of_unchanged_jobs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let page = || TinyServer::start(|_| (200, vec![], b"kept_a 1\nkept_b 2\nkept_c 3\n".to_vec()));
+    let (same, changed) = (page()?, page()?);
+    let sink = dir.path().join("sink.txt");
+    let config = |timeout: &str| {
+        format!(
+            "global:\n  scrape_interval: 500ms\nscrape_configs:\n  - job_name: same\n    static_configs:\n      - targets: ['{}']\n  - job_name: changed\n    scrape_timeout: {timeout}\n    static_configs:\n      - targets: ['{}']\nfile_sink:\n  path: {}\n",
+            same.addr,
+            changed.addr,
+            sink.display()
+        )
+    };
+    let agent = Agent::start(dir.path(), &config("400ms"))?;
+    // `scrape_series_added` of each job's scrapes after `from_ms`.
+    let added_after = |job: &str, from_ms: i64| -> Result<Vec<f64>> {
+        let text = std::fs::read_to_string(&sink)?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with("scrape_series_added{") && l.contains(&format!("job=\"{job}\"")))
+            .filter_map(|l| {
+                let mut parts = l.rsplitn(3, ' ');
+                let ts: i64 = parts.next()?.parse().ok()?;
+                let v: f64 = parts.next()?.parse().ok()?;
+                (ts > from_ms).then_some(v)
+            })
+            .collect())
+    };
+    poll("a few scrapes of both jobs", Duration::from_secs(20), || {
+        Ok((added_after("same", 0)?.len() >= 3 && added_after("changed", 0)?.len() >= 3).then_some(()))
+    })?;
+    // Only the second job's settings change.
+    std::fs::write(&agent.config, config("450ms"))?;
+    let reloaded_ms = (sre_lab_tests::now_s() * 1000.0) as i64;
+    let (status, body) = http_post(&format!("{}/-/reload", agent.url))?;
+    assert_eq!(status, 200, "{body}");
+    let (same_after, changed_after) = poll("scrapes after the reload", Duration::from_secs(20), || {
+        let (s, c) = (added_after("same", reloaded_ms)?, added_after("changed", reloaded_ms)?);
+        Ok((s.len() >= 3 && c.len() >= 3).then_some((s, c)))
+    })?;
+    // The unchanged job's loop ran on with its series cache: nothing is new to it. The changed
+    // job's loop was replaced: its first scrape found every series new to its fresh cache.
+    assert!(same_after.iter().all(|v| *v == 0.0), "same: {same_after:?}");
+    assert_eq!(changed_after[0], 3.0, "changed: {changed_after:?}");
+    Ok(())
+}

@@ -20,6 +20,10 @@ use crate::telemetry::Metrics;
 /// Series of stopped loops by target key, for the loops of the next generation.
 pub type Inherited = std::collections::HashMap<String, Leftover>;
 
+/// Running loops of jobs a reload keeps, by job name then target key: the next generation
+/// takes them over as they run (schedule, series cache and all).
+pub type Adopted = std::collections::HashMap<String, BTreeMap<String, LoopHandle>>;
+
 /// Everything needed to run one job.
 pub struct Job {
     /// Defaults for targets.
@@ -52,8 +56,15 @@ pub struct Manager {
 
 impl Manager {
     /// Starts every job. `inherited` holds the series of the previous generation's loops by
-    /// target key (a reload): a loop for the same target takes them over.
-    pub fn start(jobs: Vec<Job>, outputs: Arc<Outputs>, metrics: Arc<Metrics>, inherited: Inherited) -> Self {
+    /// target key (a reload): a loop for the same target takes them over. `adopted` holds
+    /// loops still running for jobs the reload did not change: they go on as they are.
+    pub fn start(
+        jobs: Vec<Job>,
+        outputs: Arc<Outputs>,
+        metrics: Arc<Metrics>,
+        inherited: Inherited,
+        mut adopted: Adopted,
+    ) -> Self {
         let (stop, stop_rx) = watch::channel(false);
         let inherited = Arc::new(Mutex::new(inherited));
         let mut out = Self {
@@ -62,7 +73,10 @@ impl Manager {
             stop,
         };
         for job in jobs {
-            let state = Arc::new(tokio::sync::Mutex::new(JobState::default()));
+            let state = Arc::new(tokio::sync::Mutex::new(JobState {
+                loops: adopted.remove(&job.defaults.job).unwrap_or_default(),
+                not_scraped: Vec::new(),
+            }));
             let views = Arc::new(Mutex::new(Vec::new()));
             out.jobs.push((job.defaults.job.clone(), state.clone(), views.clone()));
             out.tasks.push(tokio::spawn(run_job(
@@ -81,6 +95,12 @@ impl Manager {
     /// Stops every loop without staleness markers (shutdown or reload), and returns each
     /// target's series for the next generation.
     pub async fn stop(self) -> Inherited {
+        self.stop_keeping(&std::collections::HashSet::new()).await.0
+    }
+
+    /// Stops the job tasks; the loops of jobs in `keep` are handed back running, the others
+    /// stop without staleness markers and hand back their series.
+    pub async fn stop_keeping(self, keep: &std::collections::HashSet<String>) -> (Inherited, Adopted) {
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;
@@ -88,13 +108,34 @@ impl Manager {
         // Signal every loop first, then wait: stopping is bounded by the slowest loop, not
         // the sum of them.
         let mut all = Vec::new();
-        for (_, state, _) in self.jobs {
+        let mut adopted = Adopted::new();
+        for (name, state, _) in self.jobs {
             let mut st = state.lock().await;
-            for (_, l) in std::mem::take(&mut st.loops) {
+            let loops = std::mem::take(&mut st.loops);
+            if keep.contains(&name) {
+                adopted.insert(name, loops);
+                continue;
+            }
+            for (_, l) in loops {
                 l.signal(StopMode::Shutdown);
                 all.push(l);
             }
         }
+        let keys: Vec<String> = all.iter().map(|l| l.target.key()).collect();
+        let left = futures::future::join_all(all.into_iter().map(LoopHandle::join)).await;
+        let inherited = keys
+            .into_iter()
+            .zip(left)
+            .filter_map(|(k, l)| l.map(|l| (k, l)))
+            .collect();
+        (inherited, adopted)
+    }
+
+    /// Stops adopted loops that will not run after all (a reload that failed to launch),
+    /// handing back their series.
+    pub async fn release(adopted: Adopted) -> Inherited {
+        let all: Vec<LoopHandle> = adopted.into_values().flat_map(BTreeMap::into_values).collect();
+        all.iter().for_each(|l| l.signal(StopMode::Shutdown));
         let keys: Vec<String> = all.iter().map(|l| l.target.key()).collect();
         let left = futures::future::join_all(all.into_iter().map(LoopHandle::join)).await;
         keys.into_iter()
@@ -185,7 +226,14 @@ async fn run_job(
         {
             let mut st = state.lock().await;
             let wanted: BTreeMap<String, target::Target> = targets.into_iter().map(|t| (t.key(), t)).collect();
-            let gone: Vec<String> = st.loops.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+            // Until every provider has published, a loop missing from the list may only be
+            // not listed yet (loops a reload handed over run from the start).
+            let complete = synced.iter().all(|s| *s);
+            let gone: Vec<String> = if complete {
+                st.loops.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect()
+            } else {
+                Vec::new()
+            };
             for k in gone {
                 if let Some(l) = st.loops.remove(&k) {
                     l.stop(StopMode::TargetGone).await;

@@ -152,6 +152,8 @@ impl Metrics {
             pod_cache: PodCacheMetrics::default(),
         };
         m.pod_cache.register(&mut r);
+        // Registered per component: the scrape side at the root (its names predate the
+        // components), the others in sub-registries named after them (`sre_agent_wal_*`, …).
         r.register("scrapes", "Scrapes performed, by job.", m.scrapes.clone());
         r.register(
             "scrape_failures",
@@ -174,99 +176,103 @@ impl Metrics {
             m.duplicate_samples.clone(),
         );
         r.register(
-            "wal_samples_appended",
-            "Samples written to the WAL, by remote.",
-            m.appended.clone(),
-        );
-        r.register(
-            "remote_samples_sent",
-            "Samples the receiver accepted, by remote.",
-            m.sent.clone(),
-        );
-        r.register(
-            "remote_samples_retried",
-            "Samples sent again after a failed request, by remote.",
-            m.retried.clone(),
-        );
-        r.register(
-            "remote_samples_dropped",
-            "Samples dropped, by remote and reason.",
-            m.dropped.clone(),
-        );
-        r.register(
-            "remote_samples_duplicate",
-            "Samples the receiver answered as already stored (\"duplicate sample for timestamp\"; not loss), by remote.",
-            m.duplicate.clone(),
-        );
-        r.register(
-            "remote_pushes_unknown_outcome",
-            "Pushes whose answer never came (timeout, connection broken after sending, shutdown deadline while in flight), and records posted before a crash or kill and sent again after the restart (reason restart), by remote and reason: their samples may reach the receiver twice.",
-            m.unknown_outcome.clone(),
-        );
-        r.register(
-            "remote_send_duration_seconds",
-            "Duration of remote-write requests, by remote.",
-            m.send_duration.clone(),
-        );
-        r.register(
-            "remote_shards",
-            "Current number of sending shards, by remote.",
-            m.shards.clone(),
-        );
-        r.register(
-            "wal_size_bytes",
-            "Bytes on disk in the WAL, by remote.",
-            m.wal_bytes.clone(),
-        );
-        r.register(
-            "wal_segments",
-            "Segment files in the WAL, by remote.",
-            m.wal_segments.clone(),
-        );
-        r.register(
-            "wal_pending_records",
-            "WAL records not yet acknowledged by the receiver, by remote.",
-            m.wal_pending_records.clone(),
-        );
-        r.register(
-            "wal_corrupt_records",
-            "Corrupt WAL records skipped, by remote.",
-            m.wal_corrupt.clone(),
-        );
-        r.register(
-            "wal_errors",
-            "WAL read/commit errors, by remote and operation.",
-            m.wal_errors.clone(),
-        );
-        r.register(
             "targets",
             "Scrape targets, by job and state (active, dropped, invalid).",
             m.targets.clone(),
-        );
-        r.register(
-            "discovery_errors",
-            "Service discovery errors (watch failures, unreadable files), by job and mechanism.",
-            m.discovery_errors.clone(),
-        );
-        r.register(
-            "discovery_updates",
-            "Target group updates published by service discovery, by job and mechanism.",
-            m.discovery_updates.clone(),
-        );
-        r.register("config_reloads", "Configuration reloads, by result.", m.reloads.clone());
-        for result in ["success", "failure"] {
-            let _ = m.reloads.get_or_create(&vec![("result", result.to_owned())]);
-        }
-        r.register(
-            "config_last_reload_successful",
-            "1 when the last reload succeeded.",
-            m.reload_ok.clone(),
         );
         r.register(
             "file_sink_errors",
             "Failed writes to the file sink.",
             m.file_sink_errors.clone(),
         );
+        {
+            let wal = r.sub_registry_with_prefix("wal");
+            wal.register(
+                "samples_appended",
+                "Samples written to the WAL, by remote.",
+                m.appended.clone(),
+            );
+            wal.register(
+                "size_bytes",
+                "Bytes on disk in the WAL, by remote.",
+                m.wal_bytes.clone(),
+            );
+            wal.register(
+                "segments",
+                "Segment files in the WAL, by remote.",
+                m.wal_segments.clone(),
+            );
+            wal.register(
+                "pending_records",
+                "WAL records not yet acknowledged by the receiver, by remote.",
+                m.wal_pending_records.clone(),
+            );
+            wal.register(
+                "corrupt_records",
+                "Corrupt WAL records skipped, by remote.",
+                m.wal_corrupt.clone(),
+            );
+            wal.register(
+                "errors",
+                "WAL read/commit errors, by remote and operation.",
+                m.wal_errors.clone(),
+            );
+        }
+        {
+            let remote = r.sub_registry_with_prefix("remote");
+            remote.register(
+                "samples_sent",
+                "Samples the receiver accepted, by remote.",
+                m.sent.clone(),
+            );
+            remote.register(
+                "samples_retried",
+                "Samples sent again after a failed request, by remote.",
+                m.retried.clone(),
+            );
+            remote.register(
+                "samples_dropped",
+                "Samples dropped, by remote and reason.",
+                m.dropped.clone(),
+            );
+            remote.register("samples_duplicate", "Samples the receiver answered as already stored (\"duplicate sample for timestamp\"; not loss), by remote.", m.duplicate.clone());
+            remote.register("pushes_unknown_outcome", "Pushes whose answer never came (timeout, connection broken after sending, shutdown deadline while in flight), and records posted before a crash or kill and sent again after the restart (reason restart), by remote and reason: their samples may reach the receiver twice.", m.unknown_outcome.clone());
+            remote.register(
+                "send_duration_seconds",
+                "Duration of remote-write requests, by remote.",
+                m.send_duration.clone(),
+            );
+            remote.register(
+                "shards",
+                "Current number of sending shards, by remote.",
+                m.shards.clone(),
+            );
+        }
+        {
+            let discovery = r.sub_registry_with_prefix("discovery");
+            discovery.register(
+                "errors",
+                "Service discovery errors (watch failures, unreadable files), by job and mechanism.",
+                m.discovery_errors.clone(),
+            );
+            discovery.register(
+                "updates",
+                "Target group updates published by service discovery, by job and mechanism.",
+                m.discovery_updates.clone(),
+            );
+        }
+        {
+            let config = r.sub_registry_with_prefix("config");
+            config.register("reloads", "Configuration reloads, by result.", m.reloads.clone());
+            config.register(
+                "last_reload_successful",
+                "1 when the last reload succeeded.",
+                m.reload_ok.clone(),
+            );
+        }
+        for result in ["success", "failure"] {
+            let _ = m.reloads.get_or_create(&vec![("result", result.to_owned())]);
+        }
         let info: Family<L, Gauge> = Family::default();
         info.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_owned())])
             .set(1);
@@ -462,5 +468,70 @@ impl Metrics {
     /// Whether the agent is ready.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod names_tests {
+    use super::Metrics;
+
+    /// Dashboards, alerts and tests select these names: splitting the registry into
+    /// components must not rename any.
+    #[test]
+    fn metric_names_are_stable_across_the_component_registries() {
+        let m = Metrics::new();
+        // Families are rendered once they have a series.
+        m.init_job("j", &["timeout"], &["kubernetes"]);
+        m.init_remote("r", &["http_4xx"], &["timeout"]);
+        m.scrape_done("j", std::time::Duration::from_millis(5), 1);
+        m.set_targets("j", 1, 0, 0);
+        m.observe_send("r", std::time::Duration::from_millis(5));
+        m.set_shards("r", 1);
+        m.set_wal("r", 1, 1, 0);
+        m.wal_corrupt_add("r", 0);
+        m.pod_cache.started("c");
+        m.pod_cache.set_pods("c", 0);
+        m.file_sink_error();
+        let text = m.render();
+        let mut names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        names.sort_unstable();
+        let mut want = vec![
+            "sre_agent_build_info",
+            "sre_agent_config_last_reload_successful",
+            "sre_agent_config_reloads",
+            "sre_agent_discovery_errors",
+            "sre_agent_discovery_updates",
+            "sre_agent_duplicate_samples",
+            "sre_agent_file_sink_errors",
+            "sre_agent_pod_cache_events",
+            "sre_agent_pod_cache_pods",
+            "sre_agent_pod_cache_relists",
+            "sre_agent_pod_cache_watch_errors",
+            "sre_agent_pod_cache_watches_started",
+            "sre_agent_remote_pushes_unknown_outcome",
+            "sre_agent_remote_samples_dropped",
+            "sre_agent_remote_samples_duplicate",
+            "sre_agent_remote_samples_retried",
+            "sre_agent_remote_samples_sent",
+            "sre_agent_remote_send_duration_seconds",
+            "sre_agent_remote_shards",
+            "sre_agent_scrape_duration_seconds",
+            "sre_agent_scrape_failures",
+            "sre_agent_scraped_samples",
+            "sre_agent_scrapes",
+            "sre_agent_targets",
+            "sre_agent_wal_corrupt_records",
+            "sre_agent_wal_errors",
+            "sre_agent_wal_pending_records",
+            "sre_agent_wal_samples_appended",
+            "sre_agent_wal_segments",
+            "sre_agent_wal_size_bytes",
+        ];
+        want.sort_unstable();
+        assert_eq!(names, want);
     }
 }
