@@ -175,11 +175,19 @@ pub fn encode_labels<'a>(labels: impl Iterator<Item = (&'a str, &'a str)>, out: 
 /// payloads and `-0.0`) round-trips bit-exact.
 #[inline]
 pub fn encode_series(encoded_labels: &[u8], value: f64, timestamp_ms: i64, out: &mut Vec<u8>) {
+    out.reserve(encoded_labels.len() + 22);
+    out.extend_from_slice(encoded_labels);
+    encode_sample(value, timestamp_ms, out);
+}
+
+/// Appends the `samples` field of a `TimeSeries` body (one sample): what follows its labels
+/// in [`encode_series`].
+#[inline]
+pub fn encode_sample(value: f64, timestamp_ms: i64, out: &mut Vec<u8>) {
     let ts = timestamp_ms as u64;
     // fixed64 value (1 + 8) + varint timestamp (1 + 1..=10): at most 20, one length byte.
     let sample_len = 10 + varint_len(ts);
-    out.reserve(encoded_labels.len() + 2 + sample_len);
-    out.extend_from_slice(encoded_labels);
+    out.reserve(2 + sample_len);
     out.push(TAG_2_BYTES);
     out.push(sample_len as u8);
     out.push(TAG_1_FIXED64);

@@ -18,9 +18,142 @@ use crate::relabel;
 use crate::remote_write::{file_sink, frame, proto, Outputs};
 use crate::telemetry::Metrics;
 
+/// A series' encoded labels for one output, holding only what differs from its target.
+///
+/// `labels` is `[k][k × u16 LE offset][D]`: D is the encoded label fields of the series that are
+/// not one of the target's own labels (its [`Base`]), and offset *j* says where in D the target's
+/// label *j* goes back in (`ABSENT`: the series does not carry it — dropped or changed by
+/// relabeling). `k == FULL` means the complete encoded labels follow instead (series handed
+/// over at a reload, or too long for u16 offsets). With a target's `job`, `instance` and the
+/// labels relabeling gave it (namespace, pod, node, …) written once per target instead of once
+/// per series, a series costs what its own labels cost.
 struct Encoded {
     hash: u64,
     labels: Box<[u8]>,
+}
+
+/// Marks an [`Encoded`] holding complete labels.
+const FULL: u8 = 0xFF;
+/// A target label the series does not carry.
+const ABSENT: u16 = u16::MAX;
+
+/// The encoded label fields of a target's own labels (and the external labels), one per label,
+/// sorted by name, with the pairs they encode.
+#[derive(Default)]
+struct Base {
+    pairs: Vec<(Box<str>, Box<str>)>,
+    encoded: Vec<Box<[u8]>>,
+}
+
+impl Base {
+    fn new(target: &Labels, external: &Labels) -> Self {
+        let mut all = target.clone();
+        for (n, v) in external.iter() {
+            if all.get(n).is_none() {
+                all.set(n, v);
+            }
+        }
+        let mut base = Base::default();
+        for (n, v) in all.iter() {
+            if n.starts_with("__") || base.pairs.len() >= usize::from(FULL) - 1 {
+                continue;
+            }
+            let mut enc = Vec::new();
+            proto::encode_labels(std::iter::once((n, v)), &mut enc);
+            base.pairs.push((n.into(), v.into()));
+            base.encoded.push(enc.into_boxed_slice());
+        }
+        base
+    }
+
+    /// `labels` (sorted) in the compact form of [`Encoded`], and their hash.
+    fn compact(&self, labels: &Labels) -> Encoded {
+        let mut full = Vec::with_capacity(128);
+        proto::encode_labels(labels.iter(), &mut full);
+        let hash = frame::series_hash(&full);
+        let k = self.pairs.len();
+        let mut offsets = vec![ABSENT; k];
+        let mut rest = Vec::with_capacity(64);
+        let mut j = 0;
+        for (n, v) in labels.iter() {
+            while j < k && &*self.pairs[j].0 < n {
+                j += 1;
+            }
+            if j < k && &*self.pairs[j].0 == n && &*self.pairs[j].1 == v {
+                offsets[j] = rest.len().min(usize::from(ABSENT)) as u16;
+                j += 1;
+                continue;
+            }
+            proto::encode_labels(std::iter::once((n, v)), &mut rest);
+        }
+        if rest.len() >= usize::from(ABSENT) {
+            let mut out = Vec::with_capacity(1 + full.len());
+            out.push(FULL);
+            out.extend_from_slice(&full);
+            return Encoded {
+                hash,
+                labels: out.into_boxed_slice(),
+            };
+        }
+        let mut out = Vec::with_capacity(1 + 2 * k + rest.len());
+        out.push(k as u8);
+        for o in offsets {
+            out.extend_from_slice(&o.to_le_bytes());
+        }
+        out.extend_from_slice(&rest);
+        Encoded {
+            hash,
+            labels: out.into_boxed_slice(),
+        }
+    }
+
+    /// Writes the complete encoded labels of `enc` (in label order) to `out`.
+    #[inline]
+    fn write(&self, enc: &[u8], out: &mut Vec<u8>) {
+        let Some((&k, rest)) = enc.split_first() else { return };
+        if k == FULL {
+            out.extend_from_slice(rest);
+            return;
+        }
+        let k = usize::from(k);
+        let (offsets, own) = rest.split_at(2 * k);
+        let mut at = 0;
+        for (j, o) in offsets.chunks_exact(2).enumerate() {
+            let o = u16::from_le_bytes([o[0], o[1]]);
+            if o == ABSENT {
+                continue;
+            }
+            let o = usize::from(o);
+            out.extend_from_slice(&own[at..o]);
+            if let Some(b) = self.encoded.get(j) {
+                out.extend_from_slice(b);
+            }
+            at = o;
+        }
+        out.extend_from_slice(&own[at..]);
+    }
+
+    /// Appends a sample of `enc` as a frame.
+    #[inline]
+    fn push(&self, buf: &mut Vec<u8>, enc: &Encoded, value: f64, ts: i64) {
+        crate::frame::push_with(buf, enc.hash, |b| {
+            self.write(&enc.labels, b);
+            proto::encode_sample(value, ts, b);
+        });
+    }
+
+    /// `enc` with its complete labels (for a loop whose target labels may differ).
+    fn completed(&self, enc: Encoded) -> Encoded {
+        if enc.labels.first() == Some(&FULL) {
+            return enc;
+        }
+        let mut out = vec![FULL];
+        self.write(&enc.labels, &mut out);
+        Encoded {
+            hash: enc.hash,
+            labels: out.into_boxed_slice(),
+        }
+    }
 }
 
 struct CacheEntry {
@@ -63,7 +196,7 @@ impl Leftover {
             let mut n = 0u32;
             for s in all() {
                 if let Some((_, enc)) = s.per_endpoint.iter().find(|(name, _)| **name == *ep.name) {
-                    frame::push(&mut buf, enc.hash, &enc.labels, stale, ts);
+                    Base::default().push(&mut buf, enc, stale, ts); // leftovers hold complete labels
                     n += 1;
                 }
             }
@@ -148,10 +281,10 @@ impl Batch {
         self.samples = 0;
     }
 
-    fn push(&mut self, entry_endpoints: &[Option<Encoded>], text: Option<&str>, value: f64, ts: i64) {
+    fn push(&mut self, base: &Base, entry_endpoints: &[Option<Encoded>], text: Option<&str>, value: f64, ts: i64) {
         for (buf, enc) in self.per_endpoint.iter_mut().zip(entry_endpoints) {
             if let Some(enc) = enc {
-                frame::push(buf, enc.hash, &enc.labels, value, ts);
+                base.push(buf, enc, value, ts);
             }
         }
         if let Some(t) = text {
@@ -259,6 +392,8 @@ impl super::client::BodySink for StreamParse<'_> {
 /// Per-target series state and the buffers of the scrape in progress.
 pub struct Appender {
     target_labels: Labels,
+    /// The target's own labels, encoded once: series store only what differs.
+    base: Base,
     settings: Arc<ScrapeSettings>,
     outputs: Arc<Outputs>,
     metrics: Arc<Metrics>,
@@ -308,16 +443,18 @@ impl Appender {
         metrics: Arc<Metrics>,
     ) -> Self {
         let n = outputs.endpoints.len();
+        let base = Base::new(&target_labels, &outputs.external_labels);
         let report = REPORT_NAMES
             .iter()
             .map(|name| {
                 let mut l = target_labels.clone();
                 l.set(METRIC_NAME, name);
-                finish_entry(&outputs, &l, false)
+                finish_entry(&outputs, &base, &l, false)
             })
             .collect();
         Self {
             target_labels,
+            base,
             settings,
             outputs,
             metrics,
@@ -370,6 +507,8 @@ impl Appender {
             self.iter -= 1;
         }
         let last = self.iter;
+        // The next loop may have other target labels: hand on complete encodings.
+        let base = std::mem::take(&mut self.base);
         let names: Vec<Arc<str>> = self
             .outputs
             .endpoints
@@ -385,7 +524,7 @@ impl Appender {
                 .iter()
                 .cloned()
                 .zip(e.per_endpoint.into_vec())
-                .filter_map(|(n, enc)| enc.map(|enc| (n, enc)))
+                .filter_map(|(n, enc)| enc.map(|enc| (n, base.completed(enc))))
                 .collect();
             series.push(LeftSeries {
                 series_id: e.series_id,
@@ -400,7 +539,7 @@ impl Appender {
                     .iter()
                     .cloned()
                     .zip(per.into_vec())
-                    .filter_map(|(n, enc)| enc.map(|enc| (n, enc)))
+                    .filter_map(|(n, enc)| enc.map(|enc| (n, base.completed(enc))))
                     .collect();
                 series.push(LeftSeries {
                     series_id,
@@ -421,7 +560,7 @@ impl Appender {
                         .iter()
                         .cloned()
                         .zip(e.per_endpoint.into_vec())
-                        .filter_map(|(n, enc)| enc.map(|enc| (n, enc)))
+                        .filter_map(|(n, enc)| enc.map(|enc| (n, base.completed(enc))))
                         .collect(),
                     text: e.text,
                 })
@@ -441,7 +580,7 @@ impl Appender {
         let stale = f64::from_bits(proto::STALE_NAN_BITS);
         for (id, per, text) in &inh {
             if !scrape_ok || !self.seen.contains(id) {
-                self.batch.push(per, text.as_deref(), stale, ts);
+                self.batch.push(&self.base, per, text.as_deref(), stale, ts);
             }
         }
     }
@@ -500,7 +639,7 @@ impl Appender {
             report.added as f64,
         ];
         for (e, v) in self.report.iter().zip(values) {
-            self.batch.push(&e.per_endpoint, e.text.as_deref(), v, ts);
+            self.batch.push(&self.base, &e.per_endpoint, e.text.as_deref(), v, ts);
         }
         self.flush();
         self.in_progress = false;
@@ -560,7 +699,14 @@ impl Appender {
             let entry = match self.cache.entry(key as u64, |(k, _)| *k == key, |(k, _)| *k as u64) {
                 hashbrown::hash_table::Entry::Occupied(o) => &mut o.into_mut().1,
                 hashbrown::hash_table::Entry::Vacant(v) => {
-                    let e = build_entry(&sample, &s, &self.target_labels, &self.outputs, &mut self.scratch)?;
+                    let e = build_entry(
+                        &sample,
+                        &s,
+                        &self.target_labels,
+                        &self.outputs,
+                        &self.base,
+                        &mut self.scratch,
+                    )?;
                     if !e.dropped {
                         added += 1;
                     }
@@ -597,7 +743,7 @@ impl Appender {
             entry.explicit_ts = sample.timestamp_ms.is_some() && s.honor_timestamps;
             for (buf, enc) in self.batch.per_endpoint.iter_mut().zip(entry.per_endpoint.iter()) {
                 if let Some(enc) = enc {
-                    frame::push(buf, enc.hash, &enc.labels, sample.value, t);
+                    self.base.push(buf, enc, sample.value, t);
                 }
             }
             if let Some(text) = &entry.text {
@@ -617,7 +763,8 @@ impl Appender {
         let stale = f64::from_bits(proto::STALE_NAN_BITS);
         for (_, e) in self.cache.iter() {
             if prev > 0 && e.iter == prev && !e.dropped && !e.explicit_ts && !self.seen.contains(&e.series_id) {
-                self.batch.push(&e.per_endpoint, e.text.as_deref(), stale, ts);
+                self.batch
+                    .push(&self.base, &e.per_endpoint, e.text.as_deref(), stale, ts);
             }
         }
     }
@@ -634,7 +781,8 @@ impl Appender {
                 e.iter = e.prev_iter;
             }
             if prev > 0 && e.iter == prev && !e.dropped && !e.explicit_ts {
-                self.batch.push(&e.per_endpoint, e.text.as_deref(), stale, ts);
+                self.batch
+                    .push(&self.base, &e.per_endpoint, e.text.as_deref(), stale, ts);
             }
         }
     }
@@ -647,12 +795,14 @@ impl Appender {
         let last = self.iter;
         for (_, e) in self.cache.iter() {
             if e.iter == last && !e.dropped && !e.explicit_ts {
-                self.batch.push(&e.per_endpoint, e.text.as_deref(), stale, ts);
+                self.batch
+                    .push(&self.base, &e.per_endpoint, e.text.as_deref(), stale, ts);
             }
         }
         if self.iter > 0 {
             for e in &self.report {
-                self.batch.push(&e.per_endpoint, e.text.as_deref(), stale, ts);
+                self.batch
+                    .push(&self.base, &e.per_endpoint, e.text.as_deref(), stale, ts);
             }
         }
         self.flush();
@@ -694,6 +844,7 @@ fn build_entry(
     s: &ScrapeSettings,
     target_labels: &Labels,
     outputs: &Outputs,
+    base: &Base,
     scratch: &mut Labels,
 ) -> Result<CacheEntry, ScrapeError> {
     let l = &mut *scratch;
@@ -724,7 +875,7 @@ fn build_entry(
     let mut l = std::mem::take(scratch);
     let keep = relabel::process(&mut l, &s.metric_relabel) && l.get(METRIC_NAME).is_some();
     let result = if keep {
-        check_label_limits(&l, s).map(|()| finish_entry(outputs, &l, false))
+        check_label_limits(&l, s).map(|()| finish_entry(outputs, base, &l, false))
     } else {
         Ok(CacheEntry {
             iter: 0,
@@ -741,7 +892,7 @@ fn build_entry(
 }
 
 /// Encodes a final label set for every output.
-fn finish_entry(outputs: &Outputs, l: &Labels, dropped: bool) -> CacheEntry {
+fn finish_entry(outputs: &Outputs, base: &Base, l: &Labels, dropped: bool) -> CacheEntry {
     let mut full = l.clone();
     for (n, v) in outputs.external_labels.iter() {
         if full.get(n).is_none() {
@@ -756,12 +907,7 @@ fn finish_entry(outputs: &Outputs, l: &Labels, dropped: bool) -> CacheEntry {
             if !relabel::process(&mut w, &ep.write_relabel) || w.get(METRIC_NAME).is_none() {
                 return None;
             }
-            let mut buf = Vec::with_capacity(128);
-            proto::encode_labels(w.iter(), &mut buf);
-            Some(Encoded {
-                hash: frame::series_hash(&buf),
-                labels: buf.into_boxed_slice(),
-            })
+            Some(base.compact(&w))
         })
         .collect();
     let text = outputs
@@ -807,4 +953,80 @@ fn check_label_limits(l: &Labels, s: &ScrapeSettings) -> Result<(), ScrapeError>
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(l: &Labels) -> Vec<u8> {
+        let mut out = Vec::new();
+        proto::encode_labels(l.iter(), &mut out);
+        out
+    }
+
+    #[test]
+    fn compact_labels_hold_only_what_differs_and_write_back_exactly() {
+        let target = Labels::from_pairs([("instance", "10.0.0.1:9100"), ("job", "node"), ("namespace", "shop")]);
+        let external = Labels::from_pairs([("cluster", "lab"), ("job", "ignored: the target's wins")]);
+        let base = Base::new(&target, &external);
+        assert_eq!(base.pairs.len(), 4, "cluster, instance, job, namespace");
+        let cases = [
+            // The usual series: every target label, plus its own.
+            vec![
+                ("__name__", "m"),
+                ("cluster", "lab"),
+                ("code", "200"),
+                ("instance", "10.0.0.1:9100"),
+                ("job", "node"),
+                ("namespace", "shop"),
+            ],
+            // honor_labels kept the page's job; metric relabeling dropped instance.
+            vec![
+                ("__name__", "m"),
+                ("cluster", "lab"),
+                ("job", "other"),
+                ("namespace", "shop"),
+                ("zz", "last"),
+            ],
+            // No target label at all.
+            vec![("__name__", "m"), ("a", "b")],
+        ];
+        for pairs in cases {
+            let l = Labels::from_pairs(pairs.iter().copied());
+            let full = encoded(&l);
+            let enc = base.compact(&l);
+            assert_eq!(enc.hash, frame::series_hash(&full));
+            let mut back = Vec::new();
+            base.write(&enc.labels, &mut back);
+            assert_eq!(back, full, "{pairs:?}");
+            // Handed over at a reload: complete labels, whatever the next target's base.
+            let full_enc = base.completed(base.compact(&l));
+            let mut back = Vec::new();
+            Base::default().write(&full_enc.labels, &mut back);
+            assert_eq!(back, full);
+        }
+        // The usual series stores its own labels only: 4 target labels saved.
+        let usual = Labels::from_pairs(cases_usual());
+        assert!(base.compact(&usual).labels.len() + 40 < encoded(&usual).len());
+        // Own labels too long for u16 offsets: complete labels.
+        let long = "x".repeat(70_000);
+        let l = Labels::from_pairs([("__name__", "m"), ("big", long.as_str()), ("job", "node")]);
+        let enc = base.compact(&l);
+        assert_eq!(enc.labels[0], FULL);
+        let mut back = Vec::new();
+        base.write(&enc.labels, &mut back);
+        assert_eq!(back, encoded(&l));
+    }
+
+    fn cases_usual() -> [(&'static str, &'static str); 6] {
+        [
+            ("__name__", "m"),
+            ("cluster", "lab"),
+            ("code", "200"),
+            ("instance", "10.0.0.1:9100"),
+            ("job", "node"),
+            ("namespace", "shop"),
+        ]
+    }
 }
