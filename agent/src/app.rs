@@ -158,26 +158,57 @@ struct Running {
     /// Each job's settings, by name.
     job_fingerprints: std::collections::HashMap<String, String>,
     queues: Vec<Queue>,
-    providers: Vec<tokio::task::JoinHandle<()>>,
-    _static_keep: Vec<watch::Sender<Vec<TargetGroup>>>,
+    /// Each job's discovery providers, by job name.
+    discovery: std::collections::HashMap<String, JobDiscovery>,
     wal_stats: tokio::task::JoinHandle<()>,
+}
+
+/// A job's running discovery: its provider tasks, a receiver per provider that no job reads
+/// (so a clone of it tells whether the provider has published since it started), the
+/// senders of static groups, and the pod caches it reads.
+struct JobDiscovery {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    witnesses: Vec<watch::Receiver<Vec<TargetGroup>>>,
+    _keep: Vec<watch::Sender<Vec<TargetGroup>>>,
+    cache_keys: Vec<crate::pods::CacheKey>,
+}
+
+impl JobDiscovery {
+    fn abort(&self) {
+        self.tasks.iter().for_each(tokio::task::JoinHandle::abort);
+    }
 }
 
 impl Running {
     /// Stops scraping and discovery, and returns the queues (still sending) and each
     /// target's series for the next generation.
     async fn stop_sources(self) -> (Vec<Queue>, Inherited) {
-        let (queues, inherited, _) = self.stop_sources_keeping(&std::collections::HashSet::new()).await;
+        let none = std::collections::HashSet::new();
+        let (queues, inherited, _) = self.stop_sources_keeping(&none, &none).await;
         (queues, inherited)
     }
 
     /// Like [`Running::stop_sources`], but the scrape loops of the jobs in `keep` go on
-    /// running and are handed back with the outputs they write to.
-    async fn stop_sources_keeping(self, keep: &std::collections::HashSet<String>) -> (Vec<Queue>, Inherited, Kept) {
+    /// running and are handed back with the outputs they write to, and so does the discovery
+    /// of the jobs in `keep_discovery`.
+    async fn stop_sources_keeping(
+        mut self,
+        keep: &std::collections::HashSet<String>,
+        keep_discovery: &std::collections::HashSet<String>,
+    ) -> (Vec<Queue>, Inherited, Kept) {
         let (inherited, adopted) = self.manager.stop_keeping(keep).await;
-        for p in &self.providers {
-            p.abort();
-        }
+        let discovery: std::collections::HashMap<String, JobDiscovery> = self
+            .discovery
+            .drain()
+            .filter_map(|(job, d)| {
+                if keep_discovery.contains(&job) {
+                    Some((job, d))
+                } else {
+                    d.abort();
+                    None
+                }
+            })
+            .collect();
         self.wal_stats.abort();
         (
             self.queues,
@@ -185,6 +216,7 @@ impl Running {
             Kept {
                 adopted,
                 outputs: self.outputs,
+                discovery,
             },
         )
     }
@@ -516,6 +548,7 @@ struct Host<'a> {
 struct Kept {
     adopted: crate::scrape::manager::Adopted,
     outputs: (Arc<Outputs>, String),
+    discovery: std::collections::HashMap<String, JobDiscovery>,
 }
 
 /// The settings the scrape loops' outputs are built from: while they stay (same queues and
@@ -655,11 +688,15 @@ fn launch(
         }));
         queues.push(queue);
     }
-    // Nothing fails from here on: take over the kept loops.
-    let same_outputs = kept.take().filter(|_| reuse_outputs);
+    // Nothing fails from here on: take over the kept loops and discovery.
+    let (same_outputs, mut kept_discovery) = match kept.take() {
+        Some(k) if reuse_outputs => (Some((k.outputs.0, k.adopted)), k.discovery),
+        Some(k) => (None, k.discovery),
+        None => (None, Default::default()),
+    };
     let (outputs, adopted) = match same_outputs {
         // Same queues (kept or handed over, so the same WALs): the running loops' outputs.
-        Some(k) => (k.outputs.0, k.adopted),
+        Some(kept) => kept,
         None => (
             Arc::new(Outputs {
                 endpoints,
@@ -676,15 +713,14 @@ fn launch(
         .iter()
         .map(|j| (j.defaults.job.clone(), j.fingerprint.clone()))
         .collect();
-    let (jobs, providers, static_keep) = start_discovery(built.jobs, metrics, caches);
+    let (jobs, discovery) = start_discovery(built.jobs, metrics, caches, &mut kept_discovery);
     let manager = Manager::start(jobs, outputs.clone(), metrics.clone(), inherited, adopted);
     Ok(Running {
         manager,
         outputs: (outputs, built.outputs_fingerprint),
         job_fingerprints,
         queues,
-        providers,
-        _static_keep: static_keep,
+        discovery,
         wal_stats,
     })
 }
@@ -719,22 +755,19 @@ fn start_wal_stats(queues: &[Queue], metrics: &Arc<Metrics>) -> tokio::task::Joi
     })
 }
 
-/// What [`start_discovery`] returns: the jobs for the manager, the provider tasks, and the
-/// senders keeping static target groups alive.
-type Discovery = (
-    Vec<Job>,
-    Vec<tokio::task::JoinHandle<()>>,
-    Vec<watch::Sender<Vec<TargetGroup>>>,
-);
-
-/// Starts each job's discovery providers. Kubernetes providers read the shared pod caches;
-/// caches no job of this configuration reads are let go.
-fn start_discovery(built: Vec<BuiltJob>, metrics: &Arc<Metrics>, caches: &crate::pods::PodCaches) -> Discovery {
+/// Starts each job's discovery providers, or takes over those `kept` of an unchanged job (a
+/// reload). Kubernetes providers read the shared pod caches; caches no job of this
+/// configuration reads are let go.
+fn start_discovery(
+    built: Vec<BuiltJob>,
+    metrics: &Arc<Metrics>,
+    caches: &crate::pods::PodCaches,
+    kept: &mut std::collections::HashMap<String, JobDiscovery>,
+) -> (Vec<Job>, std::collections::HashMap<String, JobDiscovery>) {
     let node_name = std::env::var("NODE_NAME").ok().filter(|s| !s.is_empty());
     let mut used = std::collections::BTreeSet::new();
     let mut jobs = Vec::new();
-    let mut providers = Vec::new();
-    let mut static_keep = Vec::new();
+    let mut all = std::collections::HashMap::new();
     for bj in built {
         let job_name = bj.defaults.job.clone();
         let mut mechanisms = Vec::new();
@@ -745,54 +778,83 @@ fn start_discovery(built: Vec<BuiltJob>, metrics: &Arc<Metrics>, caches: &crate:
             mechanisms.push("kubernetes");
         }
         metrics.init_job(&job_name, crate::scrape::client::ScrapeError::KINDS, &mechanisms);
-        let mut rx = Vec::new();
-        if !bj.static_configs.is_empty() {
-            let (tx, r) = watch::channel(Vec::new());
-            // Sent, not the initial value: the job sees the provider has published its list.
-            tx.send_replace(discovery::static_groups(&job_name, &bj.static_configs));
-            static_keep.push(tx);
-            rx.push(r);
-        }
-        for (files, refresh) in bj.file_sd.iter().cloned() {
-            let (tx, r) = watch::channel(Vec::new());
-            let (m, job) = (metrics.clone(), job_name.clone());
-            let on_error = move || m.discovery_error(&job, "file");
-            providers.push(tokio::spawn(discovery::file::run(files, refresh, tx, on_error)));
-            rx.push(r);
-        }
-        for k in &bj.kubernetes_sd {
-            let (tx, r) = watch::channel(Vec::new());
-            rx.push(r);
-            let sub = match crate::pods::Subscription::new(k, node_name.as_deref()) {
-                Ok(sub) => sub,
-                Err(e) => {
-                    metrics.discovery_error(&job_name, "kubernetes");
-                    tracing::error!(job = %job_name, error = %e, "Kubernetes discovery cannot start; no targets from it.");
-                    tx.send_replace(Vec::new()); // complete, and empty
-                    static_keep.push(tx);
-                    continue;
-                }
-            };
-            let cache = caches.get(&sub);
-            used.insert(sub.key.clone());
-            providers.push(tokio::spawn(run_kubernetes_sd(
-                cache,
-                sub,
-                job_name.clone(),
-                metrics.clone(),
-                tx,
-            )));
-        }
+        let d = match kept.remove(&job_name) {
+            Some(d) => d,
+            None => start_job_discovery(&bj, &job_name, node_name.as_deref(), metrics, caches),
+        };
+        used.extend(d.cache_keys.iter().cloned());
+        // A clone of a witness sees whatever the provider published since it started, so the
+        // job knows at once which providers have published their list.
+        let providers = d.witnesses.clone();
+        all.insert(job_name, d);
         jobs.push(Job {
             defaults: bj.defaults,
             relabel: bj.relabel,
             settings: bj.settings,
-            providers: rx,
+            providers,
             target_limit: bj.target_limit,
         });
     }
+    for (_, d) in kept.drain() {
+        d.abort();
+    }
     caches.retain(&used);
-    (jobs, providers, static_keep)
+    (jobs, all)
+}
+
+/// Starts one job's providers: static groups, file discovery, pod discovery.
+fn start_job_discovery(
+    bj: &BuiltJob,
+    job_name: &str,
+    node_name: Option<&str>,
+    metrics: &Arc<Metrics>,
+    caches: &crate::pods::PodCaches,
+) -> JobDiscovery {
+    let mut d = JobDiscovery {
+        tasks: Vec::new(),
+        witnesses: Vec::new(),
+        _keep: Vec::new(),
+        cache_keys: Vec::new(),
+    };
+    if !bj.static_configs.is_empty() {
+        let (tx, r) = watch::channel(Vec::new());
+        // Sent, not the initial value: the job sees the provider has published its list.
+        tx.send_replace(discovery::static_groups(job_name, &bj.static_configs));
+        d._keep.push(tx);
+        d.witnesses.push(r);
+    }
+    for (files, refresh) in bj.file_sd.iter().cloned() {
+        let (tx, r) = watch::channel(Vec::new());
+        let (m, job) = (metrics.clone(), job_name.to_owned());
+        let on_error = move || m.discovery_error(&job, "file");
+        d.tasks
+            .push(tokio::spawn(discovery::file::run(files, refresh, tx, on_error)));
+        d.witnesses.push(r);
+    }
+    for k in &bj.kubernetes_sd {
+        let (tx, r) = watch::channel(Vec::new());
+        d.witnesses.push(r);
+        let sub = match crate::pods::Subscription::new(k, node_name) {
+            Ok(sub) => sub,
+            Err(e) => {
+                metrics.discovery_error(job_name, "kubernetes");
+                tracing::error!(job = %job_name, error = %e, "Kubernetes discovery cannot start; no targets from it.");
+                tx.send_replace(Vec::new()); // complete, and empty
+                d._keep.push(tx);
+                continue;
+            }
+        };
+        let cache = caches.get(&sub);
+        d.cache_keys.push(sub.key.clone());
+        d.tasks.push(tokio::spawn(run_kubernetes_sd(
+            cache,
+            sub,
+            job_name.to_owned(),
+            metrics.clone(),
+            tx,
+        )));
+    }
+    d
 }
 
 /// One `kubernetes_sd_config`'s provider: pod discovery over the shared pod cache publishing
@@ -855,7 +917,14 @@ async fn swap(
     } else {
         Default::default()
     };
-    let (queues, inherited, kept_loops) = old.stop_sources_keeping(&keep_loops).await;
+    // Their discovery stays too, whatever happens to the outputs.
+    let keep_discovery: std::collections::HashSet<String> = built
+        .jobs
+        .iter()
+        .filter(|j| old.job_fingerprints.get(&j.defaults.job) == Some(&j.fingerprint))
+        .map(|j| j.defaults.job.clone())
+        .collect();
+    let (queues, inherited, kept_loops) = old.stop_sources_keeping(&keep_loops, &keep_discovery).await;
     let (mut kept, others): (Vec<Queue>, Vec<Queue>) = queues.into_iter().partition(|q| {
         new.remote_write
             .iter()
@@ -882,7 +951,10 @@ async fn swap(
             // for the new configuration stop, handing on their series.
             kept.append(&mut handover);
             let inherited = match kept_loops.take() {
-                Some(k) => Manager::release(k.adopted).await,
+                Some(k) => {
+                    k.discovery.values().for_each(JobDiscovery::abort);
+                    Manager::release(k.adopted).await
+                }
                 None => Inherited::new(),
             };
             let running = launch(previous, host, &mut kept, &mut Vec::new(), inherited, &mut None)

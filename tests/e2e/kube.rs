@@ -307,7 +307,13 @@ fn kube_discovery_follows_this_nodes_pods_added_relabelled_deleted() -> Result<(
     assert_eq!(agent.metric("sre_agent_pod_cache_watch_errors_total", "")?, 0.0);
 
     // A reload adding a second job with the same connection settings and its own label
-    // selector: one watch still serves both (none started), and the selector applies.
+    // selector: one watch still serves both (none started), and the selector applies. The
+    // unchanged job keeps its discovery running: it publishes nothing new at the reload (a
+    // restarted provider would publish its first list again). Its updates are reported every
+    // 5 s, so the count is read after a full period on each side of the reload.
+    let updates = || agent.metric("sre_agent_discovery_updates_total", "job=\"kubernetes-pods\"");
+    std::thread::sleep(Duration::from_secs(6));
+    let updates_before = updates()?;
     let text = std::fs::read_to_string(&agent.config)?;
     let second = "scrape_configs:\n  - job_name: web-only\n    scrape_interval: 1s\n    kubernetes_sd_configs:\n      - role: pod\n        selectors:\n          - role: pod\n            label: app in (web)\n";
     std::fs::write(&agent.config, text.replacen("scrape_configs:\n", second, 1))?;
@@ -324,6 +330,12 @@ fn kube_discovery_follows_this_nodes_pods_added_relabelled_deleted() -> Result<(
         Ok((web_only.len() == 1 && pod_of(web_only[0]).as_deref() == Some("web")).then_some(()))
     })?;
     assert_eq!(agent.metric("sre_agent_pod_cache_watches_started_total", "")?, 1.0);
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        updates()?,
+        updates_before,
+        "the unchanged job's pod discovery was restarted"
+    );
     wait_targets(&agent, &[("web", web_moved.addr.clone())])?;
     Ok(())
 }
