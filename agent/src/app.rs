@@ -317,6 +317,33 @@ fn scrape_settings(sc: &ScrapeConfig, cfg: &AgentConfig, base: &Path) -> anyhow:
     })
 }
 
+/// A digest of the files a job's clients read once when built (TLS material, a kubeconfig, a
+/// basic-auth password for the API server): a reload rebuilds a job whose files changed
+/// (a rotated certificate) even if its settings did not. Credential files read at every
+/// request are left out.
+fn files_digest(sc: &ScrapeConfig, base: &Path) -> u64 {
+    let tls = |t: &Option<config::agent::TlsConfig>| -> Vec<Option<String>> {
+        t.as_ref()
+            .map(|t| vec![t.ca_file.clone(), t.cert_file.clone(), t.key_file.clone()])
+            .unwrap_or_default()
+    };
+    let mut files = tls(&sc.tls_config);
+    for k in &sc.kubernetes_sd_configs {
+        files.extend(tls(&k.tls_config));
+        files.push(k.kubeconfig_file.clone());
+        files.push(k.basic_auth.as_ref().and_then(|b| b.password_file.clone()));
+    }
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for f in files.into_iter().flatten() {
+        h.update(f.as_bytes());
+        match std::fs::read(crate::http::resolve(base, &f)) {
+            Ok(bytes) => h.update(&bytes),
+            Err(_) => h.update(b"\0unreadable"),
+        }
+    }
+    h.digest()
+}
+
 /// The Kubernetes SD config with its file paths made relative to the config file's directory.
 fn resolve_sd_paths(k: &config::agent::KubernetesSdConfig, base: &Path) -> config::agent::KubernetesSdConfig {
     let r = |p: &mut Option<String>| {
@@ -461,7 +488,7 @@ pub fn build(cfg: &AgentConfig, config_path: &Path) -> anyhow::Result<Built> {
     for sc in &cfg.scrape_configs {
         let (interval, timeout) = interval_timeout(sc, cfg);
         jobs.push(BuiltJob {
-            fingerprint: format!("{sc:?}|{:?}", cfg.global),
+            fingerprint: format!("{sc:?}|{:?}|{:x}", cfg.global, files_digest(sc, &base)),
             defaults: JobDefaults {
                 job: sc.job_name.clone(),
                 scheme: sc.scheme.clone().unwrap_or_else(|| "http".to_owned()),

@@ -155,6 +155,9 @@ fn decode_partials(mut b: &[u8]) -> (Carried, u64) {
 pub struct SenderHandle {
     shutdown: watch::Sender<Option<Instant>>,
     task: tokio::task::JoinHandle<()>,
+    /// The sender this one waits for ([`SenderHandle::start_after`]): aborted with this one,
+    /// so that it never runs on detached.
+    previous: Option<tokio::task::AbortHandle>,
 }
 
 impl SenderHandle {
@@ -162,7 +165,11 @@ impl SenderHandle {
     pub fn start(cfg: SenderConfig, wal: Arc<Wal>, metrics: Arc<Metrics>) -> Self {
         let (shutdown, rx) = watch::channel(None);
         let task = tokio::spawn(run(cfg, wal, metrics, rx));
-        Self { shutdown, task }
+        Self {
+            shutdown,
+            task,
+            previous: None,
+        }
     }
 
     /// Starts the sender for `wal` once `previous` (a sender of the same WAL, with other
@@ -176,13 +183,18 @@ impl SenderHandle {
         metrics: Arc<Metrics>,
     ) -> Self {
         let (shutdown, rx) = watch::channel(None);
+        let previous_task = previous.task.abort_handle();
         let task = tokio::spawn(async move {
             previous.shutdown(timeout).await;
             if rx.borrow().is_none() {
                 run(cfg, wal, metrics, rx).await;
             }
         });
-        Self { shutdown, task }
+        Self {
+            shutdown,
+            task,
+            previous: Some(previous_task),
+        }
     }
 
     /// Stops reading, sends what the receiver accepts before `deadline`, keeps the rest in the
@@ -198,6 +210,9 @@ impl SenderHandle {
         {
             tracing::error!("A sender did not stop within its deadline; aborted.");
             task.abort();
+            if let Some(p) = &self.previous {
+                p.abort();
+            }
             let _ = task.await;
         }
     }

@@ -227,3 +227,38 @@ fn a_reload_keeps_the_running_loops_of_unchanged_jobs() -> Result<()> {
     assert_eq!(changed_after[0], 3.0, "changed: {changed_after:?}");
     Ok(())
 }
+
+#[test]
+fn a_provider_that_cannot_list_does_not_hold_up_removals() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let a = TinyServer::start(|_| (200, vec![], b"held_a 1\n".to_vec()))?;
+    let b = TinyServer::start(|_| (200, vec![], b"held_b 1\n".to_vec()))?;
+    let file = dir.path().join("targets.json");
+    std::fs::write(&file, format!("[{{\"targets\": [\"{}\", \"{}\"]}}]", a.addr, b.addr))?;
+    let sink = dir.path().join("sink.txt");
+    // The same job also has pod discovery against an API server that is not there: it never
+    // publishes a list.
+    let agent = Agent::start(
+        dir.path(),
+        &format!(
+            "global:\n  scrape_interval: 500ms\nscrape_configs:\n  - job_name: held\n    file_sd_configs:\n      - files: ['{}']\n        refresh_interval: 1s\n    kubernetes_sd_configs:\n      - role: pod\n        api_server: http://127.0.0.1:1\nfile_sink:\n  path: {}\n",
+            file.display(),
+            sink.display()
+        ),
+    )?;
+    poll("both targets scraped", Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&sink).unwrap_or_default();
+        Ok((text.contains("held_a") && text.contains("held_b")).then_some(()))
+    })?;
+    std::fs::write(&file, format!("[{{\"targets\": [\"{}\"]}}]", a.addr))?;
+    // Well within the 30 s a job waits for slow providers at most.
+    poll("the removed target's staleness marker", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&sink)?;
+        Ok(text
+            .lines()
+            .any(|l| l.starts_with("held_b{") && l.contains(" NaN "))
+            .then_some(()))
+    })
+    .map_err(|e| e.context(agent.proc.log_text()))?;
+    Ok(())
+}

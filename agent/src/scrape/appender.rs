@@ -358,7 +358,9 @@ impl super::client::BodySink for StreamParse<'_> {
             self.pending.extend_from_slice(piece);
             return Ok(());
         };
-        if !self.pending.is_empty() && self.pending.len() + cut > MAX_LINE {
+        // The cut line ends at the piece's first newline.
+        let first = memchr::memchr(b'\n', piece).unwrap_or(cut);
+        if !self.pending.is_empty() && self.pending.len() + first > MAX_LINE {
             return Err(ScrapeError::Parse(format!(
                 "line {} is longer than {} MiB",
                 self.lines + 1,

@@ -204,6 +204,11 @@ async fn run_job(
     // them has any more are gone, and their series end.
     let mut synced = vec![false; providers.len()];
     let mut reaped = false;
+    // A provider that cannot list (an unreachable API server, a forbidden namespace) must not
+    // hold that up for ever: after this, what was published is taken as complete.
+    let sync_deadline = tokio::time::Instant::now() + SYNC_WAIT;
+    // Loops a reload handed over run before the providers have listed their targets.
+    let handed_over = !state.lock().await.loops.is_empty();
     loop {
         for (p, s) in providers.iter().zip(synced.iter_mut()) {
             *s |= p.has_changed().unwrap_or(true);
@@ -226,10 +231,10 @@ async fn run_job(
         {
             let mut st = state.lock().await;
             let wanted: BTreeMap<String, target::Target> = targets.into_iter().map(|t| (t.key(), t)).collect();
-            // Until every provider has published, a loop missing from the list may only be
-            // not listed yet (loops a reload handed over run from the start).
-            let complete = synced.iter().all(|s| *s);
-            let gone: Vec<String> = if complete {
+            // Until every provider has published, a handed-over loop missing from the list may
+            // only be not listed yet; otherwise a target missing from the list is gone at once.
+            let complete = synced.iter().all(|s| *s) || tokio::time::Instant::now() >= sync_deadline;
+            let gone: Vec<String> = if complete || !handed_over {
                 st.loops.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect()
             } else {
                 Vec::new()
@@ -245,7 +250,7 @@ async fn run_job(
                     LoopHandle::start(t, job.settings.clone(), outputs.clone(), metrics.clone(), left)
                 });
             }
-            if !reaped && synced.iter().all(|s| *s) {
+            if !reaped && complete {
                 reaped = true;
                 // Targets of this job that the reload removed (from its static configs, files
                 // or pods): their series end now, as when a target goes away while running.
@@ -319,7 +324,12 @@ async fn run_job(
                     providers.retain(|p| p.has_changed().is_ok());
                 }
             }
+            () = tokio::time::sleep_until(sync_deadline), if !reaped => {}
             _ = stop.changed() => return,
         }
     }
 }
+
+/// How long a job waits for all its providers' first lists before taking what it has as
+/// complete (ending removed targets, stopping handed-over loops no provider lists).
+const SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
