@@ -14,6 +14,7 @@ pub mod frame;
 pub mod http;
 pub mod kubeapi;
 pub mod labels;
+pub mod loki;
 pub mod pods;
 pub mod relabel;
 pub mod remote_write;
