@@ -14,6 +14,7 @@ pub mod frame;
 pub mod http;
 pub mod kubeapi;
 pub mod labels;
+pub mod logs;
 pub mod loki;
 pub mod pods;
 pub mod relabel;

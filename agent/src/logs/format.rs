@@ -1,0 +1,208 @@
+//! The two container log formats kubelet leaves under `/var/log/pods`: CRI (containerd,
+//! CRI-O) and Docker's json-file, told apart by the line itself.
+//!
+//! CRI: `<RFC 3339 time with nanoseconds> <stdout|stderr> <P|F> <message>`, where `P` marks a
+//! partial line that continues in the next one and `F` the last (or only) part. Docker:
+//! `{"log":"<message>\n","stream":"stdout","time":"<RFC 3339>"}`, where a message that does
+//! not end in a newline was split and continues in the next line.
+
+use std::borrow::Cow;
+
+/// Which stream of the container a line came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+impl Stream {
+    /// `stdout` or `stderr`, the `stream` label's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "stdout" => Some(Stream::Stdout),
+            "stderr" => Some(Stream::Stderr),
+            _ => None,
+        }
+    }
+}
+
+/// One line of a container log file, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Line<'a> {
+    /// When the runtime wrote it, nanoseconds since the epoch.
+    pub ts_ns: i128,
+    /// Its stream.
+    pub stream: Stream,
+    /// More of the same message follows in the next line (CRI `P`, Docker without `\n`).
+    pub partial: bool,
+    /// The message, without the runtime's prefix (and, for Docker, without its final newline).
+    pub message: Cow<'a, str>,
+}
+
+/// Why a line is not in the expected format (counted by the caller, which keeps the line as it
+/// is rather than dropping it).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    /// Not `<time> <stream> <P|F> <message>`.
+    #[error("not a CRI log line: {0}")]
+    Cri(&'static str),
+    /// Not Docker's json-file object.
+    #[error("not a Docker json-file log line: {0}")]
+    Docker(String),
+}
+
+/// The format of a file, judged from a line: Docker lines are JSON objects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// containerd / CRI-O.
+    Cri,
+    /// Docker json-file.
+    Docker,
+}
+
+impl Format {
+    /// The format `line` is written in.
+    pub fn detect(line: &str) -> Format {
+        if line.trim_start().starts_with('{') {
+            Format::Docker
+        } else {
+            Format::Cri
+        }
+    }
+
+    /// Parses `line` (without its final newline) in this format.
+    pub fn parse(self, line: &str) -> Result<Line<'_>, FormatError> {
+        match self {
+            Format::Cri => parse_cri(line),
+            Format::Docker => parse_docker(line),
+        }
+    }
+}
+
+/// Parses a CRI log line (without its final newline).
+pub fn parse_cri(line: &str) -> Result<Line<'_>, FormatError> {
+    let mut parts = line.splitn(4, ' ');
+    let ts = parts.next().ok_or(FormatError::Cri("empty line"))?;
+    let stream = parts.next().ok_or(FormatError::Cri("no stream after the time"))?;
+    let tag = parts.next().ok_or(FormatError::Cri("no P/F tag after the stream"))?;
+    // A message may be empty: `<time> stdout F` with or without the separating space.
+    let message = parts.next().unwrap_or("");
+    let ts_ns = parse_time(ts).ok_or(FormatError::Cri("the time is not RFC 3339"))?;
+    let stream = Stream::parse(stream).ok_or(FormatError::Cri("the stream is not stdout or stderr"))?;
+    // CRI tags may carry more flags after `P`/`F`, separated by ':'.
+    let partial = match tag.split(':').next() {
+        Some("P") => true,
+        Some("F") => false,
+        _ => return Err(FormatError::Cri("the tag is not P or F")),
+    };
+    Ok(Line {
+        ts_ns,
+        stream,
+        partial,
+        message: Cow::Borrowed(message),
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct DockerLine<'a> {
+    #[serde(borrow)]
+    log: Cow<'a, str>,
+    stream: &'a str,
+    time: &'a str,
+}
+
+/// Parses a Docker json-file log line.
+pub fn parse_docker(line: &str) -> Result<Line<'_>, FormatError> {
+    let d: DockerLine<'_> = serde_json::from_str(line).map_err(|e| FormatError::Docker(e.to_string()))?;
+    let ts_ns = parse_time(d.time).ok_or_else(|| FormatError::Docker("the time is not RFC 3339".into()))?;
+    let stream =
+        Stream::parse(d.stream).ok_or_else(|| FormatError::Docker("the stream is not stdout or stderr".into()))?;
+    let (message, partial) = match d.log {
+        Cow::Borrowed(s) => match s.strip_suffix('\n') {
+            Some(m) => (Cow::Borrowed(m), false),
+            None => (Cow::Borrowed(s), true),
+        },
+        Cow::Owned(mut s) => {
+            let partial = !s.ends_with('\n');
+            if !partial {
+                s.pop();
+            }
+            (Cow::Owned(s), partial)
+        }
+    };
+    Ok(Line {
+        ts_ns,
+        stream,
+        partial,
+        message,
+    })
+}
+
+/// Nanoseconds since the epoch of an RFC 3339 time (jiff: it keeps all nine digits and any
+/// offset; no hand-written calendar arithmetic).
+fn parse_time(s: &str) -> Option<i128> {
+    s.parse::<jiff::Timestamp>().ok().map(|t| t.as_nanosecond())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cri_lines_full_partial_empty_and_offsets() {
+        let l = parse_cri("2026-12-04T17:16:16.123456789Z stdout F GET /cart 200").unwrap();
+        assert_eq!(l.ts_ns, 1_796_404_576_123_456_789);
+        assert_eq!(
+            (l.stream, l.partial, &*l.message),
+            (Stream::Stdout, false, "GET /cart 200")
+        );
+        let p = parse_cri("2026-12-04T18:16:16.123456789+01:00 stderr P part one ").unwrap();
+        assert_eq!(p.ts_ns, l.ts_ns, "the offset is applied");
+        assert_eq!((p.stream, p.partial, &*p.message), (Stream::Stderr, true, "part one "));
+        assert_eq!(parse_cri("2026-12-04T17:16:16Z stdout F").unwrap().message, "");
+        assert_eq!(parse_cri("2026-12-04T17:16:16Z stdout F ").unwrap().message, "");
+        assert!(!parse_cri("2026-12-04T17:16:16Z stdout F:x msg").unwrap().partial);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for bad in [
+            "",
+            "hello",
+            "2026-12-04T17:16:16Z",
+            "2026-12-04T17:16:16Z stdout",
+            "2026-12-04T17:16:16Z stdin F x",
+            "2026-12-04T17:16:16Z stdout X x",
+            "yesterday stdout F x",
+            "\u{0}\u{1}\u{ff}",
+        ] {
+            assert!(parse_cri(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_docker("{\"log\":1}").is_err());
+        assert!(parse_docker("{not json").is_err());
+    }
+
+    #[test]
+    fn docker_lines_unescape_and_split_on_the_missing_newline() {
+        let l =
+            parse_docker(r#"{"log":"a \"quoted\" line\n","stream":"stderr","time":"2026-12-04T17:16:16.5Z"}"#).unwrap();
+        assert_eq!(
+            (&*l.message, l.stream, l.partial),
+            ("a \"quoted\" line", Stream::Stderr, false)
+        );
+        assert_eq!(l.ts_ns, 1_796_404_576_500_000_000);
+        let p = parse_docker(r#"{"log":"first half","stream":"stdout","time":"2026-12-04T17:16:16Z"}"#).unwrap();
+        assert!(p.partial);
+        assert_eq!(Format::detect(r#"{"log":"x"}"#), Format::Docker);
+        assert_eq!(Format::detect("2026-12-04T17:16:16Z stdout F x"), Format::Cri);
+    }
+}
