@@ -325,6 +325,18 @@ impl<'a> StreamParse<'a> {
         }
     }
 
+    /// Refuses a cut line that would grow past [`MAX_LINE`] with `more` bytes.
+    fn check_line(&self, more: usize) -> Result<(), ScrapeError> {
+        if self.pending.len() + more <= MAX_LINE {
+            return Ok(());
+        }
+        Err(ScrapeError::Parse(format!(
+            "line {} is longer than {} MiB",
+            self.lines + 1,
+            MAX_LINE >> 20
+        )))
+    }
+
     fn parse(&mut self, lines: &[u8], last: bool) -> Result<(), ScrapeError> {
         if self.eof {
             if lines.iter().all(u8::is_ascii_whitespace) && last {
@@ -348,24 +360,13 @@ impl super::client::BodySink for StreamParse<'_> {
 
     fn data(&mut self, piece: &[u8]) -> Result<(), ScrapeError> {
         let Some(cut) = memchr::memrchr(b'\n', piece) else {
-            if self.pending.len() + piece.len() > MAX_LINE {
-                return Err(ScrapeError::Parse(format!(
-                    "line {} is longer than {} MiB",
-                    self.lines + 1,
-                    MAX_LINE >> 20
-                )));
-            }
+            self.check_line(piece.len())?;
             self.pending.extend_from_slice(piece);
             return Ok(());
         };
-        // The cut line ends at the piece's first newline.
-        let first = memchr::memchr(b'\n', piece).unwrap_or(cut);
-        if !self.pending.is_empty() && self.pending.len() + first > MAX_LINE {
-            return Err(ScrapeError::Parse(format!(
-                "line {} is longer than {} MiB",
-                self.lines + 1,
-                MAX_LINE >> 20
-            )));
+        if !self.pending.is_empty() {
+            // The cut line ends at the piece's first newline.
+            self.check_line(memchr::memchr(b'\n', piece).unwrap_or(cut))?;
         }
         let (whole, rest) = piece.split_at(cut + 1);
         if self.pending.is_empty() {
@@ -975,14 +976,7 @@ mod tests {
         assert_eq!(base.pairs.len(), 4, "cluster, instance, job, namespace");
         let cases = [
             // The usual series: every target label, plus its own.
-            vec![
-                ("__name__", "m"),
-                ("cluster", "lab"),
-                ("code", "200"),
-                ("instance", "10.0.0.1:9100"),
-                ("job", "node"),
-                ("namespace", "shop"),
-            ],
+            cases_usual().to_vec(),
             // honor_labels kept the page's job; metric relabeling dropped instance.
             vec![
                 ("__name__", "m"),
