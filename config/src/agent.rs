@@ -26,6 +26,8 @@ pub struct AgentConfig {
     pub storage: StorageConfig,
     /// Extension: append every sample as a text line to a local file.
     pub file_sink: Option<FileSinkConfig>,
+    /// Extension: tail log files and push them to Loki (Promtail's configuration).
+    pub logs: Option<crate::logs::LogsConfig>,
 }
 
 /// `global:` — defaults for scrape configs.
@@ -479,6 +481,17 @@ pub fn ignored_key(strukt: &str, key: &str) -> bool {
         "KubernetesSdConfig" => &["no_proxy", "proxy_from_environment", "proxy_connect_header"],
         "QueueConfig" => &["sample_age_limit"],
         "TlsConfig" => &["max_version"],
+        "LogsConfig" => crate::logs::IGNORED_LOGS_KEYS,
+        "ClientConfig" => &[
+            "proxy_url",
+            "no_proxy",
+            "proxy_from_environment",
+            "proxy_connect_header",
+            "follow_redirects",
+            "enable_http2",
+            "drop_rate_limited_batches",
+            "stream_lag_labels",
+        ],
         _ => &[],
     };
     keys.contains(&key)

@@ -11,6 +11,8 @@
 
 pub mod agent;
 pub mod lab;
+pub mod logql;
+pub mod logs;
 pub mod selector;
 pub mod units;
 

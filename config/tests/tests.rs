@@ -561,3 +561,103 @@ fn type_errors_and_semantic_errors_are_reported_in_one_run() {
         "{lines:#?}"
     );
 }
+
+mod logs {
+    use super::*;
+    use config::logs::{LokiEncoding, Stage, StartAt};
+
+    #[test]
+    fn a_pasted_promtail_config_loads() {
+        let text = include_str!("../testdata/promtail.yml");
+        let loaded = agent_config_from_str(text, "agent.yml", &test_env).unwrap_or_else(|e| panic!("{:#?}", lines(&e)));
+        let logs = loaded.value.logs.as_ref().expect("logs section");
+        let c = &logs.clients[0];
+        assert_eq!(c.tenant_id.as_deref(), Some("team-a"));
+        assert_eq!(c.backoff_config.max_period, Duration::from_secs(300));
+        assert_eq!(c.external_labels["cluster"], "lab");
+        assert_eq!(c.encoding, LokiEncoding::Protobuf);
+        assert_eq!(logs.positions.filename.as_deref(), Some("/run/promtail/positions.yaml"));
+        let pods = &logs.scrape_configs[0];
+        assert_eq!(pods.pipeline_stages.len(), 11);
+        match &pods.pipeline_stages[2] {
+            Stage::Json(j) => {
+                assert_eq!(j.expressions["level"], None);
+                assert_eq!(j.expressions["msg"].as_deref(), Some("message"));
+            }
+            s => panic!("expected json, got {s:?}"),
+        }
+        match &pods.pipeline_stages[5] {
+            Stage::Match(m) => assert_eq!(m.action.as_deref(), Some("drop")),
+            s => panic!("expected match, got {s:?}"),
+        }
+        assert_eq!(pods.relabel_configs.len(), 8);
+        assert_eq!(
+            logs.scrape_configs[1].static_configs[0].labels["__path__"],
+            "/var/log/**/*.log"
+        );
+        assert_eq!(logs.scrape_configs[2].start_at, Some(StartAt::End));
+        assert_eq!(
+            logs.scrape_configs[2].kubernetes_pods.as_ref().unwrap().root,
+            "/var/log/pods"
+        );
+        // Promtail's own sections are accepted with one warning each.
+        let warned: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
+        assert_eq!(warned.len(), 2, "{warned:?}");
+        assert!(warned[0].starts_with("agent.yml:3:3:"), "{warned:?}");
+        assert!(warned[0].contains("server"), "{warned:?}");
+        assert!(warned[1].contains("limits_config"), "{warned:?}");
+    }
+
+    #[test]
+    fn mistakes_name_file_line_and_column() {
+        let text = "\
+logs:
+  clients:
+    - url: loki:3100
+  scrape_configs:
+    - job_name: a
+      static_configs:
+        - labels: {job: a}
+      pipeline_stages:
+        - regex:
+            expression: '(unclosed'
+        - match:
+            selector: 'app=\"web\"'
+            stages: [{docker: {}}]
+        - tenant: {}
+        - metrics:
+            m: {type: Summary}
+    - job_name: a
+      kubernetes_pods: {}
+      static_configs: [{labels: {__path__: /x}}]
+  bogus: 1
+";
+        let e = errors(text);
+        let want = [
+            "agent.yml:3:12: logs.clients[0].url: url must be an http:// or https:// URL with a host, got \"loki:3100\"",
+            "agent.yml:7:19: logs.scrape_configs[0].static_configs[0].labels: labels must include __path__",
+            "agent.yml:10:25: logs.scrape_configs[0].pipeline_stages[0].regex.expression: invalid regular expression",
+            "agent.yml:12:23: logs.scrape_configs[0].pipeline_stages[1].match.selector: invalid selector: expected '{'",
+            "agent.yml:14:19: logs.scrape_configs[0].pipeline_stages[2].tenant: exactly one of source, label and value",
+            "agent.yml:16:23: logs.scrape_configs[0].pipeline_stages[3].metrics.m.type: type must be Counter",
+            "agent.yml:17:17: logs.scrape_configs[1].job_name: found multiple logs scrape configs",
+            "agent.yml:17:7: logs.scrape_configs[1]: static_configs, kubernetes_sd_configs and kubernetes_pods are exclusive",
+            "agent.yml:20:3: logs: unknown key `bogus` in logs config",
+        ];
+        for w in want {
+            assert!(
+                e.iter().any(|l| l.starts_with(w)),
+                "missing {w:?} in:\n{}",
+                e.join("\n")
+            );
+        }
+        assert_eq!(
+            errors("logs:\n  scrape_configs:\n    - job_name: a\n      pipeline_stages: [{jsn: {}}]\n"),
+            [
+                "agent.yml:4:26: logs.scrape_configs[0].pipeline_stages[0].jsn: unknown value `jsn` (expected one of: \
+              cri, docker, json, regex, logfmt, labels, structured_metadata, static_labels, labeldrop, labelallow, \
+              timestamp, output, match, drop, limit, multiline, replace, template, tenant, metrics)"
+            ]
+        );
+    }
+}

@@ -86,6 +86,9 @@ pub fn validate(cfg: &AgentConfig, spans: &SpanTable, file: &str) -> Vec<ConfigE
             format!("listen_address must be host:port, got {:?}", cfg.server.listen_address),
         );
     }
+    if let Some(l) = &cfg.logs {
+        c.logs(l);
+    }
     if cfg.file_sink.as_ref().is_some_and(|f| f.path.is_empty()) {
         c.err("file_sink.path", "path is required (a file, or - for standard output)");
     }
@@ -220,7 +223,7 @@ impl Checker<'_> {
         }
     }
 
-    fn kubernetes(&mut self, path: &str, k: &KubernetesSdConfig) {
+    pub(super) fn kubernetes(&mut self, path: &str, k: &KubernetesSdConfig) {
         match k.role.as_str() {
             "pod" => {}
             "" => self.err(
