@@ -1,4 +1,6 @@
-//! The logs path (issue 9, in progress): container log formats so far. Tailing, positions,
-//! the pipeline stages and the Loki source come next; see docs/ARCHITECTURE.md.
+//! The logs path (issue 9, in progress): container log formats, positions and the pipeline
+//! stages so far. Tailing and the Loki source come next; see docs/ARCHITECTURE.md.
 
 pub mod format;
+pub mod pipeline;
+pub mod positions;
