@@ -530,7 +530,25 @@ pub fn build(cfg: &AgentConfig, config_path: &Path) -> anyhow::Result<Built> {
 /// Checks everything of `cfg` that can fail on files or settings without starting anything
 /// (`check-config`).
 pub fn preflight(cfg: &AgentConfig, config_path: &Path) -> anyhow::Result<()> {
-    build(cfg, config_path).map(|_| ())
+    build(cfg, config_path)?;
+    if let Some(l) = &cfg.logs {
+        let base = config_path.parent().map(Path::to_path_buf).unwrap_or_default();
+        crate::logs::preflight(l, &base)?;
+    }
+    Ok(())
+}
+
+/// Stops a logs path whose last reference is `l` (the status page may hold one briefly).
+async fn stop_logs(mut l: Arc<crate::logs::Logs>, timeout: Duration) {
+    loop {
+        match Arc::try_unwrap(l) {
+            Ok(logs) => return logs.stop(timeout).await,
+            Err(back) => {
+                l = back;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
 }
 
 /// Opens a new queue's WAL.
@@ -1020,11 +1038,17 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
     let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
     let (stop_tx, stop_rx) = watch::channel(false);
     let status_for_server = status.clone();
+    let files: Arc<std::sync::RwLock<Option<Arc<crate::logs::Logs>>>> = Arc::new(std::sync::RwLock::new(None));
+    let files_for_server = files.clone();
     let state = ServerState {
         metrics: metrics.clone(),
         status: Arc::new(move || {
             let f = status_for_server.read().unwrap_or_else(|p| p.into_inner()).clone();
             f()
+        }),
+        files: Arc::new(move || {
+            let l = files_for_server.read().unwrap_or_else(|p| p.into_inner()).clone();
+            l.map(|l| l.status()).unwrap_or_default()
         }),
         reload: reload_tx,
     };
@@ -1051,6 +1075,24 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
         &mut None,
     )?;
     *status.write().unwrap_or_else(|p| p.into_inner()) = running.manager.status_source();
+    let node_name = std::env::var("NODE_NAME").ok().filter(|s| !s.is_empty());
+    let start_logs = |cfg: &AgentConfig| -> anyhow::Result<Option<Arc<crate::logs::Logs>>> {
+        match &cfg.logs {
+            Some(l) if !l.scrape_configs.is_empty() => {
+                let env = crate::logs::Env {
+                    config_path: &config_path,
+                    storage_dir: &storage,
+                    storage: &cfg.storage,
+                    metrics: &metrics,
+                    caches: &caches,
+                    node_name: node_name.clone(),
+                };
+                Ok(Some(Arc::new(crate::logs::start(l, &env)?)))
+            }
+            _ => Ok(None),
+        }
+    };
+    *files.write().unwrap_or_else(|p| p.into_inner()) = start_logs(&cfg)?;
     metrics.set_ready(true);
 
     loop {
@@ -1078,6 +1120,25 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
                             let (r, result) = swap(running, built, &cfg, &new_cfg, &config_path, &host).await?;
                             running = r;
                             if result.is_ok() {
+                                // The logs path: kept while its settings stay; else stopped at
+                                // a line boundary with its positions saved, and started anew
+                                // from them (nothing lost or read twice).
+                                let same = match (&*files.read().unwrap_or_else(|p| p.into_inner()), &new_cfg.logs) {
+                                    (Some(l), Some(nl)) => {
+                                        l.fingerprint
+                                            == crate::logs::fingerprint(nl, &new_cfg.storage, node_name.as_deref())
+                                    }
+                                    (None, None) => true,
+                                    (None, Some(nl)) => nl.scrape_configs.is_empty(),
+                                    _ => false,
+                                };
+                                if !same {
+                                    let old = files.write().unwrap_or_else(|p| p.into_inner()).take();
+                                    if let Some(old) = old {
+                                        stop_logs(old, send_timeout(&new_cfg)).await;
+                                    }
+                                    *files.write().unwrap_or_else(|p| p.into_inner()) = start_logs(&new_cfg)?;
+                                }
                                 cfg = new_cfg;
                             }
                             result
@@ -1099,7 +1160,13 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
     tracing::info!("Shutting down: stopping scrapes, flushing to receivers.");
     metrics.set_ready(false);
     let timeout = send_timeout(&cfg);
-    running.stop(timeout).await;
+    let logs = files.write().unwrap_or_else(|p| p.into_inner()).take();
+    let logs_stop = async {
+        if let Some(l) = logs {
+            stop_logs(l, timeout).await;
+        }
+    };
+    tokio::join!(running.stop(timeout), logs_stop);
     let _ = stop_tx.send(true);
     let _ = server_task.await;
     tracing::info!("Agent stopped.");

@@ -648,6 +648,18 @@ impl Wal {
         })
     }
 
+    /// Sequence number of the first record of the segment being written: it changes when a
+    /// segment is rolled (the logs path saves its positions then, before the segment can be
+    /// deleted).
+    pub fn active_first_seq(&self) -> u64 {
+        self.with_inner(|i| i.segments.back().map_or(0, |s| s.first_seq))
+    }
+
+    /// The bound of all segments together and the size of one.
+    pub fn limits(&self) -> (u64, u64) {
+        (self.opts.max_size_bytes, self.opts.segment_size_bytes)
+    }
+
     /// Notified (`notify_one`, so a permit is kept) after every append. Meant for one
     /// consumer: wait on it when [`WalReader::next`] returned `None`.
     pub fn notifier(&self) -> Arc<Notify> {

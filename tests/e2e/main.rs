@@ -6,6 +6,7 @@ mod common;
 mod hostile;
 mod kube;
 mod lab;
+mod logs;
 mod metrics_oracle;
 mod outage;
 mod queue;

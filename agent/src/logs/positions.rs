@@ -249,12 +249,40 @@ impl Positions {
         File::open(dir)?.sync_all()
     }
 
+    /// Adds where the WAL left a file: the later of this and a saved position of the same
+    /// file (same device and inode, and the same fingerprint where both cover as many bytes).
+    pub fn merge_wal(&mut self, id: Identity, offset: u64, path: PathBuf) {
+        for s in self.files.values_mut() {
+            let Some(sid) = s.id.filter(|x| x.key == id.key) else {
+                continue;
+            };
+            if sid.fp_len != id.fp_len || sid.fp == id.fp {
+                if offset >= s.offset {
+                    s.offset = offset;
+                }
+                if id.fp_len > sid.fp_len {
+                    s.id = Some(id);
+                }
+                return;
+            }
+        }
+        // Another file may be saved at this path (it was rotated): keep both; lookups go by
+        // identity. The extra key is never a real path, so saving drops it once unused.
+        let key = if self.files.contains_key(&path) {
+            PathBuf::from(format!("{}#{}:{}", path.display(), id.key.dev, id.key.ino))
+        } else {
+            path
+        };
+        self.files.insert(key, Saved { id: Some(id), offset });
+    }
+
     /// The saved offset for `file` found at `path`: by identity first (a rotated file keeps its
     /// place under its new name), else by path for an entry without identity (Promtail's) as
     /// long as the file is at least that long.
     pub fn lookup(&self, path: &Path, file: &File) -> Option<u64> {
+        let key = FileKey::of(&file.metadata().ok()?);
         for saved in self.files.values() {
-            if let Some(id) = saved.id {
+            if let Some(id) = saved.id.filter(|id| id.key == key) {
                 if id.matches(file).unwrap_or(false) {
                     return Some(saved.offset);
                 }

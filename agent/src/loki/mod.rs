@@ -19,21 +19,35 @@ pub const REJECTION_REASONS: [&str; 4] = ["too_old", "line_too_long", "invalid_l
 /// Loki's push protocol.
 pub struct LokiPush {
     headers: HeaderMap,
+    json: bool,
 }
 
 impl LokiPush {
     /// The protocol, with `tenant` (Promtail's `tenant_id`) sent as `X-Scope-OrgID`.
     pub fn new(tenant: Option<&str>) -> Result<Self, http::header::InvalidHeaderValue> {
+        Self::with_encoding(tenant, false)
+    }
+
+    /// The protocol sending Loki's JSON push format (`application/json`, uncompressed).
+    pub fn json(tenant: Option<&str>) -> Result<Self, http::header::InvalidHeaderValue> {
+        Self::with_encoding(tenant, true)
+    }
+
+    fn with_encoding(tenant: Option<&str>, json: bool) -> Result<Self, http::header::InvalidHeaderValue> {
         let mut headers = HeaderMap::new();
         headers.insert(
             http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/x-protobuf"),
+            HeaderValue::from_static(if json {
+                "application/json"
+            } else {
+                "application/x-protobuf"
+            }),
         );
         headers.insert(http::header::USER_AGENT, crate::http::user_agent());
         if let Some(t) = tenant.filter(|t| !t.is_empty()) {
             headers.insert("X-Scope-OrgID", HeaderValue::from_str(t)?);
         }
-        Ok(Self { headers })
+        Ok(Self { headers, json })
     }
 }
 
@@ -43,7 +57,11 @@ impl Protocol for LokiPush {
     }
 
     fn encode(&self, batch: &[u8], body: &mut Vec<u8>) {
-        crate::remote_write::proto::compress(batch, body);
+        if self.json {
+            to_json(batch, body);
+        } else {
+            crate::remote_write::proto::compress(batch, body);
+        }
     }
 
     fn headers(&self) -> &HeaderMap {
@@ -57,6 +75,82 @@ impl Protocol for LokiPush {
     fn rejection_reasons(&self) -> &'static [&'static str] {
         &REJECTION_REASONS
     }
+}
+
+/// A batch (a `PushRequest` in protobuf) as Loki's JSON push body:
+/// `{"streams":[{"stream":{labels},"values":[["<ns>","<line>",{metadata}]]}]}`.
+fn to_json(batch: &[u8], body: &mut Vec<u8>) {
+    use prost::Message;
+    let Ok(req) = proto::PushRequest::decode(batch) else {
+        body.extend_from_slice(b"{\"streams\":[]}");
+        return;
+    };
+    let streams: Vec<serde_json::Value> = req
+        .streams
+        .iter()
+        .map(|s| {
+            let labels: serde_json::Map<String, serde_json::Value> = parse_labels(&s.labels)
+                .into_iter()
+                .map(|(k, v)| (k, serde_json::Value::String(v)))
+                .collect();
+            let values: Vec<serde_json::Value> = s
+                .entries
+                .iter()
+                .map(|e| {
+                    let ts = e.timestamp.clone().unwrap_or_default();
+                    let ns = i128::from(ts.seconds) * 1_000_000_000 + i128::from(ts.nanos);
+                    let mut v = vec![
+                        serde_json::Value::String(ns.to_string()),
+                        serde_json::Value::String(e.line.clone()),
+                    ];
+                    if !e.structured_metadata.is_empty() {
+                        let m: serde_json::Map<String, serde_json::Value> = e
+                            .structured_metadata
+                            .iter()
+                            .map(|p| (p.name.clone(), serde_json::Value::String(p.value.clone())))
+                            .collect();
+                        v.push(serde_json::Value::Object(m));
+                    }
+                    serde_json::Value::Array(v)
+                })
+                .collect();
+            serde_json::json!({"stream": labels, "values": values})
+        })
+        .collect();
+    let _ = serde_json::to_writer(&mut *body, &serde_json::json!({ "streams": streams }));
+}
+
+/// `{a="b", c="d\"e"}` → pairs (the agent's own rendering; see `logs::pipeline::render_labels`).
+pub fn parse_labels(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let inner = s.trim().trim_start_matches('{').trim_end_matches('}');
+    let mut chars = inner.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let name: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if name.is_empty() {
+            break;
+        }
+        if chars.next() != Some('"') {
+            break;
+        }
+        let mut value = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' => break,
+                '\\' => match chars.next() {
+                    Some('n') => value.push('\n'),
+                    Some(c) => value.push(c),
+                    None => break,
+                },
+                c => value.push(c),
+            }
+        }
+        out.push((name.trim().to_owned(), value));
+    }
+    out
 }
 
 /// The reason for a Loki 400, from the messages its distributor and ingester validation give

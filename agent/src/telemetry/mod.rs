@@ -50,6 +50,198 @@ pub struct Metrics {
     ready: AtomicBool,
     /// The shared pod cache's metrics (`sre_agent_pod_cache_*`, a sub-registry).
     pub pod_cache: PodCacheMetrics,
+    /// The logs path's metrics (`sre_agent_logs_*`).
+    pub logs: std::sync::Arc<LogsMetrics>,
+}
+
+/// Metrics of the logs path, registered under `sre_agent_logs_`; plus the values of
+/// pipeline `metrics` stages, rendered after the agent's own.
+#[derive(Default)]
+pub struct LogsMetrics {
+    files: Family<L, Gauge>,
+    bytes_read: Family<L, Counter>,
+    lines_read: Family<L, Counter>,
+    entries: Family<L, Counter>,
+    dropped: Family<L, Counter>,
+    lost_bytes: Family<L, Counter>,
+    format_errors: Family<L, Counter>,
+    truncated: Family<L, Counter>,
+    truncations: Family<L, Counter>,
+    errors: Family<L, Counter>,
+    paused: Counter,
+    lag_bytes: Gauge,
+    positions_saved: Gauge,
+    positions_errors: Counter,
+    /// Values of pipeline `metrics` stages.
+    pub stages: std::sync::Arc<crate::logs::pipeline::StageMetrics>,
+}
+
+impl LogsMetrics {
+    fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("logs");
+        r.register(
+            "files",
+            "Log files tailed (state=open) and waiting for a free slot (state=waiting).",
+            self.files.clone(),
+        );
+        r.register(
+            "read_bytes",
+            "Bytes read from log files, by job.",
+            self.bytes_read.clone(),
+        );
+        r.register(
+            "read_lines",
+            "Lines read from log files, by job.",
+            self.lines_read.clone(),
+        );
+        r.register(
+            "entries_written",
+            "Entries written to a client's WAL, by job and client.",
+            self.entries.clone(),
+        );
+        r.register(
+            "entries_dropped",
+            "Entries dropped by pipeline stages, by job and reason.",
+            self.dropped.clone(),
+        );
+        r.register(
+            "lost_bytes",
+            "Bytes of log files never read, by job and reason (truncated: copytruncate before they were read; deleted_before_read).",
+            self.lost_bytes.clone(),
+        );
+        r.register(
+            "format_errors",
+            "Lines not in the container format (kept as they are), by job.",
+            self.format_errors.clone(),
+        );
+        r.register(
+            "truncated_lines",
+            "Lines cut at max_line_size, by job.",
+            self.truncated.clone(),
+        );
+        r.register(
+            "file_truncations",
+            "Files found truncated (copytruncate) and read again from the start, by job.",
+            self.truncations.clone(),
+        );
+        r.register(
+            "errors",
+            "Errors, by kind (open, read, wal_append) and job or client.",
+            self.errors.clone(),
+        );
+        r.register(
+            "reading_paused",
+            "Times reading paused because a client's WAL was full.",
+            self.paused.clone(),
+        );
+        r.register(
+            "lag_bytes",
+            "Bytes of tailed files not read yet.",
+            self.lag_bytes.clone(),
+        );
+        r.register(
+            "positions_saved_timestamp_seconds",
+            "When positions were last saved (the commit age is now minus this).",
+            self.positions_saved.clone(),
+        );
+        r.register(
+            "positions_errors",
+            "Failed saves of the positions file.",
+            self.positions_errors.clone(),
+        );
+    }
+    fn job(job: &str) -> L {
+        vec![("job", job.to_owned())]
+    }
+    /// Files open and waiting.
+    pub fn set_files(&self, open: usize, waiting: usize) {
+        self.files
+            .get_or_create(&vec![("state", "open".to_owned())])
+            .set(open as i64);
+        self.files
+            .get_or_create(&vec![("state", "waiting".to_owned())])
+            .set(waiting as i64);
+    }
+    /// Bytes read.
+    pub fn bytes_read(&self, job: &str, n: u64) {
+        self.bytes_read.get_or_create(&Self::job(job)).inc_by(n);
+    }
+    /// Lines read.
+    pub fn lines_read(&self, job: &str, n: u64) {
+        self.lines_read.get_or_create(&Self::job(job)).inc_by(n);
+    }
+    /// Entries written to a client's WAL.
+    pub fn entries(&self, job: &str, client: &str, n: u64) {
+        self.entries
+            .get_or_create(&vec![("job", job.to_owned()), ("client", client.to_owned())])
+            .inc_by(n);
+    }
+    /// Entries dropped by a stage.
+    pub fn dropped(&self, job: &str, reason: &str, n: u64) {
+        self.dropped
+            .get_or_create(&vec![("job", job.to_owned()), ("reason", reason.to_owned())])
+            .inc_by(n);
+    }
+    /// Bytes never read.
+    pub fn lost_bytes(&self, job: &str, reason: &'static str, n: u64) {
+        self.lost_bytes
+            .get_or_create(&vec![("job", job.to_owned()), ("reason", reason.to_owned())])
+            .inc_by(n);
+    }
+    /// A line not in the container format.
+    pub fn format_error(&self, job: &str) {
+        self.format_errors.get_or_create(&Self::job(job)).inc();
+    }
+    /// A line cut at max_line_size.
+    pub fn truncated(&self, job: &str) {
+        self.truncated.get_or_create(&Self::job(job)).inc();
+    }
+    /// A file found truncated.
+    pub fn truncations(&self, job: &str) {
+        self.truncations.get_or_create(&Self::job(job)).inc();
+    }
+    fn error(&self, kind: &str, who: &str) {
+        self.errors
+            .get_or_create(&vec![("kind", kind.to_owned()), ("source", who.to_owned())])
+            .inc();
+    }
+    /// Opening a file failed.
+    pub fn open_error(&self, job: &str) {
+        self.error("open", job);
+    }
+    /// Reading a file failed.
+    pub fn read_error(&self, job: &str) {
+        self.error("read", job);
+    }
+    /// Appending to a client's WAL failed.
+    pub fn wal_append_error(&self, client: &str) {
+        self.error("wal_append", client);
+    }
+    /// Reading paused on a full WAL.
+    pub fn paused(&self) {
+        self.paused.inc();
+    }
+    /// Unread bytes of tailed files.
+    pub fn set_lag(&self, n: u64) {
+        self.lag_bytes.set(n as i64);
+    }
+    /// Positions were saved now.
+    pub fn positions_saved(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.positions_saved.set(now as i64);
+    }
+    /// Saving positions failed.
+    pub fn positions_error(&self) {
+        self.positions_errors.inc();
+    }
+    /// Creates the series of a job at zero.
+    pub fn init_job(&self, job: &str) {
+        for f in [&self.bytes_read, &self.lines_read, &self.format_errors, &self.truncated] {
+            let _ = f.get_or_create(&Self::job(job));
+        }
+    }
 }
 
 /// Metrics of the shared pod caches, registered under `sre_agent_pod_cache_`.
@@ -124,6 +316,7 @@ impl Metrics {
         let mut r = Registry::with_prefix("sre_agent");
         let m = Self {
             registry: Mutex::new(Registry::default()),
+            logs: Default::default(),
             scrapes: Family::default(),
             scrape_failures: Family::default(),
             scrape_duration: Family::new_with_constructor(hist),
@@ -277,6 +470,7 @@ impl Metrics {
         info.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_owned())])
             .set(1);
         r.register("build_info", "Version of the agent.", info);
+        m.logs.register(&mut r);
         m.reload_ok.set(1);
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = r;
         m
@@ -287,6 +481,13 @@ impl Metrics {
         let mut out = String::with_capacity(16 * 1024);
         let r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         let _ = encode(&mut out, &r);
+        let stages = self.logs.stages.render();
+        if !stages.is_empty() {
+            match out.rfind("# EOF") {
+                Some(i) => out.insert_str(i, &stages),
+                None => out.push_str(&stages),
+            }
+        }
         out
     }
 

@@ -43,6 +43,9 @@ pub struct TargetView {
 /// Produces the current list of targets.
 pub type StatusSource = Arc<dyn Fn() -> Vec<TargetView> + Send + Sync>;
 
+/// Produces the current list of tailed log files.
+pub type FilesSource = Arc<dyn Fn() -> Vec<crate::logs::tailer::FileStatus> + Send + Sync>;
+
 /// A reload request with its answer channel.
 pub type ReloadRequest = oneshot::Sender<Result<(), String>>;
 
@@ -53,6 +56,8 @@ pub struct ServerState {
     pub metrics: Arc<Metrics>,
     /// Target list.
     pub status: StatusSource,
+    /// Tailed log files.
+    pub files: FilesSource,
     /// Where `POST /-/reload` sends its request.
     pub reload: mpsc::Sender<ReloadRequest>,
 }
@@ -120,11 +125,18 @@ async fn handle(req: Request<Incoming>, state: ServerState) -> Result<Response<F
             let body = serde_json::to_vec(&(state.status)()).unwrap_or_default();
             respond(StatusCode::OK, "application/json", body)
         }
-        (&Method::GET, "/" | "/status" | "/targets") => respond(
-            StatusCode::OK,
-            "text/html; charset=utf-8",
-            status_page(&(state.status)()),
-        ),
+        (&Method::GET, "/api/v1/files") => {
+            let body = serde_json::to_vec(&(state.files)()).unwrap_or_default();
+            respond(StatusCode::OK, "application/json", body)
+        }
+        (&Method::GET, "/" | "/status" | "/targets") => {
+            let mut page = status_page(&(state.status)());
+            let files = files_section(&(state.files)());
+            if let Some(i) = page.rfind("</body>") {
+                page.insert_str(i, &files);
+            }
+            respond(StatusCode::OK, "text/html; charset=utf-8", page)
+        }
         (&Method::POST | &Method::PUT, "/-/reload") => {
             let (tx, rx) = oneshot::channel();
             if state.reload.send(tx).await.is_err() {
@@ -163,6 +175,34 @@ fn fmt_labels(l: &[(String, String)]) -> String {
         .map(|(n, v)| format!("{n}=\"{v}\""))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The tailed files as a table: path, job, position, size, lag.
+pub fn files_section(files: &[crate::logs::tailer::FileStatus]) -> String {
+    if files.is_empty() {
+        return String::new();
+    }
+    let mut h = format!(
+        "<h2>Tailed files ({})</h2><p><a href=\"/api/v1/files\">JSON</a></p><table><tr><th>File</th><th>Job</th><th>Position</th><th>Size</th><th>Lag</th><th>State</th></tr>",
+        files.len()
+    );
+    for f in files {
+        h.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&f.path),
+            esc(&f.job),
+            f.offset,
+            f.size,
+            f.size.saturating_sub(f.offset),
+            if f.rotated {
+                "rotated, reading to its end"
+            } else {
+                "following"
+            }
+        ));
+    }
+    h.push_str("</table>");
+    h
 }
 
 /// Renders the targets page, grouped by job like Prometheus's /targets.

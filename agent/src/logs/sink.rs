@@ -1,0 +1,137 @@
+//! From entries to WAL records: each entry becomes one log frame (a Loki `StreamAdapter`
+//! with one entry) in the record of its client and tenant; each record ends with an annotation
+//! naming the file and the offset it covers, so a restart knows where the WAL left each file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::pipeline::{render_labels, Entry, Labels};
+use super::positions::Identity;
+use crate::wal::Wal;
+
+/// Opens (or returns) the queue of a client for a tenant (`None`: the client's own).
+pub type OpenQueue = Arc<dyn Fn(Option<&str>) -> io::Result<Arc<Wal>> + Send + Sync>;
+
+/// One client: where its entries go and what it adds.
+pub struct ClientSink {
+    /// Name in logs and metrics.
+    pub name: String,
+    /// Labels added to every stream.
+    pub external_labels: BTreeMap<String, String>,
+    open: OpenQueue,
+    queues: HashMap<Option<String>, Arc<Wal>>,
+    /// Records being built, per tenant: payload and frame count.
+    building: HashMap<Option<String>, (Vec<u8>, u32)>,
+    /// Rendered stream labels of recent label sets (by identity of the shared set).
+    cache: Vec<(Labels, Arc<str>, u64)>,
+}
+
+impl ClientSink {
+    /// A client whose queues `open` gives.
+    pub fn new(name: String, external_labels: BTreeMap<String, String>, open: OpenQueue) -> io::Result<Self> {
+        let mut queues = HashMap::new();
+        queues.insert(None, open(None)?);
+        Ok(ClientSink {
+            name,
+            external_labels,
+            open,
+            queues,
+            building: HashMap::new(),
+            cache: Vec::new(),
+        })
+    }
+
+    /// Every queue opened so far.
+    pub fn wals(&self) -> impl Iterator<Item = &Arc<Wal>> {
+        self.queues.values()
+    }
+
+    fn labels_of(&mut self, labels: &Labels) -> (Arc<str>, u64) {
+        if let Some((_, s, h)) = self
+            .cache
+            .iter()
+            .find(|(l, _, _)| Arc::ptr_eq(l, labels) || **l == **labels)
+        {
+            return (s.clone(), *h);
+        }
+        let text: Arc<str> = if self.external_labels.is_empty() {
+            render_labels(labels).into()
+        } else {
+            let mut all = (**labels).clone();
+            for (k, v) in &self.external_labels {
+                all.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+            render_labels(&all).into()
+        };
+        let hash = xxhash_rust::xxh3::xxh3_64(text.as_bytes());
+        if self.cache.len() >= 256 {
+            self.cache.remove(0);
+        }
+        self.cache.push((labels.clone(), text.clone(), hash));
+        (text, hash)
+    }
+
+    /// Adds an entry to the record being built for its tenant.
+    pub fn add(&mut self, e: &Entry) {
+        let (labels, hash) = self.labels_of(&e.labels);
+        let (buf, n) = self.building.entry(e.tenant.clone()).or_default();
+        let meta: Vec<(&str, &str)> = e.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        crate::frame::push_with(buf, hash, |b| {
+            crate::loki::proto::encode_entry(&labels, e.ts_ns, e.line.as_bytes(), &meta, b)
+        });
+        *n += 1;
+    }
+
+    /// Bytes of records being built.
+    pub fn pending_bytes(&self) -> usize {
+        self.building.values().map(|(b, _)| b.len()).sum()
+    }
+
+    /// Appends the records built so far, each annotated with `file` read up to `offset`.
+    /// Returns the entries written.
+    pub fn flush(&mut self, id: &Identity, offset: u64, path: &Path) -> io::Result<u64> {
+        let mut written = 0;
+        let mut note = Vec::new();
+        id.annotation(offset, path, &mut note);
+        for (tenant, (mut buf, n)) in std::mem::take(&mut self.building) {
+            if n == 0 {
+                continue;
+            }
+            crate::frame::push_annotation(&mut buf, &note);
+            let wal = match self.queues.get(&tenant) {
+                Some(w) => w.clone(),
+                None => {
+                    let w = (self.open)(tenant.as_deref())?;
+                    self.queues.insert(tenant.clone(), w.clone());
+                    w
+                }
+            };
+            wal.append(&buf, n)?;
+            written += u64::from(n);
+        }
+        Ok(written)
+    }
+
+    /// Drops what was built and not flushed (an append failed).
+    pub fn discard(&mut self) {
+        self.building.clear();
+    }
+}
+
+/// Where each file was left according to the WAL: per device + inode, its last annotation
+/// (records are read in order, so a re-used inode's newer file wins, and a file's latest
+/// fingerprint, which grows with it up to its full length, comes with its latest offset).
+pub fn positions_in_wal(wal: &Arc<Wal>) -> io::Result<Vec<(Identity, u64, std::path::PathBuf)>> {
+    let mut last: HashMap<super::positions::FileKey, (Identity, u64, std::path::PathBuf)> = HashMap::new();
+    let mut r = wal.reader(0);
+    while let Some(rec) = r.next()? {
+        for note in crate::frame::annotations(&rec.payload) {
+            if let Some((id, off, path)) = Identity::from_annotation(note) {
+                last.insert(id.key, (id, off, path));
+            }
+        }
+    }
+    Ok(last.into_values().collect())
+}

@@ -1,0 +1,810 @@
+//! The tailer: one thread that finds the files of every target, reads them in chunks, turns
+//! lines into entries (container formats, partial-line merging, the job's pipeline) and
+//! appends them to the clients' WALs, each record annotated with the file and the offset it
+//! covers.
+//!
+//! Files are found by a rescan (at start, every `rescan_interval`, and when `notify` reports a
+//! created, removed or renamed file) and read when `notify` reports a change, or at the latest
+//! every second. A file is keyed by device + inode: when its path is renamed away (kubelet's
+//! rotation) or deleted, it is read to its end and then closed, while the new file at the path
+//! is read from its start; a file that shrank (copytruncate) is read again from its start. A
+//! position never passes bytes held by partial-line or multiline merging. When a client's WAL
+//! is near its bound, reading pauses (nothing is evicted): the files are the second buffer.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use config::logs::StartAt;
+
+use super::format::Format;
+use super::pipeline::{Compiled, Entry, Labels, Output, Pipeline};
+use super::positions::{FileKey, Identity, Positions, Saved};
+use super::sink::ClientSink;
+use crate::telemetry::LogsMetrics;
+
+/// Bytes read from a file at a time.
+const CHUNK: usize = 1 << 20;
+
+/// A job as the tailer needs it.
+pub struct Job {
+    /// `job_name`.
+    pub name: String,
+    /// Its stages.
+    pub pipeline: Arc<Compiled>,
+    /// Where files found at the first start begin.
+    pub start_at: StartAt,
+    /// Lines are container log lines (CRI or Docker, detected per file).
+    pub container_format: bool,
+}
+
+/// Files to tail: a glob and the labels of its files.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Target {
+    /// Index of the job.
+    pub job: usize,
+    /// `__path__`: a glob (`**` allowed).
+    pub path: String,
+    /// Stream labels.
+    pub labels: BTreeMap<String, String>,
+    /// Add a `filename` label (static configs, as Promtail).
+    pub filename_label: bool,
+    /// Labels come from `/var/log/pods/<ns>_<pod>_<uid>/<container>/` and the pod cache.
+    pub kubernetes_pods: bool,
+}
+
+/// What a pod adds to the labels of its files (from the pod cache).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodMeta {
+    /// `app`: pod label `app.kubernetes.io/name`, else `app`.
+    pub app: Option<String>,
+    /// The node the pod runs on.
+    pub node_name: Option<String>,
+}
+
+/// Looks a pod up by uid.
+pub type PodLookup = Arc<dyn Fn(&str) -> Option<PodMeta> + Send + Sync>;
+
+/// One file's row on the status page.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FileStatus {
+    /// Where it is (or was, when rotated away).
+    pub path: String,
+    /// Its job.
+    pub job: String,
+    /// Bytes read into the WAL (the position).
+    pub offset: u64,
+    /// Its size.
+    pub size: u64,
+    /// Renamed away or deleted; read to its end, then closed.
+    pub rotated: bool,
+}
+
+/// Shared between the tailer and its owner.
+pub struct Control {
+    /// Set to stop at the next line boundary.
+    pub stop: AtomicBool,
+    /// New targets (replacing all).
+    pub targets: Mutex<Option<Vec<Target>>>,
+    /// Files tailed, for the status page.
+    pub status: Mutex<Vec<FileStatus>>,
+    /// Wakes the tailer (notify events, new targets, stop).
+    pub wake: crossbeam_channel::Sender<bool>,
+}
+
+struct Merge {
+    start: u64,
+    ts_ns: i64,
+    stream: &'static str,
+    message: String,
+    parts: usize,
+    truncated: bool,
+}
+
+struct Tailed {
+    path: PathBuf,
+    file: File,
+    id: Identity,
+    /// Next byte to read.
+    offset: u64,
+    /// Bytes of an unfinished line (the file's bytes `offset - carry.len() .. offset`).
+    carry: Vec<u8>,
+    /// Skip to the next newline (the rest of an over-long line).
+    skipping: bool,
+    merge: Option<Merge>,
+    /// Everything before this reached the WAL (or was dropped): the position.
+    safe: u64,
+    size: u64,
+    target: Target,
+    labels: Labels,
+    /// The pod cache knew the pod when the labels were made.
+    resolved: bool,
+    pipeline: Pipeline,
+    format: Option<Format>,
+    rotated_at: Option<Instant>,
+    deleted: bool,
+}
+
+/// The tailer's settings.
+pub struct Settings {
+    /// Longest line kept (0 = none).
+    pub max_line_size: usize,
+    /// Most partial lines merged.
+    pub max_partial_lines: usize,
+    /// Rescan interval.
+    pub rescan: Duration,
+    /// Open file limit.
+    pub max_open_files: usize,
+    /// Positions file.
+    pub positions_file: PathBuf,
+    /// Positions sync period.
+    pub sync_period: Duration,
+    /// This is the first start (no positions, no WAL): `start_at` applies.
+    pub first_start: bool,
+    /// The node's name for the `node_name` label.
+    pub node_name: Option<String>,
+}
+
+/// The tailer thread's state.
+pub struct Tailer {
+    jobs: Vec<Job>,
+    targets: Vec<Target>,
+    files: HashMap<FileKey, Tailed>,
+    /// Paths found but not opened because of the open-files limit: (size when seen).
+    waiting: BTreeMap<PathBuf, (Target, u64, FileKey)>,
+    positions: Positions,
+    clients: Vec<ClientSink>,
+    settings: Settings,
+    metrics: Arc<LogsMetrics>,
+    control: Arc<Control>,
+    wake: crossbeam_channel::Receiver<bool>,
+    pods: Option<PodLookup>,
+    last_sync: Instant,
+    roll_marks: Vec<u64>,
+    buf: Vec<u8>,
+    out: Output,
+    /// The first scan of the first start is done (later files start at their beginning).
+    scanned_once: bool,
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// `/var/log/pods/<ns>_<pod>_<uid>/<container>/<n>.log` → (namespace, pod, uid, container).
+pub fn pod_of_path(path: &Path) -> Option<(String, String, String, String)> {
+    let container = path.parent()?;
+    let pod_dir = container.parent()?;
+    let c = container.file_name()?.to_str()?.to_owned();
+    let d = pod_dir.file_name()?.to_str()?;
+    // Namespaces and pod names have no `_`; the uid is the last part.
+    let mut parts = d.splitn(3, '_');
+    let ns = parts.next()?.to_owned();
+    let pod = parts.next()?.to_owned();
+    let uid = parts.next()?.to_owned();
+    Some((ns, pod, uid, c))
+}
+
+impl Tailer {
+    /// A tailer over `clients`, starting from `positions`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        jobs: Vec<Job>,
+        clients: Vec<ClientSink>,
+        positions: Positions,
+        settings: Settings,
+        metrics: Arc<LogsMetrics>,
+        control: Arc<Control>,
+        wake: crossbeam_channel::Receiver<bool>,
+        pods: Option<PodLookup>,
+    ) -> Tailer {
+        Tailer {
+            jobs,
+            targets: Vec::new(),
+            files: HashMap::new(),
+            waiting: BTreeMap::new(),
+            positions,
+            roll_marks: clients
+                .iter()
+                .map(|c| c.wals().map(|w| w.active_first_seq()).sum())
+                .collect(),
+            clients,
+            settings,
+            metrics,
+            control,
+            wake,
+            pods,
+            last_sync: Instant::now(),
+            buf: vec![0; CHUNK],
+            out: Output::default(),
+            scanned_once: false,
+        }
+    }
+
+    /// Runs until stopped: rescans, reads, saves positions.
+    pub fn run(mut self) {
+        let mut last_scan: Option<Instant> = None;
+        let mut rescan = true;
+        loop {
+            if self.control.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            if let Some(t) = self.control.targets.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                self.targets = t;
+                rescan = true;
+            }
+            if rescan || last_scan.is_none_or(|t| t.elapsed() >= self.settings.rescan) {
+                self.scan();
+                last_scan = Some(Instant::now());
+                rescan = false;
+            }
+            let read = self.read_pass();
+            self.flush_multiline(false);
+            self.maybe_sync(false);
+            if read {
+                continue;
+            }
+            self.publish_status();
+            let idle = self
+                .files
+                .values()
+                .filter_map(|t| t.pipeline.next_flush())
+                .min()
+                .map_or(Duration::from_secs(1), |at| {
+                    at.saturating_duration_since(Instant::now())
+                })
+                .min(Duration::from_secs(1));
+            match self.wake.recv_timeout(idle) {
+                Ok(structural) => {
+                    rescan |= structural;
+                    // Coalesce a burst of events.
+                    while let Ok(s) = self.wake.try_recv() {
+                        rescan |= s;
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        self.maybe_sync(true);
+        self.publish_status();
+    }
+
+    fn scan(&mut self) {
+        let mut found: BTreeMap<PathBuf, Target> = BTreeMap::new();
+        for t in &self.targets {
+            let Ok(paths) = glob::glob(&t.path) else { continue };
+            for p in paths.flatten() {
+                // One file is tailed once, however many targets name it: the first wins.
+                found.entry(p).or_insert_with(|| t.clone());
+            }
+        }
+        let mut seen: HashSet<FileKey> = HashSet::new();
+        let mut new_waiting = BTreeMap::new();
+        for (path, target) in found {
+            let Ok(m) = std::fs::metadata(&path) else { continue };
+            if !m.is_file() {
+                continue;
+            }
+            let key = FileKey::of(&m);
+            seen.insert(key);
+            if let Some(t) = self.files.get_mut(&key) {
+                if t.path != path {
+                    t.path = path;
+                }
+                t.rotated_at = None;
+                continue;
+            }
+            if self.files.len() >= self.settings.max_open_files {
+                new_waiting.insert(path, (target, m.len(), key));
+                continue;
+            }
+            self.open(path, target);
+        }
+        // Known files no longer at a watched path were rotated away or deleted.
+        for t in self.files.values_mut() {
+            if !seen.contains(&t.id.key) && t.rotated_at.is_none() {
+                t.rotated_at = Some(Instant::now());
+            }
+            if let Ok(m) = t.file.metadata() {
+                t.deleted = m.nlink() == 0;
+            }
+        }
+        // Files that waited for a free slot and are gone now were never read: lost.
+        for (path, (target, size, key)) in std::mem::take(&mut self.waiting) {
+            if !new_waiting.contains_key(&path) && !self.files.contains_key(&key) {
+                let job = &self.jobs[target.job].name;
+                self.metrics.lost_bytes(job, "deleted_before_read", size);
+            }
+        }
+        self.waiting = new_waiting;
+        self.scanned_once = true;
+        self.metrics.set_files(self.files.len(), self.waiting.len());
+    }
+
+    fn open(&mut self, path: PathBuf, target: Target) {
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "Cannot open a log file; retrying at the next scan.");
+                self.metrics.open_error(&self.jobs[target.job].name);
+                return;
+            }
+        };
+        let Ok(id) = Identity::read(&file) else { return };
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let job = &self.jobs[target.job];
+        let offset = match self.positions.lookup(&path, &file) {
+            Some(o) => o.min(size),
+            None if self.settings.first_start && !self.scanned_once && job.start_at == StartAt::End => size,
+            None => 0,
+        };
+        tracing::info!(path = %path.display(), job = %job.name, offset, "Tailing a log file.");
+        let pipeline = Pipeline::new(job.pipeline.clone());
+        let format = None;
+        let mut t = Tailed {
+            path,
+            file,
+            id,
+            offset,
+            carry: Vec::new(),
+            skipping: false,
+            merge: None,
+            safe: offset,
+            size,
+            labels: Arc::new(BTreeMap::new()),
+            resolved: false,
+            target,
+            pipeline,
+            format,
+            rotated_at: None,
+            deleted: false,
+        };
+        self.label(&mut t);
+        self.positions
+            .files
+            .retain(|_, s| s.id.is_none_or(|id| id.key != t.id.key));
+        self.positions.files.insert(
+            t.path.clone(),
+            Saved {
+                id: Some(t.id),
+                offset: t.safe,
+            },
+        );
+        self.files.insert(t.id.key, t);
+    }
+
+    /// The stream labels of a file: its target's, plus `filename`, plus what its path and
+    /// the pod cache say for `kubernetes_pods`.
+    fn label(&self, t: &mut Tailed) {
+        let mut l = t.target.labels.clone();
+        if t.target.filename_label {
+            l.insert("filename".to_owned(), t.path.display().to_string());
+        }
+        t.resolved = true;
+        if t.target.kubernetes_pods {
+            if let Some((ns, pod, uid, container)) = pod_of_path(&t.path) {
+                let meta = self.pods.as_ref().and_then(|f| f(&uid));
+                t.resolved = meta.is_some() || self.pods.is_none();
+                let meta = meta.unwrap_or_default();
+                if let Some(app) = meta.app.filter(|a| !a.is_empty()) {
+                    l.insert("job".to_owned(), format!("{ns}/{app}"));
+                    l.insert("app".to_owned(), app);
+                }
+                if let Some(n) = meta.node_name.or_else(|| self.settings.node_name.clone()) {
+                    l.insert("node_name".to_owned(), n);
+                }
+                l.insert("namespace".to_owned(), ns);
+                l.insert("pod".to_owned(), pod);
+                l.insert("container".to_owned(), container);
+            }
+        }
+        t.labels = Arc::new(l);
+    }
+
+    /// Whether a client's WAL is too full to take another chunk.
+    fn wal_full(&self) -> bool {
+        self.clients.iter().flat_map(|c| c.wals()).any(|w| {
+            let (max, seg) = w.limits();
+            w.stats().bytes + (CHUNK as u64) * 3 + seg > max
+        })
+    }
+
+    /// Reads one chunk of every file that has new bytes. True when anything was read.
+    fn read_pass(&mut self) -> bool {
+        let mut any = false;
+        let keys: Vec<FileKey> = self.files.keys().copied().collect();
+        for key in keys {
+            if self.control.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            if self.wal_full() {
+                self.metrics.paused();
+                std::thread::sleep(Duration::from_millis(100));
+                return true;
+            }
+            let Some(mut t) = self.files.remove(&key) else { continue };
+            if !t.resolved {
+                self.label(&mut t);
+            }
+            let keep = match self.read_chunk(&mut t) {
+                Ok(n) => {
+                    any |= n > 0;
+                    n > 0 || !self.finished(&mut t)
+                }
+                Err(e) => {
+                    tracing::warn!(path = %t.path.display(), error = %e, "Reading a log file failed; it is retried.");
+                    self.metrics.read_error(&self.jobs[t.target.job].name);
+                    true
+                }
+            };
+            if keep {
+                self.files.insert(key, t);
+            } else {
+                tracing::info!(path = %t.path.display(), offset = t.safe, "Closed a rotated or deleted log file read to its end.");
+                self.positions.files.retain(|_, s| s.id.is_none_or(|id| id.key != key));
+            }
+        }
+        if !any && !self.waiting.is_empty() && self.files.len() < self.settings.max_open_files {
+            // A slot freed up: take the next waiting files at the next scan.
+            let _ = self.control.wake.try_send(true);
+        }
+        any
+    }
+
+    /// At the end of a rotated or deleted file: flush what it held and close it.
+    fn finished(&mut self, t: &mut Tailed) -> bool {
+        let Some(at) = t.rotated_at else {
+            return false;
+        };
+        // A renamed file may get a last write from a runtime that has not reopened yet.
+        if !t.deleted && at.elapsed() < Duration::from_secs(1) {
+            return false;
+        }
+        // Its last line, even without a final newline, and whatever was still merging.
+        if !t.carry.is_empty() && !t.skipping {
+            let line = std::mem::take(&mut t.carry);
+            let start = t.offset - line.len() as u64;
+            self.line(t, &line, start, t.offset);
+        }
+        self.end_merge(t);
+        t.pipeline.flush(true, &mut self.out);
+        t.safe = t.offset;
+        let _ = self.emit(t);
+        true
+    }
+
+    /// Reads up to a chunk of `t` and processes its whole lines. Returns the bytes read.
+    fn read_chunk(&mut self, t: &mut Tailed) -> std::io::Result<usize> {
+        let size = t.file.metadata()?.len();
+        if size < t.offset || (t.offset > 0 && !t.id.matches(&t.file).unwrap_or(true)) {
+            // Truncated (copytruncate): what was not read before is lost; start over.
+            let lost = t.size.saturating_sub(t.offset);
+            let job = &self.jobs[t.target.job].name;
+            self.metrics.lost_bytes(job, "truncated", lost);
+            self.metrics.truncations(job);
+            tracing::info!(path = %t.path.display(), "Log file truncated; reading it from its start.");
+            t.offset = 0;
+            t.safe = 0;
+            t.carry.clear();
+            t.merge = None;
+            t.skipping = false;
+            t.id = Identity::read(&t.file)?;
+            t.pipeline = Pipeline::new(self.jobs[t.target.job].pipeline.clone());
+        }
+        t.size = size;
+        if size == t.offset {
+            return Ok(0);
+        }
+        if t.id.fp_len < super::positions::FINGERPRINT_LEN as u32 && size > u64::from(t.id.fp_len) {
+            // The fingerprint grows with the file up to its full length.
+            t.id = Identity::read(&t.file)?;
+        }
+        let want = ((size - t.offset) as usize).min(CHUNK);
+        let n = t.file.read_at(&mut self.buf[..want], t.offset)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        let job_name = self.jobs[t.target.job].name.clone();
+        self.metrics.bytes_read(&job_name, n as u64);
+        let chunk = std::mem::take(&mut self.buf);
+        // File offset where the carried bytes (or the chunk) begin.
+        let mut pos = t.offset - t.carry.len() as u64;
+        t.offset += n as u64;
+        let mut rest = &chunk[..n];
+        let mut lines = 0u64;
+        while let Some(i) = memchr::memchr(b'\n', rest) {
+            let (line, after) = (&rest[..i], &rest[i + 1..]);
+            let end = pos + t.carry.len() as u64 + i as u64 + 1;
+            if t.skipping {
+                // The rest of an over-long line, already sent truncated.
+                t.skipping = false;
+                t.carry.clear();
+                self.advance(t, end);
+            } else if t.carry.is_empty() {
+                self.line(t, line, pos, end);
+            } else {
+                let mut whole = std::mem::take(&mut t.carry);
+                whole.extend_from_slice(line);
+                self.line(t, &whole, pos, end);
+                whole.clear();
+                t.carry = whole;
+            }
+            pos = end;
+            lines += 1;
+            rest = after;
+        }
+        if !rest.is_empty() && !t.skipping {
+            t.carry.extend_from_slice(rest);
+            let cap = self.line_cap();
+            if t.carry.len() > cap {
+                // An over-long line: keep its start, skip the rest up to its newline.
+                let line = std::mem::take(&mut t.carry);
+                let start = t.offset - line.len() as u64;
+                self.line(t, &line[..cap], start, t.offset);
+                self.metrics.truncated(&job_name);
+                t.skipping = true;
+            }
+        }
+        self.buf = chunk;
+        self.metrics.lines_read(&job_name, lines);
+        self.emit(t)?;
+        Ok(n)
+    }
+
+    /// The most bytes of an unfinished line kept in memory.
+    fn line_cap(&self) -> usize {
+        match self.settings.max_line_size {
+            0 => 64 << 20,
+            // Room for a CRI or Docker envelope around the longest message.
+            m => m + 4096,
+        }
+    }
+
+    /// One whole line of `t` (without its newline) that spans `start..end` of the file.
+    fn line(&mut self, t: &mut Tailed, raw: &[u8], start: u64, end: u64) {
+        let text = String::from_utf8_lossy(raw);
+        let job = &self.jobs[t.target.job];
+        if !job.container_format {
+            let e = Entry {
+                ts_ns: now_ns(),
+                line: self.cap(text.into_owned(), t.target.job),
+                labels: t.labels.clone(),
+                extracted: HashMap::new(),
+                metadata: Vec::new(),
+                tenant: None,
+                start,
+            };
+            t.pipeline.run(e, &mut self.out);
+            self.advance(t, end);
+            return;
+        }
+        let format = *t.format.get_or_insert_with(|| Format::detect(&text));
+        match format.parse(&text) {
+            Ok(l) => {
+                let stream = l.stream.as_str();
+                let ts = l.ts_ns as i64;
+                let max = self.settings.max_line_size;
+                let merge = t.merge.get_or_insert_with(|| Merge {
+                    start,
+                    ts_ns: ts,
+                    stream,
+                    message: String::new(),
+                    parts: 0,
+                    truncated: false,
+                });
+                if max > 0 && merge.message.len() + l.message.len() > max {
+                    let room = max.saturating_sub(merge.message.len());
+                    let mut cut = room.min(l.message.len());
+                    while !l.message.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    merge.message.push_str(&l.message[..cut]);
+                    if !merge.truncated {
+                        merge.truncated = true;
+                        self.metrics.truncated(&job.name);
+                    }
+                } else {
+                    merge.message.push_str(&l.message);
+                }
+                merge.parts += 1;
+                if !l.partial || merge.parts >= self.settings.max_partial_lines {
+                    self.end_merge(t);
+                }
+            }
+            Err(e) => {
+                // Not in the container format: kept as it is, counted.
+                self.metrics.format_error(&job.name);
+                tracing::debug!(path = %t.path.display(), error = %e, "A log line is not in the container format.");
+                self.end_merge(t);
+                let e = Entry {
+                    ts_ns: now_ns(),
+                    line: self.cap(text.into_owned(), t.target.job),
+                    labels: t.labels.clone(),
+                    extracted: HashMap::new(),
+                    metadata: Vec::new(),
+                    tenant: None,
+                    start,
+                };
+                t.pipeline.run(e, &mut self.out);
+            }
+        }
+        self.advance(t, end);
+    }
+
+    fn cap(&self, mut s: String, job: usize) -> String {
+        let max = self.settings.max_line_size;
+        if max > 0 && s.len() > max {
+            let mut cut = max;
+            while !s.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            s.truncate(cut);
+            self.metrics.truncated(&self.jobs[job].name);
+        }
+        s
+    }
+
+    /// Sends a merged container message on through the pipeline.
+    fn end_merge(&mut self, t: &mut Tailed) {
+        let Some(m) = t.merge.take() else { return };
+        let labels = if t.labels.get("stream").map(String::as_str) == Some(m.stream) {
+            t.labels.clone()
+        } else {
+            let mut l = (*t.labels).clone();
+            l.insert("stream".to_owned(), m.stream.to_owned());
+            // Keep one shared set per stream so the sink's label cache hits.
+            let l = Arc::new(l);
+            if t.labels.get("stream").is_none() {
+                t.labels = l.clone();
+            }
+            l
+        };
+        let e = Entry {
+            ts_ns: m.ts_ns,
+            line: m.message,
+            labels,
+            extracted: HashMap::new(),
+            metadata: Vec::new(),
+            tenant: None,
+            start: m.start,
+        };
+        t.pipeline.run(e, &mut self.out);
+    }
+
+    /// The position after a line ending at `end`: not past anything still held.
+    fn advance(&mut self, t: &mut Tailed, end: u64) {
+        let held = [t.merge.as_ref().map(|m| m.start), t.pipeline.held_from()]
+            .into_iter()
+            .flatten()
+            .min();
+        t.safe = held.unwrap_or(end);
+    }
+
+    fn flush_multiline(&mut self, force: bool) {
+        let keys: Vec<FileKey> = self
+            .files
+            .iter()
+            .filter(|(_, t)| t.pipeline.next_flush().is_some_and(|at| force || at <= Instant::now()))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            let Some(mut t) = self.files.remove(&k) else { continue };
+            t.pipeline.flush(force, &mut self.out);
+            let held = [t.merge.as_ref().map(|m| m.start), t.pipeline.held_from()]
+                .into_iter()
+                .flatten()
+                .min();
+            t.safe = held.unwrap_or(t.offset - t.carry.len() as u64);
+            if let Err(e) = self.emit(&mut t) {
+                tracing::error!(error = %e, "Appending log entries to the WAL failed.");
+            }
+            self.files.insert(k, t);
+        }
+    }
+
+    /// Hands the entries the pipeline produced to every client and appends the records.
+    fn emit(&mut self, t: &mut Tailed) -> std::io::Result<()> {
+        let out = std::mem::take(&mut self.out);
+        let job = &self.jobs[t.target.job].name;
+        for reason in &out.dropped {
+            self.metrics.dropped(job, reason, 1);
+        }
+        for c in &mut self.clients {
+            for e in &out.entries {
+                c.add(e);
+            }
+        }
+        let mut result = Ok(());
+        for c in &mut self.clients {
+            match c.flush(&t.id, t.safe, &t.path) {
+                Ok(n) => self.metrics.entries(job, &c.name, n),
+                Err(e) => {
+                    // A full disk: the lines are not in the WAL, so the position stays
+                    // where the WAL is; they are read again.
+                    c.discard();
+                    self.metrics.wal_append_error(&c.name);
+                    tracing::error!(client = %c.name, error = %e, "Appending log entries to the WAL failed; the lines are read again.");
+                    result = Err(e);
+                }
+            }
+        }
+        self.out = Output {
+            entries: {
+                let mut v = out.entries;
+                v.clear();
+                v
+            },
+            dropped: Vec::new(),
+        };
+        result?;
+        if let Some(s) = self.positions.files.get_mut(&t.path) {
+            s.offset = t.safe;
+            s.id = Some(t.id);
+        } else {
+            self.positions
+                .files
+                .retain(|_, s| s.id.is_none_or(|id| id.key != t.id.key));
+            self.positions.files.insert(
+                t.path.clone(),
+                Saved {
+                    id: Some(t.id),
+                    offset: t.safe,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Saves positions every `sync_period`, when a WAL segment rolled (before it can be
+    /// deleted), and at `force`.
+    fn maybe_sync(&mut self, force: bool) {
+        let marks: Vec<u64> = self
+            .clients
+            .iter()
+            .map(|c| c.wals().map(|w| w.active_first_seq()).sum())
+            .collect();
+        let rolled = marks != self.roll_marks;
+        if !(force || rolled || self.last_sync.elapsed() >= self.settings.sync_period) {
+            return;
+        }
+        self.roll_marks = marks;
+        // Entries with an identity whose file is not tailed any more are dropped.
+        let open: HashSet<FileKey> = self.files.keys().copied().collect();
+        self.positions
+            .files
+            .retain(|p, s| s.id.is_none_or(|id| open.contains(&id.key) || p.exists()));
+        match self.positions.save(&self.settings.positions_file) {
+            Ok(()) => self.metrics.positions_saved(),
+            Err(e) => {
+                self.metrics.positions_error();
+                tracing::error!(file = %self.settings.positions_file.display(), error = %e, "Saving positions failed.");
+            }
+        }
+        self.last_sync = Instant::now();
+    }
+
+    fn publish_status(&self) {
+        let mut rows: Vec<FileStatus> = self
+            .files
+            .values()
+            .map(|t| FileStatus {
+                path: t.path.display().to_string(),
+                job: self.jobs[t.target.job].name.clone(),
+                offset: t.safe,
+                size: t.size,
+                rotated: t.rotated_at.is_some(),
+            })
+            .collect();
+        rows.sort_by(|a, b| a.path.cmp(&b.path));
+        let lag: u64 = rows.iter().map(|r| r.size.saturating_sub(r.offset)).sum();
+        self.metrics.set_lag(lag);
+        *self.control.status.lock().unwrap_or_else(|p| p.into_inner()) = rows;
+    }
+}

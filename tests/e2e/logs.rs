@@ -1,0 +1,453 @@
+//! The logs path end to end: real CRI and Docker log trees written in a temp dir, the agent
+//! binary tailing them, and a receiver that decodes the real Loki wire format (snappy +
+//! `pkg/push/push.proto` `PushRequest`) and can answer 500/429/400 on demand. Lines carry
+//! sequence numbers, so every line is checked to arrive exactly once (at least once across
+//! `kill -9`) with its labels and timestamp.
+//!
+//! No registry ships Loki; when `SRE_LAB_LOKI_BIN` names a Loki binary the same tree is also
+//! shipped to it (otherwise that part says it was skipped).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agent::loki::proto::PushRequest;
+use anyhow::Result;
+use prost::Message;
+use sre_lab_tests::{http_get, http_post, poll, Agent, TinyServer};
+
+/// One entry as received.
+#[derive(Clone, Debug)]
+struct Got {
+    labels: BTreeMap<String, String>,
+    ts_ns: i64,
+    line: String,
+    tenant: String,
+}
+
+/// A Loki push receiver; `fail` (when non-zero) is the status every push gets.
+struct Loki {
+    server: TinyServer,
+    got: Arc<Mutex<Vec<Got>>>,
+    fail: Arc<AtomicU16>,
+    pushes: Arc<Mutex<u64>>,
+}
+
+impl Loki {
+    fn start() -> Result<Loki> {
+        let got: Arc<Mutex<Vec<Got>>> = Arc::default();
+        let fail = Arc::new(AtomicU16::new(0));
+        let pushes: Arc<Mutex<u64>> = Arc::default();
+        let (g, f, p) = (got.clone(), fail.clone(), pushes.clone());
+        let server = TinyServer::start(move |req| {
+            *p.lock().unwrap() += 1;
+            let code = f.load(Ordering::SeqCst);
+            if code != 0 {
+                let extra = if code == 429 {
+                    vec![("Retry-After".to_owned(), "1".to_owned())]
+                } else {
+                    vec![]
+                };
+                return (code, extra, b"injected failure".to_vec());
+            }
+            if req.path != "/loki/api/v1/push" || req.header("content-type") != Some("application/x-protobuf") {
+                return (400, vec![], b"unexpected request".to_vec());
+            }
+            let Ok(raw) = snap::raw::Decoder::new().decompress_vec(&req.body) else {
+                return (400, vec![], b"not snappy".to_vec());
+            };
+            let Ok(push) = PushRequest::decode(raw.as_slice()) else {
+                return (400, vec![], b"not a PushRequest".to_vec());
+            };
+            let tenant = req.header("x-scope-orgid").unwrap_or("").to_owned();
+            let mut g = g.lock().unwrap();
+            for s in push.streams {
+                let labels: BTreeMap<String, String> = agent::loki::parse_labels(&s.labels).into_iter().collect();
+                for e in s.entries {
+                    let t = e.timestamp.unwrap_or_default();
+                    g.push(Got {
+                        labels: labels.clone(),
+                        ts_ns: t.seconds * 1_000_000_000 + i64::from(t.nanos),
+                        line: e.line,
+                        tenant: tenant.clone(),
+                    });
+                }
+            }
+            (204, vec![], Vec::new())
+        })?;
+        Ok(Loki {
+            server,
+            got,
+            fail,
+            pushes,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/loki/api/v1/push", self.server.addr)
+    }
+
+    fn entries(&self) -> Vec<Got> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// How often each `seq=<tag>-<n>` arrived.
+    fn seqs(&self) -> HashMap<String, usize> {
+        let mut m = HashMap::new();
+        for g in self.entries() {
+            if let Some(s) = g.line.split_whitespace().find_map(|w| w.strip_prefix("seq=")) {
+                *m.entry(s.to_owned()).or_insert(0) += 1;
+            }
+        }
+        m
+    }
+}
+
+/// A pod's log directory under `root`.
+fn pod_dir(root: &Path, ns: &str, pod: &str, container: &str) -> PathBuf {
+    let d = root.join(format!("{ns}_{pod}_uid-{pod}")).join(container);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The CRI time of line `n`: distinct and increasing.
+fn cri_time(n: u64) -> (String, i64) {
+    let secs = 1_767_225_600 + n / 1000; // 2026-01-01
+    let nanos = (n % 1000) * 1_000_000 + 123;
+    let ts = jiff::Timestamp::new(secs as i64, nanos as i32).unwrap();
+    (format!("{ts:.9}"), ts.as_nanosecond() as i64)
+}
+
+fn append(path: &Path, text: &str) {
+    let mut f = OpenOptions::new().create(true).append(true).open(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+/// Appends `count` CRI lines `seq=<tag>-<n>` starting at `from` (every 7th split in P/F parts).
+fn cri_lines(path: &Path, tag: &str, from: u64, count: u64, stream: &str) -> Vec<(String, i64)> {
+    let mut text = String::new();
+    let mut want = Vec::new();
+    for n in from..from + count {
+        let (t, ns) = cri_time(n);
+        let msg = format!("hello seq={tag}-{n} from {tag}");
+        if n % 7 == 0 {
+            let (a, b) = msg.split_at(8);
+            text.push_str(&format!("{t} {stream} P {a}\n{t} {stream} F {b}\n"));
+        } else {
+            text.push_str(&format!("{t} {stream} F {msg}\n"));
+        }
+        want.push((format!("{tag}-{n}"), ns));
+    }
+    append(path, &text);
+    want
+}
+
+fn config(loki: &Loki, root: &Path, extra_client: &str) -> String {
+    format!(
+        "logs:\n  clients:\n    - url: {}\n      batchwait: 100ms\n      backoff_config: {{min_period: 100ms, max_period: 1s}}\n{extra_client}  scrape_configs:\n    - job_name: pods\n      kubernetes_pods: {{root: {}}}\n",
+        loki.url(),
+        root.display()
+    )
+}
+
+/// Waits until every tag in `want` arrived, then checks each arrived exactly once.
+fn expect_exactly_once(loki: &Loki, want: &[(String, i64)], timeout: Duration) -> Result<()> {
+    poll("every line at the receiver", timeout, || {
+        let seqs = loki.seqs();
+        Ok(want.iter().all(|(s, _)| seqs.contains_key(s)).then_some(()))
+    })
+    .map_err(|e| {
+        let seqs = loki.seqs();
+        let missing: Vec<_> = want.iter().filter(|(s, _)| !seqs.contains_key(s)).take(10).collect();
+        e.context(format!("missing e.g. {missing:?}"))
+    })?;
+    let seqs = loki.seqs();
+    let dups: Vec<_> = seqs.iter().filter(|(_, n)| **n > 1).take(10).collect();
+    assert!(dups.is_empty(), "lines received more than once: {dups:?}");
+    Ok(())
+}
+
+#[test]
+fn kubernetes_pods_every_line_once_with_labels_and_times_through_rotation_copytruncate_and_garbage() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("pods");
+    let loki = Loki::start()?;
+    let mut want = Vec::new();
+    // Eight CRI pods, one Docker pod, written before the agent starts (read from the start).
+    let mut logs = Vec::new();
+    for p in 0..8 {
+        let d = pod_dir(&root, "shop", &format!("web-{p}"), "app");
+        let f = d.join("0.log");
+        want.extend(cri_lines(
+            &f,
+            &format!("p{p}"),
+            0,
+            300,
+            if p % 2 == 0 { "stdout" } else { "stderr" },
+        ));
+        logs.push(f);
+    }
+    let docker = pod_dir(&root, "legacy", "old-0", "main").join("0.log");
+    let mut text = String::new();
+    for n in 0..100u64 {
+        let (t, _) = cri_time(n);
+        // Docker splits long messages: every 10th line in two JSON lines.
+        if n % 10 == 0 {
+            text.push_str(&format!(
+                "{{\"log\":\"part one \",\"stream\":\"stdout\",\"time\":\"{t}\"}}\n"
+            ));
+            text.push_str(&format!(
+                "{{\"log\":\"seq=d-{n} \\\"quoted\\\"\\n\",\"stream\":\"stdout\",\"time\":\"{t}\"}}\n"
+            ));
+        } else {
+            text.push_str(&format!(
+                "{{\"log\":\"seq=d-{n} \\\"quoted\\\"\\n\",\"stream\":\"stdout\",\"time\":\"{t}\"}}\n"
+            ));
+        }
+        want.push((format!("d-{n}"), cri_time(n).1));
+    }
+    append(&docker, &text);
+
+    let agent = Agent::start(dir.path(), &config(&loki, &root, ""))?;
+    expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
+
+    // Rotation by rename in the middle: a last line without its newline, then kubelet renames
+    // 0.log and the runtime opens a new one.
+    let (t, ns) = cri_time(300);
+    append(&logs[0], &format!("{t} stdout F last seq=p0-300 before rotation"));
+    want.push(("p0-300".into(), ns));
+    std::fs::rename(&logs[0], logs[0].with_extension("log.20260101-000000"))?;
+    want.extend(cri_lines(&logs[0], "p0", 301, 200, "stdout"));
+    // copytruncate on another pod, after its lines were read.
+    std::fs::copy(&logs[1], logs[1].with_extension("log.1"))?;
+    OpenOptions::new().write(true).truncate(true).open(&logs[1])?;
+    want.extend(cri_lines(&logs[1], "p1", 300, 50, "stderr"));
+    // Garbage, an over-long line and more lines on a third pod.
+    append(&logs[2], "\u{0}\u{1}binary\u{fffd} garbage not CRI\n");
+    let (t, _) = cri_time(300);
+    append(&logs[2], &format!("{t} stdout F seq=p2-big {}\n", "x".repeat(1 << 20)));
+    want.extend(cri_lines(&logs[2], "p2", 301, 20, "stdout"));
+    // A pod that appears while the agent runs.
+    let late = pod_dir(&root, "shop", "late-0", "app").join("0.log");
+    want.extend(cri_lines(&late, "late", 0, 100, "stdout"));
+    expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
+
+    // Labels and timestamps: the CRI time, the message alone, the Helm chart's labels.
+    let all = loki.entries();
+    let times: HashMap<&str, i64> = want.iter().map(|(s, t)| (s.as_str(), *t)).collect();
+    for g in &all {
+        let Some(seq) = g.line.split_whitespace().find_map(|w| w.strip_prefix("seq=")) else {
+            continue;
+        };
+        if let Some(t) = times.get(seq) {
+            assert_eq!(g.ts_ns, *t, "timestamp of {seq}");
+        }
+        for k in ["namespace", "pod", "container", "stream"] {
+            assert!(g.labels.contains_key(k), "{k} missing in {:?}", g.labels);
+        }
+        assert!(
+            !g.labels.contains_key("filename"),
+            "filename is kept out of stream labels"
+        );
+        assert!(!g.labels.keys().any(|k| k.contains("uid")), "{:?}", g.labels);
+    }
+    let p7 = all.iter().find(|g| g.line.contains("seq=p7-1 ")).unwrap();
+    assert_eq!(p7.labels["namespace"], "shop");
+    assert_eq!(p7.labels["pod"], "web-7");
+    assert_eq!(p7.labels["container"], "app");
+    assert_eq!(p7.labels["stream"], "stderr");
+    assert_eq!(p7.line, "hello seq=p7-1 from p7", "the CRI prefix is removed");
+    let merged = all.iter().find(|g| g.line.contains("seq=p3-14 ")).unwrap();
+    assert_eq!(merged.line, "hello seq=p3-14 from p3", "P/F parts are merged");
+    let d = all.iter().find(|g| g.line.contains("seq=d-10 ")).unwrap();
+    assert_eq!(d.line, "part one seq=d-10 \"quoted\"");
+    assert_eq!(d.labels["namespace"], "legacy");
+    let big = all.iter().find(|g| g.line.contains("seq=p2-big")).unwrap();
+    assert_eq!(big.line.len(), 256 << 10, "cut at max_line_size");
+    assert!(
+        all.iter()
+            .any(|g| g.line.contains("binary") && g.line.contains("garbage")),
+        "garbage kept as it is"
+    );
+    assert!(agent.metric("sre_agent_logs_truncated_lines_total", "pods")? >= 1.0);
+    assert!(agent.metric("sre_agent_logs_format_errors_total", "pods")? >= 1.0);
+    assert!(agent.metric("sre_agent_logs_file_truncations_total", "pods")? >= 1.0);
+    // The status page lists the files with their positions.
+    let files: serde_json::Value = serde_json::from_str(&http_get(&format!("{}/api/v1/files", agent.url))?)?;
+    let rows = files.as_array().unwrap();
+    assert!(rows.len() >= 10, "{rows:?}");
+    assert!(http_get(&format!("{}/status", agent.url))?.contains("Tailed files"));
+    Ok(())
+}
+
+#[test]
+fn loki_outage_while_files_rotate_away_and_a_reload_lose_and_repeat_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("pods");
+    let loki = Loki::start()?;
+    let f = pod_dir(&root, "ns", "busy-0", "c").join("0.log");
+    let mut want = cri_lines(&f, "b", 0, 200, "stdout");
+    let agent = Agent::start(dir.path(), &config(&loki, &root, ""))?;
+    expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
+
+    // Loki fails for 30 s; meanwhile the file rotates five times and the rotated files are
+    // deleted (kubelet keeps few): only the agent's WAL still has those lines.
+    loki.fail.store(500, Ordering::SeqCst);
+    let mut n = 200;
+    for r in 0..5 {
+        want.extend(cri_lines(&f, "b", n, 400, "stdout"));
+        n += 400;
+        let rotated = f.with_extension(format!("log.2026010{r}"));
+        // The agent has the file open before it is renamed and deleted.
+        poll("agent read the file", Duration::from_secs(20), || {
+            let files: serde_json::Value = serde_json::from_str(&http_get(&format!("{}/api/v1/files", agent.url))?)?;
+            let done = files.as_array().unwrap().iter().any(|r| {
+                r["offset"] == r["size"]
+                    && r["size"].as_u64() > Some(0)
+                    && r["path"].as_str().unwrap().ends_with("0.log")
+            });
+            Ok(done.then_some(()))
+        })?;
+        std::fs::rename(&f, &rotated)?;
+        std::thread::sleep(Duration::from_millis(200));
+        std::fs::remove_file(&rotated)?;
+    }
+    want.extend(cri_lines(&f, "b", n, 100, "stdout"));
+    n += 100;
+    std::thread::sleep(Duration::from_secs(30));
+    assert!(loki.seqs().len() <= 200, "nothing was accepted during the outage");
+    loki.fail.store(0, Ordering::SeqCst);
+    expect_exactly_once(&loki, &want, Duration::from_secs(90))?;
+
+    // 429 with Retry-After is retried too.
+    loki.fail.store(429, Ordering::SeqCst);
+    want.extend(cri_lines(&f, "b", n, 50, "stdout"));
+    n += 50;
+    std::thread::sleep(Duration::from_secs(3));
+    loki.fail.store(0, Ordering::SeqCst);
+    expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
+
+    // A reload that changes the logs section: tailing stops at a line boundary and resumes.
+    let cfg = config(&loki, &root, "      external_labels: {cluster: lab}\n");
+    std::fs::write(&agent.config, cfg)?;
+    want.extend(cri_lines(&f, "b", n, 100, "stdout"));
+    n += 100;
+    let (code, body) = http_post(&format!("{}/-/reload", agent.url))?;
+    assert_eq!(code, 200, "{body}");
+    want.extend(cri_lines(&f, "b", n, 100, "stdout"));
+    expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
+    let last = loki
+        .entries()
+        .into_iter()
+        .find(|g| g.line.contains(&format!("seq=b-{} ", n + 99)))
+        .unwrap();
+    assert_eq!(last.labels.get("cluster").map(String::as_str), Some("lab"));
+    Ok(())
+}
+
+#[test]
+fn kill_9_repeats_only_unanswered_pushes_and_a_400_is_dropped_with_its_reason() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("pods");
+    let loki = Loki::start()?;
+    let f = pod_dir(&root, "ns", "crash-0", "c").join("0.log");
+    let mut want = cri_lines(&f, "k", 0, 2000, "stdout");
+    let mut agent = Agent::start(dir.path(), &config(&loki, &root, ""))?;
+    expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
+    // An outage builds a backlog in the WAL, then kill -9 while it is there.
+    loki.fail.store(503, Ordering::SeqCst);
+    want.extend(cri_lines(&f, "k", 2000, 3000, "stdout"));
+    std::thread::sleep(Duration::from_secs(2));
+    agent.proc.signal("KILL")?;
+    loki.fail.store(0, Ordering::SeqCst);
+    want.extend(cri_lines(&f, "k", 5000, 500, "stdout"));
+    let agent = Agent::start_with(dir.path(), agent.config.clone(), agent.storage.clone(), agent.port)?;
+    poll(
+        "every line at least once after kill -9",
+        Duration::from_secs(60),
+        || {
+            let seqs = loki.seqs();
+            Ok(want.iter().all(|(s, _)| seqs.contains_key(s)).then_some(()))
+        },
+    )?;
+    // The outage answered every push, so nothing was unanswered at the kill: no repeats.
+    let dups = loki.seqs().values().filter(|n| **n > 1).count();
+    assert_eq!(dups, 0, "only unanswered pushes may repeat");
+
+    // A 400 drops the push's entries and counts the reason.
+    *loki.pushes.lock().unwrap() = 0;
+    loki.fail.store(400, Ordering::SeqCst);
+    cri_lines(&f, "k", 5500, 10, "stdout");
+    poll("the 400 was counted", Duration::from_secs(30), || {
+        let v = agent.metric("sre_agent_remote_samples_dropped_total", "")?;
+        Ok((v >= 10.0).then_some(()))
+    })?;
+    loki.fail.store(0, Ordering::SeqCst);
+    let later = cri_lines(&f, "k", 5510, 10, "stdout");
+    want.extend(later);
+    poll("later lines arrive", Duration::from_secs(30), || {
+        let seqs = loki.seqs();
+        Ok(want.iter().all(|(s, _)| seqs.contains_key(s)).then_some(()))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn static_configs_with_a_pipeline_and_a_promtail_positions_file() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let loki = Loki::start()?;
+    let logs = dir.path().join("var/log/app");
+    std::fs::create_dir_all(logs.join("nested"))?;
+    let a = logs.join("a.log");
+    let b = logs.join("nested/b.log");
+    let mut text = String::new();
+    for n in 0..100 {
+        text.push_str(&format!(
+            "{{\"level\":\"{}\",\"msg\":\"seq=s-{n} done\",\"tenant\":\"t{}\"}}\n",
+            if n % 2 == 0 { "info" } else { "debug" },
+            n % 2
+        ));
+    }
+    append(&a, &text);
+    append(&b, "plain seq=b-0 line\nplain seq=b-1 line\n");
+    // Promtail left b.log at its second line.
+    let positions = dir.path().join("positions.yaml");
+    std::fs::write(&positions, format!("positions:\n  {}: \"19\"\n", b.display()))?;
+    let cfg = format!(
+        "logs:\n  positions: {{filename: {}}}\n  clients: [{{url: {}, batchwait: 100ms, tenant_id: base}}]\n  scrape_configs:\n    - job_name: files\n      static_configs:\n        - targets: [localhost]\n          labels: {{job: files, __path__: '{}/**/*.log'}}\n      pipeline_stages:\n        - json:\n            expressions: {{level: , msg: , tenant: }}\n        - labels: {{level: }}\n        - match:\n            selector: '{{level=\"debug\"}}'\n            action: drop\n            drop_counter_reason: debug\n        - tenant: {{source: tenant}}\n        - output: {{source: msg}}\n",
+        positions.display(),
+        loki.url(),
+        logs.display()
+    );
+    let agent = Agent::start(dir.path(), &cfg)?;
+    let want: Vec<(String, i64)> = (0..100)
+        .step_by(2)
+        .map(|n| (format!("s-{n}"), 0))
+        .chain([("b-1".to_owned(), 0)])
+        .collect();
+    expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
+    let all = loki.entries();
+    assert!(!loki.seqs().contains_key("b-0"), "the Promtail position was honoured");
+    let s = all.iter().find(|g| g.line == "seq=s-2 done").unwrap();
+    assert_eq!(s.labels["level"], "info");
+    assert_eq!(s.labels["job"], "files");
+    assert_eq!(
+        s.labels["filename"],
+        a.display().to_string(),
+        "static configs get a filename label"
+    );
+    assert_eq!(s.tenant, "t0");
+    let b1 = all.iter().find(|g| g.line.contains("seq=b-1")).unwrap();
+    assert_eq!(b1.tenant, "base");
+    assert_eq!(agent.metric("sre_agent_logs_entries_dropped_total", "debug")?, 50.0);
+    // Positions are saved in Promtail's layout (plus identities).
+    poll("positions saved", Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&positions).unwrap_or_default();
+        Ok((text.contains("positions:") && text.contains(&format!("\"{}\": \"38\"", b.display()))).then_some(text))
+    })?;
+    Ok(())
+}
