@@ -410,3 +410,78 @@ fn kube_apiserver_restarts_and_an_expired_watch_relists_without_duplicate_target
     assert_eq!(agent.metric("sre_agent_pod_cache_pods", "")?, 2.0);
     Ok(())
 }
+
+/// The logs path's `kubernetes_pods` shortcut with the shared pod cache: lines of a pod the API
+/// server knows get `app`, `job` and `node_name` from it; a pod it does not know keeps the labels
+/// its path gives, and none of its lines are held back.
+#[test]
+fn pod_log_labels_come_from_the_pod_cache_and_the_path() -> Result<()> {
+    use crate::logs::{append, cri_time, Loki};
+    let dir = tempfile::tempdir()?;
+    let Some(kube) = KubeApi::start(dir.path(), "")? else {
+        return Ok(());
+    };
+    let sa = agent_identity(&kube, dir.path())?;
+    create_namespace(&kube, "shop")?;
+    create_pod(
+        &kube,
+        "shop",
+        "web-0",
+        NODE,
+        json!({}),
+        json!({"app.kubernetes.io/name": "web", "app": "ignored"}),
+    )?;
+    let uid = kube.kubectl(&["-n", "shop", "get", "pod", "web-0", "-o", "jsonpath={.metadata.uid}"])?;
+    let root = dir.path().join("pods");
+    let web = root.join(format!("shop_web-0_{}", uid.trim())).join("app");
+    let ghost = root.join("other_ghost-0_0000-1111").join("side");
+    std::fs::create_dir_all(&web)?;
+    std::fs::create_dir_all(&ghost)?;
+    let (t, _) = cri_time(1);
+    append(&ghost.join("0.log"), &format!("{t} stdout F ghost line\n"));
+    let loki = Loki::start()?;
+    let config = format!(
+        "logs:\n  clients: [{{url: {}, batchwait: 100ms}}]\n  scrape_configs:\n    - job_name: pods\n      kubernetes_pods: {{root: {}, kubeconfig_file: {}}}\n",
+        loki.url(),
+        root.display(),
+        sa.display()
+    );
+    std::fs::write(dir.path().join("agent.yml"), config)?;
+    let agent = Agent::start_env(
+        dir.path(),
+        dir.path().join("agent.yml"),
+        dir.path().join("agent-data"),
+        free_port(),
+        &[("NODE_NAME", NODE)],
+    )?;
+    let ghost_line = poll("the unknown pod's line", Duration::from_secs(30), || {
+        Ok(loki.entries().into_iter().find(|g| g.line == "ghost line"))
+    })?;
+    assert_eq!(ghost_line.labels["namespace"], "other");
+    assert_eq!(ghost_line.labels["pod"], "ghost-0");
+    assert_eq!(ghost_line.labels["container"], "side");
+    assert_eq!(ghost_line.labels["node_name"], NODE);
+    assert!(!ghost_line.labels.contains_key("app"));
+    let mut n = 0;
+    let known = poll("a line with the pod cache's labels", Duration::from_secs(30), || {
+        n += 1;
+        append(&web.join("0.log"), &format!("{t} stdout F web line {n}\n"));
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(loki
+            .entries()
+            .into_iter()
+            .find(|g| g.line.starts_with("web line") && g.labels.contains_key("app")))
+    })?;
+    assert_eq!(known.labels["app"], "web", "app.kubernetes.io/name wins over app");
+    assert_eq!(known.labels["job"], "shop/web");
+    assert_eq!(known.labels["node_name"], NODE);
+    assert_eq!(known.labels["namespace"], "shop");
+    assert_eq!(known.labels["pod"], "web-0");
+    // Every web line arrived, whether before or after the cache knew the pod.
+    poll("every web line", Duration::from_secs(30), || {
+        let got = loki.entries().iter().filter(|g| g.line.starts_with("web line")).count();
+        Ok((got == n).then_some(()))
+    })?;
+    drop(agent);
+    Ok(())
+}

@@ -22,15 +22,15 @@ use sre_lab_tests::{http_get, http_post, poll, Agent, TinyServer};
 
 /// One entry as received.
 #[derive(Clone, Debug)]
-struct Got {
-    labels: BTreeMap<String, String>,
+pub(crate) struct Got {
+    pub(crate) labels: BTreeMap<String, String>,
     ts_ns: i64,
-    line: String,
+    pub(crate) line: String,
     tenant: String,
 }
 
 /// A Loki push receiver; `fail` (when non-zero) is the status every push gets.
-struct Loki {
+pub(crate) struct Loki {
     server: TinyServer,
     got: Arc<Mutex<Vec<Got>>>,
     fail: Arc<AtomicU16>,
@@ -38,7 +38,7 @@ struct Loki {
 }
 
 impl Loki {
-    fn start() -> Result<Loki> {
+    pub(crate) fn start() -> Result<Loki> {
         let got: Arc<Mutex<Vec<Got>>> = Arc::default();
         let fail = Arc::new(AtomicU16::new(0));
         let pushes: Arc<Mutex<u64>> = Arc::default();
@@ -87,11 +87,11 @@ impl Loki {
         })
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}/loki/api/v1/push", self.server.addr)
     }
 
-    fn entries(&self) -> Vec<Got> {
+    pub(crate) fn entries(&self) -> Vec<Got> {
         self.got.lock().unwrap().clone()
     }
 
@@ -115,14 +115,14 @@ fn pod_dir(root: &Path, ns: &str, pod: &str, container: &str) -> PathBuf {
 }
 
 /// The CRI time of line `n`: distinct and increasing.
-fn cri_time(n: u64) -> (String, i64) {
+pub(crate) fn cri_time(n: u64) -> (String, i64) {
     let secs = 1_767_225_600 + n / 1000; // 2026-01-01
     let nanos = (n % 1000) * 1_000_000 + 123;
     let ts = jiff::Timestamp::new(secs as i64, nanos as i32).unwrap();
     (format!("{ts:.9}"), ts.as_nanosecond() as i64)
 }
 
-fn append(path: &Path, text: &str) {
+pub(crate) fn append(path: &Path, text: &str) {
     let mut f = OpenOptions::new().create(true).append(true).open(path).unwrap();
     f.write_all(text.as_bytes()).unwrap();
 }
