@@ -383,7 +383,7 @@ fn kill_9_repeats_only_unanswered_pushes_and_a_400_is_dropped_with_its_reason() 
     loki.fail.store(400, Ordering::SeqCst);
     cri_lines(&f, "k", 5500, 10, "stdout");
     poll("the 400 was counted", Duration::from_secs(30), || {
-        let v = agent.metric("sre_agent_remote_samples_dropped_total", "")?;
+        let v = agent.metric("sre_agent_remote_samples_dropped_total", "reason=\"http_4xx\"")?;
         Ok((v >= 10.0).then_some(()))
     })?;
     loki.fail.store(0, Ordering::SeqCst);

@@ -115,7 +115,9 @@ struct Tailed {
     carry: Vec<u8>,
     /// Skip to the next newline (the rest of an over-long line).
     skipping: bool,
-    merge: Option<Merge>,
+    /// Partial container lines being merged, per stream (stdout, stderr): runtimes interleave
+    /// the two.
+    merge: [Option<Merge>; 2],
     /// Everything before this reached the WAL (or was dropped): the position.
     safe: u64,
     size: u64,
@@ -231,6 +233,7 @@ impl Tailer {
     pub fn run(mut self) {
         let mut last_scan: Option<Instant> = None;
         let mut rescan = true;
+        let mut last_status = Instant::now();
         loop {
             if self.control.stop.load(Ordering::SeqCst) {
                 break;
@@ -248,6 +251,14 @@ impl Tailer {
             self.flush_multiline(false);
             self.maybe_sync(false);
             if read {
+                // Busy reading: still take notify's news (a rotation) and refresh the status.
+                while let Ok(s) = self.wake.try_recv() {
+                    rescan |= s;
+                }
+                if last_status.elapsed() >= Duration::from_secs(1) {
+                    self.publish_status();
+                    last_status = Instant::now();
+                }
                 continue;
             }
             self.publish_status();
@@ -341,7 +352,12 @@ impl Tailer {
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         let job = &self.jobs[target.job];
         let offset = match self.positions.lookup(&path, &file) {
-            Some(o) => o.min(size),
+            Some(o) if o > size => {
+                // Truncated while the agent was not running: its new contents from the start.
+                self.metrics.truncations(&job.name);
+                0
+            }
+            Some(o) => o,
             None if self.settings.first_start && !self.scanned_once && job.start_at == StartAt::End => size,
             None => 0,
         };
@@ -355,7 +371,7 @@ impl Tailer {
             offset,
             carry: Vec::new(),
             skipping: false,
-            merge: None,
+            merge: [None, None],
             safe: offset,
             size,
             labels: Arc::new(BTreeMap::new()),
@@ -439,6 +455,13 @@ impl Tailer {
                     n > 0 || !self.finished(&mut t)
                 }
                 Err(e) => {
+                    // Read or WAL append failed: start again from the position, so the lines
+                    // not in the WAL are read again.
+                    t.offset = t.safe;
+                    t.carry.clear();
+                    t.merge = [None, None];
+                    t.skipping = false;
+                    t.pipeline = Pipeline::new(self.jobs[t.target.job].pipeline.clone());
                     tracing::warn!(path = %t.path.display(), error = %e, "Reading a log file failed; it is retried.");
                     self.metrics.read_error(&self.jobs[t.target.job].name);
                     true
@@ -473,7 +496,8 @@ impl Tailer {
             let start = t.offset - line.len() as u64;
             self.line(t, &line, start, t.offset);
         }
-        self.end_merge(t);
+        self.end_merge(t, 0);
+        self.end_merge(t, 1);
         t.pipeline.flush(true, &mut self.out);
         t.safe = t.offset;
         let _ = self.emit(t);
@@ -493,7 +517,7 @@ impl Tailer {
             t.offset = 0;
             t.safe = 0;
             t.carry.clear();
-            t.merge = None;
+            t.merge = [None, None];
             t.skipping = false;
             t.id = Identity::read(&t.file)?;
             t.pipeline = Pipeline::new(self.jobs[t.target.job].pipeline.clone());
@@ -506,6 +530,7 @@ impl Tailer {
             // The fingerprint grows with the file up to its full length.
             t.id = Identity::read(&t.file)?;
         }
+        let safe_before = t.safe;
         let want = ((size - t.offset) as usize).min(CHUNK);
         let n = t.file.read_at(&mut self.buf[..want], t.offset)?;
         if n == 0 {
@@ -554,7 +579,11 @@ impl Tailer {
         }
         self.buf = chunk;
         self.metrics.lines_read(&job_name, lines);
-        self.emit(t)?;
+        if let Err(e) = self.emit(t) {
+            // Not in the WAL: the position goes back to where this chunk's lines began.
+            t.safe = safe_before;
+            return Err(e);
+        }
         Ok(n)
     }
 
@@ -591,7 +620,8 @@ impl Tailer {
                 let stream = l.stream.as_str();
                 let ts = l.ts_ns as i64;
                 let max = self.settings.max_line_size;
-                let merge = t.merge.get_or_insert_with(|| Merge {
+                let k = usize::from(stream == "stderr");
+                let merge = t.merge[k].get_or_insert_with(|| Merge {
                     start,
                     ts_ns: ts,
                     stream,
@@ -615,14 +645,15 @@ impl Tailer {
                 }
                 merge.parts += 1;
                 if !l.partial || merge.parts >= self.settings.max_partial_lines {
-                    self.end_merge(t);
+                    self.end_merge(t, k);
                 }
             }
             Err(e) => {
                 // Not in the container format: kept as it is, counted.
                 self.metrics.format_error(&job.name);
                 tracing::debug!(path = %t.path.display(), error = %e, "A log line is not in the container format.");
-                self.end_merge(t);
+                self.end_merge(t, 0);
+                self.end_merge(t, 1);
                 let e = Entry {
                     ts_ns: now_ns(),
                     line: self.cap(text.into_owned(), t.target.job),
@@ -652,8 +683,8 @@ impl Tailer {
     }
 
     /// Sends a merged container message on through the pipeline.
-    fn end_merge(&mut self, t: &mut Tailed) {
-        let Some(m) = t.merge.take() else { return };
+    fn end_merge(&mut self, t: &mut Tailed, k: usize) {
+        let Some(m) = t.merge[k].take() else { return };
         let labels = if t.labels.get("stream").map(String::as_str) == Some(m.stream) {
             t.labels.clone()
         } else {
@@ -680,10 +711,14 @@ impl Tailer {
 
     /// The position after a line ending at `end`: not past anything still held.
     fn advance(&mut self, t: &mut Tailed, end: u64) {
-        let held = [t.merge.as_ref().map(|m| m.start), t.pipeline.held_from()]
-            .into_iter()
-            .flatten()
-            .min();
+        let held = [
+            t.merge[0].as_ref().map(|m| m.start),
+            t.merge[1].as_ref().map(|m| m.start),
+            t.pipeline.held_from(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         t.safe = held.unwrap_or(end);
     }
 
@@ -697,10 +732,14 @@ impl Tailer {
         for k in keys {
             let Some(mut t) = self.files.remove(&k) else { continue };
             t.pipeline.flush(force, &mut self.out);
-            let held = [t.merge.as_ref().map(|m| m.start), t.pipeline.held_from()]
-                .into_iter()
-                .flatten()
-                .min();
+            let held = [
+                t.merge[0].as_ref().map(|m| m.start),
+                t.merge[1].as_ref().map(|m| m.start),
+                t.pipeline.held_from(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             t.safe = held.unwrap_or(t.offset - t.carry.len() as u64);
             if let Err(e) = self.emit(&mut t) {
                 tracing::error!(error = %e, "Appending log entries to the WAL failed.");
@@ -744,20 +783,19 @@ impl Tailer {
             dropped: Vec::new(),
         };
         result?;
-        if let Some(s) = self.positions.files.get_mut(&t.path) {
-            s.offset = t.safe;
-            s.id = Some(t.id);
-        } else {
-            self.positions
-                .files
-                .retain(|_, s| s.id.is_none_or(|id| id.key != t.id.key));
-            self.positions.files.insert(
-                t.path.clone(),
-                Saved {
-                    id: Some(t.id),
-                    offset: t.safe,
-                },
-            );
+        // By identity: a rotated file still known under its old path must not overwrite the
+        // entry of the new file at that path.
+        match self
+            .positions
+            .files
+            .values_mut()
+            .find(|s| s.id.is_some_and(|id| id.key == t.id.key))
+        {
+            Some(s) => {
+                s.offset = t.safe;
+                s.id = Some(t.id);
+            }
+            None => self.positions.merge_wal(t.id, t.safe, t.path.clone()),
         }
         Ok(())
     }
