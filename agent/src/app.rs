@@ -564,6 +564,7 @@ fn open_wal(
             max_size_bytes: settings.wal_max_size.0,
             segment_size_bytes: (settings.wal_max_size.0 / 8).clamp(1 << 20, 64 << 20),
             fsync: wal_fsync(settings),
+            refuse_when_full: false,
         },
     )
     .with_context(|| format!("opening WAL {}", dir.display()))?;

@@ -76,6 +76,10 @@ pub struct WalOptions {
     pub segment_size_bytes: u64,
     /// Durability of appends.
     pub fsync: FsyncPolicy,
+    /// Refuse an append that would exceed the bound (`ErrorKind::StorageFull`) instead of
+    /// evicting the oldest records: for a source that can wait and read again (the logs path,
+    /// whose files are the second buffer).
+    pub refuse_when_full: bool,
 }
 
 impl Default for WalOptions {
@@ -84,6 +88,7 @@ impl Default for WalOptions {
             max_size_bytes: 1 << 30,
             segment_size_bytes: 32 << 20,
             fsync: FsyncPolicy::Interval(Duration::from_secs(1)),
+            refuse_when_full: false,
         }
     }
 }
@@ -655,6 +660,11 @@ impl Wal {
         self.with_inner(|i| i.segments.back().map_or(0, |s| s.first_seq))
     }
 
+    /// Bytes of all segment files.
+    pub fn size(&self) -> u64 {
+        self.with_inner(|i| i.total_bytes)
+    }
+
     /// The bound of all segments together and the size of one.
     pub fn limits(&self) -> (u64, u64) {
         (self.opts.max_size_bytes, self.opts.segment_size_bytes)
@@ -680,6 +690,15 @@ impl Wal {
         let crc = record_crc(payload.len() as u32, item_count, payload);
         let mut inner = lock(&self.inner);
         let inner = &mut *inner;
+        if self.opts.refuse_when_full && inner.total_bytes + record_len > self.opts.max_size_bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "WAL full: {} of {} bytes hold records not yet acknowledged",
+                    inner.total_bytes, self.opts.max_size_bytes
+                ),
+            ));
+        }
         let active = inner.segments.back().map_or((0, 0), |s| (s.bytes, s.readable));
         if inner.needs_roll || (active.0 + record_len > self.opts.segment_size_bytes && active.1 > 0) {
             if let Err(e) = inner.roll(&self.dir, self.opts.fsync) {
@@ -1167,6 +1186,7 @@ mod tests {
             max_size_bytes: max,
             segment_size_bytes: segment,
             fsync: FsyncPolicy::Never,
+            refuse_when_full: false,
         }
     }
 
@@ -1580,6 +1600,7 @@ mod tests {
             dir.path(),
             WalOptions {
                 fsync: FsyncPolicy::Always,
+                refuse_when_full: false,
                 ..opts(4096, 1 << 30)
             },
         );
@@ -1626,6 +1647,34 @@ mod tests {
         let mut notified = std::pin::pin!(notified);
         let mut cx = Context::from_waker(Waker::noop());
         assert!(matches!(notified.as_mut().poll(&mut cx), Poll::Ready(())));
+    }
+
+    #[test]
+    fn refuse_when_full_keeps_every_record_and_says_storage_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(64 << 10, 256 << 10);
+        o.refuse_when_full = true;
+        let wal = Arc::new(Wal::open(dir.path(), o).unwrap());
+        let payload = vec![7u8; 30 << 10];
+        let mut appended = 0;
+        let err = loop {
+            match wal.append(&payload, 1) {
+                Ok(_) => appended += 1,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::StorageFull);
+        assert!(wal.size() <= 256 << 10);
+        assert_eq!(wal.stats().evicted_records, 0);
+        let mut r = wal.reader(0);
+        let mut n = 0;
+        while r.next().unwrap().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, appended, "nothing was evicted");
+        // Acknowledging frees room again.
+        wal.commit(appended as u64, &[]).unwrap();
+        assert!(wal.append(&payload, 1).is_ok());
     }
 
     #[test]

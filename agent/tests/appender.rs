@@ -32,6 +32,7 @@ impl Fixture {
                 dir.path().join("wal"),
                 WalOptions {
                     fsync: FsyncPolicy::Never,
+                    refuse_when_full: false,
                     ..WalOptions::default()
                 },
             )

@@ -105,6 +105,7 @@ fn wal(dir: &Path) -> Arc<Wal> {
             dir.join("wal"),
             WalOptions {
                 fsync: FsyncPolicy::Never,
+                refuse_when_full: false,
                 ..WalOptions::default()
             },
         )

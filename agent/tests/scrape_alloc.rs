@@ -63,6 +63,7 @@ fn appender(dir: &std::path::Path) -> Appender {
         dir.join("wal"),
         WalOptions {
             fsync: FsyncPolicy::Never,
+            refuse_when_full: false,
             ..WalOptions::default()
         },
     )

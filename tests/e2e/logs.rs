@@ -451,3 +451,31 @@ fn static_configs_with_a_pipeline_and_a_promtail_positions_file() -> Result<()> 
     })?;
     Ok(())
 }
+
+#[test]
+fn a_full_wal_pauses_reading_and_evicts_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("pods");
+    let loki = Loki::start()?;
+    loki.fail.store(500, Ordering::SeqCst);
+    let f = pod_dir(&root, "ns", "flood-0", "c").join("0.log");
+    // About 5 MiB of WAL records for a WAL bounded at 2 MiB.
+    let want = cri_lines(&f, "w", 0, 30_000, "stdout");
+    let cfg = format!("{}storage:\n  wal_max_size: 2MiB\n", config(&loki, &root, ""));
+    let agent = Agent::start(dir.path(), &cfg)?;
+    poll("reading paused on the full WAL", Duration::from_secs(30), || {
+        let v = agent.metric("sre_agent_logs_reading_paused_total", "")?;
+        Ok((v > 0.0).then_some(()))
+    })?;
+    let wal_bytes: u64 = std::fs::read_dir(agent.storage.join("logs"))?
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    assert!(wal_bytes <= 2 << 20, "the WAL stays within its bound: {wal_bytes}");
+    loki.fail.store(0, Ordering::SeqCst);
+    expect_exactly_once(&loki, &want, Duration::from_secs(90))?;
+    assert_eq!(agent.metric("sre_agent_logs_lost_bytes_total", "")?, 0.0);
+    Ok(())
+}

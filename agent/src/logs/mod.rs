@@ -172,6 +172,7 @@ pub fn start(cfg: &LogsConfig, env: &Env<'_>) -> anyhow::Result<Logs> {
         max_size_bytes: env.storage.wal_max_size.0,
         segment_size_bytes: (env.storage.wal_max_size.0 / 8).clamp(1 << 20, 32 << 20),
         fsync,
+        refuse_when_full: true,
     };
     let mut clients = Vec::new();
     let mut wal_positions = Vec::new();

@@ -89,6 +89,22 @@ impl ClientSink {
         self.building.values().map(|(b, _)| b.len()).sum()
     }
 
+    /// Whether every record being built fits in its queue now (its WAL refuses appends beyond
+    /// its bound rather than evicting). Only the tailer appends and senders only shrink a WAL,
+    /// so a `true` holds until the append.
+    pub fn fits(&self) -> bool {
+        self.building
+            .iter()
+            .all(|(tenant, (buf, _))| match self.queues.get(tenant) {
+                Some(w) => {
+                    let (max, _) = w.limits();
+                    // Header of the record and of its annotation frame, and the annotation.
+                    w.size() + buf.len() as u64 + 512 + crate::wal::RECORD_HEADER_LEN <= max
+                }
+                None => true,
+            })
+    }
+
     /// Appends the records built so far, each annotated with `file` read up to `offset`.
     /// Returns the entries written.
     pub fn flush(&mut self, id: &Identity, offset: u64, path: &Path) -> io::Result<u64> {

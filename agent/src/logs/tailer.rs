@@ -27,7 +27,8 @@ use super::positions::{FileKey, Identity, Positions, Saved};
 use super::sink::ClientSink;
 use crate::telemetry::LogsMetrics;
 
-/// Bytes read from a file at a time.
+/// Bytes read from a file at a time (less for a small WAL: `WAL bound / 32`, so that a chunk's
+/// record, labels included, always fits in an empty WAL).
 const CHUNK: usize = 1 << 20;
 
 /// A job as the tailer needs it.
@@ -206,6 +207,13 @@ impl Tailer {
         wake: crossbeam_channel::Receiver<bool>,
         pods: Option<PodLookup>,
     ) -> Tailer {
+        let smallest = clients
+            .iter()
+            .flat_map(|c| c.wals())
+            .map(|w| w.limits().0)
+            .min()
+            .unwrap_or(1 << 30);
+        let chunk = ((smallest / 32) as usize).clamp(16 << 10, CHUNK);
         Tailer {
             jobs,
             targets: Vec::new(),
@@ -223,7 +231,7 @@ impl Tailer {
             wake,
             pods,
             last_sync: Instant::now(),
-            buf: vec![0; CHUNK],
+            buf: vec![0; chunk],
             out: Output::default(),
             scanned_once: false,
         }
@@ -424,17 +432,19 @@ impl Tailer {
         t.labels = Arc::new(l);
     }
 
-    /// Whether a client's WAL is too full to take another chunk.
+    /// Whether a client's WAL is too full to take another chunk (a cheap early pause; the exact
+    /// check is [`ClientSink::fits`] before appending).
     fn wal_full(&self) -> bool {
         self.clients.iter().flat_map(|c| c.wals()).any(|w| {
-            let (max, seg) = w.limits();
-            w.stats().bytes + (CHUNK as u64) * 3 + seg > max
+            let (max, _) = w.limits();
+            w.size() + (max / 4).min(2 * CHUNK as u64) > max
         })
     }
 
     /// Reads one chunk of every file that has new bytes. True when anything was read.
     fn read_pass(&mut self) -> bool {
         let mut any = false;
+        let mut full = false;
         let keys: Vec<FileKey> = self.files.keys().copied().collect();
         for key in keys {
             if self.control.stop.load(Ordering::SeqCst) {
@@ -457,18 +467,25 @@ impl Tailer {
                 Err(e) => {
                     // Read or WAL append failed: start again from the position, so the lines
                     // not in the WAL are read again.
-                    t.offset = t.safe;
-                    t.carry.clear();
-                    t.merge = [None, None];
-                    t.skipping = false;
-                    t.pipeline = Pipeline::new(self.jobs[t.target.job].pipeline.clone());
-                    tracing::warn!(path = %t.path.display(), error = %e, "Reading a log file failed; it is retried.");
-                    self.metrics.read_error(&self.jobs[t.target.job].name);
+                    let to = t.safe;
+                    self.rewind(&mut t, to);
+                    if e.kind() == std::io::ErrorKind::StorageFull {
+                        // Reading pauses until the sender frees room; nothing is evicted.
+                        full = true;
+                    } else {
+                        tracing::warn!(path = %t.path.display(), error = %e, "Reading a log file failed; it is retried.");
+                        self.metrics.read_error(&self.jobs[t.target.job].name);
+                    }
                     true
                 }
             };
             if keep {
                 self.files.insert(key, t);
+                if full {
+                    self.metrics.paused();
+                    std::thread::sleep(Duration::from_millis(100));
+                    return true;
+                }
             } else {
                 tracing::info!(path = %t.path.display(), offset = t.safe, "Closed a rotated or deleted log file read to its end.");
                 self.positions.files.retain(|_, s| s.id.is_none_or(|id| id.key != key));
@@ -496,12 +513,27 @@ impl Tailer {
             let start = t.offset - line.len() as u64;
             self.line(t, &line, start, t.offset);
         }
+        let before = t.safe;
         self.end_merge(t, 0);
         self.end_merge(t, 1);
         t.pipeline.flush(true, &mut self.out);
         t.safe = t.offset;
-        let _ = self.emit(t);
+        if self.emit(t).is_err() {
+            // Not in the WAL (full, or failing): read the end again later.
+            self.rewind(t, before);
+            return false;
+        }
         true
+    }
+
+    /// Forgets what was read past `to` (and what merging held), to read it again.
+    fn rewind(&self, t: &mut Tailed, to: u64) {
+        t.safe = to;
+        t.offset = to;
+        t.carry.clear();
+        t.merge = [None, None];
+        t.skipping = false;
+        t.pipeline = Pipeline::new(self.jobs[t.target.job].pipeline.clone());
     }
 
     /// Reads up to a chunk of `t` and processes its whole lines. Returns the bytes read.
@@ -531,7 +563,7 @@ impl Tailer {
             t.id = Identity::read(&t.file)?;
         }
         let safe_before = t.safe;
-        let want = ((size - t.offset) as usize).min(CHUNK);
+        let want = ((size - t.offset) as usize).min(self.buf.len());
         let n = t.file.read_at(&mut self.buf[..want], t.offset)?;
         if n == 0 {
             return Ok(0);
@@ -731,6 +763,7 @@ impl Tailer {
             .collect();
         for k in keys {
             let Some(mut t) = self.files.remove(&k) else { continue };
+            let before = t.safe;
             t.pipeline.flush(force, &mut self.out);
             let held = [
                 t.merge[0].as_ref().map(|m| m.start),
@@ -741,8 +774,9 @@ impl Tailer {
             .flatten()
             .min();
             t.safe = held.unwrap_or(t.offset - t.carry.len() as u64);
-            if let Err(e) = self.emit(&mut t) {
-                tracing::error!(error = %e, "Appending log entries to the WAL failed.");
+            if self.emit(&mut t).is_err() {
+                // The flushed entry is not in the WAL: its lines are read again.
+                self.rewind(&mut t, before);
             }
             self.files.insert(k, t);
         }
@@ -761,6 +795,18 @@ impl Tailer {
             }
         }
         let mut result = Ok(());
+        // All clients or none: a record appended for one client and refused for another would
+        // be sent twice once the chunk is read again.
+        if !self.clients.iter().all(ClientSink::fits) {
+            for c in &mut self.clients {
+                c.discard();
+            }
+            self.out = Output::default();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "a logs WAL is full",
+            ));
+        }
         for c in &mut self.clients {
             match c.flush(&t.id, t.safe, &t.path) {
                 Ok(n) => self.metrics.entries(job, &c.name, n),
