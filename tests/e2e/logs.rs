@@ -479,3 +479,35 @@ fn a_full_wal_pauses_reading_and_evicts_nothing() -> Result<()> {
     assert_eq!(agent.metric("sre_agent_logs_lost_bytes_total", "")?, 0.0);
     Ok(())
 }
+
+#[test]
+fn files_rotated_faster_than_a_scan_and_while_the_agent_is_down_are_read() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("pods");
+    let loki = Loki::start()?;
+    let f = pod_dir(&root, "ns", "fast-0", "c").join("0.log");
+    let mut want = cri_lines(&f, "r", 0, 50, "stdout");
+    let mut agent = Agent::start(dir.path(), &config(&loki, &root, ""))?;
+    expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
+    // Twenty files written and rotated away in a burst: most are never seen at the live path.
+    let mut n = 50;
+    for r in 0..20 {
+        std::fs::rename(&f, f.with_extension(format!("log.2026010{r:02}-000000")))?;
+        want.extend(cri_lines(&f, "r", n, 100, "stdout"));
+        n += 100;
+    }
+    expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
+    // Stopped, the file grows and is rotated twice, then the agent comes back.
+    agent.proc.signal("TERM")?;
+    want.extend(cri_lines(&f, "r", n, 100, "stdout"));
+    n += 100;
+    std::fs::rename(&f, f.with_extension("log.20260201-000000"))?;
+    want.extend(cri_lines(&f, "r", n, 100, "stdout"));
+    n += 100;
+    std::fs::rename(&f, f.with_extension("log.20260201-000001"))?;
+    want.extend(cri_lines(&f, "r", n, 100, "stdout"));
+    agent = Agent::start_with(dir.path(), agent.config.clone(), agent.storage.clone(), agent.port)?;
+    expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
+    drop(agent);
+    Ok(())
+}

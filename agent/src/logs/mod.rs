@@ -224,6 +224,9 @@ pub fn start(cfg: &LogsConfig, env: &Env<'_>) -> anyhow::Result<Logs> {
         .map(|f| crate::http::resolve(&base, f))
         .unwrap_or_else(|| env.storage_dir.join("positions.yaml"));
     let existed = positions_file.exists();
+    let since = std::fs::metadata(&positions_file)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| std::time::SystemTime::now());
     let mut positions = match positions::Positions::load(&positions_file) {
         Ok(p) => p,
         Err(e) if cfg.positions.ignore_invalid_yaml => {
@@ -393,6 +396,7 @@ pub fn start(cfg: &LogsConfig, env: &Env<'_>) -> anyhow::Result<Logs> {
         positions_file,
         sync_period: cfg.positions.sync_period.get(),
         first_start,
+        since,
         node_name: env.node_name.clone(),
     };
     let t = tailer::Tailer::new(

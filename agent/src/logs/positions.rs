@@ -72,6 +72,17 @@ impl Identity {
         Ok(n == buf.len() && xxhash_rust::xxh3::xxh3_64(&buf) == self.fp)
     }
 
+    /// Whether `file` starts with the bytes this fingerprint covers, whatever its inode: a
+    /// copy of this file (copytruncate's rotated file).
+    pub fn same_start(&self, file: &File) -> io::Result<bool> {
+        if self.fp_len == 0 || file.metadata()?.len() < u64::from(self.fp_len) {
+            return Ok(false);
+        }
+        let mut buf = vec![0u8; self.fp_len as usize];
+        let n = read_at_most(file, 0, &mut buf)?;
+        Ok(n == buf.len() && xxhash_rust::xxh3::xxh3_64(&buf) == self.fp)
+    }
+
     fn encode(&self) -> String {
         format!("{}:{}:{}:{:016x}", self.key.dev, self.key.ino, self.fp_len, self.fp)
     }
@@ -247,6 +258,21 @@ impl Positions {
         }
         std::fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()
+    }
+
+    /// Records `saved` for the file now at `path`: other entries of the same file go, and an
+    /// entry of another file at that path (rotated away) moves to a key of its own.
+    pub fn claim(&mut self, path: &Path, saved: Saved) {
+        if let Some(id) = saved.id {
+            self.files.retain(|_, s| s.id.is_none_or(|x| x.key != id.key));
+        }
+        if let Some(other) = self.files.remove(path) {
+            if let Some(oid) = other.id {
+                let key = PathBuf::from(format!("{}#{}:{}", path.display(), oid.key.dev, oid.key.ino));
+                self.files.insert(key, other);
+            }
+        }
+        self.files.insert(path.to_owned(), saved);
     }
 
     /// Adds where the WAL left a file: the later of this and a saved position of the same

@@ -148,6 +148,9 @@ pub struct Settings {
     pub sync_period: Duration,
     /// This is the first start (no positions, no WAL): `start_at` applies.
     pub first_start: bool,
+    /// When the previous run last saved positions (or this run started): unknown rotated files
+    /// newer than this are read, and `start_at: end` applies to files older than this.
+    pub since: std::time::SystemTime,
     /// The node's name for the `node_name` label.
     pub node_name: Option<String>,
 }
@@ -170,8 +173,10 @@ pub struct Tailer {
     roll_marks: Vec<u64>,
     buf: Vec<u8>,
     out: Output,
-    /// The first scan of the first start is done (later files start at their beginning).
-    scanned_once: bool,
+    /// Files (live and rotated) the last scan saw.
+    seen: HashSet<FileKey>,
+    /// Identities and positions of files found truncated lately.
+    retired: Vec<(Identity, u64)>,
 }
 
 fn now_ns() -> i64 {
@@ -233,7 +238,8 @@ impl Tailer {
             last_sync: Instant::now(),
             buf: vec![0; chunk],
             out: Output::default(),
-            scanned_once: false,
+            seen: HashSet::new(),
+            retired: Vec::new(),
         }
     }
 
@@ -297,16 +303,34 @@ impl Tailer {
 
     fn scan(&mut self) {
         let mut found: BTreeMap<PathBuf, Target> = BTreeMap::new();
+        let mut rotated: BTreeMap<PathBuf, Target> = BTreeMap::new();
         for t in &self.targets {
             let Ok(paths) = glob::glob(&t.path) else { continue };
             for p in paths.flatten() {
                 // One file is tailed once, however many targets name it: the first wins.
                 found.entry(p).or_insert_with(|| t.clone());
             }
+            // Rotated files (`0.log.20260101-000000`, kubelet's; not yet compressed ones).
+            let Ok(paths) = glob::glob(&format!("{}.*", t.path)) else {
+                continue;
+            };
+            for p in paths.flatten() {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if [".gz", ".bz2", ".xz", ".zst", ".zip", ".tmp"]
+                    .iter()
+                    .any(|x| name.ends_with(x))
+                {
+                    continue;
+                }
+                rotated.entry(p).or_insert_with(|| t.clone());
+            }
         }
         let mut seen: HashSet<FileKey> = HashSet::new();
         let mut new_waiting = BTreeMap::new();
-        for (path, target) in found {
+        for (path, target) in found.clone() {
             let Ok(m) = std::fs::metadata(&path) else { continue };
             if !m.is_file() {
                 continue;
@@ -324,8 +348,25 @@ impl Tailer {
                 new_waiting.insert(path, (target, m.len(), key));
                 continue;
             }
-            self.open(path, target);
+            self.open(path, target, false);
         }
+        // A rotated file is read (to its end, then closed) when it has bytes past its saved
+        // position, or when it is unknown and newer than the last run's positions: a file
+        // created and rotated between two looks, or while the agent was down.
+        let mut all_seen = seen.clone();
+        for (path, target) in rotated {
+            let Ok(m) = std::fs::metadata(&path) else { continue };
+            if !m.is_file() || found.contains_key(&path) {
+                continue;
+            }
+            let key = FileKey::of(&m);
+            all_seen.insert(key);
+            if self.files.contains_key(&key) || self.files.len() >= self.settings.max_open_files {
+                continue;
+            }
+            self.open(path, target, true);
+        }
+        self.seen = all_seen;
         // Known files no longer at a watched path were rotated away or deleted.
         for t in self.files.values_mut() {
             if !seen.contains(&t.id.key) && t.rotated_at.is_none() {
@@ -343,11 +384,10 @@ impl Tailer {
             }
         }
         self.waiting = new_waiting;
-        self.scanned_once = true;
         self.metrics.set_files(self.files.len(), self.waiting.len());
     }
 
-    fn open(&mut self, path: PathBuf, target: Target) {
+    fn open(&mut self, path: PathBuf, target: Target, rotated: bool) {
         let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) => {
@@ -357,16 +397,39 @@ impl Tailer {
             }
         };
         let Ok(id) = Identity::read(&file) else { return };
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let Ok(meta) = file.metadata() else { return };
+        let size = meta.len();
+        // Creation time where the filesystem keeps it (a rename keeps it too), else mtime.
+        let modified = meta
+            .created()
+            .or_else(|_| meta.modified())
+            .unwrap_or(std::time::UNIX_EPOCH);
         let job = &self.jobs[target.job];
-        let offset = match self.positions.lookup(&path, &file) {
+        let saved = self.positions.lookup(&path, &file);
+        // A copy of a file already read (copytruncate) goes on from where that file was.
+        let saved = match saved {
+            None if rotated => self.copy_of(&file),
+            s => s,
+        };
+        if rotated {
+            match saved {
+                Some(o) if o < size => {}
+                Some(_) => return,
+                None if modified > self.settings.since => {}
+                None => return,
+            }
+        }
+        let offset = match saved {
             Some(o) if o > size => {
                 // Truncated while the agent was not running: its new contents from the start.
                 self.metrics.truncations(&job.name);
                 0
             }
             Some(o) => o,
-            None if self.settings.first_start && !self.scanned_once && job.start_at == StartAt::End => size,
+            // `start_at: end` is for files that were there when the agent first started.
+            None if self.settings.first_start && job.start_at == StartAt::End && modified <= self.settings.since => {
+                size
+            }
             None => 0,
         };
         tracing::info!(path = %path.display(), job = %job.name, offset, "Tailing a log file.");
@@ -387,21 +450,34 @@ impl Tailer {
             target,
             pipeline,
             format,
-            rotated_at: None,
+            rotated_at: rotated.then(Instant::now),
             deleted: false,
         };
         self.label(&mut t);
-        self.positions
-            .files
-            .retain(|_, s| s.id.is_none_or(|id| id.key != t.id.key));
-        self.positions.files.insert(
-            t.path.clone(),
+        self.positions.claim(
+            &t.path,
             Saved {
                 id: Some(t.id),
                 offset: t.safe,
             },
         );
         self.files.insert(t.id.key, t);
+    }
+
+    /// The position of a file `file` is a copy of (same first bytes): an open file, one that was
+    /// truncated lately, or a saved position.
+    fn copy_of(&self, file: &File) -> Option<u64> {
+        let open = self.files.values().map(|t| (t.id, t.safe));
+        let saved = self
+            .positions
+            .files
+            .values()
+            .filter_map(|s| s.id.map(|id| (id, s.offset)));
+        open.chain(self.retired.iter().copied())
+            .chain(saved)
+            .filter(|(id, _)| id.fp_len as u64 >= 64)
+            .find(|(id, _)| id.same_start(file).unwrap_or(false))
+            .map(|(_, off)| off)
     }
 
     /// The stream labels of a file: its target's, plus `filename`, plus what its path and
@@ -487,8 +563,8 @@ impl Tailer {
                     return true;
                 }
             } else {
+                // Its position stays while the file exists, so it is not read again.
                 tracing::info!(path = %t.path.display(), offset = t.safe, "Closed a rotated or deleted log file read to its end.");
-                self.positions.files.retain(|_, s| s.id.is_none_or(|id| id.key != key));
             }
         }
         if !any && !self.waiting.is_empty() && self.files.len() < self.settings.max_open_files {
@@ -546,6 +622,11 @@ impl Tailer {
             self.metrics.lost_bytes(job, "truncated", lost);
             self.metrics.truncations(job);
             tracing::info!(path = %t.path.display(), "Log file truncated; reading it from its start.");
+            // Its copy (copytruncate) is recognised by these first bytes.
+            if self.retired.len() >= 1024 {
+                self.retired.remove(0);
+            }
+            self.retired.push((t.id, t.safe));
             t.offset = 0;
             t.safe = 0;
             t.carry.clear();
@@ -860,10 +941,13 @@ impl Tailer {
         }
         self.roll_marks = marks;
         // Entries with an identity whose file is not tailed any more are dropped.
+        // Entries of files neither open nor seen by the last scan (rotated files included) go.
         let open: HashSet<FileKey> = self.files.keys().copied().collect();
-        self.positions
-            .files
-            .retain(|p, s| s.id.is_none_or(|id| open.contains(&id.key) || p.exists()));
+        let seen = &self.seen;
+        self.positions.files.retain(|p, s| match s.id {
+            Some(id) => open.contains(&id.key) || seen.contains(&id.key),
+            None => p.exists(),
+        });
         match self.positions.save(&self.settings.positions_file) {
             Ok(()) => self.metrics.positions_saved(),
             Err(e) => {
