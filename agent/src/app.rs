@@ -468,6 +468,7 @@ pub fn build(cfg: &AgentConfig, config_path: &Path) -> anyhow::Result<Built> {
                 timeout: rw.remote_timeout.map(|d| d.get()).unwrap_or(Duration::from_secs(30)),
                 queue: rw.queue_config.clone(),
                 follow_redirects: rw.follow_redirects.unwrap_or(true),
+                max_bytes_per_send: 0,
             },
             write_relabel: relabel::compile(&rw.write_relabel_configs)
                 .map_err(|e| anyhow!("remote_write {:?}: write_relabel_configs: {e}", rw.url))?,

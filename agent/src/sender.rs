@@ -63,6 +63,9 @@ pub struct SenderConfig {
     pub queue: config::agent::QueueConfig,
     /// `follow_redirects`: 307/308 answers are followed (at most 10 hops) with the same body.
     pub follow_redirects: bool,
+    /// Most bytes of framed bodies in one request besides `max_samples_per_send` (0 = no
+    /// bound): Loki's `batchsize`.
+    pub max_bytes_per_send: usize,
 }
 
 /// Consecutive frames of one record and split on their way to a shard (at most
@@ -343,6 +346,7 @@ impl Progress {
             flushed: 0,
             remaining,
             malformed: frames.malformed,
+            max_bytes: 0,
         }
     }
 }
@@ -374,6 +378,8 @@ struct Routing<'p> {
     remaining: u32,
     /// Trailing bytes did not form a frame.
     malformed: bool,
+    /// Byte bound of a chunk (0 = none).
+    max_bytes: usize,
 }
 
 impl Routing<'_> {
@@ -391,7 +397,7 @@ impl Routing<'_> {
             let chunk = &mut self.open[k];
             protocol.frame(body, &mut chunk.body);
             chunk.count += 1;
-            if chunk.count == self.per_send {
+            if chunk.count == self.per_send || (self.max_bytes > 0 && chunk.body.len() >= self.max_bytes) {
                 let full = std::mem::replace(chunk, Item::empty(self.seq, k));
                 return Some((k % self.nshards, full));
             }
@@ -574,6 +580,7 @@ impl Reader {
             };
             let _ = reader.take_evicted();
             let mut routing = self.progress.route(record.seq, &record.payload, nshards, per_send);
+            routing.max_bytes = self.cfg.max_bytes_per_send;
             if record.seq < self.dispatched_before && routing.remaining > 0 {
                 // Posted before the restart and not (fully) acked: the receiver may have it.
                 self.metrics
@@ -826,16 +833,23 @@ async fn shard(
             },
         };
         let mut samples = first.count as usize;
+        let mut bytes = first.body.len();
         batch.push(first);
+        let max_bytes = if cfg.max_bytes_per_send == 0 {
+            usize::MAX
+        } else {
+            cfg.max_bytes_per_send
+        };
         let until = tokio::time::Instant::now() + deadline;
-        while samples < max && !closed {
+        while samples < max && bytes < max_bytes && !closed {
             match tokio::time::timeout_at(until, rx.recv()).await {
                 Ok(Some(item)) => {
-                    if samples + item.count as usize > max {
+                    if samples + item.count as usize > max || bytes + item.body.len() > max_bytes {
                         carry = Some(item);
                         break;
                     }
                     samples += item.count as usize;
+                    bytes += item.body.len();
                     batch.push(item);
                 }
                 Ok(None) => closed = true,

@@ -152,6 +152,7 @@ async fn log_entries_reach_a_loki_receiver_exactly_once_in_order_per_stream() {
         timeout: Duration::from_secs(5),
         queue,
         follow_redirects: true,
+        max_bytes_per_send: 0,
     };
     let sender = SenderHandle::start(cfg, wal.clone(), Arc::new(Metrics::new()));
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -35,6 +35,8 @@ pub(crate) struct Loki {
     got: Arc<Mutex<Vec<Got>>>,
     fail: Arc<AtomicU16>,
     pushes: Arc<Mutex<u64>>,
+    /// Largest push, decompressed.
+    largest: Arc<Mutex<usize>>,
 }
 
 impl Loki {
@@ -42,7 +44,8 @@ impl Loki {
         let got: Arc<Mutex<Vec<Got>>> = Arc::default();
         let fail = Arc::new(AtomicU16::new(0));
         let pushes: Arc<Mutex<u64>> = Arc::default();
-        let (g, f, p) = (got.clone(), fail.clone(), pushes.clone());
+        let largest: Arc<Mutex<usize>> = Arc::default();
+        let (g, f, p, big) = (got.clone(), fail.clone(), pushes.clone(), largest.clone());
         let server = TinyServer::start(move |req| {
             *p.lock().unwrap() += 1;
             let code = f.load(Ordering::SeqCst);
@@ -60,6 +63,10 @@ impl Loki {
             let Ok(raw) = snap::raw::Decoder::new().decompress_vec(&req.body) else {
                 return (400, vec![], b"not snappy".to_vec());
             };
+            {
+                let mut b = big.lock().unwrap();
+                *b = (*b).max(raw.len());
+            }
             let Ok(push) = PushRequest::decode(raw.as_slice()) else {
                 return (400, vec![], b"not a PushRequest".to_vec());
             };
@@ -84,6 +91,7 @@ impl Loki {
             got,
             fail,
             pushes,
+            largest,
         })
     }
 
@@ -418,7 +426,7 @@ fn static_configs_with_a_pipeline_and_a_promtail_positions_file() -> Result<()> 
     let positions = dir.path().join("positions.yaml");
     std::fs::write(&positions, format!("positions:\n  {}: \"19\"\n", b.display()))?;
     let cfg = format!(
-        "logs:\n  positions: {{filename: {}}}\n  clients: [{{url: {}, batchwait: 100ms, tenant_id: base}}]\n  scrape_configs:\n    - job_name: files\n      static_configs:\n        - targets: [localhost]\n          labels: {{job: files, __path__: '{}/**/*.log'}}\n      pipeline_stages:\n        - json:\n            expressions: {{level: , msg: , tenant: }}\n        - labels: {{level: }}\n        - match:\n            selector: '{{level=\"debug\"}}'\n            action: drop\n            drop_counter_reason: debug\n        - tenant: {{source: tenant}}\n        - output: {{source: msg}}\n",
+        "logs:\n  positions: {{filename: {}}}\n  clients: [{{url: {}, batchwait: 100ms, batchsize: 2KiB, tenant_id: base}}]\n  scrape_configs:\n    - job_name: files\n      static_configs:\n        - targets: [localhost]\n          labels: {{job: files, __path__: '{}/**/*.log'}}\n      pipeline_stages:\n        - json:\n            expressions: {{level: , msg: , tenant: }}\n        - labels: {{level: }}\n        - match:\n            selector: '{{level=\"debug\"}}'\n            action: drop\n            drop_counter_reason: debug\n        - tenant: {{source: tenant}}\n        - output: {{source: msg}}\n",
         positions.display(),
         loki.url(),
         logs.display()
@@ -444,6 +452,8 @@ fn static_configs_with_a_pipeline_and_a_promtail_positions_file() -> Result<()> 
     let b1 = all.iter().find(|g| g.line.contains("seq=b-1")).unwrap();
     assert_eq!(b1.tenant, "base");
     assert_eq!(agent.metric("sre_agent_logs_entries_dropped_total", "debug")?, 50.0);
+    let largest = *loki.largest.lock().unwrap();
+    assert!(largest <= 2048 + 300, "batchsize bounds a push's bytes: {largest}");
     // Positions are saved in Promtail's layout (plus identities).
     poll("positions saved", Duration::from_secs(20), || {
         let text = std::fs::read_to_string(&positions).unwrap_or_default();

@@ -91,8 +91,9 @@ fn sender_config(c: &ClientConfig, base: &Path, tenant: Option<&str>) -> anyhow:
         config::logs::LokiEncoding::Protobuf => Arc::new(crate::loki::LokiPush::new(tenant)?),
         config::logs::LokiEncoding::Json => Arc::new(crate::loki::LokiPush::json(tenant)?),
     };
-    // The engine batches by entries: a batch of `batchsize` bytes of ~256-byte lines.
-    let per_send = (c.batchsize.0 / 256).clamp(100, 10_000) as usize;
+    // `batchsize` bounds the bytes of a push (entries as encoded, labels included); the entry
+    // count bound only keeps chunks of tiny lines moving.
+    let per_send = 10_000usize;
     Ok(SenderConfig {
         protocol,
         name: match tenant {
@@ -105,7 +106,7 @@ fn sender_config(c: &ClientConfig, base: &Path, tenant: Option<&str>) -> anyhow:
         auth,
         timeout: c.timeout.get(),
         queue: config::agent::QueueConfig {
-            capacity: per_send * 4,
+            capacity: per_send * 2,
             max_shards: c.max_shards.max(1),
             min_shards: 1,
             max_samples_per_send: per_send,
@@ -115,6 +116,7 @@ fn sender_config(c: &ClientConfig, base: &Path, tenant: Option<&str>) -> anyhow:
             retry_on_http_429: true,
         },
         follow_redirects: true,
+        max_bytes_per_send: c.batchsize.0 as usize,
     })
 }
 
