@@ -651,6 +651,13 @@ logs:
                 e.join("\n")
             );
         }
+        let nested = errors(
+            "logs:\n  clients: [{url: http://l/}]\n  scrape_configs:\n    - job_name: a\n      kubernetes_pods: {}\n      pipeline_stages:\n        - match: {selector: '{a=\"b\"}', stages: [{cri: {}}]}\n",
+        );
+        assert!(
+            nested[0].contains("pipeline_stages[0].match.stages[0]: cri and docker stages must be at the top level"),
+            "{nested:?}"
+        );
         assert_eq!(
             errors("logs:\n  scrape_configs:\n    - job_name: a\n      pipeline_stages: [{jsn: {}}]\n"),
             [

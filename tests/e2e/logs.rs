@@ -521,3 +521,50 @@ fn files_rotated_faster_than_a_scan_and_while_the_agent_is_down_are_read() -> Re
     drop(agent);
     Ok(())
 }
+
+#[test]
+fn relabel_configs_and_per_job_cri_limits_apply_to_kubernetes_pods() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("pods");
+    let loki = Loki::start()?;
+    let kept = pod_dir(&root, "shop", "web-0", "app").join("0.log");
+    let noisy = pod_dir(&root, "noisy", "spam-0", "app").join("0.log");
+    let (t, _) = cri_time(1);
+    // Five parts of one message, interleaved with stderr lines; a 5 KiB line.
+    append(
+        &kept,
+        &format!(
+            "{t} stdout P a1-\n{t} stderr F err seq=e-1\n{t} stdout P a2-\n{t} stdout P a3-\n{t} stderr P err2-\n{t} stdout P a4-\n{t} stdout F a5 seq=m-1\n{t} stderr F tail seq=e-2\n{t} stdout F big seq=big {}\n",
+            "y".repeat(5000)
+        ),
+    );
+    append(&noisy, &format!("{t} stdout F never seq=n-1\n"));
+    let cfg = format!(
+        "logs:\n  clients: [{{url: {}, batchwait: 100ms}}]\n  scrape_configs:\n    - job_name: pods\n      kubernetes_pods: {{root: {}}}\n      relabel_configs:\n        - source_labels: [namespace]\n          regex: noisy\n          action: drop\n        - source_labels: [__meta_kubernetes_pod_uid]\n          target_label: uid_tag\n      pipeline_stages:\n        - cri: {{max_partial_lines: 2, max_partial_line_size: 1KiB}}\n",
+        loki.url(),
+        root.display()
+    );
+    let _agent = Agent::start(dir.path(), &cfg)?;
+    poll("the big line", Duration::from_secs(30), || {
+        Ok(loki.entries().into_iter().find(|g| g.line.contains("seq=big")))
+    })?;
+    let all = loki.entries();
+    let lines: Vec<&str> = all.iter().map(|g| g.line.as_str()).collect();
+    // stdout parts merged two at a time, never with stderr's.
+    assert!(lines.contains(&"a1-a2-"), "{lines:?}");
+    assert!(lines.contains(&"a3-a4-"), "{lines:?}");
+    assert!(lines.contains(&"a5 seq=m-1"), "{lines:?}");
+    assert!(lines.contains(&"err seq=e-1"), "{lines:?}");
+    assert!(lines.contains(&"err2-tail seq=e-2"), "{lines:?}");
+    let big = all.iter().find(|g| g.line.contains("seq=big")).unwrap();
+    assert_eq!(big.line.len(), 1024, "cut at max_partial_line_size");
+    assert!(
+        !lines.iter().any(|l| l.contains("seq=n-1")),
+        "the relabel drop keeps the noisy pod out"
+    );
+    assert_eq!(
+        big.labels["uid_tag"], "uid-web-0",
+        "relabel_configs see __meta_kubernetes_pod_uid"
+    );
+    Ok(())
+}

@@ -248,23 +248,30 @@ pub fn start(cfg: &LogsConfig, env: &Env<'_>) -> anyhow::Result<Logs> {
             .map_err(|e| anyhow!("logs scrape config {:?}: {e}", sc.job_name))?;
         let container_format = compiled.parses_format || sc.kubernetes_pods.is_some();
         logs_metrics.init_job(&sc.job_name);
+        let cri = sc.pipeline_stages.iter().find_map(|s| match s {
+            Stage::Cri(c) => Some(c),
+            _ => None,
+        });
+        let max_line_size = match cri.map(|c| c.max_partial_line_size.0 as usize) {
+            Some(n) if n > 0 => n,
+            _ => cfg.max_line_size.0 as usize,
+        };
         jobs.push(Job {
             name: sc.job_name.clone(),
             pipeline: Arc::new(compiled),
             start_at: sc.start_at.unwrap_or(cfg.start_at),
             container_format,
+            max_partial_lines: cri.map_or(100, |c| c.max_partial_lines).max(1),
+            max_line_size,
+            relabel: if sc.kubernetes_pods.is_some() {
+                crate::relabel::compile(&sc.relabel_configs)
+                    .map_err(|e| anyhow!("logs scrape config {:?}: relabel_configs: {e}", sc.job_name))?
+            } else {
+                Vec::new()
+            },
         });
     }
-    let max_partial_lines = cfg
-        .scrape_configs
-        .iter()
-        .flat_map(|s| s.pipeline_stages.iter())
-        .find_map(|s| match s {
-            Stage::Cri(c) => Some(c.max_partial_lines),
-            _ => None,
-        })
-        .unwrap_or(100)
-        .max(1);
+
     let (wake_tx, wake_rx) = crossbeam_channel::unbounded();
     let control = Arc::new(Control {
         stop: Default::default(),
@@ -331,10 +338,17 @@ pub fn start(cfg: &LogsConfig, env: &Env<'_>) -> anyhow::Result<Logs> {
     let mut fixed = Vec::new();
     let mut sd: Vec<(usize, Vec<crate::relabel::Rule>, watch::Receiver<Vec<TargetGroup>>)> = Vec::new();
     for (i, sc) in cfg.scrape_configs.iter().enumerate() {
+        let static_rules = crate::relabel::compile(&sc.relabel_configs)
+            .map_err(|e| anyhow!("logs scrape config {:?}: relabel_configs: {e}", sc.job_name))?;
         for st in &sc.static_configs {
-            let mut labels: BTreeMap<String, String> = st.labels.clone();
+            // relabel_configs apply to static targets too (`__path__` included), as in Promtail.
+            let mut rl = crate::labels::Labels::from_pairs(st.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            if !crate::relabel::process(&mut rl, &static_rules) {
+                continue;
+            }
+            let mut labels: BTreeMap<String, String> = rl.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
             let path = labels.remove("__path__").unwrap_or_default();
-            labels.retain(|k, _| !k.starts_with("__"));
+            labels.retain(|k, v| !k.starts_with("__") && !v.is_empty());
             fixed.push(Target {
                 job: i,
                 path: crate::http::resolve(&base, &path).display().to_string(),
@@ -391,8 +405,6 @@ pub fn start(cfg: &LogsConfig, env: &Env<'_>) -> anyhow::Result<Logs> {
     }
     let watcher = watch_dirs(cfg, &base, wake_tx.clone());
     let settings = tailer::Settings {
-        max_line_size: cfg.max_line_size.0 as usize,
-        max_partial_lines,
         rescan: cfg.rescan_interval.get(),
         max_open_files: cfg.max_open_files,
         positions_file,
@@ -601,5 +613,76 @@ impl Logs {
             let _ = tokio::task::spawn_blocking(move || w.sync()).await;
         }))
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::labels::Labels;
+
+    /// Promtail's Helm chart rules build `__path__` from the pod uid and container name.
+    #[test]
+    fn discovered_pods_become_targets_with_promtail_rules() {
+        let text = "\
+- source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_name, __meta_kubernetes_pod_label_app, __meta_kubernetes_pod_name]
+  regex: ^;*([^;]+)(;.*)?$
+  target_label: app
+- source_labels: [__meta_kubernetes_namespace]
+  target_label: namespace
+- source_labels: [__meta_kubernetes_pod_name]
+  target_label: pod
+- source_labels: [__meta_kubernetes_pod_container_name]
+  target_label: container
+- replacement: /var/log/pods/*$1/*.log
+  separator: /
+  source_labels: [__meta_kubernetes_pod_uid, __meta_kubernetes_pod_container_name]
+  target_label: __path__
+- source_labels: [__meta_kubernetes_pod_label_skip]
+  regex: 'true'
+  action: drop
+";
+        let cfgs: Vec<config::agent::RelabelConfig> =
+            config::from_str(text, "r.yml", &|_| None, &|_, _| false).unwrap().value;
+        let rules = crate::relabel::compile(&cfgs).unwrap();
+        let pod = |name: &str, uid: &str, extra: &[(&str, &str)]| {
+            let mut l = Labels::from_pairs([
+                ("__address__", "10.0.0.1:8080"),
+                ("__meta_kubernetes_namespace", "shop"),
+                ("__meta_kubernetes_pod_name", name),
+                ("__meta_kubernetes_pod_uid", uid),
+                ("__meta_kubernetes_pod_container_name", "app"),
+                ("__meta_kubernetes_pod_label_app", "web"),
+                ("filename", "x"),
+            ]);
+            for (k, v) in extra {
+                l.set(k, v);
+            }
+            l
+        };
+        let groups = vec![TargetGroup {
+            source: "pod/shop/web-0".into(),
+            // Two ports of one container: one target.
+            targets: vec![
+                pod("web-0", "u-1", &[]),
+                pod("web-0", "u-1", &[("__address__", "10.0.0.1:9090")]),
+                pod("batch-0", "u-2", &[("__meta_kubernetes_pod_label_skip", "true")]),
+            ],
+            labels: Labels::new(),
+        }];
+        let t = targets_of_groups(3, &rules, &groups);
+        assert_eq!(t.len(), 1, "{t:?}");
+        assert_eq!(t[0].job, 3);
+        assert_eq!(t[0].path, "/var/log/pods/*u-1/app/*.log");
+        let want: BTreeMap<String, String> = [
+            ("app", "web"),
+            ("container", "app"),
+            ("namespace", "shop"),
+            ("pod", "web-0"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(t[0].labels, want, "no __ labels, no filename");
     }
 }

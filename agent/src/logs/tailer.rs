@@ -41,6 +41,13 @@ pub struct Job {
     pub start_at: StartAt,
     /// Lines are container log lines (CRI or Docker, detected per file).
     pub container_format: bool,
+    /// Most partial lines merged into one (`cri.max_partial_lines`).
+    pub max_partial_lines: usize,
+    /// Longest line kept (`cri.max_partial_line_size`, else `logs.max_line_size`; 0 = none).
+    pub max_line_size: usize,
+    /// `relabel_configs` of a `kubernetes_pods` job, applied to each file's labels (with
+    /// `__path__` and `__meta_kubernetes_pod_uid`); a file they drop is not read.
+    pub relabel: Vec<crate::relabel::Rule>,
 }
 
 /// Files to tail: a glob and the labels of its files.
@@ -130,14 +137,13 @@ struct Tailed {
     format: Option<Format>,
     rotated_at: Option<Instant>,
     deleted: bool,
+    /// Dropped by the job's `relabel_configs`: kept open (not found again and again) but not
+    /// read, its position unchanged.
+    excluded: bool,
 }
 
 /// The tailer's settings.
 pub struct Settings {
-    /// Longest line kept (0 = none).
-    pub max_line_size: usize,
-    /// Most partial lines merged.
-    pub max_partial_lines: usize,
     /// Rescan interval.
     pub rescan: Duration,
     /// Open file limit.
@@ -337,11 +343,16 @@ impl Tailer {
             }
             let key = FileKey::of(&m);
             seen.insert(key);
-            if let Some(t) = self.files.get_mut(&key) {
-                if t.path != path {
-                    t.path = path;
-                }
+            if let Some(mut t) = self.files.remove(&key) {
+                // Its target's labels may have changed (relabeling, discovery): relabel.
+                let relabel = t.path != path || t.target != target;
+                t.path = path;
+                t.target = target;
                 t.rotated_at = None;
+                if relabel {
+                    self.label(&mut t);
+                }
+                self.files.insert(key, t);
                 continue;
             }
             if self.files.len() >= self.settings.max_open_files {
@@ -452,6 +463,7 @@ impl Tailer {
             format,
             rotated_at: rotated.then(Instant::now),
             deleted: false,
+            excluded: false,
         };
         self.label(&mut t);
         self.positions.claim(
@@ -503,6 +515,18 @@ impl Tailer {
                 l.insert("namespace".to_owned(), ns);
                 l.insert("pod".to_owned(), pod);
                 l.insert("container".to_owned(), container);
+                let rules = &self.jobs[t.target.job].relabel;
+                if !rules.is_empty() {
+                    let mut rl = crate::labels::Labels::from_pairs(l.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                    rl.set("__path__", &t.path.display().to_string());
+                    rl.set("__meta_kubernetes_pod_uid", &uid);
+                    t.excluded = !crate::relabel::process(&mut rl, rules);
+                    l = rl
+                        .iter()
+                        .filter(|(k, v)| !k.starts_with("__") && !v.is_empty())
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .collect();
+                }
             }
         }
         t.labels = Arc::new(l);
@@ -614,6 +638,9 @@ impl Tailer {
 
     /// Reads up to a chunk of `t` and processes its whole lines. Returns the bytes read.
     fn read_chunk(&mut self, t: &mut Tailed) -> std::io::Result<usize> {
+        if t.excluded {
+            return Ok(0);
+        }
         let size = t.file.metadata()?.len();
         if size < t.offset || (t.offset > 0 && !t.id.matches(&t.file).unwrap_or(true)) {
             // Truncated (copytruncate): what was not read before is lost; start over.
@@ -680,7 +707,7 @@ impl Tailer {
         }
         if !rest.is_empty() && !t.skipping {
             t.carry.extend_from_slice(rest);
-            let cap = self.line_cap();
+            let cap = self.line_cap(t.target.job);
             if t.carry.len() > cap {
                 // An over-long line: keep its start, skip the rest up to its newline.
                 let line = std::mem::take(&mut t.carry);
@@ -701,8 +728,8 @@ impl Tailer {
     }
 
     /// The most bytes of an unfinished line kept in memory.
-    fn line_cap(&self) -> usize {
-        match self.settings.max_line_size {
+    fn line_cap(&self, job: usize) -> usize {
+        match self.jobs[job].max_line_size {
             0 => 64 << 20,
             // Room for a CRI or Docker envelope around the longest message.
             m => m + 4096,
@@ -732,7 +759,7 @@ impl Tailer {
             Ok(l) => {
                 let stream = l.stream.as_str();
                 let ts = l.ts_ns as i64;
-                let max = self.settings.max_line_size;
+                let max = job.max_line_size;
                 let k = usize::from(stream == "stderr");
                 let merge = t.merge[k].get_or_insert_with(|| Merge {
                     start,
@@ -757,7 +784,7 @@ impl Tailer {
                     merge.message.push_str(&l.message);
                 }
                 merge.parts += 1;
-                if !l.partial || merge.parts >= self.settings.max_partial_lines {
+                if !l.partial || merge.parts >= job.max_partial_lines {
                     self.end_merge(t, k);
                 }
             }
@@ -783,7 +810,7 @@ impl Tailer {
     }
 
     fn cap(&self, mut s: String, job: usize) -> String {
-        let max = self.settings.max_line_size;
+        let max = self.jobs[job].max_line_size;
         if max > 0 && s.len() > max {
             let mut cut = max;
             while !s.is_char_boundary(cut) {
@@ -944,8 +971,14 @@ impl Tailer {
         // Entries of files neither open nor seen by the last scan (rotated files included) go.
         let open: HashSet<FileKey> = self.files.keys().copied().collect();
         let seen = &self.seen;
+        // (A file no job tails now, e.g. of a removed scrape config, keeps its entry while it
+        // is on disk, so it resumes where it was if tailed again.)
         self.positions.files.retain(|p, s| match s.id {
-            Some(id) => open.contains(&id.key) || seen.contains(&id.key),
+            Some(id) => {
+                open.contains(&id.key)
+                    || seen.contains(&id.key)
+                    || std::fs::metadata(p).is_ok_and(|m| FileKey::of(&m) == id.key)
+            }
             None => p.exists(),
         });
         match self.positions.save(&self.settings.positions_file) {

@@ -134,6 +134,20 @@ impl Checker<'_> {
         self.stages(&format!("{path}.pipeline_stages"), &sc.pipeline_stages);
     }
 
+    /// `cri` and `docker` parse in the tailer (they merge partial lines): only at the top level.
+    fn nested_format_stages(&mut self, path: &str, stages: &[Stage]) {
+        for (i, st) in stages.iter().enumerate() {
+            match st {
+                Stage::Cri(_) | Stage::Docker(_) => self.err(
+                    &format!("{path}[{i}]"),
+                    "cri and docker stages must be at the top level of pipeline_stages (they parse container lines as they are read)",
+                ),
+                Stage::Match(m) => self.nested_format_stages(&format!("{path}[{i}].match.stages"), &m.stages),
+                _ => {}
+            }
+        }
+    }
+
     fn regex_field(&mut self, path: &str, re: &str, required: bool) {
         if re.is_empty() {
             if required {
@@ -212,6 +226,7 @@ impl Checker<'_> {
                         ),
                     }
                     self.stages(&format!("{p}.match.stages"), &m.stages);
+                    self.nested_format_stages(&format!("{p}.match.stages"), &m.stages);
                 }
                 Stage::Drop(d) => {
                     if let Some(e) = &d.expression {
