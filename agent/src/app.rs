@@ -1139,7 +1139,13 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
                                     if let Some(old) = old {
                                         stop_logs(old, send_timeout(&new_cfg)).await;
                                     }
-                                    *files.write().unwrap_or_else(|p| p.into_inner()) = start_logs(&new_cfg)?;
+                                    // Built and checked before; what can still fail here is the
+                                    // storage (a WAL, the positions file): the agent keeps running.
+                                    let started = start_logs(&new_cfg).unwrap_or_else(|e| {
+                                        tracing::error!(error = %format!("{e:#}"), "The logs path could not start; logs are not shipped until the next reload.");
+                                        None
+                                    });
+                                    *files.write().unwrap_or_else(|p| p.into_inner()) = started;
                                 }
                                 cfg = new_cfg;
                             }

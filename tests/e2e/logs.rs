@@ -289,6 +289,8 @@ fn kubernetes_pods_every_line_once_with_labels_and_times_through_rotation_copytr
     let rows = files.as_array().unwrap();
     assert!(rows.len() >= 10, "{rows:?}");
     assert!(http_get(&format!("{}/status", agent.url))?.contains("Tailed files"));
+    assert!(agent.metric("sre_agent_logs_file_position_bytes", "web-7")? > 0.0);
+    assert!(agent.metric("sre_agent_logs_file_size_bytes", "web-7")? > 0.0);
     Ok(())
 }
 

@@ -36,6 +36,8 @@ pub struct Logs {
     thread: Option<std::thread::JoinHandle<()>>,
     queues: Arc<Mutex<Vec<LogQueue>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Stop flags of the jobs' stages (a waiting `limit`).
+    stage_stops: Vec<Arc<std::sync::atomic::AtomicBool>>,
     /// The settings it runs with: a reload with the same keeps it running.
     pub fingerprint: String,
 }
@@ -413,6 +415,7 @@ pub fn start(cfg: &LogsConfig, env: &Env<'_>) -> anyhow::Result<Logs> {
         since,
         node_name: env.node_name.clone(),
     };
+    let stage_stops = jobs.iter().map(|j| j.pipeline.stop.clone()).collect();
     let t = tailer::Tailer::new(
         jobs,
         clients,
@@ -435,6 +438,7 @@ pub fn start(cfg: &LogsConfig, env: &Env<'_>) -> anyhow::Result<Logs> {
         thread: Some(thread),
         queues,
         tasks,
+        stage_stops,
         fingerprint,
     })
 }
@@ -594,9 +598,21 @@ impl Logs {
     /// takes within `timeout` is sent, the rest stays in the WAL.
     pub async fn stop(mut self, timeout: Duration) {
         self.control.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for f in &self.stage_stops {
+            f.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let _ = self.control.wake.try_send(false);
         if let Some(t) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            // Bounded: a stage that waits (a `limit` without `drop`) notices the stop within
+            // 0.2 s; past the timeout the thread is left to end (its positions are not
+            // saved, the WAL has its lines: nothing is lost, some may be read twice).
+            let join = tokio::task::spawn_blocking(move || t.join());
+            if tokio::time::timeout(timeout.max(Duration::from_secs(1)), join)
+                .await
+                .is_err()
+            {
+                tracing::error!("The log tailer did not stop in time; leaving it.");
+            }
         }
         for t in &self.tasks {
             t.abort();

@@ -236,6 +236,8 @@ pub struct Compiled {
     metrics: Arc<StageMetrics>,
     /// The job parses CRI/Docker in the tailer (a `cri` or `docker` stage).
     pub parses_format: bool,
+    /// Set when the tailer stops: a waiting `limit` stage lets its entry through at once.
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct MultilineSpec {
@@ -282,13 +284,15 @@ impl Compiled {
     /// Compiles a job's stages.
     pub fn new(stages: &[Stage], metrics: Arc<StageMetrics>) -> Result<Compiled, StageError> {
         let mut multiline = Vec::new();
-        let steps = compile(stages, &mut multiline)?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let steps = compile(stages, &mut multiline, &stop)?;
         let parses_format = stages.iter().any(|s| matches!(s, Stage::Cri(_) | Stage::Docker(_)));
         Ok(Compiled {
             steps,
             multiline,
             metrics,
             parses_format,
+            stop,
         })
     }
 
@@ -298,7 +302,11 @@ impl Compiled {
     }
 }
 
-fn compile(stages: &[Stage], multiline: &mut Vec<MultilineSpec>) -> Result<Vec<Step>, StageError> {
+fn compile(
+    stages: &[Stage],
+    multiline: &mut Vec<MultilineSpec>,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+) -> Result<Vec<Step>, StageError> {
     let mut steps = Vec::new();
     for (index, st) in stages.iter().enumerate() {
         let err = |message: String| StageError {
@@ -359,7 +367,7 @@ fn compile(stages: &[Stage], multiline: &mut Vec<MultilineSpec>) -> Result<Vec<S
                         .clone()
                         .unwrap_or_else(|| "match_stage".to_owned())
                 }),
-                stages: compile(&m.stages, multiline)?,
+                stages: compile(&m.stages, multiline, stop)?,
             },
             Stage::Drop(d) => Step::Drop {
                 sources: d.source.as_ref().map(|s| s.names()).unwrap_or_default(),
@@ -370,7 +378,7 @@ fn compile(stages: &[Stage], multiline: &mut Vec<MultilineSpec>) -> Result<Vec<S
                 longer_than: d.longer_than.map(|b| b.0 as usize),
                 reason: d.drop_counter_reason.clone().unwrap_or_else(|| "drop_stage".to_owned()),
             },
-            Stage::Limit(l) => Step::Limit(Arc::new(Limiter::new(l))),
+            Stage::Limit(l) => Step::Limit(Arc::new(Limiter::new(l, stop.clone()))),
             Stage::Multiline(m) => {
                 multiline.push(MultilineSpec {
                     firstline: re(&m.firstline)?,
@@ -948,10 +956,11 @@ pub struct Limiter {
     by_label: Option<String>,
     max_distinct: usize,
     buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Limiter {
-    fn new(l: &config::logs::LimitStage) -> Limiter {
+    fn new(l: &config::logs::LimitStage, stop: Arc<std::sync::atomic::AtomicBool>) -> Limiter {
         Limiter {
             rate: l.rate,
             burst: l.burst.map_or(l.rate.max(1.0), |b| b as f64),
@@ -959,6 +968,7 @@ impl Limiter {
             by_label: l.by_label_name.clone(),
             max_distinct: l.max_distinct_labels.unwrap_or(10_000),
             buckets: Mutex::new(HashMap::new()),
+            stop,
         }
     }
 
@@ -972,6 +982,9 @@ impl Limiter {
             None => String::new(),
         };
         loop {
+            if self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return true;
+            }
             let wait = {
                 let mut all = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
                 if !all.contains_key(&key) && all.len() >= self.max_distinct {
@@ -991,7 +1004,7 @@ impl Limiter {
                 }
                 (1.0 - *tokens) / self.rate
             };
-            std::thread::sleep(Duration::from_secs_f64(wait.min(1.0)));
+            std::thread::sleep(Duration::from_secs_f64(wait.min(0.2)));
         }
     }
 }

@@ -545,8 +545,26 @@ impl Tailer {
     fn read_pass(&mut self) -> bool {
         let mut any = false;
         let mut full = false;
-        let keys: Vec<FileKey> = self.files.keys().copied().collect();
-        for key in keys {
+        // A rotated file is read to its end before the new file in its directory, so a
+        // stream's entries stay in time order across a rotation.
+        let rotating: HashSet<PathBuf> = self
+            .files
+            .values()
+            .filter(|t| t.rotated_at.is_some() && !t.excluded && t.offset < t.size.max(1))
+            .filter_map(|t| t.path.parent().map(Path::to_path_buf))
+            .collect();
+        let mut keys: Vec<(bool, FileKey)> = self.files.iter().map(|(k, t)| (t.rotated_at.is_none(), *k)).collect();
+        keys.sort();
+        for (live, key) in keys {
+            if live
+                && self
+                    .files
+                    .get(&key)
+                    .and_then(|t| t.path.parent())
+                    .is_some_and(|d| rotating.contains(d))
+            {
+                continue;
+            }
             if self.control.stop.load(Ordering::SeqCst) {
                 break;
             }
@@ -754,8 +772,22 @@ impl Tailer {
             self.advance(t, end);
             return;
         }
-        let format = *t.format.get_or_insert_with(|| Format::detect(&text));
-        match format.parse(&text) {
+        let mut format = *t.format.get_or_insert_with(|| Format::detect(&text));
+        let mut parsed = format.parse(&text);
+        if parsed.is_err() {
+            // The first line may have been garbage: a line in the other format switches.
+            let other = match format {
+                Format::Cri => Format::Docker,
+                Format::Docker => Format::Cri,
+            };
+            if let Ok(l) = other.parse(&text) {
+                format = other;
+                t.format = Some(other);
+                parsed = Ok(l);
+            }
+        }
+        let _ = format;
+        match parsed {
             Ok(l) => {
                 let stream = l.stream.as_str();
                 let ts = l.ts_ns as i64;
@@ -1006,6 +1038,8 @@ impl Tailer {
         rows.sort_by(|a, b| a.path.cmp(&b.path));
         let lag: u64 = rows.iter().map(|r| r.size.saturating_sub(r.offset)).sum();
         self.metrics.set_lag(lag);
+        self.metrics
+            .set_file_rows(rows.iter().map(|r| (r.path.as_str(), r.job.as_str(), r.offset, r.size)));
         *self.control.status.lock().unwrap_or_else(|p| p.into_inner()) = rows;
     }
 }

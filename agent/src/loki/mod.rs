@@ -222,6 +222,40 @@ mod tests {
     }
 
     #[test]
+    fn json_encoding_is_lokis_json_push_body() {
+        let p = LokiPush::json(None).unwrap();
+        assert_eq!(p.headers()[http::header::CONTENT_TYPE], "application/json");
+        let mut batch = Vec::new();
+        for (labels, ts, line, meta) in [
+            (
+                "{app=\"web\", ns=\"a\\\"b\"}",
+                1_700_000_000_000_000_001i64,
+                "line \"one\"",
+                vec![("trace_id", "t1")],
+            ),
+            ("{app=\"db\"}", 1_700_000_000_500_000_000, "two", vec![]),
+        ] {
+            let mut body = Vec::new();
+            proto::encode_entry(labels, ts, line.as_bytes(), &meta, &mut body);
+            p.frame(&body, &mut batch);
+        }
+        let mut wire = Vec::new();
+        p.encode(&batch, &mut wire);
+        let v: serde_json::Value = serde_json::from_slice(&wire).unwrap();
+        let streams = v["streams"].as_array().unwrap();
+        assert_eq!(streams.len(), 2);
+        assert_eq!(streams[0]["stream"]["app"], "web");
+        assert_eq!(streams[0]["stream"]["ns"], "a\"b");
+        assert_eq!(streams[0]["values"][0][0], "1700000000000000001");
+        assert_eq!(streams[0]["values"][0][1], "line \"one\"");
+        assert_eq!(streams[0]["values"][0][2]["trace_id"], "t1");
+        assert_eq!(
+            streams[1]["values"][0],
+            serde_json::json!(["1700000000500000000", "two"])
+        );
+    }
+
+    #[test]
     fn rejections_are_named() {
         assert_eq!(
             classify_rejection("entry for stream '{a=\"b\"}' has timestamp too old: 2020-01-01"),

@@ -70,6 +70,9 @@ pub struct LogsMetrics {
     errors: Family<L, Counter>,
     paused: Counter,
     lag_bytes: Gauge,
+    file_position: Family<L, Gauge>,
+    file_size: Family<L, Gauge>,
+    file_rows: Mutex<Vec<L>>,
     positions_saved: Gauge,
     positions_errors: Counter,
     /// Values of pipeline `metrics` stages.
@@ -138,6 +141,16 @@ impl LogsMetrics {
             "lag_bytes",
             "Bytes of tailed files not read yet.",
             self.lag_bytes.clone(),
+        );
+        r.register(
+            "file_position_bytes",
+            "Position of each tailed file (bytes read into the WAL), by path and job.",
+            self.file_position.clone(),
+        );
+        r.register(
+            "file_size_bytes",
+            "Size of each tailed file, by path and job.",
+            self.file_size.clone(),
         );
         r.register(
             "positions_saved_timestamp_seconds",
@@ -224,6 +237,22 @@ impl LogsMetrics {
     /// Unread bytes of tailed files.
     pub fn set_lag(&self, n: u64) {
         self.lag_bytes.set(n as i64);
+    }
+    /// Position and size of every tailed file (series of files no longer tailed go).
+    pub fn set_file_rows<'a>(&self, rows: impl Iterator<Item = (&'a str, &'a str, u64, u64)>) {
+        let mut now: Vec<L> = Vec::new();
+        for (path, job, offset, size) in rows {
+            let l: L = vec![("path", path.to_owned()), ("job", job.to_owned())];
+            self.file_position.get_or_create(&l).set(offset as i64);
+            self.file_size.get_or_create(&l).set(size as i64);
+            now.push(l);
+        }
+        let mut before = self.file_rows.lock().unwrap_or_else(|p| p.into_inner());
+        for old in before.iter().filter(|o| !now.contains(o)) {
+            self.file_position.remove(old);
+            self.file_size.remove(old);
+        }
+        *before = now;
     }
     /// Positions were saved now.
     pub fn positions_saved(&self) {
