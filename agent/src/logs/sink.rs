@@ -49,12 +49,17 @@ impl ClientSink {
     }
 
     fn labels_of(&mut self, labels: &Labels) -> (Arc<str>, u64) {
-        if let Some((_, s, h)) = self
-            .cache
-            .iter()
-            .find(|(l, _, _)| Arc::ptr_eq(l, labels) || **l == **labels)
-        {
+        // The same shared set first (the common case, cheap), then an equal one.
+        if let Some((_, s, h)) = self.cache.iter().rev().find(|(l, _, _)| Arc::ptr_eq(l, labels)) {
             return (s.clone(), *h);
+        }
+        if let Some((_, s, h)) = self.cache.iter().find(|(l, _, _)| **l == **labels) {
+            let found = (s.clone(), *h);
+            self.cache.push((labels.clone(), found.0.clone(), found.1));
+            if self.cache.len() > 256 {
+                self.cache.remove(0);
+            }
+            return found;
         }
         let text: Arc<str> = if self.external_labels.is_empty() {
             render_labels(labels).into()

@@ -131,6 +131,8 @@ struct Tailed {
     size: u64,
     target: Target,
     labels: Labels,
+    /// The labels with `stream` added, per stream (stdout, stderr).
+    stream_labels: [Option<Labels>; 2],
     /// The pod cache knew the pod when the labels were made.
     resolved: bool,
     pipeline: Pipeline,
@@ -457,6 +459,7 @@ impl Tailer {
             safe: offset,
             size,
             labels: Arc::new(BTreeMap::new()),
+            stream_labels: [None, None],
             resolved: false,
             target,
             pipeline,
@@ -530,6 +533,7 @@ impl Tailer {
             }
         }
         t.labels = Arc::new(l);
+        t.stream_labels = [None, None];
     }
 
     /// Whether a client's WAL is too full to take another chunk (a cheap early pause; the exact
@@ -857,17 +861,16 @@ impl Tailer {
     /// Sends a merged container message on through the pipeline.
     fn end_merge(&mut self, t: &mut Tailed, k: usize) {
         let Some(m) = t.merge[k].take() else { return };
-        let labels = if t.labels.get("stream").map(String::as_str) == Some(m.stream) {
-            t.labels.clone()
-        } else {
-            let mut l = (*t.labels).clone();
-            l.insert("stream".to_owned(), m.stream.to_owned());
-            // Keep one shared set per stream so the sink's label cache hits.
-            let l = Arc::new(l);
-            if t.labels.get("stream").is_none() {
-                t.labels = l.clone();
+        // One shared label set per stream and file, so the sink renders it once.
+        let labels = match &t.stream_labels[k] {
+            Some(l) => l.clone(),
+            None => {
+                let mut l = (*t.labels).clone();
+                l.insert("stream".to_owned(), m.stream.to_owned());
+                let l = Arc::new(l);
+                t.stream_labels[k] = Some(l.clone());
+                l
             }
-            l
         };
         let e = Entry {
             ts_ns: m.ts_ns,
