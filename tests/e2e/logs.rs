@@ -596,9 +596,18 @@ fn a_real_loki_stores_every_line_once_when_its_binary_is_given() -> Result<()> {
     })?;
     let root = dir.path().join("pods");
     let mut want = Vec::new();
+    // Recent times: Loki's queriers ask ingesters only about the last hours.
+    let base_ns = jiff::Timestamp::now().as_nanosecond() as i64 - 60_000_000_000;
     for p in 0..3 {
         let f = pod_dir(&root, "shop", &format!("real-{p}"), "app").join("0.log");
-        want.extend(cri_lines(&f, &format!("q{p}"), 0, 200, "stdout"));
+        let mut text = String::new();
+        for n in 0..200i64 {
+            let ns = base_ns + n * 1_000_000 + p;
+            let t = jiff::Timestamp::from_nanosecond(i128::from(ns)).unwrap();
+            text.push_str(&format!("{t:.9} stdout F hello seq=q{p}-{n}\n"));
+            want.push((format!("q{p}-{n}"), ns));
+        }
+        append(&f, &text);
     }
     let cfg = format!(
         "logs:\n  clients: [{{url: {base}/loki/api/v1/push, batchwait: 100ms}}]\n  scrape_configs:\n    - job_name: pods\n      kubernetes_pods: {{root: {}}}\n",
