@@ -85,6 +85,9 @@ struct Item {
 struct Ack {
     /// (record seq, split index, frames).
     counts: Vec<(u64, u32, u32)>,
+    /// The chunks' buffers, emptied, for the reader to cut new chunks into (a chunk of log
+    /// entries is up to a megabyte: reusing it saves the allocator fresh pages).
+    bodies: Vec<Vec<u8>>,
 }
 
 /// Progress of a record that is read but not fully acked.
@@ -241,7 +244,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn apply_ack(&mut self, ack: Ack) {
+    fn apply_ack(&mut self, ack: Ack) -> Vec<Vec<u8>> {
         for (seq, split, n) in ack.counts {
             if let Some(p) = self.pending.get_mut(&seq) {
                 p.remaining = p.remaining.saturating_sub(n);
@@ -250,6 +253,7 @@ impl Progress {
                 }
             }
         }
+        ack.bodies
     }
 
     /// Commits the longest fully-acked prefix plus the partial progress of the rest (and of
@@ -347,6 +351,7 @@ impl Progress {
             remaining,
             malformed: frames.malformed,
             max_bytes: 0,
+            pool: Vec::new(),
         }
     }
 }
@@ -380,6 +385,8 @@ struct Routing<'p> {
     malformed: bool,
     /// Byte bound of a chunk (0 = none).
     max_bytes: usize,
+    /// Buffers for new chunks.
+    pool: Vec<Vec<u8>>,
 }
 
 impl Routing<'_> {
@@ -398,7 +405,9 @@ impl Routing<'_> {
             protocol.frame(body, &mut chunk.body);
             chunk.count += 1;
             if chunk.count == self.per_send || (self.max_bytes > 0 && chunk.body.len() >= self.max_bytes) {
-                let full = std::mem::replace(chunk, Item::empty(self.seq, k));
+                let mut next = Item::empty(self.seq, k);
+                next.body = self.pool.pop().unwrap_or_default();
+                let full = std::mem::replace(chunk, next);
                 return Some((k % self.nshards, full));
             }
         }
@@ -434,6 +443,8 @@ struct Reader {
     sizing: Sizing,
     /// Records below this were posted before this start (counted when sent again).
     dispatched_before: u64,
+    /// Emptied chunk buffers returned by the shards.
+    pool: Vec<Vec<u8>>,
 }
 
 impl Reader {
@@ -468,6 +479,7 @@ impl Reader {
             stats,
             sizing,
             dispatched_before,
+            pool: Vec::new(),
         }
     }
 
@@ -478,6 +490,15 @@ impl Reader {
         match self.progress.carried.values().next() {
             Some((n, _)) => (*n as usize).max(1),
             None => self.cfg.queue.min_shards.max(1),
+        }
+    }
+
+    /// Applies an ack and keeps its buffers for new chunks.
+    fn take_ack(&mut self, ack: Ack) {
+        for b in self.progress.apply_ack(ack) {
+            if self.pool.len() < 32 && b.capacity() > 0 {
+                self.pool.push(b);
+            }
         }
     }
 
@@ -545,7 +566,7 @@ impl Reader {
             }
             // Apply acks that are already there without waiting.
             while let Ok(ack) = g.acks.try_recv() {
-                self.progress.apply_ack(ack);
+                self.take_ack(ack);
             }
             self.progress.posted_until = self.stats.posted_until.load(std::sync::atomic::Ordering::Relaxed);
             self.commit();
@@ -553,7 +574,7 @@ impl Reader {
                 tokio::select! {
                     _ = notify.notified() => { caught_up = false; }
                     _ = tokio::time::sleep(Duration::from_millis(250)) => { caught_up = false; }
-                    Some(ack) = g.acks.recv() => self.progress.apply_ack(ack),
+                    Some(ack) = g.acks.recv() => self.take_ack(ack),
                     _ = self.shutdown.changed() => {}
                     _ = reshard_tick.tick() => {
                         desired = self.decide(nshards);
@@ -581,6 +602,12 @@ impl Reader {
             let _ = reader.take_evicted();
             let mut routing = self.progress.route(record.seq, &record.payload, nshards, per_send);
             routing.max_bytes = self.cfg.max_bytes_per_send;
+            routing.pool = std::mem::take(&mut self.pool);
+            for item in &mut routing.open {
+                if let Some(b) = routing.pool.pop() {
+                    item.body = b;
+                }
+            }
             if record.seq < self.dispatched_before && routing.remaining > 0 {
                 // Posted before the restart and not (fully) acked: the receiver may have it.
                 self.metrics
@@ -595,6 +622,9 @@ impl Reader {
                     return desired;
                 }
             }
+            self.pool.append(&mut routing.pool);
+            drop(routing);
+            reader.recycle(record.payload);
             if desired == nshards && reshard_tick_ready(&mut reshard_tick) {
                 desired = self.decide(nshards);
             }
@@ -620,7 +650,7 @@ impl Reader {
             tokio::select! {
                 biased;
                 Some(ack) = g.acks.recv() => {
-                    self.progress.apply_ack(ack);
+                    self.take_ack(ack);
                     self.commit();
                 }
                 _ = reshard_tick.tick(), if *desired == g.nshards => {
@@ -646,7 +676,7 @@ impl Reader {
         } = g;
         drop(txs);
         while let Some(ack) = acks.recv().await {
-            self.progress.apply_ack(ack);
+            self.take_ack(ack);
             self.commit();
         }
         for t in tasks {
@@ -878,6 +908,14 @@ async fn shard(
         }
         if acks
             .send(Ack {
+                bodies: batch
+                    .iter_mut()
+                    .map(|i| {
+                        let mut b = std::mem::take(&mut i.body);
+                        b.clear();
+                        b
+                    })
+                    .collect(),
                 counts: ack_counts(&mut batch),
             })
             .is_err()

@@ -860,6 +860,7 @@ impl Wal {
             evicted_records: 0,
             evicted_items: 0,
             corrupt_records: 0,
+            spare: Vec::new(),
         }
     }
 }
@@ -985,6 +986,8 @@ pub struct WalReader {
     evicted_records: u64,
     evicted_items: u64,
     corrupt_records: u64,
+    /// A payload buffer given back ([`WalReader::recycle`]) for the next record.
+    spare: Vec<u8>,
 }
 
 /// What to do next, decided under the lock.
@@ -999,6 +1002,14 @@ enum Plan {
 }
 
 impl WalReader {
+    /// Gives a record's payload back, so the next record is read into it instead of a new
+    /// allocation (records of the logs path are a megabyte each).
+    pub fn recycle(&mut self, payload: Vec<u8>) {
+        if payload.capacity() > self.spare.capacity() {
+            self.spare = payload;
+        }
+    }
+
     /// The sequence number of the next record to return.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
@@ -1043,7 +1054,7 @@ impl WalReader {
                 }
             }
             let Some(cur) = self.cur.as_mut() else { continue };
-            let mut payload = Vec::new();
+            let mut payload = std::mem::take(&mut self.spare);
             match read_record_at(&mut cur.file, cur.offset, limit, &mut payload) {
                 Ok(RecordRead::Ok { item_count, len }) => {
                     let record = Record {

@@ -101,6 +101,7 @@ impl ClientSink {
         self.building
             .iter()
             .all(|(tenant, (buf, _))| match self.queues.get(tenant) {
+                _ if buf.is_empty() => true,
                 Some(w) => {
                     let (max, _) = w.limits();
                     // Header of the record and of its annotation frame, and the annotation.
@@ -116,11 +117,9 @@ impl ClientSink {
         let mut written = 0;
         let mut note = Vec::new();
         id.annotation(offset, path, &mut note);
-        for (tenant, (mut buf, n)) in std::mem::take(&mut self.building) {
-            if n == 0 {
-                continue;
-            }
-            crate::frame::push_annotation(&mut buf, &note);
+        // The record buffers are kept (cleared) for the next chunk: a megabyte each.
+        let tenants: Vec<Option<String>> = self.building.keys().cloned().collect();
+        for tenant in tenants {
             let wal = match self.queues.get(&tenant) {
                 Some(w) => w.clone(),
                 None => {
@@ -129,15 +128,29 @@ impl ClientSink {
                     w
                 }
             };
-            wal.append(&buf, n)?;
-            written += u64::from(n);
+            let Some((buf, n)) = self.building.get_mut(&tenant) else {
+                continue;
+            };
+            if *n == 0 {
+                continue;
+            }
+            crate::frame::push_annotation(buf, &note);
+            let appended = wal.append(buf, *n);
+            let count = *n;
+            buf.clear();
+            *n = 0;
+            appended?;
+            written += u64::from(count);
         }
         Ok(written)
     }
 
     /// Drops what was built and not flushed (an append failed).
     pub fn discard(&mut self) {
-        self.building.clear();
+        for (buf, n) in self.building.values_mut() {
+            buf.clear();
+            *n = 0;
+        }
     }
 }
 
