@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Catch-up benchmark of the logs path: N bytes of CRI logs in 20 files under a pod log tree,
 shipped by the agent (release build) to a local receiver that reads every push and answers 204.
+Lines are ~150 bytes with increasing CRI times, 10k lines per second of log time.
 Reports MB/s of log files read and shipped, CPU-seconds per GiB (utime+stime of the agent) and
 peak RSS (VmHWM).
 
@@ -78,7 +79,7 @@ def main():
         with open(os.path.join(d, "0.log"), "w") as f:
             written, n, buf = 0, 0, []
             while written < per_file:
-                l = f"2026-01-01T00:00:{n % 60:02d}.{n:09d}Z stdout F level=info caller=handler.go:{n % 400} msg=\"request served\" path=/api/v1/items/{n} status=200 duration_ms={n % 97}\n"
+                l = f"2026-01-01T{n // 36000000 % 24:02d}:{n // 600000 % 60:02d}:{n // 10000 % 60:02d}.{n % 10000 * 100000:09d}Z stdout F level=info caller=handler.go:{n % 400} msg=\"request served\" path=/api/v1/items/{n} status=200 duration_ms={n % 97}\n"
                 buf.append(l)
                 written += len(l)
                 n += 1
@@ -179,7 +180,7 @@ def steady(a):
             budget = 0
             buf = [[] for _ in files]
             while budget < per_tick:
-                l = f"2026-01-01T00:00:{n % 60:02d}.{n:09d}Z stdout F level=info caller=handler.go:{n % 400} msg=\"request served\" path=/api/v1/items/{n} status=200 duration_ms={n % 97}\n"
+                l = f"2026-01-01T{n // 36000000 % 24:02d}:{n // 600000 % 60:02d}:{n // 10000 % 60:02d}.{n % 10000 * 100000:09d}Z stdout F level=info caller=handler.go:{n % 400} msg=\"request served\" path=/api/v1/items/{n} status=200 duration_ms={n % 97}\n"
                 buf[n % len(files)].append(l)
                 budget += len(l)
                 n += 1

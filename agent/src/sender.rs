@@ -496,7 +496,7 @@ impl Reader {
     /// Applies an ack and keeps its buffers for new chunks.
     fn take_ack(&mut self, ack: Ack) {
         for b in self.progress.apply_ack(ack) {
-            if self.pool.len() < 32 && b.capacity() > 0 {
+            if self.pool.len() < 8 && b.capacity() > 0 {
                 self.pool.push(b);
             }
         }

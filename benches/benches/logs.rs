@@ -1,8 +1,8 @@
 //! Throughput of the logs path's hot parts: CRI line parsing (`agent::logs::format`) and Loki
 //! encoding + snappy compression of a batch (`agent::loki`), in MB/s of log text.
 //!
-//! Corpus: 20k synthetic CRI lines of ~150 bytes (a timestamp, stdout/stderr, F/P tags, a
-//! logfmt-style message), generated in setup.
+//! Corpus: 20k synthetic CRI lines of ~150 bytes (a timestamp, 20 lines a second, stdout/stderr,
+//! F/P tags, a logfmt-style message), generated in setup.
 //!
 //! Run: `cargo bench -p sre-lab-benches --bench logs`
 
@@ -20,8 +20,9 @@ fn corpus() -> Vec<String> {
             let tag = if n % 17 == 0 { "P" } else { "F" };
             format!(
                 "2026-01-01T00:{:02}:{:02}.{:09}Z {stream} {tag} level=info ts=2026-01-01T00:00:00Z caller=handler.go:{} msg=\"request served\" path=/api/v1/items/{n} status=200 duration_ms={}",
-                (n / 60) % 60,
-                n % 60,
+                // 20 lines per second, as a busy container writes them.
+                (n / 1200) % 60,
+                (n / 20) % 60,
                 n * 7919 % 1_000_000_000,
                 n % 400,
                 n % 97

@@ -90,12 +90,28 @@ impl Format {
 
 /// Parses a CRI log line (without its final newline).
 pub fn parse_cri(line: &str) -> Result<Line<'_>, FormatError> {
-    let mut parts = line.splitn(4, ' ');
-    let ts = parts.next().ok_or(FormatError::Cri("empty line"))?;
-    let stream = parts.next().ok_or(FormatError::Cri("no stream after the time"))?;
-    let tag = parts.next().ok_or(FormatError::Cri("no P/F tag after the stream"))?;
+    // Split on the first three spaces (memchr: this runs for every line).
+    let mut rest = line;
+    let mut field = |what: &'static str| -> Result<&str, FormatError> {
+        match memchr::memchr(b' ', rest.as_bytes()) {
+            Some(i) => {
+                let f = &rest[..i];
+                rest = &rest[i + 1..];
+                Ok(f)
+            }
+            None if !rest.is_empty() => {
+                let f = rest;
+                rest = "";
+                Ok(f)
+            }
+            None => Err(FormatError::Cri(what)),
+        }
+    };
+    let ts = field("empty line")?;
+    let stream = field("no stream after the time")?;
+    let tag = field("no P/F tag after the stream")?;
     // A message may be empty: `<time> stdout F` with or without the separating space.
-    let message = parts.next().unwrap_or("");
+    let message = rest;
     let ts_ns = parse_time(ts).ok_or(FormatError::Cri("the time is not RFC 3339"))?;
     let stream = Stream::parse(stream).ok_or(FormatError::Cri("the stream is not stdout or stderr"))?;
     // CRI tags may carry more flags after `P`/`F`, separated by ':'.
@@ -150,6 +166,38 @@ pub fn parse_docker(line: &str) -> Result<Line<'_>, FormatError> {
 /// Nanoseconds since the epoch of an RFC 3339 time (jiff: it keeps all nine digits and any
 /// offset; no hand-written calendar arithmetic).
 fn parse_time(s: &str) -> Option<i128> {
+    // Fast path for the runtimes' own shape, `YYYY-MM-DDTHH:MM:SS[.fraction]Z`: consecutive
+    // lines share their second, so the seconds of the last prefix are kept and only the
+    // fraction is read here. Anything else (offsets, other shapes) goes to jiff.
+    thread_local! {
+        static LAST: std::cell::RefCell<([u8; 19], i128)> = const { std::cell::RefCell::new(([0; 19], i128::MIN)) };
+    }
+    let b = s.as_bytes();
+    if b.len() >= 20 && b.len() <= 30 && b[b.len() - 1] == b'Z' && (b[19] == b'.' || b.len() == 20) {
+        let frac = &b[19..b.len() - 1];
+        let digits = frac.get(1..).unwrap_or(&[]);
+        if digits.len() <= 9 && digits.iter().all(u8::is_ascii_digit) && (frac.is_empty() || !digits.is_empty()) {
+            let prefix: [u8; 19] = b[..19].try_into().ok()?;
+            let secs = LAST.with(|c| {
+                let mut c = c.borrow_mut();
+                if c.1 != i128::MIN && c.0 == prefix {
+                    return Some(c.1);
+                }
+                // A new second: the whole time through jiff, its second kept for the next lines.
+                let secs = s.parse::<jiff::Timestamp>().ok()?.as_second();
+                *c = (prefix, i128::from(secs));
+                Some(i128::from(secs))
+            })?;
+            let mut nanos: i128 = 0;
+            for d in digits {
+                nanos = nanos * 10 + i128::from(d - b'0');
+            }
+            for _ in digits.len()..9 {
+                nanos *= 10;
+            }
+            return Some(secs * 1_000_000_000 + nanos);
+        }
+    }
     s.parse::<jiff::Timestamp>().ok().map(|t| t.as_nanosecond())
 }
 
@@ -171,6 +219,30 @@ mod tests {
         assert_eq!(parse_cri("2026-12-04T17:16:16Z stdout F").unwrap().message, "");
         assert_eq!(parse_cri("2026-12-04T17:16:16Z stdout F ").unwrap().message, "");
         assert!(!parse_cri("2026-12-04T17:16:16Z stdout F:x msg").unwrap().partial);
+    }
+
+    #[test]
+    fn the_fast_time_path_agrees_with_jiff() {
+        for t in [
+            "2026-01-01T00:00:00Z",
+            "2026-01-01T00:00:00.5Z",
+            "2026-01-01T00:00:00.000000001Z",
+            "2026-01-01T00:00:00.123456789Z",
+            "2026-01-01T00:00:01.123456789Z",
+            "1999-12-31T23:59:59.999999999Z",
+            "2024-02-29T12:00:00.25Z",
+            "2026-01-01T00:00:00.123+02:00",
+            "2026-01-01T00:00:00.1234567891Z",
+        ] {
+            assert_eq!(
+                parse_time(t),
+                t.parse::<jiff::Timestamp>().ok().map(|x| x.as_nanosecond()),
+                "{t}"
+            );
+        }
+        assert_eq!(parse_time("2026-13-01T00:00:00Z"), None);
+        assert_eq!(parse_time("2026-01-01T00:00:00.Z"), None);
+        assert_eq!(parse_time("2026-01-01T00:00:00.12a4Z"), None);
     }
 
     #[test]

@@ -760,7 +760,12 @@ impl Tailer {
 
     /// One whole line of `t` (without its newline) that spans `start..end` of the file.
     fn line(&mut self, t: &mut Tailed, raw: &[u8], start: u64, end: u64) {
-        let text = String::from_utf8_lossy(raw);
+        // Valid UTF-8 (nearly always) is borrowed after the fast check; invalid bytes become
+        // U+FFFD (Loki wants UTF-8).
+        let text = match std::str::from_utf8(raw) {
+            Ok(s) => std::borrow::Cow::Borrowed(s),
+            Err(_) => String::from_utf8_lossy(raw),
+        };
         let job = &self.jobs[t.target.job];
         if !job.container_format {
             let e = Entry {
