@@ -65,6 +65,7 @@ def main():
     ap.add_argument("--agent", default="target/release/agent")
     ap.add_argument("--steady", type=float, default=0.0, help="MB/s of a steady stream (catch-up when 0)")
     ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--shards", type=int, default=4, help="the client's max_shards")
     a = ap.parse_args()
     if a.steady > 0:
         return steady(a)
@@ -99,6 +100,7 @@ def main():
   clients:
     - url: http://127.0.0.1:{srv.server_address[1]}/loki/api/v1/push
       batchwait: 1s
+      max_shards: {a.shards}
   scrape_configs:
     - job_name: bench
       kubernetes_pods: {{root: {root}}}
