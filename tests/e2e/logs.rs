@@ -639,3 +639,33 @@ fn a_real_loki_stores_every_line_once_when_its_binary_is_given() -> Result<()> {
     assert!(counts.values().all(|n| *n == 1), "every line once in Loki");
     Ok(())
 }
+
+#[test]
+fn sigterm_exits_0_within_30_s_while_loki_fails_and_the_rest_stays_in_the_wal() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("pods");
+    let loki = Loki::start()?;
+    loki.fail.store(503, Ordering::SeqCst);
+    let f = pod_dir(&root, "ns", "term-0", "c").join("0.log");
+    let mut want = cri_lines(&f, "t", 0, 500, "stdout");
+    let cfg = format!("{}storage:\n  shutdown_timeout: 5s\n", config(&loki, &root, ""));
+    let mut agent = Agent::start(dir.path(), &cfg)?;
+    poll("lines in the WAL", Duration::from_secs(30), || {
+        let v = agent.metric("sre_agent_logs_entries_written_total", "")?;
+        Ok((v >= 500.0).then_some(()))
+    })?;
+    let started = std::time::Instant::now();
+    let status = agent.proc.signal("TERM")?.expect("exited");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "stopped in {:?}",
+        started.elapsed()
+    );
+    // Started again with Loki healthy: the WAL's lines go out, none read twice.
+    loki.fail.store(0, Ordering::SeqCst);
+    want.extend(cri_lines(&f, "t", 500, 10, "stdout"));
+    let _agent = Agent::start_with(dir.path(), agent.config.clone(), agent.storage.clone(), agent.port)?;
+    expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
+    Ok(())
+}
