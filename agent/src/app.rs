@@ -36,7 +36,16 @@ pub struct Overrides {
 /// Loads and validates the config file; the error text lists every problem, one per line.
 pub fn load(path: &Path) -> Result<(AgentConfig, Vec<String>), String> {
     match config::load_agent_config(path) {
-        Ok(loaded) => Ok((loaded.value, loaded.warnings.iter().map(|w| w.to_string()).collect())),
+        Ok(loaded) => {
+            // What only the agent can check (template functions, JSON paths, time layouts and
+            // zones of the logs pipelines), at the line and column of the stage.
+            let file = path.display().to_string();
+            let errors = crate::logs::check_pipelines(&loaded.value, &loaded.spans, &file);
+            if !errors.is_empty() {
+                return Err(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"));
+            }
+            Ok((loaded.value, loaded.warnings.iter().map(|w| w.to_string()).collect()))
+        }
         Err(errors) => Err(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")),
     }
 }

@@ -54,6 +54,21 @@ fn usage_version_and_check_config() -> Result<()> {
             .any(|l| l.starts_with(&format!("{file}:7:")) && l.contains("scrape_intervall")),
         "unknown key at line 7: {text}"
     );
+
+    // What only the agent's pipeline compiler knows, still at the stage's line and column.
+    let logs = dir.path().join("logs.yml");
+    std::fs::write(
+        &logs,
+        "logs:\n  clients: [{url: http://127.0.0.1:1/loki/api/v1/push}]\n  scrape_configs:\n    - job_name: a\n      static_configs: [{labels: {__path__: /tmp/x.log}}]\n      pipeline_stages:\n        - template:\n            source: x\n            template: '{{ NoSuchFunc .Value }}'\n        - match:\n            selector: '{a=\"b\"}'\n            stages:\n              - timestamp: {source: t, format: YYYY-MM-DD}\n",
+    )?;
+    let out = Command::new(&bin).arg("check-config").arg(&logs).output()?;
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let file = logs.display().to_string();
+    assert!(
+        text.lines().any(|l| l.starts_with(&format!("{file}:7:")) && l.contains("pipeline_stages[0].template")),
+        "template error at the stage's line: {text}"
+    );
     Ok(())
 }
 

@@ -163,6 +163,37 @@ pub fn parse_docker(line: &str) -> Result<Line<'_>, FormatError> {
     })
 }
 
+/// The start of the message of a Docker json-file line cut short (an over-long line): the
+/// `log` string up to the cut, unescaped. Its stream and time come after the message and are
+/// lost, so it is taken as stdout at the time it is read. None when it does not start like a
+/// Docker line.
+pub fn parse_docker_cut(line: &str) -> Option<Line<'static>> {
+    let body = line
+        .trim_start()
+        .strip_prefix('{')?
+        .trim_start()
+        .strip_prefix("\"log\"")?;
+    let body = body.trim_start().strip_prefix(':')?.trim_start().strip_prefix('"')?;
+    // Close the string where it was cut; a cut escape (`\`, `\u00`) loses its last bytes.
+    let mut end = body.len();
+    for _ in 0..16 {
+        let quoted = format!("\"{}\"", &body[..end]);
+        if let Ok(message) = serde_json::from_str::<String>(&quoted) {
+            let ts_ns = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as i128);
+            return Some(Line {
+                ts_ns,
+                stream: Stream::Stdout,
+                partial: false,
+                message: Cow::Owned(message),
+            });
+        }
+        end = body[..end].char_indices().next_back()?.0;
+    }
+    None
+}
+
 /// Nanoseconds since the epoch of an RFC 3339 time (jiff: it keeps all nine digits and any
 /// offset; no hand-written calendar arithmetic).
 fn parse_time(s: &str) -> Option<i128> {
@@ -275,6 +306,10 @@ mod tests {
         let p = parse_docker(r#"{"log":"first half","stream":"stdout","time":"2026-12-04T17:16:16Z"}"#).unwrap();
         assert!(p.partial);
         assert_eq!(Format::detect(r#"{"log":"x"}"#), Format::Docker);
+        // Cut in the middle of an escape: the message up to the cut, unescaped.
+        let cut = parse_docker_cut(r#"{"log":"tab\there \"q\" \u00"#).unwrap();
+        assert_eq!(&*cut.message, "tab\there \"q\" ");
+        assert!(parse_docker_cut("garbage").is_none());
         assert_eq!(Format::detect("2026-12-04T17:16:16Z stdout F x"), Format::Cri);
     }
 }

@@ -137,6 +137,32 @@ pub fn preflight(cfg: &LogsConfig, base: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Compiles every logs pipeline of `cfg` and reports what fails at the stage's line and
+/// column in `file` (the config crate's checks cannot parse templates, JSON paths or time
+/// layouts; the agent's compiler can).
+pub fn check_pipelines(
+    cfg: &config::agent::AgentConfig,
+    spans: &config::SpanTable,
+    file: &str,
+) -> Vec<config::ConfigError> {
+    let Some(logs) = &cfg.logs else { return Vec::new() };
+    let stages = Arc::new(pipeline::StageMetrics::default());
+    let mut errors = Vec::new();
+    for (i, sc) in logs.scrape_configs.iter().enumerate() {
+        if let Err(e) = pipeline::Compiled::new(&sc.pipeline_stages, stages.clone()) {
+            let path = format!("logs.scrape_configs[{i}].pipeline_stages{}", e.path());
+            let pos = spans.nearest(&path);
+            errors.push(config::ConfigError {
+                file: file.to_owned(),
+                line: pos.line,
+                column: pos.column,
+                message: format!("{path}: {}", e.message()),
+            });
+        }
+    }
+    errors
+}
+
 /// Everything [`start`] needs from the agent.
 pub struct Env<'a> {
     /// The config file (relative paths are relative to its directory).

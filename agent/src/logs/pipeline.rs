@@ -86,6 +86,11 @@ impl StageMetrics {
             max_idle: m.max_idle_duration.map_or(Duration::from_secs(300), |d| d.get()),
             series: BTreeMap::new(),
         });
+        if !stored.kind.eq_ignore_ascii_case(&m.kind) {
+            // Another stage defined this name with another type (refused by the config
+            // checks): its updates are ignored rather than mixed.
+            return;
+        }
         let key = render_labels(labels);
         let width = if stored.kind == "histogram" {
             stored.buckets.len() + 2
@@ -253,6 +258,20 @@ pub struct StageError {
     index: usize,
     stage: &'static str,
     message: String,
+    /// Where in the config, under `pipeline_stages`: `[1].match.stages[0].json`.
+    path: String,
+}
+
+impl StageError {
+    /// The stage's place under its job's `pipeline_stages` (`[1].match.stages[0].json`).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// What is wrong.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
 }
 
 fn stage_name(s: &Stage) -> &'static str {
@@ -313,6 +332,7 @@ fn compile(
             index,
             stage: stage_name(st),
             message,
+            path: format!("[{index}].{}", stage_name(st)),
         };
         let re = |e: &str| Regex::new(e).map_err(|x| err(x.to_string()));
         let names = |m: &BTreeMap<String, Option<String>>| -> Vec<(String, String)> {
@@ -367,7 +387,10 @@ fn compile(
                         .clone()
                         .unwrap_or_else(|| "match_stage".to_owned())
                 }),
-                stages: compile(&m.stages, multiline, stop)?,
+                stages: compile(&m.stages, multiline, stop).map_err(|mut e| {
+                    e.path = format!("[{index}].match.stages{}", e.path);
+                    e
+                })?,
             },
             Stage::Drop(d) => Step::Drop {
                 sources: d.source.as_ref().map(|s| s.names()).unwrap_or_default(),
@@ -424,8 +447,9 @@ pub struct Pipeline {
 
 /// The per-file state of a pipeline.
 struct State {
-    /// Per multiline stage: the entry being built, its line count and when it started.
-    held: Vec<Option<(Entry, usize, Instant)>>,
+    /// Per multiline stage, per stream (label set, as Promtail keys it): the entry being
+    /// built, its line count and when it started.
+    held: Vec<Vec<(Entry, usize, Instant)>>,
     /// The last time a `timestamp` stage parsed (for `action_on_failure: fudge`).
     last_ts: Option<i64>,
 }
@@ -433,7 +457,7 @@ struct State {
 impl Pipeline {
     /// A fresh instance for one file.
     pub fn new(job: Arc<Compiled>) -> Pipeline {
-        let held = job.multiline.iter().map(|_| None).collect();
+        let held = job.multiline.iter().map(|_| Vec::new()).collect();
         Pipeline {
             job,
             st: State { held, last_ts: None },
@@ -451,14 +475,15 @@ impl Pipeline {
         let job = self.job.clone();
         // Flushed entries continue after their multiline stage, wherever it is nested.
         for i in 0..self.st.held.len() {
-            let due = match &self.st.held[i] {
-                Some((_, _, at)) => force || at.elapsed() >= job.multiline[i].max_wait,
-                None => false,
-            };
-            if due {
-                if let Some((e, _, _)) = self.st.held[i].take() {
-                    continue_after_multiline(&job, &job.steps, i, e, &mut self.st, out);
-                }
+            let max_wait = job.multiline[i].max_wait;
+            let (mut due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.st.held[i])
+                .into_iter()
+                .partition(|(_, _, at)| force || at.elapsed() >= max_wait);
+            self.st.held[i] = keep;
+            // In file order across streams.
+            due.sort_by_key(|(e, _, _)| e.start);
+            for (e, _, _) in due {
+                continue_after_multiline(&job, &job.steps, i, e, &mut self.st, out);
             }
         }
     }
@@ -474,7 +499,7 @@ impl Pipeline {
             .held
             .iter()
             .enumerate()
-            .filter_map(|(i, h)| h.as_ref().map(|(_, _, at)| *at + self.job.multiline[i].max_wait))
+            .flat_map(|(i, h)| h.iter().map(move |(_, _, at)| *at + self.job.multiline[i].max_wait))
             .min()
     }
 }
@@ -698,19 +723,25 @@ fn run_steps(job: &Compiled, steps: &[Step], from: usize, mut e: Entry, st: &mut
             Step::Multiline(k) => {
                 let spec = &job.multiline[*k];
                 let first = spec.firstline.is_match(&e.line);
-                let slot = &mut st.held[*k];
-                match slot {
-                    Some((buf, lines, _)) if !first && *lines < spec.max_lines => {
+                let streams = &mut st.held[*k];
+                let at = streams
+                    .iter()
+                    .position(|(h, _, _)| Arc::ptr_eq(&h.labels, &e.labels) || h.labels == e.labels);
+                match at {
+                    Some(j) if !first && streams[j].1 < spec.max_lines => {
+                        let (buf, lines, _) = &mut streams[j];
                         buf.line.push('\n');
                         buf.line.push_str(&e.line);
                         *lines += 1;
                         return;
                     }
-                    _ => {
-                        let prev = slot.replace((e, 1, Instant::now()));
-                        if let Some((p, _, _)) = prev {
-                            run_steps(job, steps, i + 1, p, st, out);
-                        }
+                    Some(j) => {
+                        let (prev, _, _) = std::mem::replace(&mut streams[j], (e, 1, Instant::now()));
+                        run_steps(job, steps, i + 1, prev, st, out);
+                        return;
+                    }
+                    None => {
+                        streams.push((e, 1, Instant::now()));
                         return;
                     }
                 }
@@ -1016,8 +1047,22 @@ enum TimeFormat {
     Layout {
         strftime: String,
         tz: Option<jiff::tz::TimeZone>,
+        /// The layout has `MST`: a zone abbreviation, which jiff cannot parse. It is taken out of
+        /// the value before parsing and, as Go does, means the location's offset when the
+        /// location uses that abbreviation then, else a zero offset.
+        abbrev: bool,
+        /// The layout has `Z07:00`/`Z0700`: `Z` stands for a zero offset.
+        zulu: bool,
     },
 }
+
+/// Stands in for a zone abbreviation in a layout and a value (a byte no time text contains).
+const ABBREV_MARK: &str = "\u{1}";
+
+static ABBREV: std::sync::LazyLock<Regex> =
+    std::sync::LazyLock::new(|| Regex::new(r"\b[A-Z]{3,5}\b").expect("a valid regular expression"));
+static ZULU: std::sync::LazyLock<Regex> =
+    std::sync::LazyLock::new(|| Regex::new(r"(\d)Z\b").expect("a valid regular expression"));
 
 impl TimeFormat {
     fn new(format: &str, location: Option<&str>) -> Result<TimeFormat, String> {
@@ -1045,9 +1090,20 @@ impl TimeFormat {
         let tz = location
             .map(|l| jiff::tz::TimeZone::get(l).map_err(|e| format!("unknown location {l:?}: {e}")))
             .transpose()?;
+        let abbrev = named.contains("MST");
+        let zulu = named.contains("Z07");
+        let strftime = go_layout_to_strftime(&named.replace("MST", ABBREV_MARK));
+        if !strftime.contains('%') {
+            return Err(format!(
+                "format {format:?} has no element of Go's reference time (2006, 01, 02, 15, 04, 05, Jan, MST, -0700, …) \
+                 and matches nothing; write the layout as Go's time.Parse expects or use a named one (RFC3339, Unix, …)"
+            ));
+        }
         Ok(TimeFormat::Layout {
-            strftime: go_layout_to_strftime(named),
+            strftime,
             tz,
+            abbrev,
+            zulu,
         })
     }
 
@@ -1068,8 +1124,25 @@ impl TimeFormat {
                     Some(n.checked_mul(10i64.pow(9 - digits))?)
                 }
             }
-            TimeFormat::Layout { strftime, tz } => {
-                let mut bdt = jiff::fmt::strtime::parse(strftime, v).ok()?;
+            TimeFormat::Layout {
+                strftime,
+                tz,
+                abbrev,
+                zulu,
+            } => {
+                let mut text = std::borrow::Cow::Borrowed(v);
+                let mut name = None;
+                if *abbrev {
+                    let m = ABBREV.find(&text)?;
+                    name = Some(m.as_str().to_owned());
+                    text = std::borrow::Cow::Owned(format!("{}{ABBREV_MARK}{}", &text[..m.start()], &text[m.end()..]));
+                }
+                if *zulu {
+                    if let std::borrow::Cow::Owned(z) = ZULU.replace(&text, "${1}+00:00") {
+                        text = std::borrow::Cow::Owned(z);
+                    }
+                }
+                let mut bdt = jiff::fmt::strtime::parse(strftime, &*text).ok()?;
                 if let Ok(ts) = bdt.to_timestamp() {
                     return Some(ts.as_nanosecond() as i64);
                 }
@@ -1079,8 +1152,23 @@ impl TimeFormat {
                     bdt.set_year(Some(jiff::Zoned::now().year())).ok()?;
                     dt = bdt.to_datetime().ok();
                 }
-                let zone = tz.clone().unwrap_or(jiff::tz::TimeZone::UTC);
-                Some(dt?.to_zoned(zone).ok()?.timestamp().as_nanosecond() as i64)
+                let dt = dt?;
+                let zone = match (&name, tz) {
+                    // Go: an abbreviation means the location's offset only where the location
+                    // uses it; any other is a zero offset.
+                    (Some(n), Some(z)) => {
+                        let zoned = dt.to_zoned(z.clone()).ok()?;
+                        let info = z.to_offset_info(zoned.timestamp());
+                        if info.abbreviation() == n {
+                            z.clone()
+                        } else {
+                            jiff::tz::TimeZone::UTC
+                        }
+                    }
+                    (Some(_), None) => jiff::tz::TimeZone::UTC,
+                    (None, z) => z.clone().unwrap_or(jiff::tz::TimeZone::UTC),
+                };
+                Some(dt.to_zoned(zone).ok()?.timestamp().as_nanosecond() as i64)
             }
         }
     }
@@ -1149,13 +1237,18 @@ pub struct Template {
 #[derive(Clone, Debug)]
 enum TPart {
     Text(String),
-    Action { func: Option<String>, args: Vec<TArg> },
+    /// Commands joined by pipes: (function or None for a plain value, arguments).
+    Action {
+        cmds: Vec<(Option<String>, Vec<TArg>)>,
+    },
 }
 
 #[derive(Clone, Debug)]
 enum TArg {
     Field(String),
     Str(String),
+    /// `|` between commands.
+    Pipe,
 }
 
 impl Template {
@@ -1199,10 +1292,13 @@ impl Template {
                         }
                     }
                     words.push(TArg::Str(w));
+                } else if c == '|' {
+                    chars.next();
+                    words.push(TArg::Pipe);
                 } else {
                     let mut w = String::new();
                     while let Some(&c) = chars.peek() {
-                        if c.is_whitespace() {
+                        if c.is_whitespace() || c == '|' {
                             break;
                         }
                         w.push(c);
@@ -1214,30 +1310,37 @@ impl Template {
                     }
                 }
             }
-            let (func, args) = match words.first() {
-                Some(TArg::Str(f)) if f.starts_with('\0') => {
-                    let f = f[1..].to_owned();
-                    const FUNCS: &[&str] = &[
-                        "ToLower",
-                        "ToUpper",
-                        "Replace",
-                        "Trim",
-                        "TrimPrefix",
-                        "TrimSuffix",
-                        "TrimSpace",
-                    ];
-                    if !FUNCS.contains(&f.as_str()) {
-                        return Err(format!(
-                            "template function {f:?} is not supported (supported: {})",
-                            FUNCS.join(", ")
-                        ));
+            // `a | F b` is `F b a`: each command after a pipe gets the previous result as its
+            // last argument, as in Go templates.
+            let mut cmds = Vec::new();
+            for words in words.split(|w| matches!(w, TArg::Pipe)) {
+                let (func, args) = match words.first() {
+                    Some(TArg::Str(f)) if f.starts_with('\0') => {
+                        let f = f[1..].to_owned();
+                        const FUNCS: &[&str] = &[
+                            "ToLower",
+                            "ToUpper",
+                            "Replace",
+                            "Trim",
+                            "TrimPrefix",
+                            "TrimSuffix",
+                            "TrimSpace",
+                        ];
+                        if !FUNCS.contains(&f.as_str()) {
+                            return Err(format!(
+                                "template function {f:?} is not supported (supported: {})",
+                                FUNCS.join(", ")
+                            ));
+                        }
+                        (Some(f), words[1..].to_vec())
                     }
-                    (Some(f), words[1..].to_vec())
-                }
-                Some(_) => (None, words),
-                None => return Err(format!("empty action in template {s:?}")),
-            };
-            parts.push(TPart::Action { func, args });
+                    Some(_) if cmds.is_empty() && words.len() == 1 => (None, words.to_vec()),
+                    Some(_) => return Err(format!("a value cannot take arguments in template {s:?}")),
+                    None => return Err(format!("empty action or pipe in template {s:?}")),
+                };
+                cmds.push((func, args));
+            }
+            parts.push(TPart::Action { cmds });
             rest = &after[close + 2..];
         }
         if !rest.is_empty() {
@@ -1258,37 +1361,48 @@ impl Template {
         for p in &self.parts {
             match p {
                 TPart::Text(t) => out.push_str(t),
-                TPart::Action { func, args } => {
-                    let vals: Vec<String> = args
-                        .iter()
-                        .map(|a| match a {
-                            TArg::Field(f) => field(f),
-                            TArg::Str(s) => s.trim_start_matches('\0').to_owned(),
-                        })
-                        .collect();
-                    let a = |i: usize| vals.get(i).map(String::as_str).unwrap_or("");
-                    out.push_str(&match func.as_deref() {
-                        None => a(0).to_owned(),
-                        Some("ToLower") => a(0).to_lowercase(),
-                        Some("ToUpper") => a(0).to_uppercase(),
-                        // Go's strings.Replace(s, old, new, n) as Promtail exposes it.
-                        Some("Replace") => {
-                            let n: i64 = a(3).parse().unwrap_or(-1);
-                            if n < 0 {
-                                a(0).replace(a(1), a(2))
-                            } else {
-                                a(0).replacen(a(1), a(2), n as usize)
-                            }
-                        }
-                        Some("Trim") => a(0).trim_matches(|c| a(1).contains(c)).to_owned(),
-                        Some("TrimPrefix") => a(0).strip_prefix(a(1)).unwrap_or(a(0)).to_owned(),
-                        Some("TrimSuffix") => a(0).strip_suffix(a(1)).unwrap_or(a(0)).to_owned(),
-                        Some(_) => a(0).trim().to_owned(),
-                    });
+                TPart::Action { cmds } => {
+                    let mut piped: Option<String> = None;
+                    for (func, args) in cmds {
+                        let mut vals: Vec<String> = args
+                            .iter()
+                            .map(|a| match a {
+                                TArg::Field(f) => field(f),
+                                TArg::Str(s) => s.trim_start_matches('\0').to_owned(),
+                                TArg::Pipe => String::new(),
+                            })
+                            .collect();
+                        vals.extend(piped.take());
+                        piped = Some(call(func.as_deref(), &vals));
+                    }
+                    out.push_str(piped.as_deref().unwrap_or(""));
                 }
             }
         }
         out
+    }
+}
+
+/// One template function (None: the value itself) applied to its arguments.
+fn call(func: Option<&str>, vals: &[String]) -> String {
+    let a = |i: usize| vals.get(i).map(String::as_str).unwrap_or("");
+    match func {
+        None => a(0).to_owned(),
+        Some("ToLower") => a(0).to_lowercase(),
+        Some("ToUpper") => a(0).to_uppercase(),
+        // Go's strings.Replace(s, old, new, n) as Promtail exposes it.
+        Some("Replace") => {
+            let n: i64 = a(3).parse().unwrap_or(-1);
+            if n < 0 {
+                a(0).replace(a(1), a(2))
+            } else {
+                a(0).replacen(a(1), a(2), n as usize)
+            }
+        }
+        Some("Trim") => a(0).trim_matches(|c| a(1).contains(c)).to_owned(),
+        Some("TrimPrefix") => a(0).strip_prefix(a(1)).unwrap_or(a(0)).to_owned(),
+        Some("TrimSuffix") => a(0).strip_suffix(a(1)).unwrap_or(a(0)).to_owned(),
+        Some(_) => a(0).trim().to_owned(),
     }
 }
 
@@ -1431,6 +1545,67 @@ mod tests {
     }
 
     #[test]
+    fn multiline_blocks_are_kept_per_stream() {
+        let metrics = Arc::new(StageMetrics::default());
+        let c = Arc::new(
+            Compiled::new(
+                &stages("- multiline:\n    firstline: '^\\d{4}'\n    max_wait_time: 1h"),
+                metrics,
+            )
+            .unwrap(),
+        );
+        let mut p = Pipeline::new(c);
+        let mut out = Output::default();
+        let out_l = Arc::new(BTreeMap::from([("stream".to_owned(), "stdout".to_owned())]));
+        let err_l = Arc::new(BTreeMap::from([("stream".to_owned(), "stderr".to_owned())]));
+        // stdout and stderr interleaved, as a container writes them.
+        for (i, (l, labels)) in [
+            ("2024 out", &out_l),
+            ("2024 err", &err_l),
+            ("  out more", &out_l),
+            ("  err more", &err_l),
+            ("2024 out next", &out_l),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut e = entry(l, &[]);
+            e.labels = labels.clone();
+            e.start = i as u64 * 10;
+            p.run(e, &mut out);
+        }
+        assert_eq!(out.entries.len(), 1);
+        assert_eq!(out.entries[0].line, "2024 out\n  out more");
+        assert_eq!(out.entries[0].labels["stream"], "stdout");
+        // The stderr block (from offset 10) holds the position back.
+        assert_eq!(p.held_from(), Some(10));
+        p.flush(true, &mut out);
+        let lines: Vec<&str> = out.entries.iter().map(|e| e.line.as_str()).collect();
+        assert_eq!(lines, ["2024 out\n  out more", "2024 err\n  err more", "2024 out next"]);
+        assert_eq!(out.entries[1].labels["stream"], "stderr");
+    }
+
+    #[test]
+    fn a_name_used_by_two_metric_types_does_not_panic() {
+        // Each job is valid alone; two jobs may still give one name two types (the config
+        // checks refuse that within a file): the later type's updates are ignored.
+        let metrics = Arc::new(StageMetrics::default());
+        let counter = "- metrics:\n    lines:\n      type: Counter\n      description: c\n      config: {match_all: true, action: inc}";
+        let histogram = "- regex:\n    expression: '(?P<n>\\d+)'\n- metrics:\n    lines:\n      type: Histogram\n      description: h\n      source: n\n      config: {buckets: [1, 2]}";
+        let mut out = Output::default();
+        for yaml in [counter, histogram] {
+            let mut p = Pipeline::new(Arc::new(Compiled::new(&stages(yaml), metrics.clone()).unwrap()));
+            for l in ["1", "5"] {
+                p.run(entry(l, &[("job", "t")]), &mut out);
+            }
+        }
+        assert_eq!(out.entries.len(), 4);
+        let text = metrics.render();
+        assert!(text.contains("promtail_custom_lines_total{job=\"t\"} 2"), "{text}");
+        assert!(!text.contains("_bucket"), "{text}");
+    }
+
+    #[test]
     fn limit_drops_over_the_burst() {
         let (out, _) = run(
             "- limit:\n    rate: 1\n    burst: 2\n    drop: true",
@@ -1458,6 +1633,40 @@ mod tests {
             Some(1_704_106_800_000_000_000)
         );
         assert_eq!(rfc.parse("garbage"), None);
+        // Zone abbreviations (jiff cannot parse them): the location's where it uses the
+        // abbreviation then, else a zero offset, as Go does.
+        let unix = TimeFormat::new("UnixDate", Some("Europe/Paris")).unwrap();
+        assert_eq!(
+            unix.parse("Mon Jan  1 12:00:00 CET 2024"),
+            Some(1_704_106_800_000_000_000)
+        );
+        assert_eq!(
+            unix.parse("Mon Jan  1 12:00:00 UTC 2024"),
+            Some(1_704_110_400_000_000_000)
+        );
+        let rfc1123 = TimeFormat::new("RFC1123", None).unwrap();
+        assert_eq!(
+            rfc1123.parse("Mon, 01 Jan 2024 12:00:00 GMT"),
+            Some(1_704_110_400_000_000_000)
+        );
+        // `Z07:00` takes `Z` as well as an offset.
+        let z = TimeFormat::new("2006-01-02T15:04:05Z07:00", None).unwrap();
+        assert_eq!(z.parse("2024-01-01T12:00:00Z"), Some(1_704_110_400_000_000_000));
+        assert_eq!(z.parse("2024-01-01T12:00:00+01:00"), Some(1_704_106_800_000_000_000));
+        // A layout without Go's reference elements is refused rather than never matching.
+        assert!(TimeFormat::new("YYYY-MM-DD", None).is_err());
+    }
+
+    #[test]
+    fn template_pipes_pass_the_value_as_the_last_argument() {
+        let e = entry("line", &[]);
+        let t = Template::parse(r#"{{ .Value | ToUpper }}-{{ .Value|TrimPrefix "a"|TrimSpace }}-{{ Replace .Value "b" "x" -1 }}"#)
+            .unwrap();
+        // TrimPrefix "a" v is TrimPrefix("a", v) as in Go: v is not a prefix of "a".
+        assert_eq!(t.render(&e, "abc"), "ABC-a-axc");
+        assert!(Template::parse("{{ .Value | }}").is_err());
+        assert!(Template::parse("{{ .Value | Nope }}").is_err());
+        assert!(Template::parse("{{ .a .b }}").is_err());
     }
 
     #[test]

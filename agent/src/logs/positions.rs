@@ -276,30 +276,31 @@ impl Positions {
     }
 
     /// Adds where the WAL left a file: the later of this and a saved position of the same
-    /// file (same device and inode, and the same fingerprint where both cover as many bytes).
+    /// file (same device, inode and fingerprint). Fingerprints over different lengths cannot be
+    /// compared without the file, so such an entry is kept beside the other, and
+    /// [`Positions::lookup`] takes the later of those that match the file found.
     pub fn merge_wal(&mut self, id: Identity, offset: u64, path: PathBuf) {
         for s in self.files.values_mut() {
-            let Some(sid) = s.id.filter(|x| x.key == id.key) else {
-                continue;
-            };
-            if sid.fp_len != id.fp_len || sid.fp == id.fp {
-                if offset >= s.offset {
-                    s.offset = offset;
-                }
-                if id.fp_len > sid.fp_len {
-                    s.id = Some(id);
-                }
+            if s.id == Some(id) {
+                s.offset = s.offset.max(offset);
                 return;
             }
         }
         // Another file may be saved at this path (it was rotated): keep both; lookups go by
         // identity. The extra key is never a real path, so saving drops it once unused.
         let key = if self.files.contains_key(&path) {
-            PathBuf::from(format!("{}#{}:{}", path.display(), id.key.dev, id.key.ino))
+            PathBuf::from(format!(
+                "{}#{}:{}:{}",
+                path.display(),
+                id.key.dev,
+                id.key.ino,
+                id.fp_len
+            ))
         } else {
             path
         };
-        self.files.insert(key, Saved { id: Some(id), offset });
+        let e = self.files.entry(key).or_insert(Saved { id: Some(id), offset });
+        e.offset = e.offset.max(offset);
     }
 
     /// The saved offset for `file` found at `path`: by identity first (a rotated file keeps its
@@ -307,12 +308,16 @@ impl Positions {
     /// long as the file is at least that long.
     pub fn lookup(&self, path: &Path, file: &File) -> Option<u64> {
         let key = FileKey::of(&file.metadata().ok()?);
-        for saved in self.files.values() {
-            if let Some(id) = saved.id.filter(|id| id.key == key) {
-                if id.matches(file).unwrap_or(false) {
-                    return Some(saved.offset);
-                }
-            }
+        let by_id = self
+            .files
+            .values()
+            .filter(|s| {
+                s.id.is_some_and(|id| id.key == key && id.matches(file).unwrap_or(false))
+            })
+            .map(|s| s.offset)
+            .max();
+        if by_id.is_some() {
+            return by_id;
         }
         let saved = self.files.get(path)?;
         if saved.id.is_some() {
@@ -371,6 +376,35 @@ mod tests {
         assert_eq!(promtail.lookup(&log, &File::open(&log).unwrap()), Some(5));
         let promtail = Positions::parse(&format!("positions:\n  {}: \"500\"\n", log.display())).unwrap();
         assert_eq!(promtail.lookup(&log, &File::open(&log).unwrap()), None);
+    }
+
+    #[test]
+    fn wal_positions_merge_by_identity_and_the_later_matching_one_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("0.log");
+        std::fs::write(&log, "short\n").unwrap();
+        let short = Identity::read(&File::open(&log).unwrap()).unwrap();
+        let mut long_text = String::from("short\n");
+        long_text.push_str(&"x".repeat(2000));
+        long_text.push('\n');
+        std::fs::write(&log, &long_text).unwrap();
+        let file = File::open(&log).unwrap();
+        let long = Identity::read(&file).unwrap();
+        assert_eq!(short.key, long.key);
+        assert!(short.fp_len < long.fp_len);
+        let mut p = Positions::default();
+        p.merge_wal(short, 6, log.clone());
+        p.merge_wal(long, 900, log.clone());
+        // Kept apart (fingerprints over different lengths), and the later one that matches
+        // the file wins; a repeated identity keeps its later offset.
+        assert_eq!(p.files.len(), 2);
+        p.merge_wal(long, 100, log.clone());
+        assert_eq!(p.lookup(&log, &file), Some(900));
+        // Another file in the same inode (the short fingerprint no longer matches): only the
+        // entry whose fingerprint matches counts.
+        std::fs::write(&log, "other contents\n").unwrap();
+        let file = File::open(&log).unwrap();
+        assert_eq!(p.lookup(&log, &file), None);
     }
 
     #[test]

@@ -193,6 +193,12 @@ fn now_ns() -> i64 {
         .map_or(0, |d| d.as_nanos() as i64)
 }
 
+/// Whether `offset` is inside a line of `file` (the byte before it is not a newline).
+fn mid_line(file: &File, offset: u64) -> bool {
+    let mut b = [0u8; 1];
+    offset > 0 && matches!(file.read_at(&mut b, offset - 1), Ok(1) if b[0] != b'\n')
+}
+
 /// `/var/log/pods/<ns>_<pod>_<uid>/<container>/<n>.log` → (namespace, pod, uid, container).
 pub fn pod_of_path(path: &Path) -> Option<(String, String, String, String)> {
     let container = path.parent()?;
@@ -448,13 +454,15 @@ impl Tailer {
         tracing::info!(path = %path.display(), job = %job.name, offset, "Tailing a log file.");
         let pipeline = Pipeline::new(job.pipeline.clone());
         let format = None;
+        // A position in the middle of a line follows an over-long line that was cut.
+        let skipping = mid_line(&file, offset);
         let mut t = Tailed {
             path,
             file,
             id,
             offset,
             carry: Vec::new(),
-            skipping: false,
+            skipping,
             merge: [None, None],
             safe: offset,
             size,
@@ -654,7 +662,7 @@ impl Tailer {
         t.offset = to;
         t.carry.clear();
         t.merge = [None, None];
-        t.skipping = false;
+        t.skipping = mid_line(&t.file, to);
         t.pipeline = Pipeline::new(self.jobs[t.target.job].pipeline.clone());
     }
 
@@ -734,9 +742,10 @@ impl Tailer {
                 // An over-long line: keep its start, skip the rest up to its newline.
                 let line = std::mem::take(&mut t.carry);
                 let start = t.offset - line.len() as u64;
+                // Set first: `line` knows by it that this line was cut.
+                t.skipping = true;
                 self.line(t, &line[..cap], start, t.offset);
                 self.metrics.truncated(&job_name);
-                t.skipping = true;
             }
         }
         self.buf = chunk;
@@ -795,7 +804,10 @@ impl Tailer {
                 parsed = Ok(l);
             }
         }
-        let _ = format;
+        if parsed.is_err() && format == Format::Docker && t.skipping {
+            // A Docker line cut at the cap is no longer JSON: keep the start of its message.
+            parsed = super::format::parse_docker_cut(&text).ok_or(super::format::FormatError::Docker("cut".into()));
+        }
         match parsed {
             Ok(l) => {
                 let stream = l.stream.as_str();

@@ -34,6 +34,7 @@ pub fn validate(cfg: &AgentConfig, spans: &SpanTable, file: &str) -> Vec<ConfigE
         spans,
         file,
         errors: Vec::new(),
+        metric_kinds: HashMap::new(),
     };
     c.global(&cfg.global);
     let mut jobs: HashMap<&str, usize> = HashMap::new();
@@ -100,6 +101,8 @@ pub(super) struct Checker<'a> {
     spans: &'a SpanTable,
     file: &'a str,
     errors: Vec<ConfigError>,
+    /// Full name → type of the `metrics` stages' metrics seen so far (one type per name).
+    pub(super) metric_kinds: HashMap<String, String>,
 }
 
 impl Checker<'_> {

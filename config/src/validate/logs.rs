@@ -283,6 +283,16 @@ impl Checker<'_> {
                             );
                             continue;
                         }
+                        let full = format!("{}{name}", m.prefix.as_deref().unwrap_or("promtail_custom_"));
+                        match self.metric_kinds.get(&full) {
+                            Some(k) if *k != kind => {
+                                let msg = format!("metric {full} is already defined as a {k}; one name has one type");
+                                self.err(&format!("{mp}.type"), msg);
+                            }
+                            _ => {
+                                self.metric_kinds.insert(full, kind.clone());
+                            }
+                        }
                         let action = m.config.action.as_deref().unwrap_or("");
                         let ok = match kind.as_str() {
                             "counter" => m.config.match_all == Some(true) || matches!(action, "inc" | "add"),
