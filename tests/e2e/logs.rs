@@ -7,11 +7,11 @@
 //! No registry ships Loki; when `SRE_LAB_LOKI_BIN` names a Loki binary the same tree is also
 //! shipped to it (otherwise that part says it was skipped).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +37,17 @@ pub(crate) struct Loki {
     pushes: Arc<Mutex<u64>>,
     /// Largest push, decompressed.
     largest: Arc<Mutex<usize>>,
+    /// Entries of a stream in a push older than the one before them.
+    disorder: Arc<AtomicU64>,
+    /// While set, pushes are stored but not answered (until it is cleared).
+    hold: Arc<AtomicBool>,
+    /// The sequence tags of pushes stored but not answered.
+    unanswered: Arc<Mutex<HashSet<String>>>,
+}
+
+/// The `seq=<tag>` of a line.
+fn seq_of(line: &str) -> Option<&str> {
+    line.split_whitespace().find_map(|w| w.strip_prefix("seq="))
 }
 
 impl Loki {
@@ -45,7 +56,11 @@ impl Loki {
         let fail = Arc::new(AtomicU16::new(0));
         let pushes: Arc<Mutex<u64>> = Arc::default();
         let largest: Arc<Mutex<usize>> = Arc::default();
+        let disorder: Arc<AtomicU64> = Arc::default();
+        let hold: Arc<AtomicBool> = Arc::default();
+        let unanswered: Arc<Mutex<HashSet<String>>> = Arc::default();
         let (g, f, p, big) = (got.clone(), fail.clone(), pushes.clone(), largest.clone());
+        let (dis, h, un) = (disorder.clone(), hold.clone(), unanswered.clone());
         let server = TinyServer::start(move |req| {
             *p.lock().unwrap() += 1;
             let code = f.load(Ordering::SeqCst);
@@ -71,18 +86,36 @@ impl Loki {
                 return (400, vec![], b"not a PushRequest".to_vec());
             };
             let tenant = req.header("x-scope-orgid").unwrap_or("").to_owned();
-            let mut g = g.lock().unwrap();
-            for s in push.streams {
-                let labels: BTreeMap<String, String> = agent::loki::parse_labels(&s.labels).into_iter().collect();
-                for e in s.entries {
-                    let t = e.timestamp.unwrap_or_default();
-                    g.push(Got {
-                        labels: labels.clone(),
-                        ts_ns: t.seconds * 1_000_000_000 + i64::from(t.nanos),
-                        line: e.line,
-                        tenant: tenant.clone(),
-                    });
+            let held = h.load(Ordering::SeqCst);
+            {
+                let mut g = g.lock().unwrap();
+                for s in push.streams {
+                    let labels: BTreeMap<String, String> =
+                        agent::loki::parse_labels(&s.labels).into_iter().collect();
+                    let mut last = i64::MIN;
+                    for e in s.entries {
+                        let t = e.timestamp.unwrap_or_default();
+                        let ts_ns = t.seconds * 1_000_000_000 + i64::from(t.nanos);
+                        if ts_ns < last {
+                            dis.fetch_add(1, Ordering::SeqCst);
+                        }
+                        last = ts_ns;
+                        if held {
+                            un.lock().unwrap().extend(seq_of(&e.line).map(str::to_owned));
+                        }
+                        g.push(Got {
+                            labels: labels.clone(),
+                            ts_ns,
+                            line: e.line,
+                            tenant: tenant.clone(),
+                        });
+                    }
                 }
+            }
+            // Stored, but the answer waits (a push unanswered when the agent dies).
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            while held && h.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
             }
             (204, vec![], Vec::new())
         })?;
@@ -92,6 +125,9 @@ impl Loki {
             fail,
             pushes,
             largest,
+            disorder,
+            hold,
+            unanswered,
         })
     }
 
@@ -107,7 +143,7 @@ impl Loki {
     fn seqs(&self) -> HashMap<String, usize> {
         let mut m = HashMap::new();
         for g in self.entries() {
-            if let Some(s) = g.line.split_whitespace().find_map(|w| w.strip_prefix("seq=")) {
+            if let Some(s) = seq_of(&g.line) {
                 *m.entry(s.to_owned()).or_insert(0) += 1;
             }
         }
@@ -176,7 +212,29 @@ fn expect_exactly_once(loki: &Loki, want: &[(String, i64)], timeout: Duration) -
     let seqs = loki.seqs();
     let dups: Vec<_> = seqs.iter().filter(|(_, n)| **n > 1).take(10).collect();
     assert!(dups.is_empty(), "lines received more than once: {dups:?}");
+    // Every line with its runtime's time (0: the time is the agent's, not checked), and each
+    // stream's entries in time order within a push.
+    let times: HashMap<&str, i64> = want.iter().map(|(s, t)| (s.as_str(), *t)).collect();
+    for g in loki.entries() {
+        if let Some(t) = seq_of(&g.line).and_then(|s| times.get(s)).filter(|t| **t != 0) {
+            assert_eq!(g.ts_ns, *t, "timestamp of {:?}", g.line);
+        }
+    }
+    assert_eq!(loki.disorder.load(Ordering::SeqCst), 0, "entries out of time order in a stream");
     Ok(())
+}
+
+/// Checks the labels `kubernetes_pods` gives every entry of pod `pod` in namespace `ns`.
+fn expect_pod_labels(loki: &Loki, ns: &str, pod: &str, container: &str) {
+    let mut seen = 0;
+    for g in loki.entries().iter().filter(|g| g.labels.get("pod").map(String::as_str) == Some(pod)) {
+        assert_eq!(g.labels["namespace"], ns, "{:?}", g.labels);
+        assert_eq!(g.labels["container"], container, "{:?}", g.labels);
+        assert!(matches!(g.labels["stream"].as_str(), "stdout" | "stderr"), "{:?}", g.labels);
+        assert!(!g.labels.contains_key("filename"), "{:?}", g.labels);
+        seen += 1;
+    }
+    assert!(seen > 0, "no entry of {ns}/{pod}");
 }
 
 #[test]
@@ -356,6 +414,7 @@ fn loki_outage_while_files_rotate_away_and_a_reload_lose_and_repeat_nothing() ->
         .find(|g| g.line.contains(&format!("seq=b-{} ", n + 99)))
         .unwrap();
     assert_eq!(last.labels.get("cluster").map(String::as_str), Some("lab"));
+    expect_pod_labels(&loki, "ns", "busy-0", "c");
     Ok(())
 }
 
@@ -375,7 +434,7 @@ fn kill_9_repeats_only_unanswered_pushes_and_a_400_is_dropped_with_its_reason() 
     agent.proc.signal("KILL")?;
     loki.fail.store(0, Ordering::SeqCst);
     want.extend(cri_lines(&f, "k", 5000, 500, "stdout"));
-    let agent = Agent::start_with(dir.path(), agent.config.clone(), agent.storage.clone(), agent.port)?;
+    let mut agent = Agent::start_with(dir.path(), agent.config.clone(), agent.storage.clone(), agent.port)?;
     poll(
         "every line at least once after kill -9",
         Duration::from_secs(60),
@@ -403,6 +462,83 @@ fn kill_9_repeats_only_unanswered_pushes_and_a_400_is_dropped_with_its_reason() 
         let seqs = loki.seqs();
         Ok(want.iter().all(|(s, _)| seqs.contains_key(s)).then_some(()))
     })?;
+
+    // Loki stores pushes but has not answered them when the agent dies: those, and only
+    // those, are sent again after the restart.
+    loki.hold.store(true, Ordering::SeqCst);
+    want.extend(cri_lines(&f, "k", 6000, 500, "stdout"));
+    poll("a push is stored and unanswered", Duration::from_secs(30), || {
+        Ok((!loki.unanswered.lock().unwrap().is_empty()).then_some(()))
+    })?;
+    agent.proc.signal("KILL")?;
+    let held: HashSet<String> = loki.unanswered.lock().unwrap().clone();
+    loki.hold.store(false, Ordering::SeqCst);
+    let agent = Agent::start_with(dir.path(), agent.config.clone(), agent.storage.clone(), agent.port)?;
+    poll("every line at least once after the second kill", Duration::from_secs(60), || {
+        let seqs = loki.seqs();
+        Ok(want.iter().all(|(s, _)| seqs.contains_key(s)).then_some(()))
+    })?;
+    let repeated: HashSet<String> = loki
+        .seqs()
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(s, _)| s)
+        .collect();
+    assert!(!repeated.is_empty(), "the unanswered pushes were sent again");
+    let other: Vec<_> = repeated.difference(&held).take(10).collect();
+    assert!(other.is_empty(), "only unanswered pushes repeat; also repeated: {other:?}");
+    expect_pod_labels(&loki, "ns", "crash-0", "c");
+    drop(agent);
+    Ok(())
+}
+
+#[test]
+fn removing_a_scrape_config_commits_its_position_and_adding_it_back_resumes_there() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("pods");
+    let loki = Loki::start()?;
+    let f = pod_dir(&root, "ns", "keep-0", "c").join("0.log");
+    let app = dir.path().join("app.log");
+    let plain = |from: u64, count: u64| -> Vec<(String, i64)> {
+        let text: String = (from..from + count).map(|n| format!("plain seq=a-{n} line\n")).collect();
+        append(&app, &text);
+        (from..from + count).map(|n| (format!("a-{n}"), 0)).collect()
+    };
+    let with_app = format!(
+        "{}    - job_name: app\n      static_configs: [{{labels: {{job: app, __path__: {}}}}}]\n",
+        config(&loki, &root, ""),
+        app.display()
+    );
+    let mut want = cri_lines(&f, "k", 0, 100, "stdout");
+    want.extend(plain(0, 100));
+    let agent = Agent::start(dir.path(), &with_app)?;
+    expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
+
+    // Removed: its file is no longer tailed; the pods job goes on.
+    std::fs::write(&agent.config, config(&loki, &root, ""))?;
+    let (code, body) = http_post(&format!("{}/-/reload", agent.url))?;
+    assert_eq!(code, 200, "{body}");
+    poll("app.log no longer tailed", Duration::from_secs(30), || {
+        let files = http_get(&format!("{}/api/v1/files", agent.url))?;
+        Ok((!files.contains("app.log")).then_some(()))
+    })?;
+    let unread = plain(100, 50);
+    want.extend(cri_lines(&f, "k", 100, 50, "stdout"));
+    expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
+    assert!(
+        !loki.seqs().contains_key("a-100"),
+        "a removed scrape config reads nothing"
+    );
+
+    // Added back: it resumes where it stopped (nothing repeated, nothing skipped).
+    std::fs::write(&agent.config, &with_app)?;
+    let (code, body) = http_post(&format!("{}/-/reload", agent.url))?;
+    assert_eq!(code, 200, "{body}");
+    want.extend(unread);
+    expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
+    let a = loki.entries().into_iter().find(|g| g.line.contains("seq=a-120 ")).unwrap();
+    assert_eq!(a.labels["job"], "app");
+    expect_pod_labels(&loki, "ns", "keep-0", "c");
     Ok(())
 }
 

@@ -1660,8 +1660,10 @@ mod tests {
     #[test]
     fn template_pipes_pass_the_value_as_the_last_argument() {
         let e = entry("line", &[]);
-        let t = Template::parse(r#"{{ .Value | ToUpper }}-{{ .Value|TrimPrefix "a"|TrimSpace }}-{{ Replace .Value "b" "x" -1 }}"#)
-            .unwrap();
+        let t = Template::parse(
+            r#"{{ .Value | ToUpper }}-{{ .Value|TrimPrefix "a"|TrimSpace }}-{{ Replace .Value "b" "x" -1 }}"#,
+        )
+        .unwrap();
         // TrimPrefix "a" v is TrimPrefix("a", v) as in Go: v is not a prefix of "a".
         assert_eq!(t.render(&e, "abc"), "ABC-a-axc");
         assert!(Template::parse("{{ .Value | }}").is_err());

@@ -4,8 +4,9 @@
 //! and snappy block-compressed, as Loki's `/loki/api/v1/push` takes it with
 //! `Content-Type: application/x-protobuf`.
 //!
-//! Loki groups the entries of equal label sets into one stream itself, so a request may name a
-//! stream several times. The schema is Loki's `pkg/push/push.proto` ([`proto`]).
+//! At encoding, [`proto::regroup`] makes one stream per label set with its entries in time
+//! order, so a push names each stream once. The schema is Loki's `pkg/push/push.proto`
+//! ([`proto`]).
 
 pub mod proto;
 
@@ -57,11 +58,26 @@ impl Protocol for LokiPush {
     }
 
     fn encode(&self, batch: &[u8], body: &mut Vec<u8>) {
-        if self.json {
-            to_json(batch, body);
-        } else {
-            crate::remote_write::proto::compress(batch, body);
+        thread_local! {
+            static GROUPED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        GROUPED.with_borrow_mut(|grouped| {
+            grouped.clear();
+            // One stream per label set, its entries in time order (Loki's ordering per stream).
+            let req = if proto::regroup(batch, grouped) {
+                grouped.as_slice()
+            } else {
+                batch
+            };
+            if self.json {
+                to_json(req, body);
+            } else {
+                crate::remote_write::proto::compress(req, body);
+            }
+            if grouped.capacity() > 16 << 20 {
+                *grouped = Vec::new();
+            }
+        });
     }
 
     fn headers(&self) -> &HeaderMap {
@@ -204,11 +220,12 @@ mod tests {
         p.encode(&batch, &mut wire);
         let raw = snap::raw::Decoder::new().decompress_vec(&wire).unwrap();
         let req = proto::PushRequest::decode(raw.as_slice()).unwrap();
-        assert_eq!(req.streams.len(), 3);
-        for (s, (labels, ts, line, meta)) in req.streams.iter().zip(&entries) {
+        // One stream per label set.
+        assert_eq!(req.streams.len(), 2);
+        assert_eq!(req.streams[0].entries.len(), 2);
+        let flat = req.streams.iter().flat_map(|s| s.entries.iter().map(move |e| (s, e)));
+        for ((s, e), (labels, ts, line, meta)) in flat.zip(&entries) {
             assert_eq!(&s.labels, labels);
-            assert_eq!(s.entries.len(), 1);
-            let e = &s.entries[0];
             let t = e.timestamp.clone().unwrap();
             assert_eq!(t.seconds * 1_000_000_000 + i64::from(t.nanos), *ts);
             assert_eq!(e.line, *line);

@@ -139,3 +139,165 @@ pub fn encode_entry(labels: &str, ts_ns: i64, line: &[u8], metadata: &[(&str, &s
 pub fn frame_stream(stream_body: &[u8], out: &mut Vec<u8>) {
     put_bytes(1, stream_body, out);
 }
+
+/// Reads a varint at `*at`, advancing it.
+fn varint(buf: &[u8], at: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *buf.get(*at)?;
+        *at += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// The fields of a message: (field number, wire type, payload of length-delimited fields or
+/// empty, varint value).
+fn fields(buf: &[u8]) -> impl Iterator<Item = Option<(u32, u8, &[u8], u64)>> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at >= buf.len() {
+            return None;
+        }
+        let f = (|| {
+            let k = varint(buf, &mut at)?;
+            let (field, wire) = ((k >> 3) as u32, (k & 7) as u8);
+            match wire {
+                0 => Some((field, wire, &buf[..0], varint(buf, &mut at)?)),
+                2 => {
+                    let n = varint(buf, &mut at)? as usize;
+                    let p = buf.get(at..at.checked_add(n)?)?;
+                    at += n;
+                    Some((field, wire, p, 0))
+                }
+                _ => None,
+            }
+        })();
+        if f.is_none() {
+            at = buf.len();
+        }
+        Some(f)
+    })
+}
+
+/// The time of an encoded `EntryAdapter`, for ordering.
+fn entry_time(entry: &[u8]) -> Option<(i64, i64)> {
+    for f in fields(entry) {
+        let (field, _, payload, _) = f?;
+        if field == 1 {
+            let (mut s, mut n) = (0i64, 0i64);
+            for t in fields(payload) {
+                match t? {
+                    (1, 0, _, v) => s = v as i64,
+                    (2, 0, _, v) => n = i64::from(v as i32),
+                    _ => {}
+                }
+            }
+            return Some((s, n));
+        }
+    }
+    Some((0, 0))
+}
+
+/// An encoded entry with its (seconds, nanoseconds).
+type TimedEntry<'a> = ((i64, i64), &'a [u8]);
+
+/// Rewrites a `PushRequest` (`batch`, one `StreamAdapter` per entry as the frames are) into
+/// `out` with one `StreamAdapter` per label set, in the order streams first appear, holding
+/// its entries in timestamp order (stable: equal times keep their read order). Loki then
+/// sees each stream once per push, in order, and the request is smaller (labels once per
+/// stream). False, with `out` untouched, when `batch` does not parse.
+pub fn regroup(batch: &[u8], out: &mut Vec<u8>) -> bool {
+    // (labels, entries as (time, payload)); the last stream is checked first since an entry's
+    // neighbours are usually of its stream.
+    let mut streams: Vec<(&[u8], Vec<TimedEntry<'_>>)> = Vec::new();
+    let mut index: std::collections::HashMap<&[u8], usize> = std::collections::HashMap::new();
+    let mut last = usize::MAX;
+    for f in fields(batch) {
+        let Some((1, 2, stream, _)) = f else { return false };
+        let mut labels: &[u8] = &[];
+        let mut entries: Vec<&[u8]> = Vec::new();
+        for g in fields(stream) {
+            match g {
+                Some((1, 2, l, _)) => labels = l,
+                Some((2, 2, e, _)) => entries.push(e),
+                Some(_) => {}
+                None => return false,
+            }
+        }
+        let k = if last < streams.len() && streams[last].0 == labels {
+            last
+        } else {
+            *index.entry(labels).or_insert_with(|| {
+                streams.push((labels, Vec::new()));
+                streams.len() - 1
+            })
+        };
+        last = k;
+        for e in entries {
+            let Some(t) = entry_time(e) else { return false };
+            streams[k].1.push((t, e));
+        }
+    }
+    for (labels, entries) in &mut streams {
+        if entries.windows(2).any(|w| w[0].0 > w[1].0) {
+            entries.sort_by_key(|(t, _)| *t);
+        }
+        let len = bytes_field_len(labels.len()) + entries.iter().map(|(_, e)| bytes_field_len(e.len())).sum::<usize>();
+        out.push(key(1, 2));
+        encode_varint(len as u64, out);
+        put_bytes(1, labels, out);
+        for (_, e) in entries.iter() {
+            put_bytes(2, e, out);
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn regroup_makes_one_stream_per_label_set_in_time_order() {
+        let mut batch = Vec::new();
+        for (labels, ts, line) in [
+            ("{a=\"1\"}", 30, "a3"),
+            ("{a=\"2\"}", 5, "b1"),
+            ("{a=\"1\"}", 10, "a1"),
+            ("{a=\"1\"}", 10, "a2"),
+            ("{a=\"2\"}", 6, "b2"),
+        ] {
+            let mut body = Vec::new();
+            encode_entry(labels, ts, line.as_bytes(), &[("k", "v")], &mut body);
+            frame_stream(&body, &mut batch);
+        }
+        let mut out = Vec::new();
+        assert!(regroup(&batch, &mut out));
+        let req = PushRequest::decode(out.as_slice()).unwrap();
+        let got: Vec<(String, Vec<String>)> = req
+            .streams
+            .iter()
+            .map(|s| (s.labels.clone(), s.entries.iter().map(|e| e.line.clone()).collect()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "{a=\"1\"}".to_owned(),
+                    vec!["a1".to_owned(), "a2".to_owned(), "a3".to_owned()]
+                ),
+                ("{a=\"2\"}".to_owned(), vec!["b1".to_owned(), "b2".to_owned()]),
+            ]
+        );
+        assert_eq!(req.streams[0].entries[0].structured_metadata[0].name, "k");
+        // Garbage is refused, not mangled.
+        let mut out = Vec::new();
+        assert!(!regroup(&[0x0a, 0x7f, 1], &mut out));
+        assert!(out.is_empty());
+    }
+}
