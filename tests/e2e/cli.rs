@@ -66,7 +66,8 @@ fn usage_version_and_check_config() -> Result<()> {
     let text = String::from_utf8_lossy(&out.stdout);
     let file = logs.display().to_string();
     assert!(
-        text.lines().any(|l| l.starts_with(&format!("{file}:7:")) && l.contains("pipeline_stages[0].template")),
+        text.lines()
+            .any(|l| l.starts_with(&format!("{file}:7:")) && l.contains("pipeline_stages[0].template")),
         "template error at the stage's line: {text}"
     );
     Ok(())

@@ -90,8 +90,7 @@ impl Loki {
             {
                 let mut g = g.lock().unwrap();
                 for s in push.streams {
-                    let labels: BTreeMap<String, String> =
-                        agent::loki::parse_labels(&s.labels).into_iter().collect();
+                    let labels: BTreeMap<String, String> = agent::loki::parse_labels(&s.labels).into_iter().collect();
                     let mut last = i64::MIN;
                     for e in s.entries {
                         let t = e.timestamp.unwrap_or_default();
@@ -220,17 +219,29 @@ fn expect_exactly_once(loki: &Loki, want: &[(String, i64)], timeout: Duration) -
             assert_eq!(g.ts_ns, *t, "timestamp of {:?}", g.line);
         }
     }
-    assert_eq!(loki.disorder.load(Ordering::SeqCst), 0, "entries out of time order in a stream");
+    assert_eq!(
+        loki.disorder.load(Ordering::SeqCst),
+        0,
+        "entries out of time order in a stream"
+    );
     Ok(())
 }
 
 /// Checks the labels `kubernetes_pods` gives every entry of pod `pod` in namespace `ns`.
 fn expect_pod_labels(loki: &Loki, ns: &str, pod: &str, container: &str) {
     let mut seen = 0;
-    for g in loki.entries().iter().filter(|g| g.labels.get("pod").map(String::as_str) == Some(pod)) {
+    for g in loki
+        .entries()
+        .iter()
+        .filter(|g| g.labels.get("pod").map(String::as_str) == Some(pod))
+    {
         assert_eq!(g.labels["namespace"], ns, "{:?}", g.labels);
         assert_eq!(g.labels["container"], container, "{:?}", g.labels);
-        assert!(matches!(g.labels["stream"].as_str(), "stdout" | "stderr"), "{:?}", g.labels);
+        assert!(
+            matches!(g.labels["stream"].as_str(), "stdout" | "stderr"),
+            "{:?}",
+            g.labels
+        );
         assert!(!g.labels.contains_key("filename"), "{:?}", g.labels);
         seen += 1;
     }
@@ -346,7 +357,16 @@ fn kubernetes_pods_every_line_once_with_labels_and_times_through_rotation_copytr
     let files: serde_json::Value = serde_json::from_str(&http_get(&format!("{}/api/v1/files", agent.url))?)?;
     let rows = files.as_array().unwrap();
     assert!(rows.len() >= 10, "{rows:?}");
-    assert!(http_get(&format!("{}/status", agent.url))?.contains("Tailed files"));
+    let page = http_get(&format!("{}/status", agent.url))?;
+    for part in [
+        "Tailed files",
+        "Logs jobs",
+        "Lines read",
+        "Pushes retried",
+        "Logs positions",
+    ] {
+        assert!(page.contains(part), "{part} missing from the status page");
+    }
     assert!(agent.metric("sre_agent_logs_file_position_bytes", "web-7")? > 0.0);
     assert!(agent.metric("sre_agent_logs_file_size_bytes", "web-7")? > 0.0);
     Ok(())
@@ -474,10 +494,14 @@ fn kill_9_repeats_only_unanswered_pushes_and_a_400_is_dropped_with_its_reason() 
     let held: HashSet<String> = loki.unanswered.lock().unwrap().clone();
     loki.hold.store(false, Ordering::SeqCst);
     let agent = Agent::start_with(dir.path(), agent.config.clone(), agent.storage.clone(), agent.port)?;
-    poll("every line at least once after the second kill", Duration::from_secs(60), || {
-        let seqs = loki.seqs();
-        Ok(want.iter().all(|(s, _)| seqs.contains_key(s)).then_some(()))
-    })?;
+    poll(
+        "every line at least once after the second kill",
+        Duration::from_secs(60),
+        || {
+            let seqs = loki.seqs();
+            Ok(want.iter().all(|(s, _)| seqs.contains_key(s)).then_some(()))
+        },
+    )?;
     let repeated: HashSet<String> = loki
         .seqs()
         .into_iter()
@@ -486,7 +510,10 @@ fn kill_9_repeats_only_unanswered_pushes_and_a_400_is_dropped_with_its_reason() 
         .collect();
     assert!(!repeated.is_empty(), "the unanswered pushes were sent again");
     let other: Vec<_> = repeated.difference(&held).take(10).collect();
-    assert!(other.is_empty(), "only unanswered pushes repeat; also repeated: {other:?}");
+    assert!(
+        other.is_empty(),
+        "only unanswered pushes repeat; also repeated: {other:?}"
+    );
     expect_pod_labels(&loki, "ns", "crash-0", "c");
     drop(agent);
     Ok(())
@@ -500,7 +527,9 @@ fn removing_a_scrape_config_commits_its_position_and_adding_it_back_resumes_ther
     let f = pod_dir(&root, "ns", "keep-0", "c").join("0.log");
     let app = dir.path().join("app.log");
     let plain = |from: u64, count: u64| -> Vec<(String, i64)> {
-        let text: String = (from..from + count).map(|n| format!("plain seq=a-{n} line\n")).collect();
+        let text: String = (from..from + count)
+            .map(|n| format!("plain seq=a-{n} line\n"))
+            .collect();
         append(&app, &text);
         (from..from + count).map(|n| (format!("a-{n}"), 0)).collect()
     };
@@ -536,7 +565,11 @@ fn removing_a_scrape_config_commits_its_position_and_adding_it_back_resumes_ther
     assert_eq!(code, 200, "{body}");
     want.extend(unread);
     expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
-    let a = loki.entries().into_iter().find(|g| g.line.contains("seq=a-120 ")).unwrap();
+    let a = loki
+        .entries()
+        .into_iter()
+        .find(|g| g.line.contains("seq=a-120 "))
+        .unwrap();
     assert_eq!(a.labels["job"], "app");
     expect_pod_labels(&loki, "ns", "keep-0", "c");
     Ok(())
@@ -803,5 +836,34 @@ fn sigterm_exits_0_within_30_s_while_loki_fails_and_the_rest_stays_in_the_wal() 
     want.extend(cri_lines(&f, "t", 500, 10, "stdout"));
     let _agent = Agent::start_with(dir.path(), agent.config.clone(), agent.storage.clone(), agent.port)?;
     expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
+    Ok(())
+}
+
+#[test]
+fn more_files_than_max_open_files_are_read_in_turns() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("pods");
+    let loki = Loki::start()?;
+    let files: Vec<PathBuf> = (0..5)
+        .map(|p| pod_dir(&root, "ns", &format!("many-{p}"), "c").join("0.log"))
+        .collect();
+    let mut want = Vec::new();
+    for (p, f) in files.iter().enumerate() {
+        want.extend(cri_lines(f, &format!("m{p}"), 0, 100, "stdout"));
+    }
+    let cfg = config(&loki, &root, "").replace("logs:\n", "logs:\n  max_open_files: 2\n  rescan_interval: 200ms\n");
+    let agent = Agent::start(dir.path(), &cfg)?;
+    if let Err(e) = expect_exactly_once(&loki, &want, Duration::from_secs(60)) {
+        eprintln!("{}", std::fs::read_to_string(&agent.proc.log).unwrap_or_default());
+        return Err(e);
+    }
+    // Every file grows again: each gets its turn, from where it was left.
+    for (p, f) in files.iter().enumerate() {
+        want.extend(cri_lines(f, &format!("m{p}"), 100, 50, "stdout"));
+    }
+    expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
+    let files: serde_json::Value = serde_json::from_str(&http_get(&format!("{}/api/v1/files", agent.url))?)?;
+    assert!(files.as_array().unwrap().len() <= 2, "at most 2 open: {files}");
+    assert!(agent.metric("sre_agent_logs_file_turns_total", "pods")? >= 3.0);
     Ok(())
 }

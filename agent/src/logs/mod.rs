@@ -57,16 +57,36 @@ pub fn client_name(c: &ClientConfig) -> String {
         .unwrap_or_else(|| format!("loki-{:08x}", xxhash_rust::xxh3::xxh3_64(c.url.as_bytes()) as u32))
 }
 
-fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+/// A tenant as a directory-name part, reversibly: unreserved ASCII as it is, other bytes as
+/// `%XX` (tenant ids become `X-Scope-OrgID` again after a restart).
+fn tenant_dir(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The tenant of a directory-name part made by [`tenant_dir`].
+fn tenant_of_dir(s: &str) -> Option<String> {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// The sender settings of a client.
@@ -220,20 +240,22 @@ pub fn start(cfg: &LogsConfig, env: &Env<'_>) -> anyhow::Result<Logs> {
         let open: sink::OpenQueue = Arc::new(move |tenant: Option<&str>| {
             let dir_name = match tenant {
                 None => client_name(&c2),
-                Some(t) => format!("{}@{}", client_name(&c2), sanitize(t)),
+                Some(t) => format!("{}@{}", client_name(&c2), tenant_dir(t)),
             };
             let sc = sender_config(&c2, &base2, tenant).map_err(std::io::Error::other)?;
             open_queue(&root2.join(&dir_name), sc, &opts2, &handle2, &metrics2, &queues2)
         });
-        let client = sink::ClientSink::new(name.clone(), c.external_labels.clone(), open.clone())
+        let mut client = sink::ClientSink::new(name.clone(), c.external_labels.clone(), open)
             .with_context(|| format!("opening the logs WAL of client {name}"))?;
         // Queues of tenants a previous run created: drained, and their records count for
         // positions.
         if let Ok(dirs) = std::fs::read_dir(&wal_root) {
             for d in dirs.flatten() {
                 let n = d.file_name().to_string_lossy().into_owned();
-                if let Some(t) = n.strip_prefix(&format!("{name}@")) {
-                    open(Some(t)).with_context(|| format!("opening the logs WAL {n}"))?;
+                if let Some(t) = n.strip_prefix(&format!("{name}@")).and_then(tenant_of_dir) {
+                    client
+                        .open_tenant(&t)
+                        .with_context(|| format!("opening the logs WAL {n}"))?;
                 }
             }
         }
@@ -623,6 +645,8 @@ impl Logs {
     /// Stops reading at a line boundary, saves positions, then stops the senders: what Loki
     /// takes within `timeout` is sent, the rest stays in the WAL.
     pub async fn stop(mut self, timeout: Duration) {
+        // One deadline for the tailer and the senders together.
+        let deadline = tokio::time::Instant::now() + timeout;
         self.control.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         for f in &self.stage_stops {
             f.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -633,7 +657,7 @@ impl Logs {
             // 0.2 s; past the timeout the thread is left to end (its positions are not
             // saved, the WAL has its lines: nothing is lost, some may be read twice).
             let join = tokio::task::spawn_blocking(move || t.join());
-            if tokio::time::timeout(timeout.max(Duration::from_secs(1)), join)
+            if tokio::time::timeout(timeout.clamp(Duration::from_secs(1), Duration::from_secs(5)), join)
                 .await
                 .is_err()
             {
@@ -644,9 +668,10 @@ impl Logs {
             t.abort();
         }
         let qs: Vec<LogQueue> = std::mem::take(&mut *self.queues.lock().unwrap_or_else(|p| p.into_inner()));
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         futures::future::join_all(qs.into_iter().map(|mut q| async move {
             if let Some(s) = q.sender.take() {
-                s.shutdown(timeout).await;
+                s.shutdown(left).await;
             }
             if let Some(s) = q.syncer.take() {
                 s.abort();
@@ -662,6 +687,19 @@ impl Logs {
 mod tests {
     use super::*;
     use crate::labels::Labels;
+
+    #[test]
+    fn tenant_directory_names_round_trip() {
+        for t in ["team-a", "a b/c", "ünï", "%41", ""] {
+            let d = tenant_dir(t);
+            assert!(
+                d.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.%".contains(&b)),
+                "{d}"
+            );
+            assert_eq!(tenant_of_dir(&d).as_deref(), Some(t));
+        }
+        assert_eq!(tenant_of_dir("%4"), None);
+    }
 
     /// Promtail's Helm chart rules build `__path__` from the pod uid and container name.
     #[test]

@@ -11,6 +11,12 @@ use super::pipeline::{render_labels, Entry, Labels};
 use super::positions::Identity;
 use crate::wal::Wal;
 
+/// Tenant queues a client may have besides its own: each is a WAL bounded by
+/// `storage.wal_max_size` with its own sender, so a pipeline that makes tenants from log
+/// content must not make them without bound. Entries for more are dropped and counted
+/// (`reason="too_many_tenants"`).
+pub const MAX_TENANTS: usize = 64;
+
 /// Opens (or returns) the queue of a client for a tenant (`None`: the client's own).
 pub type OpenQueue = Arc<dyn Fn(Option<&str>) -> io::Result<Arc<Wal>> + Send + Sync>;
 
@@ -78,8 +84,25 @@ impl ClientSink {
         (text, hash)
     }
 
-    /// Adds an entry to the record being built for its tenant.
-    pub fn add(&mut self, e: &Entry) {
+    /// Opens the queue of `tenant` (one a previous run left, to drain it).
+    pub fn open_tenant(&mut self, tenant: &str) -> io::Result<()> {
+        let key = Some(tenant.to_owned());
+        if !self.queues.contains_key(&key) {
+            let w = (self.open)(Some(tenant))?;
+            self.queues.insert(key, w);
+        }
+        Ok(())
+    }
+
+    /// Adds an entry to the record being built for its tenant. False (the entry is not
+    /// taken) when it names a new tenant beyond [`MAX_TENANTS`].
+    pub fn add(&mut self, e: &Entry) -> bool {
+        if !self.queues.contains_key(&e.tenant)
+            && !self.building.contains_key(&e.tenant)
+            && self.queues.len() + self.building.keys().filter(|k| !self.queues.contains_key(*k)).count() > MAX_TENANTS
+        {
+            return false;
+        }
         let (labels, hash) = self.labels_of(&e.labels);
         let (buf, n) = self.building.entry(e.tenant.clone()).or_default();
         let meta: Vec<(&str, &str)> = e.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -87,6 +110,7 @@ impl ClientSink {
             crate::loki::proto::encode_entry(&labels, e.ts_ns, e.line.as_bytes(), &meta, b)
         });
         *n += 1;
+        true
     }
 
     /// Bytes of records being built.

@@ -169,7 +169,7 @@ pub struct Tailer {
     targets: Vec<Target>,
     files: HashMap<FileKey, Tailed>,
     /// Paths found but not opened because of the open-files limit: (size when seen).
-    waiting: BTreeMap<PathBuf, (Target, u64, FileKey)>,
+    waiting: BTreeMap<PathBuf, (Target, u64, FileKey, Instant)>,
     positions: Positions,
     clients: Vec<ClientSink>,
     settings: Settings,
@@ -342,9 +342,50 @@ impl Tailer {
                 rotated.entry(p).or_insert_with(|| t.clone());
             }
         }
+        // Turns: with files waiting for a slot, open files read to their end with nothing held
+        // are closed (their position kept) so the waiting ones are read; they wait in turn.
+        if !self.waiting.is_empty() {
+            let mut turn = self.waiting.len();
+            let idle: Vec<FileKey> = self
+                .files
+                .iter()
+                .filter(|(_, t)| {
+                    t.rotated_at.is_none()
+                        && t.carry.is_empty()
+                        && t.merge.iter().all(Option::is_none)
+                        && t.pipeline.held_from().is_none()
+                        && t.safe == t.offset
+                        && t.file.metadata().is_ok_and(|m| m.len() == t.offset)
+                })
+                .map(|(k, _)| *k)
+                .collect();
+            for key in idle {
+                if turn == 0 {
+                    break;
+                }
+                if let Some(t) = self.files.remove(&key) {
+                    self.positions.claim(
+                        &t.path,
+                        Saved {
+                            id: Some(t.id),
+                            offset: t.safe,
+                        },
+                    );
+                    self.metrics.turns(&self.jobs[t.target.job].name);
+                    turn -= 1;
+                }
+            }
+        }
         let mut seen: HashSet<FileKey> = HashSet::new();
         let mut new_waiting = BTreeMap::new();
-        for (path, target) in found.clone() {
+        // Files that waited for a slot come first, the longest waiting first.
+        let mut order: Vec<(PathBuf, Target)> = found.clone().into_iter().collect();
+        let now = Instant::now();
+        order.sort_by_key(|(p, _)| match self.waiting.get(p) {
+            Some((_, _, _, since)) => (false, *since),
+            None => (true, now),
+        });
+        for (path, target) in order {
             let Ok(m) = std::fs::metadata(&path) else { continue };
             if !m.is_file() {
                 continue;
@@ -364,7 +405,8 @@ impl Tailer {
                 continue;
             }
             if self.files.len() >= self.settings.max_open_files {
-                new_waiting.insert(path, (target, m.len(), key));
+                let since = self.waiting.get(&path).map_or(now, |w| w.3);
+                new_waiting.insert(path, (target, m.len(), key, since));
                 continue;
             }
             self.open(path, target, false);
@@ -396,7 +438,7 @@ impl Tailer {
             }
         }
         // Files that waited for a free slot and are gone now were never read: lost.
-        for (path, (target, size, key)) in std::mem::take(&mut self.waiting) {
+        for (path, (target, size, key, _)) in std::mem::take(&mut self.waiting) {
             if !new_waiting.contains_key(&path) && !self.files.contains_key(&key) {
                 let job = &self.jobs[target.job].name;
                 self.metrics.lost_bytes(job, "deleted_before_read", size);
@@ -951,7 +993,9 @@ impl Tailer {
         }
         for c in &mut self.clients {
             for e in &out.entries {
-                c.add(e);
+                if !c.add(e) {
+                    self.metrics.dropped(job, "too_many_tenants", 1);
+                }
             }
         }
         let mut result = Ok(());

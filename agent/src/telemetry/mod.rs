@@ -31,6 +31,7 @@ pub struct Metrics {
     appended: Family<L, Counter>,
     sent: Family<L, Counter>,
     retried: Family<L, Counter>,
+    pushes_retried: Family<L, Counter>,
     dropped: Family<L, Counter>,
     duplicate: Family<L, Counter>,
     unknown_outcome: Family<L, Counter>,
@@ -67,6 +68,7 @@ pub struct LogsMetrics {
     format_errors: Family<L, Counter>,
     truncated: Family<L, Counter>,
     truncations: Family<L, Counter>,
+    turns: Family<L, Counter>,
     errors: Family<L, Counter>,
     paused: Counter,
     lag_bytes: Gauge,
@@ -121,6 +123,11 @@ impl LogsMetrics {
             "truncated_lines",
             "Lines cut at max_line_size, by job.",
             self.truncated.clone(),
+        );
+        r.register(
+            "file_turns",
+            "Files closed at their end to let files waiting for a slot be read (logs.max_open_files), by job.",
+            self.turns.clone(),
         );
         r.register(
             "file_truncations",
@@ -212,6 +219,10 @@ impl LogsMetrics {
     /// A file found truncated.
     pub fn truncations(&self, job: &str) {
         self.truncations.get_or_create(&Self::job(job)).inc();
+    }
+    /// An idle file was closed to give a waiting one its turn.
+    pub fn turns(&self, job: &str) {
+        self.turns.get_or_create(&Self::job(job)).inc();
     }
     fn error(&self, kind: &str, who: &str) {
         self.errors
@@ -354,6 +365,7 @@ impl Metrics {
             appended: Family::default(),
             sent: Family::default(),
             retried: Family::default(),
+            pushes_retried: Family::default(),
             dropped: Family::default(),
             duplicate: Family::default(),
             unknown_outcome: Family::default(),
@@ -451,6 +463,11 @@ impl Metrics {
                 "samples_retried",
                 "Samples sent again after a failed request, by remote.",
                 m.retried.clone(),
+            );
+            remote.register(
+                "pushes_retried",
+                "Requests sent again after a 5xx, a 429 or no answer, by remote.",
+                m.pushes_retried.clone(),
             );
             remote.register(
                 "samples_dropped",
@@ -558,6 +575,7 @@ impl Metrics {
     /// Samples will be sent again.
     pub fn samples_retried(&self, remote: &str, n: u64) {
         self.retried.get_or_create(&Self::remote(remote)).inc_by(n);
+        self.pushes_retried.get_or_create(&Self::remote(remote)).inc();
     }
     /// Samples the receiver already had.
     pub fn samples_duplicate(&self, remote: &str, n: u64) {
@@ -661,7 +679,13 @@ impl Metrics {
     /// Creates a remote's counters at zero (see [`Metrics::init_job`]).
     pub fn init_remote(&self, remote: &str, drop_reasons: &[&'static str], unknown_reasons: &[&'static str]) {
         let r = Self::remote(remote);
-        for family in [&self.appended, &self.sent, &self.retried, &self.duplicate] {
+        for family in [
+            &self.appended,
+            &self.sent,
+            &self.retried,
+            &self.pushes_retried,
+            &self.duplicate,
+        ] {
             let _ = family.get_or_create(&r);
         }
         for op in ["read", "commit", "sync"] {
@@ -747,6 +771,7 @@ mod names_tests {
             "sre_agent_pod_cache_watch_errors",
             "sre_agent_pod_cache_watches_started",
             "sre_agent_remote_pushes_unknown_outcome",
+            "sre_agent_remote_pushes_retried",
             "sre_agent_remote_samples_dropped",
             "sre_agent_remote_samples_duplicate",
             "sre_agent_remote_samples_retried",

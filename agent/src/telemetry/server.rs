@@ -131,7 +131,8 @@ async fn handle(req: Request<Incoming>, state: ServerState) -> Result<Response<F
         }
         (&Method::GET, "/" | "/status" | "/targets") => {
             let mut page = status_page(&(state.status)());
-            let files = files_section(&(state.files)());
+            let mut files = files_section(&(state.files)());
+            files.push_str(&counters_section(&state.metrics.render(), now_secs()));
             if let Some(i) = page.rfind("</body>") {
                 page.insert_str(i, &files);
             }
@@ -175,6 +176,112 @@ fn fmt_labels(l: &[(String, String)]) -> String {
         .map(|(n, v)| format!("{n}=\"{v}\""))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The counters an operator looks at first, from the agent's own exposition `text`: per logs
+/// job (lines and bytes read, entries written and dropped by reason, bytes lost by reason),
+/// per queue (sent, pushes retried, dropped by reason, pending records) and how long ago the
+/// logs positions were committed (`now` in seconds since the epoch).
+pub fn counters_section(text: &str, now: f64) -> String {
+    // (metric name, column heading)
+    const LOGS: &[(&str, &str)] = &[
+        ("sre_agent_logs_read_lines_total", "Lines read"),
+        ("sre_agent_logs_read_bytes_total", "Bytes read"),
+        ("sre_agent_logs_entries_written_total", "Entries written"),
+        ("sre_agent_logs_entries_dropped_total", "Entries dropped"),
+        ("sre_agent_logs_lost_bytes_total", "Bytes lost"),
+        ("sre_agent_logs_truncated_lines_total", "Lines cut"),
+    ];
+    const QUEUES: &[(&str, &str)] = &[
+        ("sre_agent_remote_samples_sent_total", "Sent"),
+        ("sre_agent_remote_pushes_retried_total", "Pushes retried"),
+        ("sre_agent_remote_samples_dropped_total", "Dropped"),
+        ("sre_agent_wal_pending_records", "Pending records"),
+    ];
+    let mut out = String::new();
+    let samples: Vec<(&str, &str, f64)> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let value: f64 = value.parse().ok()?;
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            Some((name, labels, value))
+        })
+        .collect();
+    // One row per `key` label value; other labels (a reason) are summed into the cell and
+    // listed beside it.
+    let table = |title: &str, key: &str, cols: &[(&str, &str)]| -> String {
+        let mut rows: std::collections::BTreeMap<String, Vec<(f64, Vec<String>)>> = Default::default();
+        for (i, (metric, _)) in cols.iter().enumerate() {
+            for (name, labels, v) in &samples {
+                if name != metric {
+                    continue;
+                }
+                let mut row = None;
+                let mut rest = Vec::new();
+                for pair in labels.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                    let Some((k, val)) = pair.split_once('=') else { continue };
+                    let val = val.trim_matches('"');
+                    if k == key {
+                        row = Some(val.to_owned());
+                    } else if *v > 0.0 {
+                        rest.push(format!("{val}: {v}"));
+                    }
+                }
+                let Some(row) = row else { continue };
+                let cells = rows.entry(row).or_insert_with(|| vec![(0.0, Vec::new()); cols.len()]);
+                cells[i].0 += v;
+                cells[i].1.extend(rest);
+            }
+        }
+        if rows.is_empty() {
+            return String::new();
+        }
+        let mut h = format!("<h2>{title}</h2><table><tr><th>{}</th>", esc(key));
+        for (_, head) in cols {
+            h.push_str(&format!("<th>{head}</th>"));
+        }
+        h.push_str("</tr>");
+        for (row, cells) in rows {
+            h.push_str(&format!("<tr><td>{}</td>", esc(&row)));
+            for (v, why) in cells {
+                if why.is_empty() {
+                    h.push_str(&format!("<td>{v}</td>"));
+                } else {
+                    h.push_str(&format!("<td>{v} ({})</td>", esc(&why.join(", "))));
+                }
+            }
+            h.push_str("</tr>");
+        }
+        h.push_str("</table>");
+        h
+    };
+    out.push_str(&table("Logs jobs", "job", LOGS));
+    out.push_str(&table("Queues", "remote", QUEUES));
+    if let Some((_, _, at)) = samples
+        .iter()
+        .find(|(n, _, _)| *n == "sre_agent_logs_positions_saved_timestamp_seconds")
+    {
+        if *at > 0.0 {
+            out.push_str(&format!(
+                "<p>Logs positions committed {:.0} s ago.</p>",
+                (now - at).max(0.0)
+            ));
+        } else {
+            out.push_str("<p>Logs positions not committed yet.</p>");
+        }
+    }
+    out
 }
 
 /// The tailed files as a table: path, job, position, size, lag.
@@ -250,4 +357,29 @@ pub fn status_page(targets: &[TargetView]) -> String {
     }
     h.push_str("</body></html>\n");
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_counters_section_groups_by_job_and_queue_with_reasons_and_the_commit_age() {
+        let text = "\
+# TYPE sre_agent_logs_read_lines counter
+sre_agent_logs_read_lines_total{job=\"pods\"} 120
+sre_agent_logs_entries_dropped_total{job=\"pods\",reason=\"limit\"} 3
+sre_agent_logs_entries_dropped_total{job=\"pods\",reason=\"debug\"} 2
+sre_agent_remote_pushes_retried_total{remote=\"loki\"} 7
+sre_agent_remote_samples_dropped_total{remote=\"loki\",reason=\"too_old\"} 0
+sre_agent_logs_positions_saved_timestamp_seconds 1000.5
+";
+        let h = counters_section(text, 1010.0);
+        assert!(h.contains("<h2>Logs jobs</h2>"), "{h}");
+        assert!(h.contains("<td>pods</td><td>120</td>"), "{h}");
+        assert!(h.contains("<td>5 (limit: 3, debug: 2)</td>"), "{h}");
+        assert!(h.contains("<td>loki</td><td>0</td><td>7</td><td>0</td>"), "{h}");
+        assert!(h.contains("committed 10 s ago"), "{h}");
+        assert!(counters_section("", 0.0).is_empty());
+    }
 }
