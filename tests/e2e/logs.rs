@@ -687,7 +687,42 @@ fn files_rotated_faster_than_a_scan_and_while_the_agent_is_down_are_read() -> Re
     n += 100;
     std::fs::rename(&f, f.with_extension("log.20260201-000001"))?;
     want.extend(cri_lines(&f, "r", n, 100, "stdout"));
+    n += 100;
     agent = Agent::start_with(dir.path(), agent.config.clone(), agent.storage.clone(), agent.port)?;
+    expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
+
+    // Stopped again: the file grows, is rotated and compressed (kubelet gzips older rotated
+    // files) before the agent is back. Its unread end is read from the compressed file; an
+    // old compressed file the agent never read stays unread, as with Promtail.
+    agent.proc.signal("TERM")?;
+    want.extend(cri_lines(&f, "r", n, 100, "stdout"));
+    n += 100;
+    let rotated = f.with_extension("log.20260301-000000");
+    std::fs::rename(&f, &rotated)?;
+    let gz = |p: &Path| -> Result<()> {
+        let st = std::process::Command::new("gzip").arg(p).status()?;
+        anyhow::ensure!(st.success(), "gzip {}", p.display());
+        Ok(())
+    };
+    gz(&rotated)?;
+    let old = f.with_extension("log.20250101-000000");
+    cri_lines(&old, "old", 0, 20, "stdout");
+    gz(&old)?;
+    want.extend(cri_lines(&f, "r", n, 100, "stdout"));
+    let agent = Agent::start_with(dir.path(), agent.config.clone(), agent.storage.clone(), agent.port)?;
+    if let Err(e) = expect_exactly_once(&loki, &want, Duration::from_secs(60)) {
+        eprintln!("{}", std::fs::read_to_string(&agent.proc.log).unwrap_or_default());
+        return Err(e);
+    }
+    assert!(
+        !loki.seqs().keys().any(|s| s.starts_with("old-")),
+        "a compressed file never read is left alone"
+    );
+    // A restart does not read the compressed file again.
+    let mut agent = agent;
+    agent.proc.signal("TERM")?;
+    want.extend(cri_lines(&f, "r", n + 100, 10, "stdout"));
+    let agent = Agent::start_with(dir.path(), agent.config.clone(), agent.storage.clone(), agent.port)?;
     expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
     drop(agent);
     Ok(())

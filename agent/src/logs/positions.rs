@@ -83,6 +83,20 @@ impl Identity {
         Ok(n == buf.len() && xxhash_rust::xxh3::xxh3_64(&buf) == self.fp)
     }
 
+    /// Whether `other` may be this same file: the same device and inode, and the same
+    /// fingerprint where both cover as many bytes (an inode is reused once a file is deleted,
+    /// e.g. after kubelet compressed a rotated file).
+    pub fn same_file(&self, other: &Identity) -> bool {
+        self.key == other.key && (self.fp_len != other.fp_len || self.fp == other.fp)
+    }
+
+    /// Whether `bytes` (a file's first bytes) start with what this fingerprint covers.
+    pub fn starts(&self, bytes: &[u8]) -> bool {
+        self.fp_len > 0
+            && bytes.len() >= self.fp_len as usize
+            && xxhash_rust::xxh3::xxh3_64(&bytes[..self.fp_len as usize]) == self.fp
+    }
+
     fn encode(&self) -> String {
         format!("{}:{}:{}:{:016x}", self.key.dev, self.key.ino, self.fp_len, self.fp)
     }
@@ -264,11 +278,18 @@ impl Positions {
     /// entry of another file at that path (rotated away) moves to a key of its own.
     pub fn claim(&mut self, path: &Path, saved: Saved) {
         if let Some(id) = saved.id {
-            self.files.retain(|_, s| s.id.is_none_or(|x| x.key != id.key));
+            self.files.retain(|_, s| s.id.is_none_or(|x| !x.same_file(&id)));
         }
         if let Some(other) = self.files.remove(path) {
             if let Some(oid) = other.id {
-                let key = PathBuf::from(format!("{}#{}:{}", path.display(), oid.key.dev, oid.key.ino));
+                // Kept: its lines may still be read from a copy (compressed, copytruncate).
+                let key = PathBuf::from(format!(
+                    "{}#{}:{}:{:016x}",
+                    path.display(),
+                    oid.key.dev,
+                    oid.key.ino,
+                    oid.fp
+                ));
                 self.files.insert(key, other);
             }
         }

@@ -185,6 +185,8 @@ pub struct Tailer {
     seen: HashSet<FileKey>,
     /// Identities and positions of files found truncated lately.
     retired: Vec<(Identity, u64)>,
+    /// Compressed rotated files looked at (see [`Tailer::gunzip_rotated`]).
+    gz_checked: HashSet<FileKey>,
 }
 
 fn now_ns() -> i64 {
@@ -254,6 +256,7 @@ impl Tailer {
             out: Output::default(),
             seen: HashSet::new(),
             retired: Vec::new(),
+            gz_checked: HashSet::new(),
         }
     }
 
@@ -318,6 +321,7 @@ impl Tailer {
     fn scan(&mut self) {
         let mut found: BTreeMap<PathBuf, Target> = BTreeMap::new();
         let mut rotated: BTreeMap<PathBuf, Target> = BTreeMap::new();
+        let mut gzipped: BTreeMap<PathBuf, Target> = BTreeMap::new();
         for t in &self.targets {
             let Ok(paths) = glob::glob(&t.path) else { continue };
             for p in paths.flatten() {
@@ -333,7 +337,11 @@ impl Tailer {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                if [".gz", ".bz2", ".xz", ".zst", ".zip", ".tmp"]
+                if name.ends_with(".gz") {
+                    gzipped.entry(p).or_insert_with(|| t.clone());
+                    continue;
+                }
+                if [".bz2", ".xz", ".zst", ".zip", ".tmp"]
                     .iter()
                     .any(|x| name.ends_with(x))
                 {
@@ -427,6 +435,14 @@ impl Tailer {
             }
             self.open(path, target, true);
         }
+        for (path, target) in gzipped {
+            let Ok(m) = std::fs::metadata(&path) else { continue };
+            let key = FileKey::of(&m);
+            all_seen.insert(key);
+            if self.files.len() < self.settings.max_open_files && self.gz_checked.insert(key) {
+                self.gunzip_rotated(path, target);
+            }
+        }
         self.seen = all_seen;
         // Known files no longer at a watched path were rotated away or deleted.
         for t in self.files.values_mut() {
@@ -449,7 +465,12 @@ impl Tailer {
     }
 
     fn open(&mut self, path: PathBuf, target: Target, rotated: bool) {
-        let file = match File::open(&path) {
+        self.open_file(path, None, target, rotated);
+    }
+
+    /// Opens `path` (or reads `given` in its place: a decompressed copy) for `target`.
+    fn open_file(&mut self, path: PathBuf, given: Option<File>, target: Target, rotated: bool) {
+        let file = match given.map_or_else(|| File::open(&path), Ok) {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "Cannot open a log file; retrying at the next scan.");
@@ -529,6 +550,80 @@ impl Tailer {
         self.files.insert(t.id.key, t);
     }
 
+    /// A rotated file kubelet compressed (`0.log.<time>.gz`) is read only when it holds lines
+    /// not read yet: its decompressed start is a file the agent was reading (a saved position,
+    /// or a copy being read) and it goes on past that position — the agent was down, or
+    /// behind, when the file was rotated and compressed. It is decompressed into an unlinked
+    /// file next to the positions file and read from there, under its own path (its labels).
+    /// Compressed files never read before are left alone, as Promtail does.
+    fn gunzip_rotated(&mut self, path: PathBuf, target: Target) {
+        use std::io::Read;
+        let Ok(gz) = File::open(&path) else { return };
+        let mut prefix = Vec::new();
+        let mut dec = flate2::read::MultiGzDecoder::new(&gz);
+        if (&mut dec)
+            .take(super::positions::FINGERPRINT_LEN)
+            .read_to_end(&mut prefix)
+            .is_err()
+        {
+            return;
+        }
+        let saved = self
+            .positions
+            .files
+            .values()
+            .filter_map(|s| s.id.map(|id| (id, s.offset)));
+        let open = self.files.values().map(|t| (t.id, t.offset));
+        let Some(offset) = open
+            .chain(saved)
+            .chain(self.retired.iter().copied())
+            .filter(|(id, _)| id.fp_len as u64 >= 64 && id.starts(&prefix))
+            .map(|(_, o)| o)
+            .max()
+        else {
+            return;
+        };
+        if self.files.values().any(|t| t.id.starts(&prefix)) {
+            // Its uncompressed file is still open (deleted, being read to its end).
+            return;
+        }
+        let dir = self
+            .settings
+            .positions_file
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+            .join(".gunzip");
+        let job = self.jobs[target.job].name.clone();
+        let copy = (|| -> std::io::Result<File> {
+            std::fs::create_dir_all(&dir)?;
+            let tmp = dir.join(format!("{}.log", std::process::id()));
+            let mut out = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
+            // Unlinked at once: nothing is left behind, and it reads as deleted (closed at its end).
+            std::fs::remove_file(&tmp)?;
+            let mut dec = flate2::read::MultiGzDecoder::new(File::open(&path)?);
+            std::io::copy(&mut dec, &mut out)?;
+            Ok(out)
+        })();
+        match copy {
+            Ok(f) if f.metadata().is_ok_and(|m| m.len() > offset) => {
+                tracing::info!(path = %path.display(), offset, "Reading the unread end of a compressed rotated log file.");
+                self.open_file(path, Some(f), target, true);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "Cannot decompress a rotated log file with unread lines; they are lost.");
+                self.metrics.read_error(&job);
+                let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+                self.metrics.lost_bytes(&job, "compressed_unreadable", size);
+            }
+        }
+    }
+
     /// The position of a file `file` is a copy of (same first bytes): an open file, one that was
     /// truncated lately, or a saved position.
     fn copy_of(&self, file: &File) -> Option<u64> {
@@ -538,11 +633,13 @@ impl Tailer {
             .files
             .values()
             .filter_map(|s| s.id.map(|id| (id, s.offset)));
+        // The furthest any of them got (a file and its copies hold the same lines).
         open.chain(self.retired.iter().copied())
             .chain(saved)
             .filter(|(id, _)| id.fp_len as u64 >= 64)
-            .find(|(id, _)| id.same_start(file).unwrap_or(false))
+            .filter(|(id, _)| id.same_start(file).unwrap_or(false))
             .map(|(_, off)| off)
+            .max()
     }
 
     /// The stream labels of a file: its target's, plus `filename`, plus what its path and
@@ -1035,12 +1132,20 @@ impl Tailer {
         result?;
         // By identity: a rotated file still known under its old path must not overwrite the
         // entry of the new file at that path.
-        match self
+        let at_path = self
             .positions
             .files
-            .values_mut()
-            .find(|s| s.id.is_some_and(|id| id.key == t.id.key))
-        {
+            .get(&t.path)
+            .is_some_and(|s| s.id.is_some_and(|id| id.same_file(&t.id)));
+        let entry = if at_path {
+            self.positions.files.get_mut(&t.path)
+        } else {
+            self.positions
+                .files
+                .values_mut()
+                .find(|s| s.id.is_some_and(|id| id.same_file(&t.id)))
+        };
+        match entry {
             Some(s) => {
                 s.offset = t.safe;
                 s.id = Some(t.id);
