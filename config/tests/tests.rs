@@ -609,6 +609,29 @@ mod logs {
     }
 
     #[test]
+    fn every_ignored_promtail_key_warns_once_with_its_position() {
+        let mut text = String::from("logs:\n  clients: [{url: http://l/, proxy_url: http://p/}]\n");
+        for k in config::logs::IGNORED_LOGS_KEYS {
+            text.push_str(&format!("  {k}: {{}}\n"));
+        }
+        let loaded = config::agent_config_from_str(&text, "agent.yml", &|_| None).unwrap();
+        let warned: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
+        assert_eq!(warned.len(), config::logs::IGNORED_LOGS_KEYS.len() + 1, "{warned:?}");
+        assert!(
+            warned[0].starts_with("agent.yml:2:30:") && warned[0].contains("proxy_url"),
+            "{warned:?}"
+        );
+        for (i, k) in config::logs::IGNORED_LOGS_KEYS.iter().enumerate() {
+            let w = &warned[i + 1];
+            assert!(w.starts_with(&format!("agent.yml:{}:3:", i + 3)), "{w}");
+            assert!(
+                w.contains(&format!("`{k}`")) && w.contains("Promtail compatibility"),
+                "{w}"
+            );
+        }
+    }
+
+    #[test]
     fn mistakes_name_file_line_and_column() {
         let text = "\
 logs:

@@ -66,7 +66,7 @@ impl Loki {
             let code = f.load(Ordering::SeqCst);
             if code != 0 {
                 let extra = if code == 429 {
-                    vec![("Retry-After".to_owned(), "1".to_owned())]
+                    vec![("Retry-After".to_owned(), "2".to_owned())]
                 } else {
                     vec![]
                 };
@@ -411,12 +411,19 @@ fn loki_outage_while_files_rotate_away_and_a_reload_lose_and_repeat_nothing() ->
     loki.fail.store(0, Ordering::SeqCst);
     expect_exactly_once(&loki, &want, Duration::from_secs(90))?;
 
-    // 429 with Retry-After is retried too.
+    // 429 with `Retry-After: 2` is retried, after 2 s rather than the 0.1 s backoff: in 3 s a
+    // batch is tried at most twice (the backoff alone would try it 6 times).
+    *loki.pushes.lock().unwrap() = 0;
     loki.fail.store(429, Ordering::SeqCst);
     want.extend(cri_lines(&f, "b", n, 50, "stdout"));
     n += 50;
     std::thread::sleep(Duration::from_secs(3));
     loki.fail.store(0, Ordering::SeqCst);
+    let tries = *loki.pushes.lock().unwrap();
+    assert!(
+        (1..=4).contains(&tries),
+        "Retry-After is honoured: {tries} pushes in 3 s"
+    );
     expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
 
     // A reload that changes the logs section: tailing stops at a line boundary and resumes.
@@ -900,5 +907,39 @@ fn more_files_than_max_open_files_are_read_in_turns() -> Result<()> {
     let files: serde_json::Value = serde_json::from_str(&http_get(&format!("{}/api/v1/files", agent.url))?)?;
     assert!(files.as_array().unwrap().len() <= 2, "at most 2 open: {files}");
     assert!(agent.metric("sre_agent_logs_file_turns_total", "pods")? >= 3.0);
+    Ok(())
+}
+
+#[test]
+fn start_at_end_skips_only_what_was_there_at_the_first_start() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("pods");
+    let loki = Loki::start()?;
+    let f = pod_dir(&root, "ns", "pre-0", "c").join("0.log");
+    cri_lines(&f, "old", 0, 50, "stdout");
+    let cfg = format!("{}      start_at: end\n", config(&loki, &root, ""));
+    let agent = Agent::start(dir.path(), &cfg)?;
+    poll(
+        "the existing file is tailed from its end",
+        Duration::from_secs(30),
+        || {
+            let files: serde_json::Value = serde_json::from_str(&http_get(&format!("{}/api/v1/files", agent.url))?)?;
+            let at_end = files
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["offset"] == r["size"] && r["size"].as_u64() > Some(0));
+            Ok(at_end.then_some(()))
+        },
+    )?;
+    // New lines of that file, and a file that appears later (read from its start).
+    let mut want = cri_lines(&f, "new", 0, 20, "stdout");
+    let late = pod_dir(&root, "ns", "late-0", "c").join("0.log");
+    want.extend(cri_lines(&late, "late", 0, 20, "stdout"));
+    expect_exactly_once(&loki, &want, Duration::from_secs(60))?;
+    assert!(
+        !loki.seqs().keys().any(|s| s.starts_with("old-")),
+        "start_at: end skipped the old lines"
+    );
     Ok(())
 }

@@ -1605,6 +1605,107 @@ mod tests {
         assert!(!text.contains("_bucket"), "{text}");
     }
 
+    fn run_entries(yaml: &str, entries: Vec<Entry>) -> (Output, Arc<StageMetrics>) {
+        let metrics = Arc::new(StageMetrics::default());
+        let mut p = Pipeline::new(Arc::new(Compiled::new(&stages(yaml), metrics.clone()).unwrap()));
+        let mut out = Output::default();
+        for e in entries {
+            p.run(e, &mut out);
+        }
+        p.flush(true, &mut out);
+        (out, metrics)
+    }
+
+    #[test]
+    fn drop_older_than_and_tenant_by_label_and_value() {
+        let mut fresh = entry("new", &[("app", "web")]);
+        fresh.ts_ns = now_for_tests();
+        let old = entry("old", &[("app", "web")]);
+        let (out, _) = run_entries(
+            "- drop:\n    older_than: 1h\n    drop_counter_reason: stale",
+            vec![old, fresh],
+        );
+        assert_eq!(out.entries.len(), 1);
+        assert_eq!(out.entries[0].line, "new");
+        assert_eq!(out.dropped, ["stale"]);
+        let (out, _) = run("- tenant:\n    label: app", &["x"]);
+        assert_eq!(out.entries[0].tenant.as_deref(), Some("web"));
+        let (out, _) = run("- tenant:\n    value: fixed", &["x"]);
+        assert_eq!(out.entries[0].tenant.as_deref(), Some("fixed"));
+    }
+
+    fn now_for_tests() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i64
+    }
+
+    #[test]
+    fn timestamp_fallback_fudge_and_skip() {
+        let yaml = "- regex:\n    expression: '^(?P<t>\\S+) '\n- timestamp:\n    source: t\n    format: RFC3339\n    fallback_formats: [UnixMs]";
+        let (out, _) = run(yaml, &["1700000000123 a", "garbage b", "2024-01-01T00:00:00Z c"]);
+        let ts: Vec<i64> = out.entries.iter().map(|e| e.ts_ns).collect();
+        // The fallback parses the first; the second is fudged 1 ns after it (Promtail's
+        // default); the third parses with the main format.
+        assert_eq!(
+            ts,
+            [
+                1_700_000_000_123_000_000,
+                1_700_000_000_123_000_001,
+                1_704_067_200_000_000_000
+            ]
+        );
+        let (out, _) = run(
+            &format!("{yaml}\n    action_on_failure: skip"),
+            &["1700000000123 a", "garbage b"],
+        );
+        assert_eq!(out.entries[1].ts_ns, 1_000, "skip keeps the time the line was read");
+    }
+
+    #[test]
+    fn metrics_counter_match_all_gauge_and_histogram() {
+        let (_, metrics) = run(
+            "- regex:\n    expression: 'took=(?P<took>[\\d.]+) queue=(?P<queue>\\d+)'\n- metrics:\n    lines:\n      type: Counter\n      description: every line\n      config: {match_all: true, action: inc}\n    line_bytes:\n      type: Counter\n      description: bytes\n      config: {match_all: true, count_entry_bytes: true, action: add}\n    queue:\n      type: Gauge\n      description: depth\n      source: queue\n      config: {action: set}\n    took:\n      type: Histogram\n      description: latency\n      source: took\n      config: {buckets: [0.1, 1]}",
+            &["took=0.05 queue=3", "took=0.5 queue=7", "no values here"],
+        );
+        let text = metrics.render();
+        let l = "{app=\"web\", job=\"t\"}";
+        for want in [
+            format!("promtail_custom_lines_total{l} 3"),
+            format!("promtail_custom_line_bytes_total{l} 47"),
+            format!("promtail_custom_queue{l} 7"),
+            "promtail_custom_took_bucket{app=\"web\", job=\"t\",le=\"0.1\"} 1".to_owned(),
+            "promtail_custom_took_bucket{app=\"web\", job=\"t\",le=\"1\"} 2".to_owned(),
+            format!("promtail_custom_took_count{l} 2"),
+            format!("promtail_custom_took_sum{l} 0.55"),
+        ] {
+            assert!(text.contains(&want), "{want} missing in\n{text}");
+        }
+    }
+
+    #[test]
+    fn limit_per_label_value_and_waiting_mode() {
+        let e = |app: &str| entry("x", &[("app", app)]);
+        let (out, _) = run_entries(
+            "- limit:\n    rate: 1\n    burst: 1\n    drop: true\n    by_label_name: app",
+            vec![e("a"), e("a"), e("b"), e("b"), e("c")],
+        );
+        let apps: Vec<&str> = out.entries.iter().map(|e| e.labels["app"].as_str()).collect();
+        assert_eq!(apps, ["a", "b", "c"], "one burst per label value");
+        assert_eq!(out.dropped, ["limit", "limit"]);
+        // Without drop, entries wait for tokens: none is lost, the fifth comes ≥ 4/rate later.
+        let started = Instant::now();
+        let (out, _) = run_entries("- limit:\n    rate: 20\n    burst: 1", (0..5).map(|_| e("a")).collect());
+        assert_eq!(out.entries.len(), 5);
+        assert!(out.dropped.is_empty());
+        assert!(
+            started.elapsed() >= Duration::from_millis(150),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
     #[test]
     fn limit_drops_over_the_burst() {
         let (out, _) = run(

@@ -399,7 +399,11 @@ impl Tailer {
                 continue;
             }
             let key = FileKey::of(&m);
-            seen.insert(key);
+            if !seen.insert(key) {
+                // The same file under a second path (a symlink, two globs): tailed once, under
+                // the path found first.
+                continue;
+            }
             if let Some(mut t) = self.files.remove(&key) {
                 // Its target's labels may have changed (relabeling, discovery): relabel.
                 let relabel = t.path != path || t.target != target;

@@ -149,7 +149,12 @@ impl<'a> NodeDe<'a> {
             if fields.contains(&key) {
                 keep.push(entry);
             } else if (self.s.ignored)(name, key) {
-                let msg = format!("key `{key}` is accepted for Prometheus compatibility and ignored");
+                let like = if matches!(name, "LogsConfig" | "ClientConfig") {
+                    "Promtail"
+                } else {
+                    "Prometheus"
+                };
+                let msg = format!("key `{key}` is accepted for {like} compatibility and ignored");
                 diags.warning(entry.key.pos, at_path(&self.node.path, msg));
             } else {
                 diags.error(
