@@ -314,6 +314,10 @@ impl Tailer {
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
             }
         }
+        // Multiline blocks being built go out now (as at their max_wait_time), so the
+        // positions pass them and a restart or reload repeats none of the lines read after
+        // their start.
+        self.flush_multiline(true);
         self.maybe_sync(true);
         self.publish_status();
     }
