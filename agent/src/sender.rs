@@ -1078,7 +1078,9 @@ async fn send_batch(
             }
         };
         metrics.samples_retried(&cfg.name, samples);
-        let mut wait = retry_after.unwrap_or(backoff);
+        // A receiver's Retry-After is honoured up to a minute (or the longest backoff, when
+        // longer): a day-long value must not stall a shard.
+        let mut wait = retry_after.map_or(backoff, |r| r.min(max_backoff.max(Duration::from_secs(60))));
         if let Some(deadline) = *sd.borrow() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {

@@ -23,7 +23,8 @@ fn corpus() -> Vec<String> {
                 // 20 lines per second, as a busy container writes them.
                 (n / 1200) % 60,
                 (n / 20) % 60,
-                n * 7919 % 1_000_000_000,
+                // Increasing within the second, as a runtime stamps them.
+                (n % 20) * 50_000_000 + n * 7919 % 1_000_000,
                 n % 400,
                 n % 97
             )

@@ -674,6 +674,13 @@ logs:
                 e.join("\n")
             );
         }
+        let named = errors("logs:\n  clients: [{url: http://l/, name: ../x@y}]\n");
+        assert!(
+            named
+                .iter()
+                .any(|l| l.starts_with("agent.yml:2:36: logs.clients[0].name: name must be letters")),
+            "{named:?}"
+        );
         let nested = errors(
             "logs:\n  clients: [{url: http://l/}]\n  scrape_configs:\n    - job_name: a\n      kubernetes_pods: {}\n      pipeline_stages:\n        - match: {selector: '{a=\"b\"}', stages: [{cri: {}}]}\n",
         );

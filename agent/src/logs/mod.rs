@@ -253,6 +253,26 @@ pub fn start(cfg: &LogsConfig, env: &Env<'_>) -> anyhow::Result<Logs> {
             for d in dirs.flatten() {
                 let n = d.file_name().to_string_lossy().into_owned();
                 if let Some(t) = n.strip_prefix(&format!("{name}@")).and_then(tenant_of_dir) {
+                    // A tenant queue with nothing left to send goes (its positions are kept),
+                    // so tenants seen once do not count against the cap for ever.
+                    let drained = {
+                        let w = Arc::new(
+                            Wal::open(d.path(), wal_opts.clone())
+                                .with_context(|| format!("opening the logs WAL {n}"))?,
+                        );
+                        if w.committed().0 >= w.next_seq() {
+                            wal_positions.extend(
+                                sink::positions_in_wal(&w).with_context(|| format!("reading the logs WAL {n}"))?,
+                            );
+                            true
+                        } else {
+                            false
+                        }
+                    };
+                    if drained && std::fs::remove_dir_all(d.path()).is_ok() {
+                        tracing::info!(queue = %n, "Removed a drained tenant queue.");
+                        continue;
+                    }
                     client
                         .open_tenant(&t)
                         .with_context(|| format!("opening the logs WAL {n}"))?;

@@ -278,7 +278,10 @@ impl Positions {
     /// entry of another file at that path (rotated away) moves to a key of its own.
     pub fn claim(&mut self, path: &Path, saved: Saved) {
         if let Some(id) = saved.id {
-            self.files.retain(|_, s| s.id.is_none_or(|x| !x.same_file(&id)));
+            // Only entries certainly of this file go: a fingerprint over fewer bytes may be of
+            // a deleted file whose inode this one reuses (kept for its copies; lookups take the
+            // furthest matching entry).
+            self.files.retain(|_, s| s.id != Some(id));
         }
         if let Some(other) = self.files.remove(path) {
             if let Some(oid) = other.id {

@@ -97,14 +97,18 @@ impl ClientSink {
     /// Adds an entry to the record being built for its tenant. False (the entry is not
     /// taken) when it names a new tenant beyond [`MAX_TENANTS`].
     pub fn add(&mut self, e: &Entry) -> bool {
-        if !self.queues.contains_key(&e.tenant)
-            && !self.building.contains_key(&e.tenant)
-            && self.queues.len() + self.building.keys().filter(|k| !self.queues.contains_key(*k)).count() > MAX_TENANTS
-        {
-            return false;
+        if !self.building.contains_key(&e.tenant) {
+            // A tenant not seen since this client started: within the cap?
+            let tenants = self.queues.len() + self.building.keys().filter(|k| !self.queues.contains_key(*k)).count();
+            if !self.queues.contains_key(&e.tenant) && tenants > MAX_TENANTS {
+                return false;
+            }
+            self.building.insert(e.tenant.clone(), Default::default());
         }
         let (labels, hash) = self.labels_of(&e.labels);
-        let (buf, n) = self.building.entry(e.tenant.clone()).or_default();
+        let Some((buf, n)) = self.building.get_mut(&e.tenant) else {
+            return false;
+        };
         let meta: Vec<(&str, &str)> = e.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         crate::frame::push_with(buf, hash, |b| {
             crate::loki::proto::encode_entry(&labels, e.ts_ns, e.line.as_bytes(), &meta, b)

@@ -357,36 +357,7 @@ impl Tailer {
         // Turns: with files waiting for a slot, open files read to their end with nothing held
         // are closed (their position kept) so the waiting ones are read; they wait in turn.
         if !self.waiting.is_empty() {
-            let mut turn = self.waiting.len();
-            let idle: Vec<FileKey> = self
-                .files
-                .iter()
-                .filter(|(_, t)| {
-                    t.rotated_at.is_none()
-                        && t.carry.is_empty()
-                        && t.merge.iter().all(Option::is_none)
-                        && t.pipeline.held_from().is_none()
-                        && t.safe == t.offset
-                        && t.file.metadata().is_ok_and(|m| m.len() == t.offset)
-                })
-                .map(|(k, _)| *k)
-                .collect();
-            for key in idle {
-                if turn == 0 {
-                    break;
-                }
-                if let Some(t) = self.files.remove(&key) {
-                    self.positions.claim(
-                        &t.path,
-                        Saved {
-                            id: Some(t.id),
-                            offset: t.safe,
-                        },
-                    );
-                    self.metrics.turns(&self.jobs[t.target.job].name);
-                    turn -= 1;
-                }
-            }
+            self.close_idle(self.waiting.len());
         }
         let mut seen: HashSet<FileKey> = HashSet::new();
         let mut new_waiting = BTreeMap::new();
@@ -438,7 +409,11 @@ impl Tailer {
             }
             let key = FileKey::of(&m);
             all_seen.insert(key);
-            if self.files.contains_key(&key) || self.files.len() >= self.settings.max_open_files {
+            if self.files.contains_key(&key) {
+                continue;
+            }
+            // A rotated file may be deleted soon: it takes the slot of an idle file.
+            if self.files.len() >= self.settings.max_open_files && self.close_idle(1) == 0 {
                 continue;
             }
             self.open(path, target, true);
@@ -464,8 +439,16 @@ impl Tailer {
         // Files that waited for a free slot and are gone now were never read: lost.
         for (path, (target, size, key, _)) in std::mem::take(&mut self.waiting) {
             if !new_waiting.contains_key(&path) && !self.files.contains_key(&key) {
+                // What it held past its saved position (files closed for a turn were read).
+                let read = self
+                    .positions
+                    .files
+                    .get(&path)
+                    .filter(|s| s.id.is_some_and(|id| id.key == key))
+                    .map_or(0, |s| s.offset);
                 let job = &self.jobs[target.job].name;
-                self.metrics.lost_bytes(job, "deleted_before_read", size);
+                self.metrics
+                    .lost_bytes(job, "deleted_before_read", size.saturating_sub(read));
             }
         }
         self.waiting = new_waiting;
@@ -556,6 +539,39 @@ impl Tailer {
             },
         );
         self.files.insert(t.id.key, t);
+    }
+
+    /// Closes up to `n` open files that are idle — live, read to their end, nothing held, or
+    /// excluded by relabeling — keeping their positions. Returns how many it closed.
+    fn close_idle(&mut self, n: usize) -> usize {
+        let idle: Vec<FileKey> = self
+            .files
+            .iter()
+            .filter(|(_, t)| {
+                t.rotated_at.is_none()
+                    && (t.excluded
+                        || t.carry.is_empty()
+                            && t.merge.iter().all(Option::is_none)
+                            && t.pipeline.held_from().is_none()
+                            && t.safe == t.offset
+                            && t.file.metadata().is_ok_and(|m| m.len() == t.offset))
+            })
+            .map(|(k, _)| *k)
+            .take(n)
+            .collect();
+        for key in &idle {
+            if let Some(t) = self.files.remove(key) {
+                self.positions.claim(
+                    &t.path,
+                    Saved {
+                        id: Some(t.id),
+                        offset: t.safe,
+                    },
+                );
+                self.metrics.turns(&self.jobs[t.target.job].name);
+            }
+        }
+        idle.len()
     }
 
     /// A rotated file kubelet compressed (`0.log.<time>.gz`) is read only when it holds lines

@@ -141,6 +141,7 @@ pub fn frame_stream(stream_body: &[u8], out: &mut Vec<u8>) {
 }
 
 /// Reads a varint at `*at`, advancing it.
+#[inline]
 fn varint(buf: &[u8], at: &mut usize) -> Option<u64> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
@@ -202,7 +203,60 @@ fn entry_time(entry: &[u8]) -> Option<(i64, i64)> {
     Some((0, 0))
 }
 
-/// An encoded entry with its (seconds, nanoseconds).
+/// A StreamAdapter laid out as [`encode_entry`] writes it — labels, then exactly one entry —
+/// as (labels, entry); None for any other layout.
+fn one_entry(stream: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+    let mut at = 0;
+    if *stream.first()? != key(1, 2) {
+        return None;
+    }
+    at += 1;
+    let n = varint(stream, &mut at)? as usize;
+    let labels = stream.get(at..at.checked_add(n)?)?;
+    at += n;
+    let field = stream.get(at..)?;
+    if *stream.get(at)? != key(2, 2) {
+        return None;
+    }
+    at += 1;
+    let n = varint(stream, &mut at)? as usize;
+    let entry = stream.get(at..at.checked_add(n)?)?;
+    (at + n == stream.len()).then_some((labels, entry, field))
+}
+
+/// The whole field (tag, length and payload) of `payload`, a field of `within` found by
+/// [`fields`], when its length is minimally encoded (as every encoder here writes it).
+fn whole_field<'a>(within: &'a [u8], payload: &'a [u8]) -> Option<&'a [u8]> {
+    let off = (payload.as_ptr() as usize).checked_sub(within.as_ptr() as usize)?;
+    let start = off.checked_sub(1 + encoded_len_varint(payload.len() as u64))?;
+    let field = within.get(start..off + payload.len())?;
+    (field[0] == key(2, 2)).then_some(field)
+}
+
+/// The time of an entry whose first field is its timestamp (as [`encode_entry`] writes it).
+fn fast_entry_time(entry: &[u8]) -> Option<(i64, i64)> {
+    let mut at = 0;
+    if *entry.first()? != key(1, 2) {
+        return None;
+    }
+    at += 1;
+    let n = varint(entry, &mut at)? as usize;
+    let ts = entry.get(at..at.checked_add(n)?)?;
+    let (mut secs, mut nanos, mut i) = (0i64, 0i64, 0);
+    while i < ts.len() {
+        let k = ts[i];
+        i += 1;
+        let v = varint(ts, &mut i)?;
+        match k {
+            0x08 => secs = v as i64,
+            0x10 => nanos = i64::from(v as i32),
+            _ => return None,
+        }
+    }
+    Some((secs, nanos))
+}
+
+/// An encoded entry field with its entry's (seconds, nanoseconds).
 type TimedEntry<'a> = ((i64, i64), &'a [u8]);
 
 /// Rewrites a `PushRequest` (`batch`, one `StreamAdapter` per entry as the frames are) into
@@ -216,18 +270,43 @@ pub fn regroup(batch: &[u8], out: &mut Vec<u8>) -> bool {
     let mut streams: Vec<(&[u8], Vec<TimedEntry<'_>>)> = Vec::new();
     let mut index: std::collections::HashMap<&[u8], usize> = std::collections::HashMap::new();
     let mut last = usize::MAX;
-    for f in fields(batch) {
-        let Some((1, 2, stream, _)) = f else { return false };
-        let mut labels: &[u8] = &[];
-        let mut entries: Vec<&[u8]> = Vec::new();
-        for g in fields(stream) {
-            match g {
-                Some((1, 2, l, _)) => labels = l,
-                Some((2, 2, e, _)) => entries.push(e),
-                Some(_) => {}
-                None => return false,
-            }
+    // (entry payload, whole entry field)
+    let mut entries: Vec<(&[u8], &[u8])> = Vec::new();
+    let mut at = 0;
+    while at < batch.len() {
+        // Field 1 of the PushRequest: a StreamAdapter.
+        if batch[at] != key(1, 2) {
+            return false;
         }
+        at += 1;
+        let Some(n) = varint(batch, &mut at) else { return false };
+        let Some(stream) = at.checked_add(n as usize).and_then(|end| batch.get(at..end)) else {
+            return false;
+        };
+        at += n as usize;
+        entries.clear();
+        let labels = match one_entry(stream) {
+            // The frames' own layout: labels, then one entry.
+            Some((l, e, f)) => {
+                entries.push((e, f));
+                l
+            }
+            None => {
+                let mut labels: &[u8] = &[];
+                for g in fields(stream) {
+                    match g {
+                        Some((1, 2, l, _)) => labels = l,
+                        Some((2, 2, e, _)) => {
+                            let Some(f) = whole_field(stream, e) else { return false };
+                            entries.push((e, f));
+                        }
+                        Some(_) => {}
+                        None => return false,
+                    }
+                }
+                labels
+            }
+        };
         let k = if last < streams.len() && streams[last].0 == labels {
             last
         } else {
@@ -237,21 +316,25 @@ pub fn regroup(batch: &[u8], out: &mut Vec<u8>) -> bool {
             })
         };
         last = k;
-        for e in entries {
-            let Some(t) = entry_time(e) else { return false };
-            streams[k].1.push((t, e));
+        for (e, f) in &entries {
+            let Some(t) = fast_entry_time(e).or_else(|| entry_time(e)) else {
+                return false;
+            };
+            streams[k].1.push((t, f));
         }
     }
+    out.reserve(batch.len());
     for (labels, entries) in &mut streams {
         if entries.windows(2).any(|w| w[0].0 > w[1].0) {
             entries.sort_by_key(|(t, _)| *t);
         }
-        let len = bytes_field_len(labels.len()) + entries.iter().map(|(_, e)| bytes_field_len(e.len())).sum::<usize>();
+        // Entries are copied as whole fields (tag and length included).
+        let len = bytes_field_len(labels.len()) + entries.iter().map(|(_, f)| f.len()).sum::<usize>();
         out.push(key(1, 2));
         encode_varint(len as u64, out);
         put_bytes(1, labels, out);
-        for (_, e) in entries.iter() {
-            put_bytes(2, e, out);
+        for (_, f) in entries.iter() {
+            out.extend_from_slice(f);
         }
     }
     true

@@ -21,6 +21,17 @@ impl Checker<'_> {
         let mut names: HashMap<String, usize> = HashMap::new();
         for (i, c) in l.clients.iter().enumerate() {
             let path = format!("logs.clients[{i}]");
+            if let Some(n) = c
+                .name
+                .as_deref()
+                .filter(|n| n.is_empty() || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+            {
+                // It names the client's WAL directory and its metrics.
+                self.err(
+                    &format!("{path}.name"),
+                    format!("name must be letters, digits, '-', '_' or '.', got {n:?}"),
+                );
+            }
             if c.url.is_empty() {
                 self.err(&path, "url is required");
             } else if !valid_http_url(&c.url) {
