@@ -67,7 +67,7 @@ fn usage_version_and_check_config() -> Result<()> {
     let file = logs.display().to_string();
     assert!(
         text.lines()
-            .any(|l| l.starts_with(&format!("{file}:7:")) && l.contains("pipeline_stages[0].template")),
+            .any(|l| l.starts_with(&format!("{file}:8:")) && l.contains("pipeline_stages[0].template")),
         "template error at the stage's line: {text}"
     );
     Ok(())
