@@ -6,6 +6,8 @@
 #     the installer's spinner test)
 #   - Python: kubernetes-validate, jsonschema, PyYAML (scripts/validate-manifests.py)
 #   - cargo-nextest
+#   - iproute2 and iputils-ping (network namespaces and traffic for the eBPF tests), and the
+#     eBPF toolchain with the agent's programs (scripts/build-ebpf.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +16,7 @@ need_pkgs=()
 # test servers), procps (kill), util-linux (mount, for the full-disk test on a tmpfs).
 for pair in prometheus:prometheus prometheus-node-exporter:prometheus-node-exporter vmagent:victoria-metrics \
             openssl:openssl python3:python3 kill:procps mount:util-linux kubectl:kubectl \
-            script:bsdutils pip3:python3-pip; do
+            script:bsdutils pip3:python3-pip ip:iproute2 ping:iputils-ping; do
   bin=${pair%%:*}; pkg=${pair##*:}
   command -v "$bin" >/dev/null 2>&1 || need_pkgs+=("$pkg")
 done
@@ -36,6 +38,8 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "==> installing cargo-nextest"
   cargo install cargo-nextest --locked
 fi
+
+./scripts/build-ebpf.sh
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

@@ -10,6 +10,7 @@
 
 pub mod app;
 pub mod discovery;
+pub mod flows;
 pub mod frame;
 pub mod http;
 pub mod kubeapi;

@@ -3,6 +3,7 @@
 
 mod cli;
 mod common;
+mod flows;
 mod hostile;
 mod kube;
 mod lab;

@@ -1,0 +1,332 @@
+//! The agent's flow-counting programs (issue 10), loaded by `agent::flows`.
+//!
+//! - `flows_tc`: a tc classifier (tcx where the kernel has it, else clsact) for the host side
+//!   of pod interfaces, attached at ingress and egress. Per flow — addresses, ports (ICMP:
+//!   type and code), protocol, direction and interface — it adds packets (a GSO packet as the
+//!   `gso_segs` segments it carries), bytes and the TCP flags seen. It never changes a
+//!   packet's fate: it returns `TC_ACT_UNSPEC`, so the next program or the default action
+//!   decides (Cilium's or any other tc user's programs keep working).
+//! - `drops`: the `skb:kfree_skb` tracepoint, counting dropped IPv4/IPv6 packets by the
+//!   kernel's drop reason. The field offsets of the tracepoint differ between kernels; user
+//!   space reads them from the tracepoint's `format` file and passes them in `CONFIG`.
+//!
+//! User space reads the maps every interval and keeps the deltas; it deletes idle flows.
+//! The layouts of `FlowKey`, `FlowValue` and `DropKey` are mirrored in `agent/src/flows/maps.rs`.
+
+#![no_std]
+#![no_main]
+// Atomic adds: core's atomic types have no read-modify-write methods on the BPF target, the
+// intrinsic compiles to the BPF atomic add instruction.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
+/// `*p += v`, atomically (other CPUs may count the same flow).
+#[inline(always)]
+unsafe fn add<T: Copy>(p: *mut T, v: T) {
+    // SAFETY: the caller passes a pointer to a live map value (or a local).
+    unsafe { atomic_xadd::<T, T, { AtomicOrdering::Relaxed }>(p, v) };
+}
+
+use aya_ebpf::{
+    bindings::TC_ACT_UNSPEC,
+    macros::{classifier, map, tracepoint},
+    maps::{Array, HashMap},
+    programs::{TcContext, TracePointContext},
+};
+
+/// One flow, in one direction, on one interface.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FlowKey {
+    /// Source address: IPv4 in the first 4 bytes, or IPv6.
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// Source port (host order); ICMP: the type.
+    pub sport: u16,
+    /// Destination port (host order); ICMP: the code.
+    pub dport: u16,
+    /// Interface index the program saw the packet on.
+    pub ifindex: u32,
+    /// IP protocol (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6, …).
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+    /// 0: ingress of the (host-side) interface, 1: egress.
+    pub dir: u8,
+    /// Zero.
+    pub pad: u8,
+}
+
+/// What was counted for a flow since it was first seen.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FlowValue {
+    /// Packets (GSO segments counted one by one).
+    pub packets: u64,
+    /// Bytes (`skb->len`).
+    pub bytes: u64,
+    /// TCP segments with SYN and not ACK.
+    pub syn: u32,
+    /// TCP segments with SYN and ACK.
+    pub synack: u32,
+    /// TCP segments with FIN.
+    pub fin: u32,
+    /// TCP segments with RST.
+    pub rst: u32,
+    /// `bpf_ktime_get_ns` of the last packet.
+    pub last_ns: u64,
+}
+
+/// A drop reason and the packet's protocol (EtherType).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DropKey {
+    /// `enum skb_drop_reason`.
+    pub reason: u32,
+    /// EtherType (0x0800 IPv4, 0x86dd IPv6).
+    pub protocol: u16,
+    /// Zero.
+    pub pad: u16,
+}
+
+/// Flow table; its size is set at load time (`flows.max_flows`).
+#[map]
+static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(65536, 0);
+
+/// Drops by reason and protocol.
+#[map]
+static DROPS: HashMap<DropKey, u64> = HashMap::with_max_entries(1024, 0);
+
+/// Counters of the programs themselves: see `STAT_*`.
+#[map]
+static STATS: Array<u64> = Array::with_max_entries(4, 0);
+
+/// Settings from user space: `CONFIG_*`.
+#[map]
+static CONFIG: Array<u32> = Array::with_max_entries(4, 0);
+
+/// A new flow found the flow table full.
+const STAT_FLOWS_FULL: u32 = 0;
+/// A new drop key found the drop table full.
+const STAT_DROPS_FULL: u32 = 1;
+/// Packets that are not IPv4/IPv6 or too short to parse (not counted in flows).
+const STAT_UNPARSED: u32 = 2;
+
+/// Offset of `protocol` in the `skb:kfree_skb` record.
+const CONFIG_DROP_PROTOCOL_OFF: u32 = 0;
+/// Offset of `reason` in the `skb:kfree_skb` record.
+const CONFIG_DROP_REASON_OFF: u32 = 1;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+
+#[inline(always)]
+fn stat(i: u32) {
+    if let Some(p) = STATS.get_ptr_mut(i) {
+        // SAFETY: an Array value is valid for the map's lifetime; atomic add on a u64 slot.
+        unsafe { add(p, 1u64) };
+    }
+}
+
+#[classifier]
+pub fn flows_tc(ctx: TcContext) -> i32 {
+    count(&ctx);
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn count(ctx: &TcContext) {
+    let Some(mut key) = parse(ctx) else {
+        stat(STAT_UNPARSED);
+        return;
+    };
+    // SAFETY: `skb` is the program's context (`__sk_buff`), valid for its run.
+    let (ifindex, ingress, gso_segs, len) = unsafe {
+        let skb = &*ctx.skb.skb;
+        (skb.ifindex, skb.ingress_ifindex != 0, skb.gso_segs, skb.len)
+    };
+    key.ifindex = ifindex;
+    key.dir = if ingress { 0 } else { 1 };
+    let packets = u64::from(if gso_segs > 1 { gso_segs } else { 1 });
+    let flags = tcp_flags(ctx, &key);
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    if let Some(v) = FLOWS.get_ptr_mut(&key) {
+        // SAFETY: a hash map value stays valid while the program runs; fields are updated
+        // atomically since other CPUs may count the same flow.
+        unsafe {
+            add(&raw mut (*v).packets, packets);
+            add(&raw mut (*v).bytes, u64::from(len));
+            add_flags(v, flags);
+            (*v).last_ns = now;
+        }
+        return;
+    }
+    let mut v = FlowValue {
+        packets,
+        bytes: u64::from(len),
+        syn: 0,
+        synack: 0,
+        fin: 0,
+        rst: 0,
+        last_ns: now,
+    };
+    // SAFETY: a local.
+    unsafe { add_flags(&mut v, flags) };
+    // BPF_NOEXIST: another CPU may have inserted it meanwhile; then add to that one.
+    if FLOWS.insert(&key, &v, 1).is_err() {
+        if let Some(p) = FLOWS.get_ptr_mut(&key) {
+            unsafe {
+                add(&raw mut (*p).packets, packets);
+                add(&raw mut (*p).bytes, u64::from(len));
+                add_flags(p, flags);
+            }
+        } else {
+            stat(STAT_FLOWS_FULL);
+        }
+    }
+}
+
+/// SYN, SYN-ACK, FIN, RST bits of a TCP segment (0 otherwise).
+#[inline(always)]
+fn tcp_flags(ctx: &TcContext, key: &FlowKey) -> u8 {
+    if key.proto != 6 {
+        return 0;
+    }
+    // The L4 offset was stashed in `pad` by `parse`; read the flags byte (offset 13).
+    let l4 = ETH_HLEN + usize::from(key.pad) * 4;
+    ctx.load::<u8>(l4 + 13).unwrap_or(0)
+}
+
+#[inline(always)]
+unsafe fn add_flags(v: *mut FlowValue, flags: u8) {
+    let (fin, syn, rst, ack) = (
+        flags & 0x01 != 0,
+        flags & 0x02 != 0,
+        flags & 0x04 != 0,
+        flags & 0x10 != 0,
+    );
+    // SAFETY: `v` points at a live map value or a local.
+    unsafe {
+        if syn && !ack {
+            add(&raw mut (*v).syn, 1u32);
+        }
+        if syn && ack {
+            add(&raw mut (*v).synack, 1u32);
+        }
+        if fin {
+            add(&raw mut (*v).fin, 1u32);
+        }
+        if rst {
+            add(&raw mut (*v).rst, 1u32);
+        }
+    }
+}
+
+/// The flow key of an Ethernet frame carrying IPv4 or IPv6 (ports for TCP/UDP/SCTP, type and
+/// code for ICMP). `pad` holds the IP header length in 32-bit words, for `tcp_flags`;
+/// `count` clears it.
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<FlowKey> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let mut key = FlowKey {
+        src: [0; 16],
+        dst: [0; 16],
+        sport: 0,
+        dport: 0,
+        ifindex: 0,
+        proto: 0,
+        family: 0,
+        dir: 0,
+        pad: 0,
+    };
+    let l4 = match ethertype {
+        ETH_P_IP => {
+            let vihl = ctx.load::<u8>(ETH_HLEN).ok()?;
+            let ihl = usize::from(vihl & 0x0f);
+            if ihl < 5 {
+                return None;
+            }
+            key.family = 4;
+            key.proto = ctx.load::<u8>(ETH_HLEN + 9).ok()?;
+            let s: [u8; 4] = ctx.load(ETH_HLEN + 12).ok()?;
+            let d: [u8; 4] = ctx.load(ETH_HLEN + 16).ok()?;
+            key.src[..4].copy_from_slice(&s);
+            key.dst[..4].copy_from_slice(&d);
+            key.pad = ihl as u8;
+            // Only the first fragment has the ports.
+            let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).ok()?) & 0x1fff;
+            if frag != 0 {
+                return Some(key);
+            }
+            ETH_HLEN + ihl * 4
+        }
+        ETH_P_IPV6 => {
+            key.family = 6;
+            key.proto = ctx.load::<u8>(ETH_HLEN + 6).ok()?;
+            key.src = ctx.load(ETH_HLEN + 8).ok()?;
+            key.dst = ctx.load(ETH_HLEN + 24).ok()?;
+            // Extension headers are not followed: such packets count without ports.
+            key.pad = 10;
+            ETH_HLEN + 40
+        }
+        _ => return None,
+    };
+    match key.proto {
+        6 | 17 | 132 => {
+            key.sport = u16::from_be(ctx.load::<u16>(l4).ok()?);
+            key.dport = u16::from_be(ctx.load::<u16>(l4 + 2).ok()?);
+        }
+        1 | 58 => {
+            key.sport = u16::from(ctx.load::<u8>(l4).ok()?);
+            key.dport = u16::from(ctx.load::<u8>(l4 + 1).ok()?);
+        }
+        _ => {}
+    }
+    Some(key)
+}
+
+#[tracepoint]
+pub fn drops(ctx: TracePointContext) -> u32 {
+    let (Some(p_off), Some(r_off)) = (CONFIG.get(CONFIG_DROP_PROTOCOL_OFF), CONFIG.get(CONFIG_DROP_REASON_OFF)) else {
+        return 0;
+    };
+    if *p_off == 0 || *r_off == 0 {
+        return 0;
+    }
+    // SAFETY: offsets come from the tracepoint's own format description.
+    let (protocol, reason) = unsafe {
+        (
+            ctx.read_at::<u16>(*p_off as usize).unwrap_or(0),
+            ctx.read_at::<u32>(*r_off as usize).unwrap_or(0),
+        )
+    };
+    if protocol != ETH_P_IP && protocol != ETH_P_IPV6 {
+        return 0;
+    }
+    let key = DropKey {
+        reason,
+        protocol,
+        pad: 0,
+    };
+    if let Some(p) = DROPS.get_ptr_mut(&key) {
+        // SAFETY: a live map value.
+        unsafe { add(p, 1u64) };
+    } else if DROPS.insert(&key, &1, 1).is_err() {
+        if let Some(p) = DROPS.get_ptr_mut(&key) {
+            unsafe { add(p, 1u64) };
+        } else {
+            stat(STAT_DROPS_FULL);
+        }
+    }
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
