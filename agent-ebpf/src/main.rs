@@ -138,6 +138,18 @@ pub fn flows_tc(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// Not attached by the agent: the tests attach it (through legacy tc, clsact) to stand for
+/// another tc user on the same interface — it drops ICMP and passes the rest.
+#[classifier]
+pub fn sre_lab_test_drop_icmp(ctx: TcContext) -> i32 {
+    let ipv4 = ctx.load::<u16>(12).is_ok_and(|t| u16::from_be(t) == ETH_P_IP);
+    if ipv4 && ctx.load::<u8>(ETH_HLEN + 9).is_ok_and(|p| p == 1) {
+        aya_ebpf::bindings::TC_ACT_SHOT
+    } else {
+        TC_ACT_UNSPEC
+    }
+}
+
 #[inline(always)]
 fn count(ctx: &TcContext) {
     let Some(mut key) = parse(ctx) else {

@@ -156,3 +156,75 @@ fn the_tc_program_counts_icmp_and_tcp_packets_bytes_and_flags_on_a_veth() -> Res
     assert_eq!(to.rst + from.rst, 0);
     Ok(())
 }
+
+#[test]
+fn beside_another_tc_program_that_drops_both_keep_working() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIPPED: attaching eBPF programs needs root");
+        return Ok(());
+    }
+    let Some(obj) = agent::flows::object() else {
+        bail!("the agent was built without its eBPF programs: run scripts/build-ebpf.sh before building");
+    };
+    let net = Netns::new()?;
+    // Another tc user, attached first through legacy tc (clsact): a program dropping ICMP
+    // that arrives at the host side (the echo replies). The agent's program goes on tcx (or
+    // clsact) beside it. (At egress a drop makes ping resend, so ingress keeps counts exact.)
+    let mut other = aya::Ebpf::load(obj)?;
+    let drop: &mut aya::programs::SchedClassifier = other
+        .program_mut("sre_lab_test_drop_icmp")
+        .context("test program")?
+        .try_into()?;
+    drop.load()?;
+    let _ = aya::programs::tc::qdisc_add_clsact(&net.host);
+    let link = drop.attach_with_options(
+        &net.host,
+        aya::programs::TcAttachType::Ingress,
+        aya::programs::tc::TcAttachOptions::Netlink(aya::programs::tc::NlOptions::default()),
+    )?;
+    let mut progs = Programs::load(4096)?;
+    progs.attach(&net.host)?;
+    let (host, peer) = (net.addr(true), net.addr(false));
+    let ping = |n: &str| {
+        Command::new("ping")
+            .args(["-c", n, "-i", "0.05", "-W", "1", &peer.to_string()])
+            .output()
+            .map(|o| o.status.success())
+    };
+    // The other program still drops (no reply reaches ping), and ours counted both ways
+    // (on this kernel ours is on tcx, which runs before legacy tc programs).
+    assert!(!ping("3")?, "the dropping program kept working");
+    let flows = progs.flows()?;
+    let req = find(&flows, |k| {
+        k.proto == 1 && k.source() == host && k.destination() == peer
+    });
+    let rep = find(&flows, |k| k.proto == 1 && k.source() == peer);
+    assert_eq!(req.packets, 3, "{req:?}");
+    assert_eq!(rep.packets, 3, "{rep:?}");
+    // TCP passes through both.
+    let l = std::net::TcpListener::bind((host, 0))?;
+    let port = l.local_addr()?.port();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &net.ns, "python3", "-c"])
+        .arg(format!(
+            "import socket; socket.create_connection(('{host}', {port}), 5).close()"
+        ))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "TCP through both programs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without the other program, ICMP flows again and both directions are counted.
+    drop.detach(link)?;
+    assert!(ping("2")?, "ping after removing the other program");
+    let flows = progs.flows()?;
+    let req = find(&flows, |k| {
+        k.proto == 1 && k.source() == host && k.destination() == peer
+    });
+    let rep = find(&flows, |k| k.proto == 1 && k.source() == peer);
+    assert_eq!((req.packets, rep.packets), (5, 5));
+    let syn = find(&flows, |k| k.proto == 6 && k.source() == peer && k.dport == port);
+    assert_eq!(syn.syn, 1, "{syn:?}");
+    Ok(())
+}

@@ -17,6 +17,11 @@ static OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(env!("SRE_LAB_EB
 #[cfg(not(sre_lab_ebpf))]
 static OBJECT: Option<&[u8]> = None;
 
+/// The embedded eBPF object (tests load its `sre_lab_test_drop_icmp` program themselves).
+pub fn object() -> Option<&'static [u8]> {
+    OBJECT
+}
+
 /// Whether this binary carries the eBPF programs.
 pub fn built_with_programs() -> bool {
     OBJECT.is_some()
