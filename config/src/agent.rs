@@ -28,6 +28,8 @@ pub struct AgentConfig {
     pub file_sink: Option<FileSinkConfig>,
     /// Extension: tail log files and push them to Loki (Promtail's configuration).
     pub logs: Option<crate::logs::LogsConfig>,
+    /// Extension: eBPF network flow metrics with Hubble's names.
+    pub flows: Option<crate::flows::FlowsConfig>,
 }
 
 /// `global:` — defaults for scrape configs.

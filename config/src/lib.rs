@@ -10,6 +10,7 @@
 //! config is then checked by [`validate`] and completed by [`apply_defaults`].
 
 pub mod agent;
+pub mod flows;
 pub mod lab;
 pub mod logql;
 pub mod logs;

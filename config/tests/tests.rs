@@ -698,3 +698,57 @@ logs:
         );
     }
 }
+
+mod flows {
+    use config::flows::FlowsConfig;
+
+    fn errors(text: &str) -> Vec<String> {
+        match config::agent_config_from_str(text, "agent.yml", &|_| None) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn the_flows_section_loads_with_defaults() {
+        let text = "flows:\n  enabled: true\n  interfaces: ['lxc*', 'veth*', eth0]\n  interval: 10s\n  source_context: [pod, ip]\n";
+        let loaded = config::agent_config_from_str(text, "agent.yml", &|_| None).unwrap();
+        let f = loaded.value.flows.unwrap();
+        assert!(f.enabled);
+        assert_eq!(f.interfaces, ["lxc*", "veth*", "eth0"]);
+        assert_eq!(f.interval.get(), std::time::Duration::from_secs(10));
+        assert_eq!(f.source_context, ["pod", "ip"]);
+        assert_eq!(f.max_flows, 65_536);
+        assert_eq!(f.metrics.len(), config::flows::METRICS.len());
+        assert_eq!(FlowsConfig::default().effective_interfaces(), ["lxc*", "veth*"]);
+        let cg = FlowsConfig {
+            cgroup: Some("/sys/fs/cgroup".into()),
+            ..FlowsConfig::default()
+        };
+        assert!(cg.effective_interfaces().is_empty());
+    }
+
+    #[test]
+    fn flows_mistakes_name_file_line_and_column() {
+        let e = errors(
+            "flows:\n  interfaces: ['[bad']\n  cgroup: sys/fs/cgroup\n  interval: 0s\n  max_flows: 10\n  metrics: [flows-processed, dns]\n  destination_context: [pod, label]\n  bogus: 1\n",
+        );
+        let want = [
+            "agent.yml:2:16: flows.interfaces[0]: invalid glob",
+            "agent.yml:3:11: flows.cgroup: cgroup and interfaces are exclusive",
+            "agent.yml:3:11: flows.cgroup: cgroup must be an absolute path",
+            "agent.yml:4:13: flows.interval: interval must be more than 0s",
+            "agent.yml:5:14: flows.max_flows: max_flows must be between 1024 and 16777216, got 10",
+            "agent.yml:6:30: flows.metrics[1]: unknown metric \"dns\"",
+            "agent.yml:7:30: flows.destination_context[1]: unknown context \"label\"",
+            "agent.yml:8:3: flows: unknown key `bogus`",
+        ];
+        for w in want {
+            assert!(
+                e.iter().any(|l| l.starts_with(w)),
+                "missing {w:?} in:\n{}",
+                e.join("\n")
+            );
+        }
+    }
+}

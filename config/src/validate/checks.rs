@@ -87,6 +87,9 @@ pub fn validate(cfg: &AgentConfig, spans: &SpanTable, file: &str) -> Vec<ConfigE
             format!("listen_address must be host:port, got {:?}", cfg.server.listen_address),
         );
     }
+    if let Some(f) = &cfg.flows {
+        c.flows(f);
+    }
     if let Some(l) = &cfg.logs {
         c.logs(l);
     }

@@ -8,6 +8,7 @@
 mod checks;
 mod client;
 mod defaults;
+mod flows;
 mod logs;
 mod relabel;
 mod rules;
