@@ -228,3 +228,46 @@ fn beside_another_tc_program_that_drops_both_keep_working() -> Result<()> {
     assert_eq!(syn.syn, 1, "{syn:?}");
     Ok(())
 }
+
+#[test]
+fn drops_are_counted_by_the_kernels_reason() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIPPED: attaching eBPF programs needs root");
+        return Ok(());
+    }
+    if !agent::flows::built_with_programs() {
+        bail!("the agent was built without its eBPF programs: run scripts/build-ebpf.sh before building");
+    }
+    let net = Netns::new()?;
+    let mut progs = Programs::load(4096)?;
+    progs.attach_drops()?;
+    let peer = net.addr(false);
+    // SKB_DROP_REASON_NO_SOCKET (3): UDP datagrams to a port nobody listens on in the
+    // namespace are freed with that reason.
+    let no_socket = |progs: &Programs| -> Result<u64> {
+        Ok(progs
+            .drops()?
+            .iter()
+            .filter(|((reason, proto), _)| *reason == 3 && *proto == 0x0800)
+            .map(|(_, n)| n)
+            .sum())
+    };
+    let before = no_socket(&progs)?;
+    let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    for _ in 0..5 {
+        s.send_to(b"nobody listens", (peer, 9))?;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let n = no_socket(&progs)? - before;
+        if n >= 5 {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "NO_SOCKET drops counted: {n} of 5"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(())
+}

@@ -46,6 +46,21 @@ pub struct FlowValue {
     pub last_ns: u64,
 }
 
+/// A drop reason and EtherType (`DropKey` in `agent-ebpf`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DropKey {
+    /// `enum skb_drop_reason`.
+    pub reason: u32,
+    /// EtherType.
+    pub protocol: u16,
+    /// Zero.
+    pub pad: u16,
+}
+
+// SAFETY: as below.
+unsafe impl aya::Pod for DropKey {}
+
 // SAFETY: plain `repr(C)` data without padding holes that matter (every byte is written by the
 // program or zero), valid for any bit pattern.
 unsafe impl aya::Pod for FlowKey {}
