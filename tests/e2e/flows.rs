@@ -69,6 +69,18 @@ fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
+/// False (with a SKIPPED line) when not root; an error when the programs were not built.
+fn can_attach() -> Result<bool> {
+    if !is_root() {
+        eprintln!("SKIPPED: attaching eBPF programs needs root");
+        return Ok(false);
+    }
+    if !agent::flows::built_with_programs() {
+        bail!("the agent was built without its eBPF programs: run scripts/build-ebpf.sh before building");
+    }
+    Ok(true)
+}
+
 fn find(flows: &[(FlowKey, FlowValue)], f: impl Fn(&FlowKey) -> bool) -> FlowValue {
     flows
         .iter()
@@ -86,12 +98,8 @@ fn find(flows: &[(FlowKey, FlowValue)], f: impl Fn(&FlowKey) -> bool) -> FlowVal
 
 #[test]
 fn the_tc_program_counts_icmp_and_tcp_packets_bytes_and_flags_on_a_veth() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIPPED: attaching eBPF programs needs root");
+    if !can_attach()? {
         return Ok(());
-    }
-    if !agent::flows::built_with_programs() {
-        bail!("the agent was built without its eBPF programs: run scripts/build-ebpf.sh before building");
     }
     let net = Netns::new()?;
     let mut progs = Programs::load(4096)?;
@@ -159,13 +167,10 @@ fn the_tc_program_counts_icmp_and_tcp_packets_bytes_and_flags_on_a_veth() -> Res
 
 #[test]
 fn beside_another_tc_program_that_drops_both_keep_working() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIPPED: attaching eBPF programs needs root");
+    if !can_attach()? {
         return Ok(());
     }
-    let Some(obj) = agent::flows::object() else {
-        bail!("the agent was built without its eBPF programs: run scripts/build-ebpf.sh before building");
-    };
+    let obj = agent::flows::object().context("embedded eBPF object")?;
     let net = Netns::new()?;
     // Another tc user, attached first through legacy tc (clsact): a program dropping ICMP
     // that arrives at the host side (the echo replies). The agent's program goes on tcx (or
@@ -231,12 +236,8 @@ fn beside_another_tc_program_that_drops_both_keep_working() -> Result<()> {
 
 #[test]
 fn drops_are_counted_by_the_kernels_reason() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIPPED: attaching eBPF programs needs root");
+    if !can_attach()? {
         return Ok(());
-    }
-    if !agent::flows::built_with_programs() {
-        bail!("the agent was built without its eBPF programs: run scripts/build-ebpf.sh before building");
     }
     let net = Netns::new()?;
     let mut progs = Programs::load(4096)?;

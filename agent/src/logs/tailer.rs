@@ -940,16 +940,7 @@ impl Tailer {
         };
         let job = &self.jobs[t.target.job];
         if !job.container_format {
-            let e = Entry {
-                ts_ns: now_ns(),
-                line: self.cap(text.into_owned(), t.target.job),
-                labels: t.labels.clone(),
-                extracted: HashMap::new(),
-                metadata: Vec::new(),
-                tenant: None,
-                start,
-            };
-            t.pipeline.run(e, &mut self.out);
+            self.raw_line(t, text.into_owned(), start);
             self.advance(t, end);
             return;
         }
@@ -1010,19 +1001,24 @@ impl Tailer {
                 tracing::debug!(path = %t.path.display(), error = %e, "A log line is not in the container format.");
                 self.end_merge(t, 0);
                 self.end_merge(t, 1);
-                let e = Entry {
-                    ts_ns: now_ns(),
-                    line: self.cap(text.into_owned(), t.target.job),
-                    labels: t.labels.clone(),
-                    extracted: HashMap::new(),
-                    metadata: Vec::new(),
-                    tenant: None,
-                    start,
-                };
-                t.pipeline.run(e, &mut self.out);
+                self.raw_line(t, text.into_owned(), start);
             }
         }
         self.advance(t, end);
+    }
+
+    /// A line taken as it is (no container format): stamped with the time it was read.
+    fn raw_line(&mut self, t: &mut Tailed, text: String, start: u64) {
+        let e = Entry {
+            ts_ns: now_ns(),
+            line: self.cap(text, t.target.job),
+            labels: t.labels.clone(),
+            extracted: HashMap::new(),
+            metadata: Vec::new(),
+            tenant: None,
+            start,
+        };
+        t.pipeline.run(e, &mut self.out);
     }
 
     fn cap(&self, mut s: String, job: usize) -> String {
