@@ -6,6 +6,10 @@
 //!   `gso_segs` segments it carries), bytes and the TCP flags seen. It never changes a
 //!   packet's fate: it returns `TC_ACT_UNSPEC`, so the next program or the default action
 //!   decides (Cilium's or any other tc user's programs keep working).
+//! - `flows_cgroup_ingress` / `flows_cgroup_egress`: the same counting as cgroup_skb programs
+//!   for the cgroup v2 root (`flows.cgroup`), where packets start at their IP header. They
+//!   always let the packet pass; attached as BPF links (kernel ≥ 5.7), they run beside
+//!   other programs on the same cgroup.
 //! - `drops`: the `skb:kfree_skb` tracepoint, counting dropped IPv4/IPv6 packets by the
 //!   kernel's drop reason. The field offsets of the tracepoint differ between kernels; user
 //!   space reads them from the tracepoint's `format` file and passes them in `CONFIG`.
@@ -31,9 +35,9 @@ unsafe fn add<T: Copy>(p: *mut T, v: T) {
 
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
-    macros::{classifier, map, tracepoint},
+    macros::{cgroup_skb, classifier, map, tracepoint},
     maps::{Array, HashMap},
-    programs::{TcContext, TracePointContext},
+    programs::{sk_buff::SkBuff, SkBuffContext, TcContext, TracePointContext},
 };
 
 /// One flow, in one direction, on one interface.
@@ -54,7 +58,8 @@ pub struct FlowKey {
     pub proto: u8,
     /// 4 or 6.
     pub family: u8,
-    /// 0: ingress of the (host-side) interface, 1: egress.
+    /// 0: from the endpoint (tc: ingress of the host-side interface; cgroup: egress),
+    /// 1: to the endpoint (tc: egress; cgroup: ingress).
     pub dir: u8,
     /// Zero.
     pub pad: u8,
@@ -134,8 +139,43 @@ fn stat(i: u32) {
 
 #[classifier]
 pub fn flows_tc(ctx: TcContext) -> i32 {
-    count(&ctx);
+    let Ok(ethertype) = ctx.load::<u16>(12) else {
+        stat(STAT_UNPARSED);
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: `skb` is the program's context (`__sk_buff`), valid for its run.
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex != 0 };
+    count(&ctx.skb, u16::from_be(ethertype), ETH_HLEN, if ingress { 0 } else { 1 });
     TC_ACT_UNSPEC
+}
+
+/// The cgroup mode (`flows.cgroup`), attached at the cgroup v2 root: packets a socket of the
+/// cgroup's processes receives. The packet starts at its IP header. Always lets it pass.
+#[cgroup_skb(ingress)]
+pub fn flows_cgroup_ingress(ctx: SkBuffContext) -> i32 {
+    count_cgroup(&ctx.skb, 1);
+    1
+}
+
+/// Packets the cgroup's sockets send.
+#[cgroup_skb(egress)]
+pub fn flows_cgroup_egress(ctx: SkBuffContext) -> i32 {
+    count_cgroup(&ctx.skb, 0);
+    1
+}
+
+#[inline(always)]
+fn count_cgroup(skb: &SkBuff, dir: u8) {
+    // The IP version nibble (`skb->protocol` may not be set yet on the egress path).
+    let ethertype = match skb.load::<u8>(0).map(|b| b >> 4) {
+        Ok(4) => ETH_P_IP,
+        Ok(6) => ETH_P_IPV6,
+        _ => {
+            stat(STAT_UNPARSED);
+            return;
+        }
+    };
+    count(skb, ethertype, 0, dir);
 }
 
 /// Not attached by the agent: the tests attach it (through legacy tc, clsact) to stand for
@@ -150,21 +190,23 @@ pub fn sre_lab_test_drop_icmp(ctx: TcContext) -> i32 {
     }
 }
 
+/// Counts a packet whose IP header starts at `l3` and has this EtherType.
 #[inline(always)]
-fn count(ctx: &TcContext) {
-    let Some(mut key) = parse(ctx) else {
+fn count(ctx: &SkBuff, ethertype: u16, l3: usize, dir: u8) {
+    let Some(mut key) = parse(ctx, ethertype, l3) else {
         stat(STAT_UNPARSED);
         return;
     };
     // SAFETY: `skb` is the program's context (`__sk_buff`), valid for its run.
-    let (ifindex, ingress, gso_segs, len) = unsafe {
-        let skb = &*ctx.skb.skb;
-        (skb.ifindex, skb.ingress_ifindex != 0, skb.gso_segs, skb.len)
+    let (ifindex, gso_segs, len) = unsafe {
+        let skb = &*ctx.skb;
+        (skb.ifindex, skb.gso_segs, skb.len)
     };
     key.ifindex = ifindex;
-    key.dir = if ingress { 0 } else { 1 };
+    key.dir = dir;
     let packets = u64::from(if gso_segs > 1 { gso_segs } else { 1 });
-    let flags = tcp_flags(ctx, &key);
+    let flags = tcp_flags(ctx, &key, l3);
+    key.pad = 0;
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
     if let Some(v) = FLOWS.get_ptr_mut(&key) {
         // SAFETY: a hash map value stays valid while the program runs; fields are updated
@@ -204,12 +246,12 @@ fn count(ctx: &TcContext) {
 
 /// SYN, SYN-ACK, FIN, RST bits of a TCP segment (0 otherwise).
 #[inline(always)]
-fn tcp_flags(ctx: &TcContext, key: &FlowKey) -> u8 {
+fn tcp_flags(ctx: &SkBuff, key: &FlowKey, l3: usize) -> u8 {
     if key.proto != 6 {
         return 0;
     }
     // The L4 offset was stashed in `pad` by `parse`; read the flags byte (offset 13).
-    let l4 = ETH_HLEN + usize::from(key.pad) * 4;
+    let l4 = l3 + usize::from(key.pad) * 4;
     ctx.load::<u8>(l4 + 13).unwrap_or(0)
 }
 
@@ -238,12 +280,11 @@ unsafe fn add_flags(v: *mut FlowValue, flags: u8) {
     }
 }
 
-/// The flow key of an Ethernet frame carrying IPv4 or IPv6 (ports for TCP/UDP/SCTP, type and
-/// code for ICMP). `pad` holds the IP header length in 32-bit words, for `tcp_flags`;
-/// `count` clears it.
+/// The flow key of an IPv4 or IPv6 packet whose IP header starts at `l3` (ports for
+/// TCP/UDP/SCTP, type and code for ICMP). `pad` holds the IP header length in 32-bit words,
+/// for `tcp_flags`; `count` clears it.
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Option<FlowKey> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+fn parse(ctx: &SkBuff, ethertype: u16, l3: usize) -> Option<FlowKey> {
     let mut key = FlowKey {
         src: [0; 16],
         dst: [0; 16],
@@ -257,33 +298,33 @@ fn parse(ctx: &TcContext) -> Option<FlowKey> {
     };
     let l4 = match ethertype {
         ETH_P_IP => {
-            let vihl = ctx.load::<u8>(ETH_HLEN).ok()?;
+            let vihl = ctx.load::<u8>(l3).ok()?;
             let ihl = usize::from(vihl & 0x0f);
             if ihl < 5 {
                 return None;
             }
             key.family = 4;
-            key.proto = ctx.load::<u8>(ETH_HLEN + 9).ok()?;
-            let s: [u8; 4] = ctx.load(ETH_HLEN + 12).ok()?;
-            let d: [u8; 4] = ctx.load(ETH_HLEN + 16).ok()?;
+            key.proto = ctx.load::<u8>(l3 + 9).ok()?;
+            let s: [u8; 4] = ctx.load(l3 + 12).ok()?;
+            let d: [u8; 4] = ctx.load(l3 + 16).ok()?;
             key.src[..4].copy_from_slice(&s);
             key.dst[..4].copy_from_slice(&d);
             key.pad = ihl as u8;
             // Only the first fragment has the ports.
-            let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).ok()?) & 0x1fff;
+            let frag = u16::from_be(ctx.load::<u16>(l3 + 6).ok()?) & 0x1fff;
             if frag != 0 {
                 return Some(key);
             }
-            ETH_HLEN + ihl * 4
+            l3 + ihl * 4
         }
         ETH_P_IPV6 => {
             key.family = 6;
-            key.proto = ctx.load::<u8>(ETH_HLEN + 6).ok()?;
-            key.src = ctx.load(ETH_HLEN + 8).ok()?;
-            key.dst = ctx.load(ETH_HLEN + 24).ok()?;
+            key.proto = ctx.load::<u8>(l3 + 6).ok()?;
+            key.src = ctx.load(l3 + 8).ok()?;
+            key.dst = ctx.load(l3 + 24).ok()?;
             // Extension headers are not followed: such packets count without ports.
             key.pad = 10;
-            ETH_HLEN + 40
+            l3 + 40
         }
         _ => return None,
     };

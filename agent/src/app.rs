@@ -321,6 +321,7 @@ fn scrape_settings(sc: &ScrapeConfig, cfg: &AgentConfig, base: &Path) -> anyhow:
         label_value_length_limit: sc.label_value_length_limit.unwrap_or(g.label_value_length_limit),
         body_size_limit: sc.body_size_limit.unwrap_or(g.body_size_limit).0,
         follow_redirects: sc.follow_redirects.unwrap_or(true),
+        report_series: true,
         metric_relabel: relabel::compile(&sc.metric_relabel_configs)
             .map_err(|e| anyhow!("scrape config {:?}: metric_relabel_configs: {e}", sc.job_name))?,
     })
@@ -1104,6 +1105,16 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
         }
     };
     *files.write().unwrap_or_else(|p| p.into_inner()) = start_logs(&cfg)?;
+    // The flows collector appends to the scrape loops' outputs, whichever generation runs.
+    let (outputs_tx, outputs_rx) = watch::channel(running.outputs.0.clone());
+    let flows_env = crate::flows::collector::Env {
+        config_path: &config_path,
+        metrics: &metrics,
+        caches: &caches,
+        node_name: node_name.clone(),
+        outputs: outputs_rx,
+    };
+    let mut flows = crate::flows::collector::start(&cfg.flows, &flows_env);
     metrics.set_ready(true);
 
     loop {
@@ -1130,7 +1141,22 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
                             host.send_timeout = send_timeout(&cfg);
                             let (r, result) = swap(running, built, &cfg, &new_cfg, &config_path, &host).await?;
                             running = r;
+                            outputs_tx.send_replace(running.outputs.0.clone());
                             if result.is_ok() {
+                                // The flows collector: kept while its settings stay (the
+                                // programs keep counting); else its series end and it
+                                // starts anew with the new settings.
+                                let fp = crate::flows::collector::fingerprint(&new_cfg.flows, node_name.as_deref());
+                                let keep = match &flows {
+                                    Some(f) => f.fingerprint == fp,
+                                    None => !new_cfg.flows.as_ref().is_some_and(|f| f.enabled),
+                                };
+                                if !keep {
+                                    if let Some(f) = flows.take() {
+                                        f.stop(true).await;
+                                    }
+                                    flows = crate::flows::collector::start(&new_cfg.flows, &flows_env);
+                                }
                                 // The logs path: kept while its settings stay; else stopped at
                                 // a line boundary with its positions saved, and started anew
                                 // from them (nothing lost or read twice).
@@ -1183,6 +1209,9 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
             stop_logs(l, timeout).await;
         }
     };
+    if let Some(f) = flows.take() {
+        f.stop(false).await;
+    }
     tokio::join!(running.stop(timeout), logs_stop);
     let _ = stop_tx.send(true);
     let _ = server_task.await;

@@ -15,8 +15,19 @@ use crate::units::Duration;
 /// Hubble metrics the agent can export.
 pub const METRICS: &[&str] = &["flows-processed", "tcp", "port-distribution", "drop", "icmp"];
 
-/// Hubble's label contexts the agent supports for sources and destinations.
-pub const CONTEXTS: &[&str] = &["namespace", "pod", "workload", "ip", "reserved-identity"];
+/// Hubble's label contexts the agent supports for sources and destinations (`workload` is
+/// taken as `workload-name`).
+pub const CONTEXTS: &[&str] = &[
+    "namespace",
+    "pod",
+    "pod-name",
+    "pod-short",
+    "workload",
+    "workload-name",
+    "app",
+    "ip",
+    "reserved-identity",
+];
 
 /// `flows:` — what to attach to and what to export.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -38,9 +49,11 @@ pub struct FlowsConfig {
     pub idle_timeout: Duration,
     /// Which Hubble metrics to export (default: all of [`METRICS`]).
     pub metrics: Vec<String>,
-    /// Labels naming the source (Hubble's `sourceContext`; the first that resolves wins).
+    /// What the `source` label says (Hubble's `sourceContext`): alternatives tried in order,
+    /// the first that resolves wins (Hubble's `pod|reserved-identity` is `[pod,
+    /// reserved-identity]`; an entry may also hold `|`). Empty: no `source` label.
     pub source_context: Vec<String>,
-    /// Labels naming the destination (Hubble's `destinationContext`).
+    /// What the `destination` label says (Hubble's `destinationContext`).
     pub destination_context: Vec<String>,
     /// Most distinct ports in `hubble_port_distribution_total`; more are counted as `other`.
     pub max_ports: usize,
@@ -48,6 +61,11 @@ pub struct FlowsConfig {
     pub max_label_sets: usize,
     /// Watch every pod of the cluster (not only this node's) so remote peers get names.
     pub cluster_wide_pods: bool,
+    /// API server for the pod lookup (default: in-cluster, or `$KUBECONFIG`; without any,
+    /// sources and destinations resolve by IP and reserved identity only).
+    pub api_server: Option<String>,
+    /// Kubeconfig for the pod lookup.
+    pub kubeconfig_file: Option<String>,
 }
 
 impl Default for FlowsConfig {
@@ -60,11 +78,13 @@ impl Default for FlowsConfig {
             max_flows: 65_536,
             idle_timeout: Duration::from_secs(60),
             metrics: METRICS.iter().map(|m| (*m).to_owned()).collect(),
-            source_context: vec!["namespace".to_owned(), "pod".to_owned()],
-            destination_context: vec!["namespace".to_owned(), "pod".to_owned()],
+            source_context: vec!["pod".to_owned(), "reserved-identity".to_owned()],
+            destination_context: vec!["pod".to_owned(), "reserved-identity".to_owned()],
             max_ports: 100,
             max_label_sets: 10_000,
             cluster_wide_pods: false,
+            api_server: None,
+            kubeconfig_file: None,
         }
     }
 }
@@ -77,5 +97,14 @@ impl FlowsConfig {
             (None, true) => vec!["lxc*".to_owned(), "veth*".to_owned()],
             _ => self.interfaces.clone(),
         }
+    }
+
+    /// A context list with `a|b` entries split: the alternatives in order.
+    pub fn contexts(list: &[String]) -> Vec<String> {
+        list.iter()
+            .flat_map(|c| c.split('|'))
+            .map(|c| c.trim().to_owned())
+            .filter(|c| !c.is_empty())
+            .collect()
     }
 }

@@ -726,6 +726,35 @@ mod flows {
             ..FlowsConfig::default()
         };
         assert!(cg.effective_interfaces().is_empty());
+        // Hubble's default-like contexts: the pod, else host or world.
+        assert_eq!(FlowsConfig::default().source_context, ["pod", "reserved-identity"]);
+    }
+
+    #[test]
+    fn contexts_take_hubbles_alternatives_written_with_a_bar() {
+        let text =
+            "flows:\n  source_context: ['workload-name|reserved-identity', app]\n  destination_context: ['pod | ip']\n";
+        let f = config::agent_config_from_str(text, "agent.yml", &|_| None)
+            .unwrap()
+            .value
+            .flows
+            .unwrap();
+        assert_eq!(
+            FlowsConfig::contexts(&f.source_context),
+            ["workload-name", "reserved-identity", "app"]
+        );
+        assert_eq!(FlowsConfig::contexts(&f.destination_context), ["pod", "ip"]);
+        let e = errors("flows:\n  source_context: ['pod|labels']\n  api_server: http://a\n  kubeconfig_file: k\n");
+        assert!(
+            e.iter()
+                .any(|l| l.starts_with("agent.yml:2:20: flows.source_context[0]: unknown context \"labels\"")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|l| l.contains("flows.api_server: api_server and kubeconfig_file are exclusive")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -49,6 +49,11 @@ impl Netns {
         Ok(me)
     }
 
+    fn ifindex(&self) -> Result<u32> {
+        let p = format!("/sys/class/net/{}/ifindex", self.host);
+        Ok(std::fs::read_to_string(&p).with_context(|| p.clone())?.trim().parse()?)
+    }
+
     fn addr(&self, host: bool) -> IpAddr {
         let n = std::process::id() % 250 + 1;
         format!("10.213.{n}.{}", if host { 1 } else { 2 }).parse().unwrap()
@@ -102,8 +107,8 @@ fn the_tc_program_counts_icmp_and_tcp_packets_bytes_and_flags_on_a_veth() -> Res
         return Ok(());
     }
     let net = Netns::new()?;
-    let mut progs = Programs::load(4096)?;
-    progs.attach(&net.host)?;
+    let mut progs = Programs::load(4096, false)?;
+    progs.attach(&net.host, net.ifindex()?)?;
     let (host, peer) = (net.addr(true), net.addr(false));
 
     // Five echo requests of 56 data bytes: 98-byte frames each way.
@@ -187,8 +192,8 @@ fn beside_another_tc_program_that_drops_both_keep_working() -> Result<()> {
         aya::programs::TcAttachType::Ingress,
         aya::programs::tc::TcAttachOptions::Netlink(aya::programs::tc::NlOptions::default()),
     )?;
-    let mut progs = Programs::load(4096)?;
-    progs.attach(&net.host)?;
+    let mut progs = Programs::load(4096, false)?;
+    progs.attach(&net.host, net.ifindex()?)?;
     let (host, peer) = (net.addr(true), net.addr(false));
     let ping = |n: &str| {
         Command::new("ping")
@@ -240,7 +245,7 @@ fn drops_are_counted_by_the_kernels_reason() -> Result<()> {
         return Ok(());
     }
     let net = Netns::new()?;
-    let mut progs = Programs::load(4096)?;
+    let mut progs = Programs::load(4096, false)?;
     progs.attach_drops()?;
     let peer = net.addr(false);
     // SKB_DROP_REASON_NO_SOCKET (3): UDP datagrams to a port nobody listens on in the
@@ -270,5 +275,372 @@ fn drops_are_counted_by_the_kernels_reason() -> Result<()> {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    Ok(())
+}
+
+/// A kube-rs double of the API server for the agent's pod cache: lists `pods` (this node's),
+/// answers watches with nothing after a while (the watcher watches again).
+fn fake_api_server(pods: serde_json::Value) -> Result<sre_lab_tests::TinyServer> {
+    sre_lab_tests::TinyServer::start(move |req| {
+        if !req.path.starts_with("/api/v1/pods") {
+            return (404, vec![], b"{}".to_vec());
+        }
+        if req.path.contains("watch=") {
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            return (
+                200,
+                vec![("Content-Type".into(), "application/json".into())],
+                Vec::new(),
+            );
+        }
+        let list = serde_json::json!({
+            "kind": "PodList", "apiVersion": "v1",
+            "metadata": {"resourceVersion": "10"},
+            "items": pods,
+        });
+        (
+            200,
+            vec![("Content-Type".into(), "application/json".into())],
+            list.to_string().into_bytes(),
+        )
+    })
+}
+
+fn pod(ns: &str, name: &str, ip: IpAddr, owner: Option<(&str, &str)>, labels: serde_json::Value) -> serde_json::Value {
+    let owners: Vec<serde_json::Value> = owner
+        .map(|(kind, n)| {
+            serde_json::json!({"apiVersion": "apps/v1", "kind": kind, "name": n, "uid": format!("uid-{n}"), "controller": true})
+        })
+        .into_iter()
+        .collect();
+    serde_json::json!({
+        "metadata": {"namespace": ns, "name": name, "uid": format!("uid-{ns}-{name}"), "labels": labels,
+                     "ownerReferences": owners, "resourceVersion": "5"},
+        "spec": {"nodeName": "node-e2e", "containers": [{"name": "c", "image": "x"}]},
+        "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]},
+    })
+}
+
+/// The value of one series in Prometheus (the highest it had in the last 5 minutes: the
+/// series may already have ended), or None.
+fn stored(prom: &sre_lab_tests::Prometheus, selector: &str) -> Result<Option<f64>> {
+    let r = prom.query(&format!("max_over_time({selector}[5m])"))?;
+    ensure!(r.len() <= 1, "{selector} matches {} series: {r:?}", r.len());
+    Ok(r.first()
+        .and_then(|v| v["value"][1].as_str())
+        .and_then(|s| s.parse().ok()))
+}
+
+/// Starts a listener in the namespace: TCP on 5201 (reads to EOF) and UDP on 5300 (reads
+/// `datagrams`), printing `ready` and then what each received.
+fn listeners(
+    net: &Netns,
+    peer: IpAddr,
+    datagrams: usize,
+) -> Result<(std::process::Child, std::io::BufReader<std::process::ChildStdout>)> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &net.ns, "python3", "-c"])
+        .arg(format!(
+            "import socket\nu=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nu.bind(('{peer}',5300))\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('{peer}',5201))\ns.listen()\nprint('ready',flush=True)\nc,_=s.accept()\nn=0\nwhile True:\n    d=c.recv(65536)\n    if not d: break\n    n+=len(d)\nc.close()\nprint(n,flush=True)\nfor i in range({datagrams}):\n    u.recv(2048)\nprint('udp',{datagrams},flush=True)"
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = std::io::BufReader::new(child.stdout.take().context("listener stdout")?);
+    Ok((child, stdout))
+}
+
+fn read_line(r: &mut impl std::io::BufRead) -> Result<String> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    Ok(line.trim().to_owned())
+}
+
+#[test]
+fn the_agent_exports_hubble_metrics_with_pod_labels_through_remote_write_only() -> Result<()> {
+    if !can_attach()? {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    // The addresses the namespace will have (created once the agent runs).
+    let n = std::process::id() % 250 + 1;
+    let (host, peer): (IpAddr, IpAddr) = (format!("10.213.{n}.1").parse()?, format!("10.213.{n}.2").parse()?);
+    // The test pod map: the namespace's end is a Deployment's pod, the host side a
+    // StatefulSet's.
+    let web = "web-7d4b9c8f5-abcde";
+    let api = fake_api_server(serde_json::json!([
+        pod(
+            "shop",
+            web,
+            peer,
+            Some(("ReplicaSet", "web-7d4b9c8f5")),
+            serde_json::json!({"app": "web", "pod-template-hash": "7d4b9c8f5"})
+        ),
+        pod(
+            "shop",
+            "db-0",
+            host,
+            Some(("StatefulSet", "db")),
+            serde_json::json!({"app": "db"})
+        ),
+    ]))?;
+    let prom = sre_lab_tests::Prometheus::start(dir.path(), "prom", "global:\n  scrape_interval: 1h\n", true)?;
+    let config = dir.path().join("agent.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "remote_write:\n  - url: {}/api/v1/write\n    queue_config:\n      batch_send_deadline: 200ms\nflows:\n  enabled: true\n  interfaces: ['srf*h']\n  interval: 1s\n  idle_timeout: 10s\n  api_server: http://{}\n",
+            prom.url, api.addr
+        ),
+    )?;
+    let agent = sre_lab_tests::Agent::start_env(
+        dir.path(),
+        config,
+        dir.path().join("data"),
+        sre_lab_tests::free_port(),
+        &[("NODE_NAME", "node-e2e")],
+    )?;
+    assert_eq!(agent.metric("sre_agent_flows_active", "")?, 1.0);
+    // The pod's interface appears after the agent started: it is attached to as it comes
+    // (other tests' `srf*h` interfaces may come and go meanwhile).
+    let net = Netns::new()?;
+    ensure!((net.addr(true), net.addr(false)) == (host, peer));
+    sre_lab_tests::poll("the classifier attached", std::time::Duration::from_secs(20), || {
+        let log = agent.proc.log_text();
+        let attached = log
+            .lines()
+            .any(|l| l.contains("Counting flows on the interface") && l.contains(&net.host));
+        Ok((attached && agent.metric("sre_agent_flows_interfaces", "")? >= 1.0).then_some(()))
+    })
+    .with_context(|| agent.proc.log_text())?;
+    // The pod cache has listed the pods before traffic starts.
+    sre_lab_tests::poll("pods listed", std::time::Duration::from_secs(20), || {
+        Ok((agent.metric("sre_agent_pod_cache_pods", "")? == 2.0).then_some(()))
+    })
+    .with_context(|| agent.proc.log_text())?;
+
+    // Known traffic from the host side ("db-0") to the namespace ("web-…"): 5 echo requests,
+    // one TCP connection carrying 1 MiB, 3 UDP datagrams.
+    let (mut child, mut out) = listeners(&net, peer, 3)?;
+    ensure!(read_line(&mut out)? == "ready");
+    let ping = Command::new("ping")
+        .args(["-c", "5", "-i", "0.05", "-W", "1", &peer.to_string()])
+        .output()?;
+    ensure!(ping.status.success(), "ping: {}", String::from_utf8_lossy(&ping.stdout));
+    {
+        use std::io::Write;
+        let mut c = std::net::TcpStream::connect((peer, 5201))?;
+        c.write_all(&vec![7u8; 1 << 20])?;
+        c.shutdown(std::net::Shutdown::Write)?;
+        std::io::Read::read_to_end(&mut c, &mut Vec::new())?;
+    }
+    ensure!(read_line(&mut out)? == (1 << 20).to_string());
+    let udp = std::net::UdpSocket::bind((host, 0))?;
+    for _ in 0..3 {
+        udp.send_to(&[1u8; 100], (peer, 5300))?;
+    }
+    ensure!(read_line(&mut out)? == "udp 3");
+    child.wait()?;
+
+    let job = r#"job="sre-lab-agent-flows",instance="node-e2e""#;
+    let (db, web) = ("shop/db-0", format!("shop/{web}"));
+    let to_web = format!(r#"{job},source="{db}",destination="{web}""#);
+    let to_db = format!(r#"{job},source="{web}",destination="{db}""#);
+    let want: Vec<(String, f64)> = vec![
+        // Requests leave the host side toward the pod (egress: to-endpoint); replies come in.
+        (
+            format!(
+                r#"hubble_flows_processed_total{{{to_web},protocol="ICMPv4",type="Trace",subtype="to-endpoint",verdict="FORWARDED"}}"#
+            ),
+            5.0,
+        ),
+        (
+            format!(
+                r#"hubble_flows_processed_total{{{to_db},protocol="ICMPv4",type="Trace",subtype="to-stack",verdict="FORWARDED"}}"#
+            ),
+            5.0,
+        ),
+        (
+            format!(r#"hubble_icmp_total{{{to_web},family="IPv4",type="EchoRequest"}}"#),
+            5.0,
+        ),
+        (
+            format!(r#"hubble_icmp_total{{{to_db},family="IPv4",type="EchoReply"}}"#),
+            5.0,
+        ),
+        (
+            format!(r#"hubble_flows_processed_total{{{to_web},protocol="UDP",subtype="to-endpoint"}}"#),
+            3.0,
+        ),
+        (
+            format!(r#"hubble_port_distribution_total{{{to_web},protocol="UDP",port="5300"}}"#),
+            3.0,
+        ),
+        (
+            format!(r#"hubble_tcp_flags_total{{{to_web},family="IPv4",flag="SYN"}}"#),
+            1.0,
+        ),
+        (
+            format!(r#"hubble_tcp_flags_total{{{to_db},family="IPv4",flag="SYN-ACK"}}"#),
+            1.0,
+        ),
+        (
+            format!(r#"hubble_tcp_flags_total{{{to_web},family="IPv4",flag="FIN"}}"#),
+            1.0,
+        ),
+        (
+            format!(r#"hubble_tcp_flags_total{{{to_db},family="IPv4",flag="FIN"}}"#),
+            1.0,
+        ),
+    ];
+    sre_lab_tests::poll(
+        "the flow counters in Prometheus",
+        std::time::Duration::from_secs(30),
+        || {
+            for (sel, v) in &want {
+                if stored(&prom, sel)? != Some(*v) {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .with_context(|| {
+        let got: Vec<String> = want
+            .iter()
+            .map(|(s, v)| format!("{s} want {v} got {:?}", stored(&prom, s).ok().flatten()))
+            .collect();
+        format!("{}\n{}", got.join("\n"), agent.proc.log_text())
+    })?;
+    // TCP: the packets toward the listener's port are the connection's packets to it; none
+    // of the replies count in the port distribution.
+    let tcp_to_web = stored(
+        &prom,
+        &format!(r#"hubble_flows_processed_total{{{to_web},protocol="TCP"}}"#),
+    )?
+    .context("TCP packets to web")?;
+    assert!(tcp_to_web >= ((1 << 20) / 65536) as f64, "{tcp_to_web}");
+    assert_eq!(
+        stored(
+            &prom,
+            &format!(r#"hubble_port_distribution_total{{{to_web},protocol="TCP",port="5201"}}"#)
+        )?,
+        Some(tcp_to_web)
+    );
+    assert!(prom
+        .query(&format!(r#"hubble_port_distribution_total{{{to_db}}}"#))?
+        .is_empty());
+    for pair in [&to_web, &to_db] {
+        assert!(prom
+            .query(&format!(r#"hubble_tcp_flags_total{{{pair},flag="RST"}}"#))?
+            .is_empty());
+    }
+    // Remote write only: nothing of it on the agent's own /metrics.
+    let own = sre_lab_tests::http_get(&format!("{}/metrics", agent.url))?;
+    assert!(!own.contains("hubble_"), "hubble series on /metrics");
+    assert!(agent.metric("sre_agent_flows_packets_total", "")? >= 13.0 + tcp_to_web);
+
+    // The flows go idle: removed from the kernel's table, and their series end (staleness
+    // markers), so an instant query no longer finds them.
+    sre_lab_tests::poll(
+        "idle flows removed and their series stale",
+        std::time::Duration::from_secs(40),
+        || {
+            let evicted = agent.metric("sre_agent_flows_evicted_total", "")?;
+            let live = prom.query(&format!(r#"hubble_icmp_total{{{to_web}}}"#))?;
+            Ok((evicted >= 4.0 && live.is_empty()).then_some(()))
+        },
+    )
+    .with_context(|| agent.proc.log_text())?;
+    Ok(())
+}
+
+#[test]
+fn without_privileges_the_agent_runs_with_flows_off_and_says_so_once() -> Result<()> {
+    if !can_attach()? {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    // The unprivileged user must be able to write its storage and read its config.
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+    let config = dir.path().join("agent.yml");
+    std::fs::write(&config, "flows:\n  enabled: true\n  interval: 1s\n")?;
+    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    let bin = sre_lab_tests::workspace_bin("agent");
+    let port = sre_lab_tests::free_port();
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+    ])
+    .arg(&bin)
+    .arg("--config")
+    .arg(&config)
+    .arg("--listen-address")
+    .arg(format!("127.0.0.1:{port}"))
+    .arg("--storage-path")
+    .arg(dir.path().join("data"));
+    let mut proc = sre_lab_tests::Proc::spawn("agent", cmd, dir.path().join("agent.log"))?;
+    let url = format!("http://127.0.0.1:{port}");
+    sre_lab_tests::poll("agent ready", std::time::Duration::from_secs(30), || {
+        Ok(sre_lab_tests::http_get(&format!("{url}/readyz")).ok().map(|_| ()))
+    })
+    .with_context(|| proc.log_text())?;
+    let metrics = sre_lab_tests::http_get(&format!("{url}/metrics"))?;
+    assert!(metrics.contains("sre_agent_flows_active 0"), "{metrics}");
+    assert!(
+        metrics.contains(r#"sre_agent_flows_off{reason="no-privileges"} 1"#),
+        "{metrics}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let log = proc.log_text();
+    assert_eq!(log.matches("Flows are off").count(), 1, "{log}");
+    assert!(log.contains("CAP_BPF"), "{log}");
+    proc.signal("TERM")?;
+    Ok(())
+}
+
+#[test]
+fn the_cgroup_programs_count_what_the_cgroups_processes_send_and_receive() -> Result<()> {
+    if !can_attach()? {
+        return Ok(());
+    }
+    let Some(root) = agent::flows::collector::cgroup2_root() else {
+        eprintln!("SKIPPED: no cgroup v2 hierarchy mounted");
+        return Ok(());
+    };
+    // A cgroup of its own under the v2 root (the agent attaches at the root itself; a child
+    // keeps this test's count to the process it moves there).
+    let cg = root.join(format!("sre-lab-flows-{}", std::process::id()));
+    let _ = std::fs::remove_dir(&cg);
+    std::fs::create_dir(&cg).with_context(|| format!("creating {}", cg.display()))?;
+    struct Rm(std::path::PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _rm = Rm(cg.clone());
+    let mut progs = Programs::load(4096, true)?;
+    progs.attach_cgroup(&cg)?;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+    // A process in the cgroup sends 4 datagrams of 50 bytes to its own socket.
+    let procs = cg.join("cgroup.procs");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {} && exec python3 -c \"import socket\nr=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nr.bind(('127.0.0.1',{port}))\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor i in range(4): s.sendto(b'x'*50,('127.0.0.1',{port}))\nfor i in range(4): r.recv(100)\"",
+            procs.display()
+        ))
+        .output()?;
+    ensure!(out.status.success(), "sender: {}", String::from_utf8_lossy(&out.stderr));
+    let flows = progs.flows()?;
+    // Sent (egress, dir 0: from the endpoint) and received (ingress, dir 1) by the cgroup's
+    // sockets; each datagram is 20 + 8 + 50 bytes.
+    let of = |dir: u8| find(&flows, |k| k.proto == 17 && k.dport == port && k.dir == dir);
+    assert_eq!((of(0).packets, of(0).bytes), (4, 4 * 78), "sent: {flows:?}");
+    assert_eq!((of(1).packets, of(1).bytes), (4, 4 * 78), "received: {flows:?}");
     Ok(())
 }

@@ -1,13 +1,16 @@
-//! The flows path (issue 10, in progress): loads `agent-ebpf`'s programs with aya, attaches
-//! the tc classifier to interfaces (tcx on kernels that have it, clsact otherwise — aya picks)
-//! and reads the flow table. Aggregation into Hubble's metrics, the pod cache lookup and the
-//! series cache come next; see the issue's closing note.
+//! The flows path: loads `agent-ebpf`'s programs with aya, attaches the tc classifier to
+//! interfaces (tcx on kernels that have it, clsact otherwise) or the cgroup_skb programs to
+//! the cgroup v2 root, and reads the flow and drop tables ([`Programs`]); [`collector`]
+//! drains them every interval into Hubble's metrics ([`aggregate`]) through the series cache.
 
+pub mod aggregate;
+pub mod collector;
 pub mod maps;
 
 use anyhow::{anyhow, Context};
 use aya::maps::HashMap as BpfHashMap;
-use aya::programs::{tc, SchedClassifier, TcAttachType, TracePoint};
+use aya::programs::links::CgroupAttachMode;
+use aya::programs::{tc, CgroupSkb, CgroupSkbAttachType, SchedClassifier, TcAttachType, TracePoint};
 
 pub use maps::{FlowKey, FlowValue};
 
@@ -30,23 +33,102 @@ pub fn built_with_programs() -> bool {
 /// The loaded programs and their maps.
 pub struct Programs {
     bpf: aya::Ebpf,
+    /// tc links by interface name: (ifindex, ingress, egress).
+    links: std::collections::HashMap<String, (u32, Vec<aya::programs::tc::SchedClassifierLinkId>)>,
 }
 
+/// `STATS` slots (`agent-ebpf`).
+pub const STAT_FLOWS_FULL: u32 = 0;
+/// A new drop key found the drop table full.
+pub const STAT_DROPS_FULL: u32 = 1;
+/// Packets that were not IPv4/IPv6 or too short.
+pub const STAT_UNPARSED: u32 = 2;
+
 impl Programs {
-    /// Loads the programs with a flow table of `max_flows` entries (the verifier runs here).
-    pub fn load(max_flows: u32) -> anyhow::Result<Programs> {
+    /// Loads the programs with a flow table of `max_flows` entries (the verifier runs here);
+    /// `cgroup`: the cgroup_skb programs instead of the tc classifier.
+    pub fn load(max_flows: u32, cgroup: bool) -> anyhow::Result<Programs> {
         let obj =
             OBJECT.ok_or_else(|| anyhow!("this agent was built without its eBPF programs (scripts/build-ebpf.sh)"))?;
         let mut bpf = aya::EbpfLoader::new()
             .set_max_entries("FLOWS", max_flows)
             .load(obj)
             .context("loading the eBPF object")?;
-        let prog: &mut SchedClassifier = bpf
-            .program_mut("flows_tc")
-            .ok_or_else(|| anyhow!("no flows_tc program in the eBPF object"))?
-            .try_into()?;
-        prog.load().context("loading flows_tc (verifier)")?;
-        Ok(Programs { bpf })
+        if cgroup {
+            for name in ["flows_cgroup_ingress", "flows_cgroup_egress"] {
+                let prog: &mut CgroupSkb = bpf
+                    .program_mut(name)
+                    .ok_or_else(|| anyhow!("no {name} program in the eBPF object"))?
+                    .try_into()?;
+                prog.load().with_context(|| format!("loading {name} (verifier)"))?;
+            }
+        } else {
+            let prog: &mut SchedClassifier = bpf
+                .program_mut("flows_tc")
+                .ok_or_else(|| anyhow!("no flows_tc program in the eBPF object"))?
+                .try_into()?;
+            prog.load().context("loading flows_tc (verifier)")?;
+        }
+        Ok(Programs {
+            bpf,
+            links: Default::default(),
+        })
+    }
+
+    /// Attaches the cgroup_skb programs to the cgroup v2 directory `path` (ingress and
+    /// egress, beside other programs there).
+    pub fn attach_cgroup(&mut self, path: &std::path::Path) -> anyhow::Result<()> {
+        for (name, t) in [
+            ("flows_cgroup_ingress", CgroupSkbAttachType::Ingress),
+            ("flows_cgroup_egress", CgroupSkbAttachType::Egress),
+        ] {
+            let dir = std::fs::File::open(path).with_context(|| format!("opening cgroup {}", path.display()))?;
+            let prog: &mut CgroupSkb = self
+                .bpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("no {name} program"))?
+                .try_into()?;
+            // A BPF link (kernels ≥ 5.7) takes no flags and never displaces other programs.
+            prog.attach(dir, t, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to cgroup {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// A counter of the programs themselves (`STAT_*`).
+    pub fn stat(&self, i: u32) -> anyhow::Result<u64> {
+        let a: aya::maps::Array<_, u64> =
+            aya::maps::Array::try_from(self.bpf.map("STATS").ok_or_else(|| anyhow!("no STATS map"))?)?;
+        Ok(a.get(&i, 0)?)
+    }
+
+    /// Removes flows from the table (idle ones); returns how many were there.
+    pub fn remove_flows(&mut self, keys: &[FlowKey]) -> anyhow::Result<usize> {
+        let mut map: BpfHashMap<_, FlowKey, FlowValue> =
+            BpfHashMap::try_from(self.bpf.map_mut("FLOWS").ok_or_else(|| anyhow!("no FLOWS map"))?)?;
+        Ok(keys.iter().filter(|k| map.remove(k).is_ok()).count())
+    }
+
+    /// Interfaces attached to, by name, with their index.
+    pub fn attached(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.links.iter().map(|(n, (i, _))| (n.as_str(), *i))
+    }
+
+    /// Detaches from `iface` (gone or renamed); the links of a deleted interface are gone
+    /// with it, so errors are ignored.
+    pub fn detach(&mut self, iface: &str) {
+        let Some((_, ids)) = self.links.remove(iface) else {
+            return;
+        };
+        let Some(prog) = self.bpf.program_mut("flows_tc") else {
+            return;
+        };
+        let Ok(prog): Result<&mut SchedClassifier, _> = prog.try_into() else {
+            return;
+        };
+        for id in ids {
+            let _ = prog.detach(id);
+        }
     }
 
     /// Loads and attaches the `skb:kfree_skb` program counting drops by reason, giving it the
@@ -76,8 +158,9 @@ impl Programs {
             .collect()
     }
 
-    /// Attaches the classifier to `iface` at ingress and egress.
-    pub fn attach(&mut self, iface: &str) -> anyhow::Result<()> {
+    /// Attaches the classifier to `iface` (index `ifindex`) at ingress and egress.
+    pub fn attach(&mut self, iface: &str, ifindex: u32) -> anyhow::Result<()> {
+        self.detach(iface);
         // Kernels without tcx need the clsact qdisc (an existing one is fine).
         if !aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0)) {
             let _ = tc::qdisc_add_clsact(iface);
@@ -87,10 +170,19 @@ impl Programs {
             .program_mut("flows_tc")
             .ok_or_else(|| anyhow!("no flows_tc program"))?
             .try_into()?;
+        let mut ids = Vec::new();
         for t in [TcAttachType::Ingress, TcAttachType::Egress] {
-            prog.attach(iface, t)
-                .with_context(|| format!("attaching to {iface} ({t:?})"))?;
+            match prog.attach(iface, t) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    for id in ids {
+                        let _ = prog.detach(id);
+                    }
+                    return Err(anyhow::Error::from(e).context(format!("attaching to {iface} ({t:?})")));
+                }
+            }
         }
+        self.links.insert(iface.to_owned(), (ifindex, ids));
         Ok(())
     }
 
@@ -102,16 +194,50 @@ impl Programs {
     }
 }
 
-/// Offsets of `protocol` and `reason` in the `skb:kfree_skb` record on this kernel (they moved
-/// when `rx_sk` was added), from the tracepoint's `format` file.
-pub fn kfree_skb_offsets() -> anyhow::Result<(u32, u32)> {
+/// The `skb:kfree_skb` tracepoint's `format` file: its path and text.
+fn kfree_skb_format() -> anyhow::Result<(String, String)> {
     let path = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
         .iter()
         .map(|d| format!("{d}/events/skb/kfree_skb/format"))
         .find(|p| std::path::Path::new(p).exists())
         .ok_or_else(|| anyhow!("no skb:kfree_skb tracepoint format (tracefs not mounted?)"))?;
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    Ok((path, text))
+}
+
+/// Offsets of `protocol` and `reason` in the `skb:kfree_skb` record on this kernel (they moved
+/// when `rx_sk` was added), from the tracepoint's `format` file.
+pub fn kfree_skb_offsets() -> anyhow::Result<(u32, u32)> {
+    let (path, text) = kfree_skb_format()?;
     parse_offsets(&text).ok_or_else(|| anyhow!("{path} has no protocol and reason fields"))
+}
+
+/// This kernel's drop reason names by number (`enum skb_drop_reason` differs between
+/// kernels), from the tracepoint's print format (`{ 3, "NO_SOCKET" }, …`).
+pub fn drop_reason_names() -> std::collections::HashMap<u32, String> {
+    kfree_skb_format()
+        .map(|(_, text)| parse_reasons(&text))
+        .unwrap_or_default()
+}
+
+fn parse_reasons(format: &str) -> std::collections::HashMap<u32, String> {
+    let Some(sym) = format.find("__print_symbolic(REC->reason") else {
+        return Default::default();
+    };
+    let mut out = std::collections::HashMap::new();
+    let mut rest = &format[sym..];
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else { break };
+        let item = &rest[open + 1..open + close];
+        rest = &rest[open + close + 1..];
+        let Some((n, name)) = item.split_once(',') else {
+            continue;
+        };
+        if let Ok(n) = n.trim().parse::<u32>() {
+            out.insert(n, name.trim().trim_matches('"').to_owned());
+        }
+    }
+    out
 }
 
 fn parse_offsets(format: &str) -> Option<(u32, u32)> {
@@ -138,5 +264,15 @@ mod tests {
         let v6_1 = "\tfield:unsigned short protocol;\toffset:24;\tsize:2;\tsigned:0;\n\tfield:enum skb_drop_reason reason;\toffset:28;\tsize:4;\tsigned:0;\n";
         assert_eq!(super::parse_offsets(v6_1), Some((24, 28)));
         assert_eq!(super::parse_offsets("nothing"), None);
+    }
+
+    #[test]
+    fn drop_reason_names_come_from_the_print_format() {
+        let f = r#"print fmt: "skbaddr=%p protocol=%u reason: %s", REC->skbaddr, REC->protocol, __print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, { 3, "NO_SOCKET" }, { 118, "MAX" })"#;
+        let r = super::parse_reasons(f);
+        assert_eq!(r.get(&3).map(String::as_str), Some("NO_SOCKET"));
+        assert_eq!(r.get(&118).map(String::as_str), Some("MAX"));
+        assert_eq!(r.len(), 3);
+        assert!(super::parse_reasons("print fmt: nothing").is_empty());
     }
 }

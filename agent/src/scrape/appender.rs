@@ -447,7 +447,7 @@ impl Appender {
     ) -> Self {
         let n = outputs.endpoints.len();
         let base = Base::new(&target_labels, &outputs.external_labels);
-        let report = REPORT_NAMES
+        let report = REPORT_NAMES[..if settings.report_series { REPORT_NAMES.len() } else { 0 }]
             .iter()
             .map(|name| {
                 let mut l = target_labels.clone();

@@ -40,6 +40,9 @@ pub struct ScrapeSettings {
     pub metric_relabel: Vec<Rule>,
     /// `follow_redirects` (default true).
     pub follow_redirects: bool,
+    /// Whether the target has the report series (`up`, `scrape_duration_seconds`, …): true
+    /// for scrapes, false for the flows collector, which is not scraped.
+    pub report_series: bool,
 }
 
 /// What the status page shows about a target.

@@ -53,6 +53,136 @@ pub struct Metrics {
     pub pod_cache: PodCacheMetrics,
     /// The logs path's metrics (`sre_agent_logs_*`).
     pub logs: std::sync::Arc<LogsMetrics>,
+    /// The flows path's own metrics (`sre_agent_flows_*`; the flow series themselves go
+    /// through the series cache to remote_write, not here).
+    pub flows: std::sync::Arc<FlowsMetrics>,
+}
+
+/// Metrics of the flows collector, registered under `sre_agent_flows_`.
+#[derive(Default)]
+pub struct FlowsMetrics {
+    /// 1 while the programs count.
+    pub active: Gauge,
+    off: Family<L, Gauge>,
+    /// 1 while drops are counted (the `skb:kfree_skb` program is attached).
+    pub drops_active: Gauge,
+    /// Interfaces attached to (tc mode).
+    pub interfaces: Gauge,
+    /// Attach failures.
+    pub attach_errors: Counter,
+    /// Flows in the kernel's table at the last drain.
+    pub table_entries: Gauge,
+    /// New flows the full table could not hold (their packets are not counted).
+    pub table_full: Counter,
+    /// New drop keys the full drop table could not hold.
+    pub drops_table_full: Counter,
+    /// Flows removed from the table after `idle_timeout` without packets.
+    pub evicted: Counter,
+    /// Packets that were not IPv4/IPv6 or too short to parse.
+    pub unparsed: Counter,
+    /// Packets counted into flows.
+    pub packets: Counter,
+    /// Label sets held.
+    pub label_sets: Gauge,
+    label_sets_dropped: Family<L, Counter>,
+    /// Failed drains (reading the tables).
+    pub drain_errors: Counter,
+    /// Drains done.
+    pub drains: Counter,
+}
+
+impl FlowsMetrics {
+    fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("flows");
+        r.register(
+            "active",
+            "1 while the eBPF programs count flows; 0 when flows are off.",
+            self.active.clone(),
+        );
+        r.register(
+            "off",
+            "1 with the reason flows are off (disabled, not-built, no-privileges, unsupported, attach-failed).",
+            self.off.clone(),
+        );
+        r.register(
+            "drops_active",
+            "1 while drops are counted by kernel reason.",
+            self.drops_active.clone(),
+        );
+        r.register(
+            "interfaces",
+            "Interfaces the classifier is attached to.",
+            self.interfaces.clone(),
+        );
+        r.register(
+            "attach_errors",
+            "Failed attaches to interfaces.",
+            self.attach_errors.clone(),
+        );
+        r.register(
+            "table_entries",
+            "Flows in the kernel's flow table.",
+            self.table_entries.clone(),
+        );
+        r.register(
+            "table_full",
+            "New flows not counted because the flow table was full (raise flows.max_flows).",
+            self.table_full.clone(),
+        );
+        r.register(
+            "drops_table_full",
+            "Drops not counted because the drop table was full.",
+            self.drops_table_full.clone(),
+        );
+        r.register(
+            "evicted",
+            "Flows removed from the table after flows.idle_timeout without packets.",
+            self.evicted.clone(),
+        );
+        r.register(
+            "unparsed_packets",
+            "Packets that were not IPv4/IPv6 or too short to parse.",
+            self.unparsed.clone(),
+        );
+        r.register("packets", "Packets counted into flows.", self.packets.clone());
+        r.register(
+            "label_sets",
+            "Label sets of the flow metrics held.",
+            self.label_sets.clone(),
+        );
+        r.register(
+            "label_sets_dropped",
+            "New label sets not counted because the metric had flows.max_label_sets, by metric.",
+            self.label_sets_dropped.clone(),
+        );
+        r.register(
+            "drain_errors",
+            "Failed reads of the kernel's tables.",
+            self.drain_errors.clone(),
+        );
+        r.register("drains", "Reads of the kernel's tables.", self.drains.clone());
+    }
+
+    /// Flows are off for `reason` (or on, with `None`).
+    pub fn set_off(&self, reason: Option<&str>) {
+        self.off.clear();
+        match reason {
+            Some(r) => {
+                self.active.set(0);
+                self.off.get_or_create(&vec![("reason", r.to_owned())]).set(1);
+            }
+            None => {
+                self.active.set(1);
+            }
+        }
+    }
+
+    /// `n` more label sets of `metric` were dropped.
+    pub fn label_sets_dropped(&self, metric: &str, n: u64) {
+        self.label_sets_dropped
+            .get_or_create(&vec![("metric", metric.to_owned())])
+            .inc_by(n);
+    }
 }
 
 /// Metrics of the logs path, registered under `sre_agent_logs_`; plus the values of
@@ -384,8 +514,10 @@ impl Metrics {
             file_sink_errors: Counter::default(),
             ready: AtomicBool::new(false),
             pod_cache: PodCacheMetrics::default(),
+            flows: Default::default(),
         };
         m.pod_cache.register(&mut r);
+        m.flows.register(&mut r);
         // Registered per component: the scrape side at the root (its names predate the
         // components), the others in sub-registries named after them (`sre_agent_wal_*`, …).
         r.register("scrapes", "Scrapes performed, by job.", m.scrapes.clone());
@@ -746,6 +878,8 @@ mod names_tests {
         m.pod_cache.started("c");
         m.pod_cache.set_pods("c", 0);
         m.file_sink_error();
+        m.flows.set_off(Some("disabled"));
+        m.flows.label_sets_dropped("hubble_icmp_total", 1);
         let text = m.render();
         let mut names: Vec<&str> = text
             .lines()
@@ -761,6 +895,21 @@ mod names_tests {
             "sre_agent_discovery_updates",
             "sre_agent_duplicate_samples",
             "sre_agent_file_sink_errors",
+            "sre_agent_flows_active",
+            "sre_agent_flows_attach_errors",
+            "sre_agent_flows_drain_errors",
+            "sre_agent_flows_drains",
+            "sre_agent_flows_drops_active",
+            "sre_agent_flows_drops_table_full",
+            "sre_agent_flows_evicted",
+            "sre_agent_flows_interfaces",
+            "sre_agent_flows_label_sets",
+            "sre_agent_flows_label_sets_dropped",
+            "sre_agent_flows_off",
+            "sre_agent_flows_packets",
+            "sre_agent_flows_table_entries",
+            "sre_agent_flows_table_full",
+            "sre_agent_flows_unparsed_packets",
             "sre_agent_logs_lag_bytes",
             "sre_agent_logs_positions_errors",
             "sre_agent_logs_positions_saved_timestamp_seconds",

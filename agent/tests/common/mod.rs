@@ -19,5 +19,6 @@ pub fn plain_settings(dir: &Path) -> ScrapeSettings {
         body_size_limit: 0,
         metric_relabel: vec![],
         follow_redirects: true,
+        report_series: true,
     }
 }

@@ -50,8 +50,11 @@ impl Checker<'_> {
             ("source_context", &f.source_context),
             ("destination_context", &f.destination_context),
         ] {
-            for (i, c) in list.iter().enumerate() {
-                if !CONTEXTS.contains(&c.as_str()) {
+            for (i, entry) in list.iter().enumerate() {
+                for c in entry.split('|').map(str::trim) {
+                    if CONTEXTS.contains(&c) {
+                        continue;
+                    }
                     self.err(
                         &format!("flows.{key}[{i}]"),
                         format!("unknown context {c:?} (expected one of: {})", CONTEXTS.join(", ")),
@@ -61,6 +64,9 @@ impl Checker<'_> {
         }
         if f.max_ports == 0 {
             self.err("flows.max_ports", "max_ports must be at least 1");
+        }
+        if f.api_server.is_some() && f.kubeconfig_file.is_some() {
+            self.err("flows.api_server", "api_server and kubeconfig_file are exclusive");
         }
         if f.max_label_sets == 0 {
             self.err("flows.max_label_sets", "max_label_sets must be at least 1");
