@@ -139,20 +139,24 @@ pub fn agent_series(prometheus: &str, sample_app: bool) -> Finding {
     )
 }
 
-/// Flow metrics (Hubble's, exported by Cilium) in Prometheus.
+/// The agent's flow metrics in Prometheus. Cilium's Hubble exports the same names, so only
+/// the agent's (`job="sre-lab-agent-flows"`) count.
 pub fn flow_metrics(prometheus: &str) -> Finding {
     finding(
-        "flow metrics in Prometheus",
+        "agent flow metrics in Prometheus",
         (|| {
-            let n = prom_value(prometheus, "count(hubble_flows_processed_total)")?;
+            let n = prom_value(
+                prometheus,
+                r#"count(hubble_flows_processed_total{job="sre-lab-agent-flows"})"#,
+            )?;
             Ok((
                 n > 0.0,
                 format!(
-                    "{n} hubble_flows_processed_total series{}",
+                    "{n} hubble_flows_processed_total{{job=\"sre-lab-agent-flows\"}} series{}",
                     if n > 0.0 {
                         ""
                     } else {
-                        " — are Hubble metrics and the cilium-monitoring step installed?"
+                        " — is the agent counting flows? (its /metrics: sre_agent_flows_active, sre_agent_flows_off)"
                     }
                 ),
             ))
@@ -239,7 +243,7 @@ pub fn grafana_datasources(grafana: &str, password: &str, loki: bool) -> Finding
 pub struct Applicable {
     /// The agent ships to Prometheus.
     pub agent_series: bool,
-    /// Hubble metrics are scraped.
+    /// The agent counts flows (its eBPF overlay runs where Cilium does) and ships them.
     pub flows: bool,
     /// Loki receives logs.
     pub logs: bool,
@@ -257,7 +261,7 @@ impl Applicable {
         let a = &lab.addons;
         Self {
             agent_series: a.agent && a.prometheus,
-            flows: a.cilium && a.hubble && a.prometheus,
+            flows: a.agent && a.cilium && a.prometheus,
             logs: a.agent && a.loki,
             grafana: a.grafana,
             sample_app: a.sample_app,
@@ -294,11 +298,11 @@ pub fn run(e: &Endpoints, which: Applicable) -> Vec<Finding> {
     };
     let flows = match (&e.prometheus, which.flows) {
         (_, false) => skipped(
-            "flow metrics in Prometheus",
-            "Cilium, Hubble or Prometheus is off in the lab file",
+            "agent flow metrics in Prometheus",
+            "the agent, Cilium (the agent's eBPF overlay) or Prometheus is off in the lab file",
         ),
         (Some(p), true) => flow_metrics(p),
-        (None, true) => missing("flow metrics in Prometheus", "Prometheus"),
+        (None, true) => missing("agent flow metrics in Prometheus", "Prometheus"),
     };
     let logs = match (&e.loki, which.logs) {
         (_, false) => skipped("pod logs in Loki", "the agent or Loki is off in the lab file"),
