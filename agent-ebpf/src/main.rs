@@ -14,7 +14,8 @@
 //!   kernel's drop reason. The field offsets of the tracepoint differ between kernels; user
 //!   space reads them from the tracepoint's `format` file and passes them in `CONFIG`.
 //!
-//! User space reads the maps every interval and keeps the deltas; it deletes idle flows.
+//! User space reads the maps every interval and keeps the deltas; it deletes flows whose
+//! counters did not move for `idle_timeout` (no clock read per packet here).
 //! The layouts of `FlowKey`, `FlowValue` and `DropKey` are mirrored in `agent/src/flows/maps.rs`.
 
 #![no_std]
@@ -81,8 +82,6 @@ pub struct FlowValue {
     pub fin: u32,
     /// TCP segments with RST.
     pub rst: u32,
-    /// `bpf_ktime_get_ns` of the last packet.
-    pub last_ns: u64,
 }
 
 /// A drop reason and the packet's protocol (EtherType).
@@ -129,6 +128,27 @@ const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 
+/// Reads a `T` at `off` from the packet: directly when it lies in the linear data (the usual
+/// case for headers, and much cheaper than a helper call), else with `bpf_skb_load_bytes`.
+#[inline(always)]
+fn rd<T: Copy>(skb: &SkBuff, off: usize) -> Option<T> {
+    // SAFETY: the program's context; `data`/`data_end` bound the linear packet data, and the
+    // read happens only after the bounds check the verifier also sees.
+    unsafe {
+        let data = (*skb.skb).data as usize;
+        let end = (*skb.skb).data_end as usize;
+        let p = data + off;
+        // At least 2 bytes: LLVM turns `p + 1 <= end` into `p < end`, a form the verifier
+        // draws no packet range from. A 1-byte read at the very end of a packet takes the
+        // helper instead.
+        let need = if core::mem::size_of::<T>() < 2 { 2 } else { core::mem::size_of::<T>() };
+        if p + need <= end {
+            return Some((p as *const T).read_unaligned());
+        }
+    }
+    skb.load::<T>(off).ok()
+}
+
 #[inline(always)]
 fn stat(i: u32) {
     if let Some(p) = STATS.get_ptr_mut(i) {
@@ -139,7 +159,7 @@ fn stat(i: u32) {
 
 #[classifier]
 pub fn flows_tc(ctx: TcContext) -> i32 {
-    let Ok(ethertype) = ctx.load::<u16>(12) else {
+    let Some(ethertype) = rd::<u16>(&ctx.skb, 12) else {
         stat(STAT_UNPARSED);
         return TC_ACT_UNSPEC;
     };
@@ -167,9 +187,9 @@ pub fn flows_cgroup_egress(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 fn count_cgroup(skb: &SkBuff, dir: u8) {
     // The IP version nibble (`skb->protocol` may not be set yet on the egress path).
-    let ethertype = match skb.load::<u8>(0).map(|b| b >> 4) {
-        Ok(4) => ETH_P_IP,
-        Ok(6) => ETH_P_IPV6,
+    let ethertype = match rd::<u8>(skb, 0).map(|b| b >> 4) {
+        Some(4) => ETH_P_IP,
+        Some(6) => ETH_P_IPV6,
         _ => {
             stat(STAT_UNPARSED);
             return;
@@ -207,7 +227,6 @@ fn count(ctx: &SkBuff, ethertype: u16, l3: usize, dir: u8) {
     let packets = u64::from(if gso_segs > 1 { gso_segs } else { 1 });
     let flags = tcp_flags(ctx, &key, l3);
     key.pad = 0;
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
     if let Some(v) = FLOWS.get_ptr_mut(&key) {
         // SAFETY: a hash map value stays valid while the program runs; fields are updated
         // atomically since other CPUs may count the same flow.
@@ -215,7 +234,6 @@ fn count(ctx: &SkBuff, ethertype: u16, l3: usize, dir: u8) {
             add(&raw mut (*v).packets, packets);
             add(&raw mut (*v).bytes, u64::from(len));
             add_flags(v, flags);
-            (*v).last_ns = now;
         }
         return;
     }
@@ -226,7 +244,6 @@ fn count(ctx: &SkBuff, ethertype: u16, l3: usize, dir: u8) {
         synack: 0,
         fin: 0,
         rst: 0,
-        last_ns: now,
     };
     // SAFETY: a local.
     unsafe { add_flags(&mut v, flags) };
@@ -252,7 +269,7 @@ fn tcp_flags(ctx: &SkBuff, key: &FlowKey, l3: usize) -> u8 {
     }
     // The L4 offset was stashed in `pad` by `parse`; read the flags byte (offset 13).
     let l4 = l3 + usize::from(key.pad) * 4;
-    ctx.load::<u8>(l4 + 13).unwrap_or(0)
+    rd::<u8>(ctx, l4 + 13).unwrap_or(0)
 }
 
 #[inline(always)]
@@ -298,20 +315,20 @@ fn parse(ctx: &SkBuff, ethertype: u16, l3: usize) -> Option<FlowKey> {
     };
     let l4 = match ethertype {
         ETH_P_IP => {
-            let vihl = ctx.load::<u8>(l3).ok()?;
+            let vihl = rd::<u8>(ctx, l3)?;
             let ihl = usize::from(vihl & 0x0f);
             if ihl < 5 {
                 return None;
             }
             key.family = 4;
-            key.proto = ctx.load::<u8>(l3 + 9).ok()?;
-            let s: [u8; 4] = ctx.load(l3 + 12).ok()?;
-            let d: [u8; 4] = ctx.load(l3 + 16).ok()?;
+            key.proto = rd::<u8>(ctx, l3 + 9)?;
+            let s: [u8; 4] = rd(ctx, l3 + 12)?;
+            let d: [u8; 4] = rd(ctx, l3 + 16)?;
             key.src[..4].copy_from_slice(&s);
             key.dst[..4].copy_from_slice(&d);
             key.pad = ihl as u8;
             // Only the first fragment has the ports.
-            let frag = u16::from_be(ctx.load::<u16>(l3 + 6).ok()?) & 0x1fff;
+            let frag = u16::from_be(rd::<u16>(ctx, l3 + 6)?) & 0x1fff;
             if frag != 0 {
                 return Some(key);
             }
@@ -319,9 +336,9 @@ fn parse(ctx: &SkBuff, ethertype: u16, l3: usize) -> Option<FlowKey> {
         }
         ETH_P_IPV6 => {
             key.family = 6;
-            key.proto = ctx.load::<u8>(l3 + 6).ok()?;
-            key.src = ctx.load(l3 + 8).ok()?;
-            key.dst = ctx.load(l3 + 24).ok()?;
+            key.proto = rd::<u8>(ctx, l3 + 6)?;
+            key.src = rd(ctx, l3 + 8)?;
+            key.dst = rd(ctx, l3 + 24)?;
             // Extension headers are not followed: such packets count without ports.
             key.pad = 10;
             l3 + 40
@@ -330,12 +347,12 @@ fn parse(ctx: &SkBuff, ethertype: u16, l3: usize) -> Option<FlowKey> {
     };
     match key.proto {
         6 | 17 | 132 => {
-            key.sport = u16::from_be(ctx.load::<u16>(l4).ok()?);
-            key.dport = u16::from_be(ctx.load::<u16>(l4 + 2).ok()?);
+            key.sport = u16::from_be(rd::<u16>(ctx, l4)?);
+            key.dport = u16::from_be(rd::<u16>(ctx, l4 + 2)?);
         }
         1 | 58 => {
-            key.sport = u16::from(ctx.load::<u8>(l4).ok()?);
-            key.dport = u16::from(ctx.load::<u8>(l4 + 1).ok()?);
+            key.sport = u16::from(rd::<u8>(ctx, l4)?);
+            key.dport = u16::from(rd::<u8>(ctx, l4 + 1)?);
         }
         _ => {}
     }

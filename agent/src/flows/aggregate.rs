@@ -19,6 +19,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
+use rustc_hash::FxHashMap;
+
 use super::maps::{FlowKey, FlowValue};
 
 /// `hubble_flows_processed_total`.
@@ -166,8 +168,11 @@ struct Cell {
 /// Cumulative Hubble counters built from the kernel's tables.
 pub struct Aggregator {
     settings: Settings,
-    /// What each flow's counters were at the last read.
-    last: HashMap<FlowKey, FlowValue>,
+    /// What each flow's counters were at the last read, and when they last moved (the
+    /// programs read no clock per packet; idleness is seen here).
+    last: FxHashMap<FlowKey, Last>,
+    /// Counts drains (marks the flows each one saw).
+    generation: u64,
     drops_last: HashMap<(u32, u16), u64>,
     /// `name{labels}` → counter, sorted so the text is stable.
     series: BTreeMap<String, Cell>,
@@ -194,7 +199,8 @@ impl Aggregator {
     pub fn new(settings: Settings, reasons: HashMap<u32, String>) -> Self {
         Self {
             settings,
-            last: HashMap::new(),
+            last: FxHashMap::default(),
+            generation: 0,
             drops_last: HashMap::new(),
             series: BTreeMap::new(),
             per_metric: HashMap::new(),
@@ -216,7 +222,11 @@ impl Aggregator {
     }
 
     /// Adds what grew since the last call. `flows` and `drops` are the tables as they are now;
-    /// `now` is the monotonic clock (ns, the programs' `bpf_ktime_get_ns`).
+    /// `now` is a monotonic clock (ns).
+    ///
+    /// Flows are first summed by what their label sets depend on (addresses resolved once,
+    /// protocol, direction, port class), so a label set is touched once per drain however
+    /// many flows feed it.
     pub fn add(
         &mut self,
         flows: &[(FlowKey, FlowValue)],
@@ -228,11 +238,18 @@ impl Aggregator {
             flows: flows.len(),
             ..Default::default()
         };
-        let mut names: HashMap<IpAddr, (String, String)> = HashMap::new();
-        let mut seen: HashSet<FlowKey> = HashSet::with_capacity(flows.len());
+        self.generation = self.generation.wrapping_add(1);
+        let generation = self.generation;
+        let mut ips: FxHashMap<IpAddr, u32> = FxHashMap::default();
+        let mut names: Vec<(String, String)> = Vec::new();
+        let mut groups: FxHashMap<Group, Delta> = FxHashMap::default();
         for (key, cur) in flows {
-            seen.insert(*key);
-            let prev = self.last.get(key).copied().unwrap_or_default();
+            let slot = self.last.entry(*key).or_insert(Last {
+                value: FlowValue::default(),
+                moved: now,
+                generation,
+            });
+            let prev = slot.value;
             // A counter below the last read: the flow was removed and counted anew.
             let d = |c: u64, p: u64| if c >= p { c - p } else { c };
             let d32 = |c: u32, p: u32| u64::from(if c >= p { c - p } else { c });
@@ -243,32 +260,67 @@ impl Aggregator {
                 fin: d32(cur.fin, prev.fin),
                 rst: d32(cur.rst, prev.rst),
             };
-            if now.saturating_sub(cur.last_ns) > self.settings.idle_ns {
+            let changed = delta.packets + delta.syn + delta.synack + delta.fin + delta.rst > 0;
+            if changed {
+                slot.moved = now;
+            }
+            slot.value = *cur;
+            slot.generation = generation;
+            if now.saturating_sub(slot.moved) > self.settings.idle_ns {
                 out.idle.push(*key);
                 self.last.remove(key);
-            } else {
-                self.last.insert(*key, *cur);
             }
-            if delta.packets == 0 && delta.syn + delta.synack + delta.fin + delta.rst == 0 {
+            if !changed {
                 continue;
             }
             out.packets += delta.packets;
-            let (src_ip, dst_ip) = (key.source(), key.destination());
-            for ip in [src_ip, dst_ip] {
-                if let std::collections::hash_map::Entry::Vacant(e) = names.entry(ip) {
+            let mut intern = |ip: IpAddr| -> u32 {
+                *ips.entry(ip).or_insert_with(|| {
                     let pod = resolve.pod(ip);
                     let host = pod.is_none() && resolve.is_host(ip);
                     let s = label(&self.settings.source, ip, pod.as_ref(), host);
                     let t = label(&self.settings.destination, ip, pod.as_ref(), host);
-                    e.insert((s, t));
+                    names.push((s, t));
+                    (names.len() - 1) as u32
+                })
+            };
+            let (src, dst) = (intern(key.source()), intern(key.destination()));
+            let reply = self.is_reply(key);
+            let port = match key.proto {
+                6 | 17 | 132 if !reply => {
+                    let k = (key.proto, key.dport);
+                    if self.ports.contains(&k) || self.ports.len() < self.settings.max_ports {
+                        self.ports.insert(k);
+                        Port::Number(key.dport)
+                    } else {
+                        Port::Other
+                    }
                 }
-            }
-            let source = names[&src_ip].0.clone();
-            let destination = names[&dst_ip].1.clone();
-            self.count_flow(key, &delta, &source, &destination, now);
+                1 | 58 => Port::Icmp(key.sport as u8, key.dport as u8),
+                _ => Port::None,
+            };
+            let g = Group {
+                proto: key.proto,
+                family: key.family,
+                dir: key.dir,
+                src,
+                dst,
+                reply,
+                port,
+            };
+            let e = groups.entry(g).or_default();
+            e.packets += delta.packets;
+            e.syn += delta.syn;
+            e.synack += delta.synack;
+            e.fin += delta.fin;
+            e.rst += delta.rst;
         }
         // Flows gone from the table (removed here, or by a reload of the programs).
-        self.last.retain(|k, _| seen.contains(k));
+        self.last.retain(|_, l| l.generation == generation);
+        for (g, d) in &groups {
+            let (source, destination) = (&names[g.src as usize].0, &names[g.dst as usize].1);
+            self.count_group(g, d, source, destination, now);
+        }
         if self.settings.drop {
             for &((reason, protocol), cur) in drops {
                 let prev = self.drops_last.insert((reason, protocol), cur).unwrap_or(0);
@@ -292,58 +344,55 @@ impl Aggregator {
         out
     }
 
-    fn count_flow(&mut self, key: &FlowKey, d: &Delta, source: &str, destination: &str, now: u64) {
+    fn count_group(&mut self, g: &Group, d: &Delta, source: &str, destination: &str, now: u64) {
         let s = &self.settings;
         let (src_ctx, dst_ctx) = (!s.source.is_empty(), !s.destination.is_empty());
-        let (flows_processed, tcp, port_distribution) = (s.flows_processed, s.tcp, s.port_distribution);
-        let ctx = |mut l: Vec<(&'static str, String)>| {
+        let (flows_processed, tcp, port_distribution, icmp) = (s.flows_processed, s.tcp, s.port_distribution, s.icmp);
+        let ctx = |l: &[(&'static str, &str)]| -> Vec<(&'static str, String)> {
+            let mut out: Vec<(&'static str, String)> = l.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
             if src_ctx {
-                l.push(("source", source.to_owned()));
+                out.push(("source", source.to_owned()));
             }
             if dst_ctx {
-                l.push(("destination", destination.to_owned()));
+                out.push(("destination", destination.to_owned()));
             }
-            l
+            out
         };
-        let protocol = protocol_name(key.proto, key.family);
-        let family = if key.family == 4 { "IPv4" } else { "IPv6" };
+        let protocol = protocol_name(g.proto, g.family);
+        let family = if g.family == 4 { "IPv4" } else { "IPv6" };
         if flows_processed && d.packets > 0 {
-            let subtype = if key.dir == 0 { "to-stack" } else { "to-endpoint" };
-            let l = ctx(vec![
-                ("protocol", protocol.to_owned()),
-                ("subtype", subtype.to_owned()),
-                ("type", "Trace".to_owned()),
-                ("verdict", "FORWARDED".to_owned()),
+            let subtype = if g.dir == 0 { "to-stack" } else { "to-endpoint" };
+            let l = ctx(&[
+                ("protocol", protocol),
+                ("subtype", subtype),
+                ("type", "Trace"),
+                ("verdict", "FORWARDED"),
             ]);
             self.bump_owned(FLOWS_PROCESSED, &l, d.packets, now);
         }
-        if tcp && key.proto == 6 {
+        if tcp && g.proto == 6 {
             for (flag, n) in [("SYN", d.syn), ("SYN-ACK", d.synack), ("FIN", d.fin), ("RST", d.rst)] {
                 if n > 0 {
-                    let l = ctx(vec![("family", family.to_owned()), ("flag", flag.to_owned())]);
+                    let l = ctx(&[("family", family), ("flag", flag)]);
                     self.bump_owned(TCP_FLAGS, &l, n, now);
                 }
             }
         }
-        if port_distribution && d.packets > 0 && !self.is_reply(key) {
-            let port = match key.proto {
-                6 | 17 | 132 => {
-                    let k = (key.proto, key.dport);
-                    if self.ports.contains(&k) || self.ports.len() < self.settings.max_ports {
-                        self.ports.insert(k);
-                        key.dport.to_string()
-                    } else {
-                        "other".to_owned()
-                    }
-                }
-                _ => "0".to_owned(),
+        if port_distribution && d.packets > 0 && !g.reply {
+            let port = match g.port {
+                Port::Number(p) => Some(p.to_string()),
+                Port::Other => Some("other".to_owned()),
+                Port::Icmp(..) => Some("0".to_owned()),
+                Port::None => None,
             };
-            let l = ctx(vec![("port", port), ("protocol", protocol.to_owned())]);
-            self.bump_owned(PORT_DISTRIBUTION, &l, d.packets, now);
+            if let Some(port) = port {
+                let l = ctx(&[("port", &port), ("protocol", protocol)]);
+                self.bump_owned(PORT_DISTRIBUTION, &l, d.packets, now);
+            }
         }
-        if self.settings.icmp && (key.proto == 1 || key.proto == 58) && d.packets > 0 {
-            let t = icmp_type_name(key.proto, key.sport as u8, key.dport as u8);
-            let l = ctx(vec![("family", family.to_owned()), ("type", t)]);
+        if let (true, Port::Icmp(t, code)) = (icmp && d.packets > 0, g.port) {
+            let name = icmp_type_name(g.proto, t, code);
+            let l = ctx(&[("family", family), ("type", &name)]);
             self.bump_owned(ICMP, &l, d.packets, now);
         }
     }
@@ -433,6 +482,42 @@ impl Aggregator {
     }
 }
 
+/// What a flow's label sets depend on: flows equal in these are summed before counting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Group {
+    proto: u8,
+    family: u8,
+    dir: u8,
+    /// Index of the source address's names.
+    src: u32,
+    /// Index of the destination address's names.
+    dst: u32,
+    reply: bool,
+    port: Port,
+}
+
+/// The port class of a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Port {
+    /// TCP/UDP/SCTP destination port (not a reply).
+    Number(u16),
+    /// Over `max_ports`.
+    Other,
+    /// ICMP type and code.
+    Icmp(u8, u8),
+    /// A reply, or no ports.
+    None,
+}
+
+/// A flow's counters as last read, when they last moved, and the drain that saw it.
+#[derive(Clone, Copy)]
+struct Last {
+    value: FlowValue,
+    moved: u64,
+    generation: u64,
+}
+
+#[derive(Default)]
 struct Delta {
     packets: u64,
     syn: u64,
@@ -610,7 +695,7 @@ mod tests {
         k
     }
 
-    fn val(packets: u64, syn: u32, synack: u32, fin: u32, last_ns: u64) -> FlowValue {
+    fn val(packets: u64, syn: u32, synack: u32, fin: u32, _at: u64) -> FlowValue {
         FlowValue {
             packets,
             bytes: packets * 100,
@@ -618,7 +703,6 @@ mod tests {
             synack,
             fin,
             rst: 0,
-            last_ns,
         }
     }
 

@@ -68,16 +68,52 @@ impl Flows {
     }
 }
 
-/// Why the programs could not start: the `reason` label of `sre_agent_flows_off`.
-fn off_reason(e: &anyhow::Error) -> &'static str {
-    let text = format!("{e:#}");
+/// Why the programs could not start: the `reason` label of `sre_agent_flows_off`. A verifier
+/// rejection also fails with EACCES, so privileges are judged by the capabilities held.
+fn off_reason(_e: &anyhow::Error) -> &'static str {
     if !super::built_with_programs() {
         "not-built"
-    } else if text.contains("Operation not permitted") || text.contains("Permission denied") {
+    } else if !has_capabilities() {
         "no-privileges"
     } else {
         "unsupported"
     }
+}
+
+/// Whether this process holds what loading and attaching need: CAP_BPF (or CAP_SYS_ADMIN),
+/// CAP_PERFMON (or CAP_SYS_ADMIN) and CAP_NET_ADMIN, from `CapEff` in /proc/self/status.
+fn has_capabilities() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    let Some(eff) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    else {
+        return false;
+    };
+    let has = |bit: u32| eff & (1u64 << bit) != 0;
+    const NET_ADMIN: u32 = 12;
+    const SYS_ADMIN: u32 = 21;
+    const PERFMON: u32 = 38;
+    const BPF: u32 = 39;
+    has(NET_ADMIN) && (has(BPF) || has(SYS_ADMIN)) && (has(PERFMON) || has(SYS_ADMIN))
+}
+
+/// The end of an error's text: a verifier rejection carries the whole verifier log, whose
+/// last lines say what failed.
+fn tail(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    const MAX: usize = 2000;
+    if text.len() <= MAX {
+        return text;
+    }
+    let mut cut = text.len() - MAX;
+    while !text.is_char_boundary(cut) {
+        cut += 1;
+    }
+    format!("…{}", &text[cut..])
 }
 
 /// Starts the collector for `cfg`, or says (once, at warn) why flows are off and sets
@@ -92,9 +128,9 @@ pub fn start(cfg: &Option<FlowsConfig>, env: &Env<'_>) -> Option<Flows> {
         let hint = match reason {
             "not-built" => "build the programs with scripts/build-ebpf.sh and rebuild the agent",
             "no-privileges" => "the agent needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (or root), and the host network namespace for interfaces",
-            _ => "the kernel lacks what the programs need; see README's kernel table",
+            _ => "the kernel refused the programs (verifier, or a missing feature); see README's kernel table",
         };
-        tracing::warn!(error = %format!("{e:#}"), reason, hint, "Flows are off: {what}. The agent runs without them.");
+        tracing::warn!(error = %tail(&e), reason, hint, "Flows are off: {what}. The agent runs without them.");
         m.set_off(Some(reason));
     };
     let mut progs = match Programs::load(cfg.max_flows, cfg.cgroup.is_some()) {
@@ -147,6 +183,7 @@ pub fn start(cfg: &Option<FlowsConfig>, env: &Env<'_>) -> Option<Flows> {
         failed: HashSet::new(),
         stats: [0; 3],
         dropped_sets: HashMap::new(),
+        table: Vec::new(),
     };
     let thread = std::thread::Builder::new()
         .name("flows".into())
@@ -336,6 +373,8 @@ struct Collector {
     stats: [u64; 3],
     /// Dropped label sets already added to the metrics, by metric.
     dropped_sets: HashMap<&'static str, u64>,
+    /// The flow table as last read (its buffer is reused).
+    table: Vec<(super::FlowKey, super::FlowValue)>,
 }
 
 impl Collector {
@@ -453,7 +492,9 @@ impl Collector {
     fn drain(&mut self, appender: &mut Appender) {
         let m = self.metrics.flows.clone();
         let started = Instant::now();
-        let (flows, drops) = match (self.progs.flows(), self.progs.drops()) {
+        let mut flows = std::mem::take(&mut self.table);
+        let read = self.progs.flows_into(&mut flows);
+        let (flows, drops) = match (read.map(|()| flows), self.progs.drops()) {
             (Ok(f), Ok(d)) => (f, d),
             (Err(e), _) | (_, Err(e)) => {
                 m.drain_errors.inc();
@@ -492,6 +533,7 @@ impl Collector {
                 *seen = total;
             }
         }
+        self.table = flows;
         let text = self.aggregator.render(now);
         m.label_sets.set(self.aggregator.label_sets() as i64);
         let ts = now_ms();

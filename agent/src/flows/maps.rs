@@ -42,8 +42,6 @@ pub struct FlowValue {
     pub fin: u32,
     /// RST.
     pub rst: u32,
-    /// Monotonic time of the last packet (ns).
-    pub last_ns: u64,
 }
 
 /// A drop reason and EtherType (`DropKey` in `agent-ebpf`).
@@ -93,8 +91,8 @@ mod tests {
 
     #[test]
     fn layouts_match_the_programs() {
-        // agent-ebpf's structs: 16+16+2+2+4+1+1+1+1 and 8+8+4*4+8 bytes.
+        // agent-ebpf's structs: 16+16+2+2+4+1+1+1+1 and 8+8+4*4 bytes.
         assert_eq!(std::mem::size_of::<FlowKey>(), 44);
-        assert_eq!(std::mem::size_of::<FlowValue>(), 40);
+        assert_eq!(std::mem::size_of::<FlowValue>(), 32);
     }
 }

@@ -35,6 +35,8 @@ pub struct Programs {
     bpf: aya::Ebpf,
     /// tc links by interface name: (ifindex, ingress, egress).
     links: std::collections::HashMap<String, (u32, Vec<aya::programs::tc::SchedClassifierLinkId>)>,
+    /// Buffers of the batch reads, kept between drains (no page faults for every read).
+    batch: (Vec<u8>, Vec<u8>),
 }
 
 /// `STATS` slots (`agent-ebpf`).
@@ -72,6 +74,7 @@ impl Programs {
         Ok(Programs {
             bpf,
             links: Default::default(),
+            batch: Default::default(),
         })
     }
 
@@ -187,10 +190,109 @@ impl Programs {
     }
 
     /// Every flow in the table with what was counted for it.
-    pub fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
-        let map: BpfHashMap<_, FlowKey, FlowValue> =
-            BpfHashMap::try_from(self.bpf.map("FLOWS").ok_or_else(|| anyhow!("no FLOWS map"))?)?;
-        map.iter().map(|r| r.map_err(anyhow::Error::from)).collect()
+    pub fn flows(&mut self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
+        let mut out = Vec::new();
+        self.flows_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// Every flow in the table into `out` (cleared first): read in batches
+    /// (`BPF_MAP_LOOKUP_BATCH`, kernels ≥ 5.6; a few syscalls for the whole table), else one
+    /// entry at a time (two syscalls each).
+    pub fn flows_into(&mut self, out: &mut Vec<(FlowKey, FlowValue)>) -> anyhow::Result<()> {
+        out.clear();
+        let map = self.bpf.map("FLOWS").ok_or_else(|| anyhow!("no FLOWS map"))?;
+        if let aya::maps::Map::HashMap(data) = map {
+            use std::os::fd::{AsFd, AsRawFd};
+            match lookup_batch::<FlowKey, FlowValue>(data.fd().as_fd().as_raw_fd(), &mut self.batch, out) {
+                Ok(()) => return Ok(()),
+                // Kernels without batch operations: EINVAL, or ENOTSUPP (524, the kernel's own).
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => out.clear(),
+                Err(e) => return Err(anyhow::Error::from(e).context("reading the flow table")),
+            }
+        }
+        let map: BpfHashMap<_, FlowKey, FlowValue> = BpfHashMap::try_from(map)?;
+        for r in map.iter() {
+            out.push(r?);
+        }
+        Ok(())
+    }
+}
+
+/// `union bpf_attr` for the `BPF_MAP_*_BATCH` commands.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Every entry of the hash map `fd` with `BPF_MAP_LOOKUP_BATCH`, 4096 entries per call. Not a
+/// snapshot (neither is one-by-one iteration): entries added meanwhile may be missed until
+/// the next read.
+fn lookup_batch<K: aya::Pod, V: aya::Pod>(
+    fd: i32,
+    (keys, values): &mut (Vec<u8>, Vec<u8>),
+    out: &mut Vec<(K, V)>,
+) -> std::io::Result<()> {
+    let (ks, vs) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
+    let mut chunk = (keys.len() / ks).max(4096);
+    keys.resize(chunk * ks, 0);
+    values.resize(chunk * vs, 0);
+    // Hash maps' batch token is a bucket index (u32); room for more does no harm.
+    let (mut token_in, mut token_out) = ([0u8; 64], [0u8; 64]);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
+            out_batch: token_out.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        // SAFETY: `attr` points at buffers of `count` keys and values and two tokens, all
+        // alive for the call; the kernel writes at most that much.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let err = (r < 0).then(std::io::Error::last_os_error);
+        let n = (attr.count as usize).min(chunk);
+        for i in 0..n {
+            // SAFETY: the kernel filled `n` keys and values; `Pod` types are valid for any
+            // bytes, read unaligned from the byte buffers.
+            let k = unsafe { std::ptr::read_unaligned(keys[i * ks..].as_ptr().cast::<K>()) };
+            let v = unsafe { std::ptr::read_unaligned(values[i * vs..].as_ptr().cast::<V>()) };
+            out.push((k, v));
+        }
+        match err {
+            None => {}
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            // A bucket holds more entries than fit: again, from the same place, with more room.
+            Some(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 && chunk < 1 << 20 => {
+                chunk *= 4;
+                keys.resize(chunk * ks, 0);
+                values.resize(chunk * vs, 0);
+                continue;
+            }
+            Some(e) => return Err(e),
+        }
+        token_in = token_out;
+        first = false;
     }
 }
 
