@@ -1,7 +1,7 @@
 //! The agent's flow-counting programs (issue 10), loaded by `agent::flows`.
 //!
-//! - `flows_tc`: a tc classifier (tcx where the kernel has it, else clsact) for the host side
-//!   of pod interfaces, attached at ingress and egress. Per flow — addresses, ports (ICMP:
+//! - `flows_tc_in` / `flows_tc_out`: tc classifiers (tcx where the kernel has it, else clsact)
+//!   for the host side of pod interfaces, attached at ingress and egress. Per flow — addresses, ports (ICMP:
 //!   type and code), protocol, direction and interface — it adds packets (a GSO packet as the
 //!   `gso_segs` segments it carries), bytes and the TCP flags seen. It never changes a
 //!   packet's fate: it returns `TC_ACT_UNSPEC`, so the next program or the default action
@@ -157,16 +157,29 @@ fn stat(i: u32) {
     }
 }
 
+/// At the host side's ingress: packets leaving the endpoint (direction 0). The direction comes
+/// from the hook, not from `skb->ingress_ifindex`, which a forwarded packet still carries at
+/// egress.
 #[classifier]
-pub fn flows_tc(ctx: TcContext) -> i32 {
+pub fn flows_tc_in(ctx: TcContext) -> i32 {
+    count_tc(&ctx, 0);
+    TC_ACT_UNSPEC
+}
+
+/// At the host side's egress: packets toward the endpoint (direction 1).
+#[classifier]
+pub fn flows_tc_out(ctx: TcContext) -> i32 {
+    count_tc(&ctx, 1);
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn count_tc(ctx: &TcContext, dir: u8) {
     let Some(ethertype) = rd::<u16>(&ctx.skb, 12) else {
         stat(STAT_UNPARSED);
-        return TC_ACT_UNSPEC;
+        return;
     };
-    // SAFETY: `skb` is the program's context (`__sk_buff`), valid for its run.
-    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex != 0 };
-    count(&ctx.skb, u16::from_be(ethertype), ETH_HLEN, if ingress { 0 } else { 1 });
-    TC_ACT_UNSPEC
+    count(&ctx.skb, u16::from_be(ethertype), ETH_HLEN, dir);
 }
 
 /// The cgroup mode (`flows.cgroup`), attached at the cgroup v2 root: packets a socket of the
@@ -264,7 +277,7 @@ fn count(ctx: &SkBuff, ethertype: u16, l3: usize, dir: u8) {
 /// SYN, SYN-ACK, FIN, RST bits of a TCP segment (0 otherwise).
 #[inline(always)]
 fn tcp_flags(ctx: &SkBuff, key: &FlowKey, l3: usize) -> u8 {
-    if key.proto != 6 {
+    if key.proto != 6 || key.pad == 0 {
         return 0;
     }
     // The L4 offset was stashed in `pad` by `parse`; read the flags byte (offset 13).
@@ -327,9 +340,11 @@ fn parse(ctx: &SkBuff, ethertype: u16, l3: usize) -> Option<FlowKey> {
             key.src[..4].copy_from_slice(&s);
             key.dst[..4].copy_from_slice(&d);
             key.pad = ihl as u8;
-            // Only the first fragment has the ports.
+            // Only the first fragment has the ports (and TCP flags): later ones count
+            // without them (`pad` 0 tells `tcp_flags` there is no L4 header).
             let frag = u16::from_be(rd::<u16>(ctx, l3 + 6)?) & 0x1fff;
             if frag != 0 {
+                key.pad = 0;
                 return Some(key);
             }
             l3 + ihl * 4

@@ -15,7 +15,7 @@
 //! a flow is a reply (left out of the port distribution) when its source port is outside the
 //! node's ephemeral range and its destination port inside it, or when it is an ICMP reply.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
@@ -45,8 +45,10 @@ pub enum Context {
     PodName,
     /// The pod's name without its ReplicaSet/pod hash suffixes.
     PodShort,
-    /// The name of the pod's controlling workload (a ReplicaSet's Deployment).
+    /// `namespace/workload` of the pod's controlling workload (a ReplicaSet's Deployment).
     Workload,
+    /// The workload's name alone.
+    WorkloadName,
     /// `app.kubernetes.io/name`, `k8s-app` or `app` label.
     App,
     /// The address.
@@ -64,7 +66,8 @@ impl Context {
             "pod" => Context::Pod,
             "pod-name" => Context::PodName,
             "pod-short" => Context::PodShort,
-            "workload" | "workload-name" => Context::Workload,
+            "workload" => Context::Workload,
+            "workload-name" => Context::WorkloadName,
             "app" => Context::App,
             "ip" => Context::Ip,
             "reserved-identity" => Context::ReservedIdentity,
@@ -177,7 +180,9 @@ pub struct Aggregator {
     /// `name{labels}` → counter, sorted so the text is stable.
     series: BTreeMap<String, Cell>,
     per_metric: HashMap<&'static str, usize>,
-    ports: HashSet<(u8, u16)>,
+    /// Ports of the port distribution, with when they were last counted (forgotten after
+    /// `idle_timeout`, so the limit bounds the ports in use, not all ever seen).
+    ports: FxHashMap<(u8, u16), u64>,
     reasons: HashMap<u32, String>,
     dropped: HashMap<&'static str, u64>,
     scratch: String,
@@ -204,7 +209,7 @@ impl Aggregator {
             drops_last: HashMap::new(),
             series: BTreeMap::new(),
             per_metric: HashMap::new(),
-            ports: HashSet::new(),
+            ports: FxHashMap::default(),
             reasons,
             dropped: HashMap::new(),
             scratch: String::new(),
@@ -214,6 +219,13 @@ impl Aggregator {
     /// Label sets not counted because their metric had `max_label_sets`, by metric (totals).
     pub fn dropped_label_sets(&self) -> &HashMap<&'static str, u64> {
         &self.dropped
+    }
+
+    /// Forgets flows removed from the kernel's table (a flow seen again starts from zero).
+    pub fn forget(&mut self, removed: &[FlowKey]) {
+        for k in removed {
+            self.last.remove(k);
+        }
     }
 
     /// Label sets held.
@@ -267,8 +279,8 @@ impl Aggregator {
             slot.value = *cur;
             slot.generation = generation;
             if now.saturating_sub(slot.moved) > self.settings.idle_ns {
+                // Named until the collector has removed it ([`Aggregator::forget`]).
                 out.idle.push(*key);
-                self.last.remove(key);
             }
             if !changed {
                 continue;
@@ -289,8 +301,8 @@ impl Aggregator {
             let port = match key.proto {
                 6 | 17 | 132 if !reply => {
                     let k = (key.proto, key.dport);
-                    if self.ports.contains(&k) || self.ports.len() < self.settings.max_ports {
-                        self.ports.insert(k);
+                    if self.ports.contains_key(&k) || self.ports.len() < self.settings.max_ports {
+                        self.ports.insert(k, now);
                         Port::Number(key.dport)
                     } else {
                         Port::Other
@@ -464,6 +476,7 @@ impl Aggregator {
     /// `idle_timeout` (their series end with a staleness marker).
     pub fn render(&mut self, now: u64) -> String {
         let idle = self.settings.idle_ns;
+        self.ports.retain(|_, t| now.saturating_sub(*t) <= idle);
         let per_metric = &mut self.per_metric;
         self.series.retain(|_, c| {
             let keep = now.saturating_sub(c.touched) <= idle;
@@ -534,7 +547,8 @@ fn label(ctx: &[Context], ip: IpAddr, pod: Option<&PodInfo>, host: bool) -> Stri
             (Context::Pod, Some(p)) => Some(format!("{}/{}", p.namespace, p.name)),
             (Context::PodName, Some(p)) => Some(p.name.clone()),
             (Context::PodShort, Some(p)) => Some(format!("{}/{}", p.namespace, short_pod_name(&p.name))),
-            (Context::Workload, Some(p)) => p.workload.clone(),
+            (Context::Workload, Some(p)) => p.workload.as_ref().map(|w| format!("{}/{w}", p.namespace)),
+            (Context::WorkloadName, Some(p)) => p.workload.clone(),
             (Context::App, Some(p)) => p.app.clone(),
             (Context::Ip, _) => Some(ip.to_string()),
             (Context::ReservedIdentity, None) => Some(if host { "reserved:host" } else { "reserved:world" }.to_owned()),
@@ -784,6 +798,10 @@ mod tests {
         // 61 s later without packets: idle; removed from the table by the collector.
         let added = a.add(&[(k, val(1, 0, 0, 0, sec))], &[], 62 * sec, &pods());
         assert_eq!(added.idle, vec![k]);
+        // Not yet removed from the kernel's table: named again, not counted again.
+        let again = a.add(&[(k, val(1, 0, 0, 0, sec))], &[], 62 * sec, &pods());
+        assert_eq!((&again.idle, again.packets), (&vec![k], 0));
+        a.forget(&again.idle);
         assert_eq!(a.render(62 * sec), "");
         assert_eq!(a.label_sets(), 0);
         // The same flow again (a new table entry starting from 1): counted from scratch.

@@ -151,14 +151,18 @@ pub fn start(cfg: &Option<FlowsConfig>, env: &Env<'_>) -> Option<Flows> {
             return None;
         }
     }
-    match progs.attach_drops() {
-        Ok(()) => {
-            m.drops_active.set(1);
+    if cfg.metrics.iter().any(|x| x == "drop") {
+        match progs.attach_drops() {
+            Ok(()) => {
+                m.drops_active.set(1);
+            }
+            Err(e) => {
+                m.drops_active.set(0);
+                tracing::warn!(error = %format!("{e:#}"), "Drops are not counted (hubble_drop_total is left out): the skb:kfree_skb tracepoint could not be attached.");
+            }
         }
-        Err(e) => {
-            m.drops_active.set(0);
-            tracing::warn!(error = %format!("{e:#}"), "Drops are not counted (hubble_drop_total is left out): the skb:kfree_skb tracepoint could not be attached.");
-        }
+    } else {
+        m.drops_active.set(0);
     }
     m.set_off(None);
     let resolver = PodResolver {
@@ -507,8 +511,11 @@ impl Collector {
         let added = self.aggregator.add(&flows, &drops, now, &self.resolver);
         if !added.idle.is_empty() {
             match self.progs.remove_flows(&added.idle) {
-                Ok(n) => {
-                    m.evicted.inc_by(n as u64);
+                Ok(removed) => {
+                    m.evicted.inc_by(removed.len() as u64);
+                    // Forgotten only once out of the table: a flow still there would be counted
+                    // again from zero.
+                    self.aggregator.forget(&removed);
                 }
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "Removing idle flows failed."),
             }

@@ -33,11 +33,17 @@ pub fn built_with_programs() -> bool {
 /// The loaded programs and their maps.
 pub struct Programs {
     bpf: aya::Ebpf,
-    /// tc links by interface name: (ifindex, ingress, egress).
-    links: std::collections::HashMap<String, (u32, Vec<aya::programs::tc::SchedClassifierLinkId>)>,
+    /// tc links by interface name: (ifindex, [(program, link)]).
+    links: std::collections::HashMap<String, (u32, Vec<TcLink>)>,
     /// Buffers of the batch reads, kept between drains (no page faults for every read).
     batch: (Vec<u8>, Vec<u8>),
 }
+
+/// A classifier's link on an interface: the program's name and the link.
+type TcLink = (&'static str, aya::programs::tc::SchedClassifierLinkId);
+
+/// The classifiers for the host side's ingress (packets leaving the endpoint) and egress.
+const TC_PROGRAMS: [&str; 2] = ["flows_tc_in", "flows_tc_out"];
 
 /// `STATS` slots (`agent-ebpf`).
 pub const STAT_FLOWS_FULL: u32 = 0;
@@ -65,11 +71,13 @@ impl Programs {
                 prog.load().with_context(|| format!("loading {name} (verifier)"))?;
             }
         } else {
-            let prog: &mut SchedClassifier = bpf
-                .program_mut("flows_tc")
-                .ok_or_else(|| anyhow!("no flows_tc program in the eBPF object"))?
-                .try_into()?;
-            prog.load().context("loading flows_tc (verifier)")?;
+            for name in TC_PROGRAMS {
+                let prog: &mut SchedClassifier = bpf
+                    .program_mut(name)
+                    .ok_or_else(|| anyhow!("no {name} program in the eBPF object"))?
+                    .try_into()?;
+                prog.load().with_context(|| format!("loading {name} (verifier)"))?;
+            }
         }
         Ok(Programs {
             bpf,
@@ -105,11 +113,21 @@ impl Programs {
         Ok(a.get(&i, 0)?)
     }
 
-    /// Removes flows from the table (idle ones); returns how many were there.
-    pub fn remove_flows(&mut self, keys: &[FlowKey]) -> anyhow::Result<usize> {
+    /// Removes flows from the table (idle ones); returns those removed or already gone (a
+    /// flow whose removal failed otherwise stays, and is tried again at the next drain).
+    pub fn remove_flows(&mut self, keys: &[FlowKey]) -> anyhow::Result<Vec<FlowKey>> {
         let mut map: BpfHashMap<_, FlowKey, FlowValue> =
             BpfHashMap::try_from(self.bpf.map_mut("FLOWS").ok_or_else(|| anyhow!("no FLOWS map"))?)?;
-        Ok(keys.iter().filter(|k| map.remove(k).is_ok()).count())
+        Ok(keys
+            .iter()
+            .filter(|k| match map.remove(k) {
+                Ok(()) => true,
+                Err(aya::maps::MapError::KeyNotFound) => true,
+                Err(aya::maps::MapError::SyscallError(e)) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+                Err(_) => false,
+            })
+            .copied()
+            .collect())
     }
 
     /// Interfaces attached to, by name, with their index.
@@ -123,13 +141,13 @@ impl Programs {
         let Some((_, ids)) = self.links.remove(iface) else {
             return;
         };
-        let Some(prog) = self.bpf.program_mut("flows_tc") else {
-            return;
-        };
-        let Ok(prog): Result<&mut SchedClassifier, _> = prog.try_into() else {
-            return;
-        };
-        for id in ids {
+        for (name, id) in ids {
+            let Some(prog) = self.bpf.program_mut(name) else {
+                continue;
+            };
+            let Ok(prog): Result<&mut SchedClassifier, _> = prog.try_into() else {
+                continue;
+            };
             let _ = prog.detach(id);
         }
     }
@@ -161,31 +179,51 @@ impl Programs {
             .collect()
     }
 
-    /// Attaches the classifier to `iface` (index `ifindex`) at ingress and egress.
+    /// Attaches the classifiers to `iface` (index `ifindex`) at ingress and egress. With tcx
+    /// they go first in the interface's chain: a program before them returning a verdict
+    /// (Cilium's return `TC_ACT_OK` or redirect) would end the chain before they count, while
+    /// theirs (`TC_ACT_UNSPEC`) lets every later program run. With clsact (kernels < 6.6) they
+    /// are added with the kernel's next free priority, after filters already there.
     pub fn attach(&mut self, iface: &str, ifindex: u32) -> anyhow::Result<()> {
         self.detach(iface);
-        // Kernels without tcx need the clsact qdisc (an existing one is fine).
-        if !aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0)) {
+        let tcx = aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+        if !tcx {
+            // Kernels without tcx need the clsact qdisc (an existing one is fine).
             let _ = tc::qdisc_add_clsact(iface);
         }
-        let prog: &mut SchedClassifier = self
-            .bpf
-            .program_mut("flows_tc")
-            .ok_or_else(|| anyhow!("no flows_tc program"))?
-            .try_into()?;
-        let mut ids = Vec::new();
-        for t in [TcAttachType::Ingress, TcAttachType::Egress] {
-            match prog.attach(iface, t) {
-                Ok(id) => ids.push(id),
+        let mut ids: Vec<TcLink> = Vec::new();
+        let mut failed = None;
+        for (name, t) in TC_PROGRAMS
+            .into_iter()
+            .zip([TcAttachType::Ingress, TcAttachType::Egress])
+        {
+            let Some(prog) = self.bpf.program_mut(name) else {
+                failed = Some(anyhow!("no {name} program"));
+                break;
+            };
+            let prog: &mut SchedClassifier = prog.try_into()?;
+            let attached = if tcx {
+                prog.attach_with_options(
+                    iface,
+                    t,
+                    tc::TcAttachOptions::TcxOrder(aya::programs::LinkOrder::first()),
+                )
+            } else {
+                prog.attach(iface, t)
+            };
+            match attached {
+                Ok(id) => ids.push((name, id)),
                 Err(e) => {
-                    for id in ids {
-                        let _ = prog.detach(id);
-                    }
-                    return Err(anyhow::Error::from(e).context(format!("attaching to {iface} ({t:?})")));
+                    failed = Some(anyhow::Error::from(e).context(format!("attaching to {iface} ({t:?})")));
+                    break;
                 }
             }
         }
         self.links.insert(iface.to_owned(), (ifindex, ids));
+        if let Some(e) = failed {
+            self.detach(iface);
+            return Err(e);
+        }
         Ok(())
     }
 
