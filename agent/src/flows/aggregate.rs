@@ -13,7 +13,8 @@
 //! is `FORWARDED` for what crossed an interface; drops come node-wide from `skb:kfree_skb`
 //! with the kernel's reason and the packet's network protocol, without source/destination;
 //! a flow is a reply (left out of the port distribution) when its source port is outside the
-//! node's ephemeral range and its destination port inside it, or when it is an ICMP reply.
+//! node's ephemeral range and its destination port inside it, or when it is an ICMP reply or
+//! error.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -415,8 +416,11 @@ impl Aggregator {
         let eph = |p: u16| (lo..=hi).contains(&p);
         match key.proto {
             6 | 17 | 132 => !eph(key.sport) && eph(key.dport),
-            1 => matches!(key.sport, 0 | 14 | 16 | 18),
-            58 => matches!(key.sport, 129),
+            // Echo, timestamp, information and mask replies, and the errors (unreachable,
+            // source quench, redirect, time exceeded, parameter problem) answer something.
+            1 => matches!(key.sport, 0 | 3 | 4 | 5 | 11 | 12 | 14 | 16 | 18),
+            // Errors (1–4) and echo replies.
+            58 => matches!(key.sport, 1..=4 | 129),
             _ => false,
         }
     }
