@@ -121,7 +121,7 @@ echo "    without, Gbit/s: $without"
 echo "    with,    Gbit/s: $with"
 # The program's own time per run, from the kernel's BPF statistics (enabled only for this
 # extra run: they add two clock reads per run).
-prog_stats() { bpftool prog show -j | python3 -c 'import json,sys; p=[x for x in json.load(sys.stdin) if x.get("name")=="flows_tc"]; print(sum(x.get("run_time_ns",0) for x in p), sum(x.get("run_cnt",0) for x in p))'; }
+prog_stats() { bpftool prog show -j | python3 -c 'import json,sys; p=[x for x in json.load(sys.stdin) if x.get("name","").startswith("flows_tc_")]; print(sum(x.get("run_time_ns",0) for x in p), sum(x.get("run_cnt",0) for x in p))'; }
 sysctl -qw kernel.bpf_stats_enabled=1
 read -r t0 c0 < <(prog_stats)
 if [ -n "${PERF_OUT:-}" ]; then perf record -a -g -o "$PERF_OUT" -- sleep "$SECS" >/dev/null 2>&1 & perf_pid=$!; fi
@@ -140,7 +140,7 @@ payload = b"x" * 1000
 ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(payload), 0, 0x4000, 64, 6, 0, bytes([10, 214, 1, 2]), bytes([10, 214, 2, 2]))
 open(sys.argv[1], "wb").write(b"\x02" * 6 + b"\x04" * 6 + struct.pack("!H", 0x0800) + ip + tcp + payload)
 EOF
-prog_id=$(bpftool prog show -j | python3 -c 'import json,sys; print([x["id"] for x in json.load(sys.stdin) if x.get("name")=="flows_tc"][0])')
+prog_id=$(bpftool prog show -j | python3 -c 'import json,sys; print([x["id"] for x in json.load(sys.stdin) if x.get("name","").startswith("flows_tc_")][0])')
 tr=()
 for _ in 1 2 3; do
   tr+=("$(bpftool prog run id "$prog_id" data_in "$tmp/pkt.bin" repeat 2000000 2>&1 | sed -n 's/.*duration (average): \([0-9]*\)ns.*/\1/p')")
@@ -152,7 +152,7 @@ m0=$(median $without); m1=$(median $with)
 loss=$(python3 -c "print(round((1-$m1/$m0)*100,2))")
 ns=$(python3 -c "print(round(($t1-$t0)/max(1,$c1-$c0),1))")
 echo "    median without: $m0 Gbit/s, with: $m1 Gbit/s, loss: $loss %"
-echo "    flows_tc: $((c1-c0)) runs, $ns ns per packet (bpf_stats)"
+echo "    flows_tc_in + flows_tc_out: $((c1-c0)) runs, $ns ns per packet (bpf_stats)"
 
 echo "==> $FLOWS active UDP flows for ${WINDOW}s: the agent's CPU"
 # FLOWS distinct 5-tuples (100 source sockets x FLOWS/100 destination ports), each sent to

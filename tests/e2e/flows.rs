@@ -759,3 +759,83 @@ fn routed_traffic_between_two_namespaces_gets_its_direction_from_the_hook() -> R
     assert_eq!(at(a.ifindex()?, pb, pa), [(1, 4)], "replies entering a");
     Ok(())
 }
+
+#[test]
+fn the_agent_counts_in_cgroup_mode() -> Result<()> {
+    if !can_attach()? {
+        return Ok(());
+    }
+    let Some(root) = agent::flows::collector::cgroup2_root() else {
+        eprintln!("SKIPPED: no cgroup v2 hierarchy mounted");
+        return Ok(());
+    };
+    // `flows.cgroup` at a cgroup of the test's own (in production: the v2 root), so that only
+    // the process the test moves there is counted.
+    let cg = root.join(format!("sre-lab-flows-agent-{}", std::process::id()));
+    let _ = std::fs::remove_dir(&cg);
+    std::fs::create_dir(&cg).with_context(|| format!("creating {}", cg.display()))?;
+    struct Rm(std::path::PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _rm = Rm(cg.clone());
+    let dir = tempfile::tempdir()?;
+    let prom = sre_lab_tests::Prometheus::start(dir.path(), "prom", "global:\n  scrape_interval: 1h\n", true)?;
+    let agent = sre_lab_tests::Agent::start(
+        dir.path(),
+        &format!(
+            "remote_write:\n  - url: {}/api/v1/write\n    queue_config:\n      batch_send_deadline: 200ms\nflows:\n  enabled: true\n  cgroup: {}\n  interval: 1s\n  source_context: [ip]\n  destination_context: [ip]\n",
+            prom.url,
+            cg.display()
+        ),
+    )?;
+    assert_eq!(
+        agent.metric("sre_agent_flows_active", "")?,
+        1.0,
+        "{}",
+        agent.proc.log_text()
+    );
+    assert_eq!(agent.metric("sre_agent_flows_interfaces", "")?, 0.0);
+    // A process in the cgroup sends 4 datagrams to its own socket on 127.0.0.1.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {} && exec python3 -c \"import socket\nr=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nr.bind(('127.0.0.1',{port}))\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor i in range(4): s.sendto(b'x'*50,('127.0.0.1',{port}))\nfor i in range(4): r.recv(100)\"",
+            cg.join("cgroup.procs").display()
+        ))
+        .output()?;
+    ensure!(out.status.success(), "sender: {}", String::from_utf8_lossy(&out.stderr));
+    let job = r#"job="sre-lab-agent-flows",source="127.0.0.1",destination="127.0.0.1",protocol="UDP""#;
+    let want = [
+        // Sent by the cgroup's socket (to-stack) and received by it (to-endpoint).
+        (
+            format!(r#"hubble_flows_processed_total{{{job},subtype="to-stack"}}"#),
+            4.0,
+        ),
+        (
+            format!(r#"hubble_flows_processed_total{{{job},subtype="to-endpoint"}}"#),
+            4.0,
+        ),
+        // Both directions are requests to the port (neither end is a well-known port).
+        (format!(r#"hubble_port_distribution_total{{{job},port="{port}"}}"#), 8.0),
+    ];
+    sre_lab_tests::poll("cgroup flows in Prometheus", std::time::Duration::from_secs(30), || {
+        for (sel, v) in &want {
+            if stored(&prom, sel)? != Some(*v) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
+    .with_context(|| {
+        let got: Vec<String> = want
+            .iter()
+            .map(|(s, v)| format!("{s} want {v} got {:?}", stored(&prom, s).ok().flatten()))
+            .collect();
+        format!("{}\n{}", got.join("\n"), agent.proc.log_text())
+    })?;
+    Ok(())
+}
