@@ -618,6 +618,21 @@ fn the_agent_exports_hubble_metrics_with_pod_labels_through_remote_write_only() 
         },
     )
     .with_context(|| agent.proc.log_text())?;
+    // The pod goes: its interface is deleted, and the agent lets go of it.
+    let host_if = net.host.clone();
+    drop(net);
+    sre_lab_tests::poll(
+        "the gone interface detached",
+        std::time::Duration::from_secs(10),
+        || {
+            let log = agent.proc.log_text();
+            Ok(log
+                .lines()
+                .any(|l| l.contains("Interface gone; detached") && l.contains(&host_if))
+                .then_some(()))
+        },
+    )
+    .with_context(|| agent.proc.log_text())?;
     Ok(())
 }
 
