@@ -2,7 +2,8 @@
 # (x86_64 or aarch64):
 #   docker build -t ghcr.io/sre-lab/agent:0.1.0 .
 # `installer up` builds it this way for Talos in Docker and pushes it to the lab's registry.
-FROM rust:1-bookworm AS build
+# Pinned: bpf-linker 0.13 below links against this rustc's LLVM (21–23).
+FROM rust:1.95-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends musl-tools \
  && rm -rf /var/lib/apt/lists/* \

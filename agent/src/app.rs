@@ -1115,6 +1115,7 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
         outputs: outputs_rx,
     };
     let mut flows = crate::flows::collector::start(&cfg.flows, &flows_env);
+    let mut flows_fp = crate::flows::collector::fingerprint(&cfg.flows, node_name.as_deref());
     metrics.set_ready(true);
 
     loop {
@@ -1146,16 +1147,15 @@ pub async fn run(config_path: PathBuf, ov: Overrides) -> anyhow::Result<()> {
                                 // The flows collector: kept while its settings stay (the
                                 // programs keep counting); else its series end and it
                                 // starts anew with the new settings.
+                                // A collector that could not start is not tried (and
+                                // said) again while the settings stay.
                                 let fp = crate::flows::collector::fingerprint(&new_cfg.flows, node_name.as_deref());
-                                let keep = match &flows {
-                                    Some(f) => f.fingerprint == fp,
-                                    None => !new_cfg.flows.as_ref().is_some_and(|f| f.enabled),
-                                };
-                                if !keep {
+                                if fp != flows_fp {
                                     if let Some(f) = flows.take() {
                                         f.stop(true).await;
                                     }
                                     flows = crate::flows::collector::start(&new_cfg.flows, &flows_env);
+                                    flows_fp = fp;
                                 }
                                 // The logs path: kept while its settings stay; else stopped at
                                 // a line boundary with its positions saved, and started anew

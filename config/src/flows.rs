@@ -16,7 +16,7 @@ use crate::units::Duration;
 pub const METRICS: &[&str] = &["flows-processed", "tcp", "port-distribution", "drop", "icmp"];
 
 /// Hubble's label contexts the agent supports for sources and destinations (`workload` is
-/// taken as `workload-name`).
+/// `namespace/workload`, `workload-name` the workload's name alone).
 pub const CONTEXTS: &[&str] = &[
     "namespace",
     "pod",

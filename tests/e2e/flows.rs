@@ -19,13 +19,54 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// A /30 of 10.213.0.0/16 claimed by this process (a file created exclusively under /tmp,
+/// holding the pid; a claim whose process is gone is taken over), so that concurrent tests
+/// never share addresses. Released on drop.
+struct Subnet {
+    n: u32,
+    file: std::path::PathBuf,
+}
+
+impl Subnet {
+    fn claim() -> Result<Subnet> {
+        for k in 0..250 {
+            let n = (std::process::id() + k) % 250 + 1;
+            let file = std::path::PathBuf::from(format!("/tmp/sre-lab-flows-subnet-{n}"));
+            for _ in 0..2 {
+                match std::fs::OpenOptions::new().write(true).create_new(true).open(&file) {
+                    Ok(mut f) => {
+                        std::io::Write::write_all(&mut f, std::process::id().to_string().as_bytes())?;
+                        return Ok(Subnet { n, file });
+                    }
+                    Err(_) => {
+                        let owner = std::fs::read_to_string(&file).unwrap_or_default();
+                        let alive =
+                            !owner.is_empty() && std::path::Path::new(&format!("/proc/{}", owner.trim())).exists();
+                        if alive {
+                            break;
+                        }
+                        let _ = std::fs::remove_file(&file);
+                    }
+                }
+            }
+        }
+        bail!("no free test subnet under 10.213.0.0/16")
+    }
+}
+
+impl Drop for Subnet {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
 /// A namespace with a veth pair: `host` in this namespace (10.213.<n>.1), `peer` inside it
-/// (10.213.<n>.2), its default route via the host side. Removed on drop. `i` (0 or 1) tells
-/// a test's two namespaces apart; `n` comes from the process id and `i`.
+/// (10.213.<n>.2), its default route via the host side. Removed on drop. `i` tells a test's
+/// namespaces apart.
 struct Netns {
     ns: String,
     host: String,
-    n: u32,
+    subnet: Subnet,
 }
 
 impl Netns {
@@ -33,13 +74,12 @@ impl Netns {
         Netns::index(0)
     }
 
-    /// The third octet of namespace `i` of this process.
-    fn subnet(i: u32) -> u32 {
-        (std::process::id() % 125) * 2 + i + 1
+    fn index(i: u32) -> Result<Netns> {
+        Netns::with(Subnet::claim()?, i)
     }
 
-    fn index(i: u32) -> Result<Netns> {
-        let n = Netns::subnet(i);
+    fn with(subnet: Subnet, i: u32) -> Result<Netns> {
+        let n = subnet.n;
         let pid = std::process::id() % 100_000;
         let ns = format!("srelab-flows-{}-{i}", std::process::id());
         let host = format!("srf{pid}{i}h");
@@ -50,7 +90,7 @@ impl Netns {
         let me = Netns {
             ns: ns.clone(),
             host: host.clone(),
-            n,
+            subnet,
         };
         ip(&["link", "add", &host, "type", "veth", "peer", "name", &peer])?;
         ip(&["link", "set", &peer, "netns", &ns])?;
@@ -69,7 +109,7 @@ impl Netns {
     }
 
     fn addr(&self, host: bool) -> IpAddr {
-        format!("10.213.{}.{}", self.n, if host { 1 } else { 2 })
+        format!("10.213.{}.{}", self.subnet.n, if host { 1 } else { 2 })
             .parse()
             .unwrap()
     }
@@ -196,6 +236,10 @@ fn beside_another_tc_program_that_drops_both_keep_working() -> Result<()> {
 /// in the chain, so they still count what the other one drops.
 #[test]
 fn beside_a_tcx_program_attached_before_it_both_keep_working() -> Result<()> {
+    if !aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0)) {
+        eprintln!("SKIPPED: tcx needs kernel 6.6");
+        return Ok(());
+    }
     beside_another_program(true)
 }
 
@@ -391,7 +435,8 @@ fn the_agent_exports_hubble_metrics_with_pod_labels_through_remote_write_only() 
     }
     let dir = tempfile::tempdir()?;
     // The addresses the namespace will have (created once the agent runs).
-    let n = Netns::subnet(0);
+    let subnet = Subnet::claim()?;
+    let n = subnet.n;
     let (host, peer): (IpAddr, IpAddr) = (format!("10.213.{n}.1").parse()?, format!("10.213.{n}.2").parse()?);
     // The test pod map: the namespace's end is a Deployment's pod, the host side a
     // StatefulSet's.
@@ -431,7 +476,7 @@ fn the_agent_exports_hubble_metrics_with_pod_labels_through_remote_write_only() 
     assert_eq!(agent.metric("sre_agent_flows_active", "")?, 1.0);
     // The pod's interface appears after the agent started: it is attached to as it comes
     // (other tests' `srf*h` interfaces may come and go meanwhile).
-    let net = Netns::new()?;
+    let net = Netns::with(subnet, 0)?;
     ensure!((net.addr(true), net.addr(false)) == (host, peer));
     sre_lab_tests::poll("the classifier attached", std::time::Duration::from_secs(20), || {
         let log = agent.proc.log_text();
@@ -676,7 +721,11 @@ fn without_privileges_the_agent_runs_with_flows_off_and_says_so_once() -> Result
         metrics.contains(r#"sre_agent_flows_off{reason="no-privileges"} 1"#),
         "{metrics}"
     );
+    // A reload with the same settings does not try (and say it) again.
+    let (code, body) = sre_lab_tests::http_post(&format!("{url}/-/reload"))?;
+    assert_eq!(code, 200, "{body}");
     let log = proc.log_text();
+    assert!(log.contains("Configuration reloaded"), "{log}");
     assert_eq!(log.matches("Flows are off").count(), 1, "{log}");
     assert!(log.contains("CAP_BPF"), "{log}");
     proc.signal("TERM")?;
@@ -735,6 +784,17 @@ fn routed_traffic_between_two_namespaces_gets_its_direction_from_the_hook() -> R
     // and leaves at b's (egress: toward the endpoint), where it still carries the index of the
     // interface it came in by.
     let (a, b) = (Netns::index(0)?, Netns::index(1)?);
+    struct Forward(String);
+    impl Drop for Forward {
+        fn drop(&mut self) {
+            let _ = std::fs::write("/proc/sys/net/ipv4/ip_forward", &self.0);
+        }
+    }
+    let _forward = Forward(
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")?
+            .trim()
+            .to_owned(),
+    );
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
     let mut progs = Programs::load(4096, false)?;
     progs.attach(&a.host, a.ifindex()?)?;

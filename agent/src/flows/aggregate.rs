@@ -300,6 +300,8 @@ impl Aggregator {
             let (src, dst) = (intern(key.source()), intern(key.destination()));
             let reply = self.is_reply(key);
             let port = match key.proto {
+                // A later fragment: no ports.
+                6 | 17 | 132 if key.sport == 0 && key.dport == 0 => Port::None,
                 6 | 17 | 132 if !reply => {
                     let k = (key.proto, key.dport);
                     if self.ports.contains_key(&k) || self.ports.len() < self.settings.max_ports {
@@ -840,6 +842,21 @@ mod tests {
         );
         assert_eq!(a.dropped_label_sets().get(PORT_DISTRIBUTION), Some(&1));
         assert_eq!(a.label_sets(), 3);
+    }
+
+    #[test]
+    fn workload_is_namespaced_and_workload_name_is_not() {
+        let web = pods().0[&"10.0.0.2".parse::<IpAddr>().unwrap()].clone();
+        let ip: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(label(&[Context::Workload], ip, Some(&web), false), "shop/web");
+        assert_eq!(label(&[Context::WorkloadName], ip, Some(&web), false), "web");
+        assert_eq!(label(&[Context::PodShort], ip, Some(&web), false), "shop/web");
+        // A pod without a workload falls through to the next alternative.
+        let bare = PodInfo { workload: None, ..web };
+        assert_eq!(
+            label(&[Context::Workload, Context::Ip], ip, Some(&bare), false),
+            "10.0.0.2"
+        );
     }
 
     #[test]

@@ -509,9 +509,12 @@ impl Collector {
         self.resolver.host = host_addresses();
         let now = monotonic_ns();
         let added = self.aggregator.add(&flows, &drops, now, &self.resolver);
+        let mut removed = 0;
         if !added.idle.is_empty() {
             match self.progs.remove_flows(&added.idle) {
-                Ok(removed) => {
+                Ok(gone) => {
+                    removed = gone.len();
+                    let removed = gone;
                     m.evicted.inc_by(removed.len() as u64);
                     // Forgotten only once out of the table: a flow still there would be counted
                     // again from zero.
@@ -521,7 +524,7 @@ impl Collector {
             }
         }
         m.packets.inc_by(added.packets);
-        m.table_entries.set((added.flows - added.idle.len()) as i64);
+        m.table_entries.set(added.flows.saturating_sub(removed) as i64);
         for (i, c) in [
             (super::STAT_FLOWS_FULL, &m.table_full),
             (super::STAT_DROPS_FULL, &m.drops_table_full),

@@ -201,7 +201,13 @@ impl Programs {
                 failed = Some(anyhow!("no {name} program"));
                 break;
             };
-            let prog: &mut SchedClassifier = prog.try_into()?;
+            let prog: &mut SchedClassifier = match prog.try_into() {
+                Ok(p) => p,
+                Err(e) => {
+                    failed = Some(anyhow::Error::from(e));
+                    break;
+                }
+            };
             let attached = if tcx {
                 prog.attach_with_options(
                     iface,
