@@ -238,7 +238,9 @@ impl<'a> Executor<'a> {
                     }
                     let manifests = &manifests;
                     let client = self.client().await?;
-                    crate::kube::apply(&client, manifests)
+                    // Objects a chart's admission webhook validates (MetalLB's pool right after
+                    // MetalLB) are applied again until the webhook answers.
+                    crate::kube::apply_waiting_for_webhooks(&client, manifests, Duration::from_secs(120))
                         .await
                         .with_context(|| format!("server-side apply of {what}"))?;
                 }

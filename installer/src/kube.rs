@@ -71,6 +71,32 @@ pub fn resource_of(doc: &Value) -> anyhow::Result<(ApiResource, Option<String>, 
 /// Server-side applies every document of `manifests` (forcing ownership of conflicting
 /// fields, as `kubectl apply --server-side --force-conflicts`). Returns `Kind ns/name` lines.
 pub async fn apply(client: &Client, manifests: &str) -> anyhow::Result<Vec<String>> {
+    apply_waiting_for_webhooks(client, manifests, Duration::ZERO).await
+}
+
+/// Whether an apply failed because an admission webhook does not answer yet (its Service has
+/// no ready endpoint right after the chart installed it: metallb/metallb#1597).
+fn webhook_not_ready(e: &kube::Error) -> bool {
+    let text = e.to_string();
+    text.contains("failed calling webhook")
+        && [
+            "connection refused",
+            "no endpoints available",
+            "context deadline exceeded",
+            "i/o timeout",
+            "EOF",
+        ]
+        .iter()
+        .any(|m| text.contains(m))
+}
+
+/// [`apply`], retrying an object while an admission webhook it goes through does not answer
+/// yet, for up to `wait` (1 s apart, then up to 5 s).
+pub async fn apply_waiting_for_webhooks(
+    client: &Client,
+    manifests: &str,
+    wait: Duration,
+) -> anyhow::Result<Vec<String>> {
     let docs = crate::yaml::documents(manifests).map_err(|e| anyhow!("manifests: {e}"))?;
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let mut applied = Vec::new();
@@ -80,9 +106,21 @@ pub async fn apply(client: &Client, manifests: &str) -> anyhow::Result<Vec<Strin
             Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
             None => Api::all_with(client.clone(), &ar),
         };
-        api.patch(&name, &pp, &Patch::Apply(&doc))
-            .await
-            .with_context(|| format!("applying {} {}", ar.kind, name))?;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut pause = Duration::from_secs(1);
+        loop {
+            match api.patch(&name, &pp, &Patch::Apply(&doc)).await {
+                Ok(_) => break,
+                Err(e) if webhook_not_ready(&e) && tokio::time::Instant::now() + pause <= deadline => {
+                    drop(e);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::from(e)).with_context(|| format!("applying {} {}", ar.kind, name));
+                }
+            }
+        }
         applied.push(match ns {
             Some(ns) => format!("{} {ns}/{name}", ar.kind),
             None => format!("{} {name}", ar.kind),

@@ -642,8 +642,15 @@ struct TraefikValues {
     metrics: TraefikMetrics,
 }
 
+/// Since Traefik's chart v40 the Service type is `service.spec.type`; `service.type` is
+/// ignored (and the chart's default, LoadBalancer, without MetalLB holds `helm --wait`).
 #[derive(Serialize)]
 struct TraefikService {
+    spec: TraefikServiceSpec,
+}
+
+#[derive(Serialize)]
+struct TraefikServiceSpec {
     #[serde(rename = "type")]
     kind: &'static str,
 }
@@ -664,7 +671,9 @@ pub fn traefik(lab: &LabConfig) -> Value {
     let v = TraefikValues {
         deployment: Replicas { replicas: 1 },
         service: TraefikService {
-            kind: if lab.addons.metallb { "LoadBalancer" } else { "NodePort" },
+            spec: TraefikServiceSpec {
+                kind: if lab.addons.metallb { "LoadBalancer" } else { "NodePort" },
+            },
         },
         metrics: TraefikMetrics {
             prometheus: TraefikPrometheus {

@@ -96,6 +96,29 @@ fn current_rv() -> u64 {
     RESOURCE_VERSION.load(std::sync::atomic::Ordering::SeqCst)
 }
 
+/// PATCHes of a path answered with MetalLB's "webhook not ready" 500 this many more times.
+static FAIL_PATCHES: Mutex<Vec<(String, u32)>> = Mutex::new(Vec::new());
+
+/// The next `n` server-side applies of `path` fail as an admission webhook without endpoints
+/// makes them fail (metallb/metallb#1597).
+pub fn fail_patches(path: &str, n: u32) {
+    FAIL_PATCHES.lock().unwrap().push((path.to_owned(), n));
+}
+
+fn injected_failure(method: &str, path: &str) -> Option<(u16, Value)> {
+    if method != "PATCH" {
+        return None;
+    }
+    let mut f = FAIL_PATCHES.lock().unwrap();
+    let (_, n) = f.iter_mut().find(|(p, n)| p == path && *n > 0)?;
+    *n -= 1;
+    Some((
+        500,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500, "reason": "InternalError",
+               "message": "Internal error occurred: failed calling webhook \"ipaddresspoolvalidationwebhook.metallb.io\": failed to call webhook: Post \"https://metallb-webhook-service.metallb-system.svc:443/validate-metallb-io-v1beta1-ipaddresspool?timeout=10s\": dial tcp 10.96.0.10:443: connect: connection refused"}),
+    ))
+}
+
 fn serve(
     conn: TcpStream,
     log: &Mutex<Vec<String>>,
@@ -159,7 +182,8 @@ fn serve(
             method.as_str()
         };
         log.lock().unwrap().push(format!("{shown} {path}"));
-        let (status, reply) = route(&method, path, query, &body, objects);
+        let (status, reply) =
+            injected_failure(&method, path).unwrap_or_else(|| route(&method, path, query, &body, objects));
         // A watch that has nothing to report: an empty event stream (kube-rs then watches again).
         let text = if reply.is_null() {
             String::new()
