@@ -117,7 +117,7 @@ impl<'a> Executor<'a> {
             let started = Instant::now();
             match self.run_step(step, &progress).await {
                 Ok(()) => {
-                    progress.finish(Outcome::Done, "");
+                    progress.finish(Outcome::Done, step.notice.as_deref().unwrap_or(""));
                     if self.record {
                         for id in &step.also_done {
                             if let Some(other) = steps.iter().find(|s| &s.id == id) {

@@ -253,6 +253,9 @@ pub struct Step {
     /// later steps recorded no longer holds.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub resets_later: bool,
+    /// Said after the step's line when it ran (not part of what makes the step done).
+    #[serde(skip)]
+    pub notice: Option<String>,
 }
 
 impl Step {
@@ -267,6 +270,7 @@ impl Step {
             also_done: Vec::new(),
             always: false,
             resets_later: false,
+            notice: None,
         }
     }
 
@@ -564,6 +568,32 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
     .run(patch_cmd);
     // Freshly installed machines reboot first.
     mc.retry_secs = Some(300);
+    // Talos applies etcd's extra arguments to a running control plane at its next boot only.
+    // What the nodes run: the last update patch, else the patch they were created with.
+    let before = std::fs::read_to_string(ctx.paths.rendered("talos-patch-update.yaml"))
+        .or_else(|_| std::fs::read_to_string(ctx.paths.rendered("talos-patch.yaml")))
+        .ok();
+    if let Some(before) = before {
+        let etcd = |text: &str| {
+            crate::yaml::documents(text)
+                .ok()
+                .and_then(|d| d.into_iter().next())
+                .map(|d| d["cluster"]["etcd"].clone())
+        };
+        if etcd(&before) != etcd(&values::talos_update_patch(lab)) {
+            let cps = match lab.provider {
+                Provider::Nodes => lab.machines.control_planes.clone(),
+                _ => all_node_ips(lab)
+                    .into_iter()
+                    .take(lab.nodes.control_planes as usize)
+                    .collect(),
+            };
+            mc.notice = Some(format!(
+                "etcd's metrics listener changed: running control planes use it after a reboot — `talosctl --nodes <ip> reboot`, one at a time ({})",
+                cps.join(", ")
+            ));
+        }
+    }
     steps.push(mc);
 
     let mut kc = Step::new(

@@ -282,6 +282,18 @@ fn a_changed_lab_file_reruns_only_the_changed_steps() {
         log.contains(&format!("talosctl --talosconfig {S}/talosconfig --nodes 10.5.0.2,10.5.0.3,10.5.0.4 patch machineconfig --patch @{S}/rendered/talos-patch-update.yaml")),
         "{log:#?}"
     );
+    // etcd takes its changed arguments at the next boot only: `up` says so, naming the
+    // control planes.
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        said.contains("etcd's metrics listener changed: running control planes use it after a reboot")
+            && said.contains("(10.5.0.2)"),
+        "{said}"
+    );
+    // An `up` that changes nothing of it says nothing.
+    let again = sb.run(&["up"], &[]);
+    let said = format!("{}{}", stdout(&again), stderr(&again));
+    assert!(!said.contains("etcd's metrics listener"), "{said}");
     assert!(
         !log.iter().any(|l| l.starts_with("talosctl cluster create")),
         "the cluster is reused: {log:#?}"
