@@ -750,7 +750,21 @@ pub fn merge(base: &mut Value, over: &Value) {
 /// controller-manager and scheduler metrics reachable by Prometheus, and the local-path
 /// directory mounted into the kubelet.
 pub fn talos_patch(lab: &LabConfig) -> String {
-    yaml::to_string(&talos_patch_value(lab))
+    let mut out = yaml::to_string(&talos_patch_value(lab));
+    if let Some(reg) = crate::plan::local_registry(lab) {
+        // The lab registry speaks plain HTTP on the lab network's gateway. A document of its
+        // own: `machine.registries.mirrors` is deprecated since Talos v1.12 in favour of
+        // `RegistryMirrorConfig` (only at creation: re-applied, its endpoint list would grow).
+        let doc = json!({
+            "apiVersion": "v1alpha1",
+            "kind": "RegistryMirrorConfig",
+            "name": reg.node_host,
+            "endpoints": [{ "url": format!("http://{}", reg.node_host) }],
+        });
+        out.push_str("---\n");
+        out.push_str(&yaml::to_string(&doc));
+    }
+    out
 }
 
 fn talos_patch_value(lab: &LabConfig) -> Value {
@@ -772,12 +786,6 @@ fn talos_patch_value(lab: &LabConfig) -> Value {
         v["cluster"]["etcd"] = json!({ "extraArgs": { "listen-metrics-urls": "http://0.0.0.0:2381" } });
         v["cluster"]["controllerManager"] = json!({ "extraArgs": { "bind-address": "0.0.0.0" } });
         v["cluster"]["scheduler"] = json!({ "extraArgs": { "bind-address": "0.0.0.0" } });
-    }
-    if let Some(reg) = crate::plan::local_registry(lab) {
-        // The lab registry speaks plain HTTP on the lab network's gateway.
-        v["machine"]["registries"] = json!({
-            "mirrors": { reg.node_host.clone(): { "endpoints": [format!("http://{}", reg.node_host)] } }
-        });
     }
     if lab.addons.local_path {
         v["machine"]["kubelet"] = json!({
@@ -801,10 +809,10 @@ pub fn talos_update_patch(lab: &LabConfig) -> String {
     if let Some(cluster) = v["cluster"].as_object_mut() {
         cluster.remove("network");
     }
-    // The kubelet mounts and the registry mirror's endpoints are lists.
+    // The kubelet mounts are a list (the registry mirror is a document of its own, in the
+    // creation patch only).
     if let Some(machine) = v["machine"].as_object_mut() {
         machine.remove("kubelet");
-        machine.remove("registries");
     }
     if v["machine"].as_object().is_some_and(|m| m.is_empty()) {
         v.as_object_mut().expect("a map").remove("machine");

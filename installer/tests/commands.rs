@@ -111,12 +111,13 @@ fn docker_up_runs_the_exact_sequence_and_applies_through_the_api() {
             .any(|e| e["name"] == "NODE_NAME" && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"),
         "{env:?}"
     );
-    // The nodes pull from the lab registry over plain HTTP.
+    // The nodes pull from the lab registry over plain HTTP, configured with Talos's
+    // RegistryMirrorConfig document (machine.registries.mirrors is deprecated).
     let talos_patch = std::fs::read_to_string(sb.state("sre-lab").join("rendered/talos-patch.yaml")).unwrap();
     assert!(
         talos_patch.contains(
-            "registries:\n    mirrors:\n      \"10.5.0.254:5000\":\n        endpoints:\n          - http://10.5.0.254:5000\n"
-        ),
+            "---\napiVersion: v1alpha1\nendpoints:\n  - url: http://10.5.0.254:5000\nkind: RegistryMirrorConfig\nname: \"10.5.0.254:5000\"\n"
+        ) && !talos_patch.contains("registries:"),
         "{talos_patch}"
     );
     // Waited with a watcher: a list filtered to the object.

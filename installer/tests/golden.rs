@@ -66,7 +66,8 @@ fn default_lab_renders_as_recorded() {
         "local-path-values.yaml",
         &values::render(&lab, "local_path", values::local_path(&lab)),
     );
-    check("talos-patch.yaml", &values::talos_patch(&lab));
+    // The machine-config patch and the lab registry's RegistryMirrorConfig document.
+    check_docs("talos-patch.yaml", &values::talos_patch(&lab), 2);
     check("talos-patch-update.yaml", &values::talos_update_patch(&lab));
     check_docs("namespaces.yaml", &installer::plan::namespaces(&lab), 3);
 }
