@@ -214,7 +214,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         } => down(&session, keep_config, dry_run, yes).await,
         Command::Status => status(&lab, &paths, json_out).await,
         Command::Info => {
-            let info = info(&lab, &paths);
+            let mut info = info(&lab, &paths);
+            info.versions["live"] = live_versions(&lab, &paths, session.runner).await;
             if json_out {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
@@ -529,6 +530,91 @@ fn info(lab: &LabConfig, paths: &Paths) -> Info {
     }
 }
 
+/// What the live cluster runs, and where it differs from the lab file: Kubernetes from the
+/// API server's `/version`, Talos from the first control plane (`talosctl version`), chart
+/// releases from `helm list`. Null without a cluster; a part that does not answer is null.
+async fn live_versions(lab: &LabConfig, paths: &Paths, runner: &Runner) -> serde_json::Value {
+    let kubeconfig = paths.kubeconfig();
+    if !kubeconfig.exists() {
+        return serde_json::Value::Null;
+    }
+    let kubernetes = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let c = kube::client(&kubeconfig).await?;
+        anyhow::Ok(c.apiserver_version().await?.git_version)
+    })
+    .await
+    .ok()
+    .and_then(Result::ok);
+    let kc = kubeconfig.display().to_string();
+    let helm = crate::runner::Cmd::new(
+        "helm",
+        ["list", "--all-namespaces", "--output", "json", "--kubeconfig", &kc],
+    );
+    let mut charts = std::collections::BTreeMap::new();
+    if let Ok(out) = runner.run(&helm).await {
+        if let (true, Ok(serde_json::Value::Array(releases))) = (out.success(), serde_json::from_str(&out.stdout)) {
+            for r in releases {
+                let (Some(name), Some(chart)) = (r["name"].as_str(), r["chart"].as_str()) else {
+                    continue;
+                };
+                // `chart` is `<name>-<version>`.
+                if let Some((_, version)) = chart.rsplit_once('-') {
+                    charts.insert(name.to_owned(), version.to_owned());
+                }
+            }
+        }
+    }
+    let first_cp = match lab.provider {
+        config::lab::Provider::Nodes => lab.machines.control_planes.first().cloned(),
+        _ => plan::all_node_ips(lab).into_iter().next(),
+    };
+    let mut talos = None;
+    if let Some(cp) = first_cp {
+        let t = paths.talosconfig().display().to_string();
+        let cmd = crate::runner::Cmd::new("talosctl", ["--talosconfig", &t, "--nodes", &cp, "version"]);
+        if let Ok(out) = runner.run(&cmd).await {
+            talos = server_tag(&out.stdout);
+        }
+    }
+    let mut differs = Vec::new();
+    let trim = |v: &str| v.trim_start_matches('v').to_owned();
+    if let Some(k) = &kubernetes {
+        if trim(k) != trim(&lab.versions.kubernetes) {
+            differs.push(format!("Kubernetes: lab file {}, cluster {k}", lab.versions.kubernetes));
+        }
+    }
+    if let Some(t) = &talos {
+        if trim(t) != trim(&lab.versions.talos) {
+            differs.push(format!("Talos: lab file {}, cluster {t}", lab.versions.talos));
+        }
+    }
+    let c = &lab.charts;
+    for (release, pinned) in [
+        ("cilium", &c.cilium),
+        ("kube-prometheus-stack", &c.kube_prometheus_stack),
+        ("loki", &c.loki),
+        ("local-path-provisioner", &c.local_path),
+        ("traefik", &c.traefik),
+        ("metallb", &c.metallb),
+    ] {
+        if let Some(live) = charts.get(release) {
+            if trim(live) != trim(pinned) {
+                differs.push(format!("{release}: lab file {pinned}, cluster {live}"));
+            }
+        }
+    }
+    json!({"talos": talos, "kubernetes": kubernetes, "charts": charts, "differs": differs})
+}
+
+/// The `Tag:` of the `Server:` section of `talosctl version`.
+fn server_tag(text: &str) -> Option<String> {
+    let server = text.split("Server:").nth(1)?;
+    server
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Tag:"))
+        .map(|t| t.trim().to_owned())
+}
+
 fn info_text(i: &Info) -> String {
     let mut s = format!(
         "Cluster      {} ({})\nKubeconfig   export KUBECONFIG={}\nTalosconfig  export TALOSCONFIG={}\nVersions     Talos {}, Kubernetes {}\n\nEndpoints (each through `installer port-forward NAME`):\n",
@@ -539,6 +625,35 @@ fn info_text(i: &Info) -> String {
         i.versions["talos"].as_str().unwrap_or_default(),
         i.versions["kubernetes"].as_str().unwrap_or_default(),
     );
+    let live = &i.versions["live"];
+    if !live.is_null() {
+        let or_unknown = |v: &serde_json::Value| v.as_str().unwrap_or("not answering").to_owned();
+        let charts: Vec<String> = live["charts"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k} {}", v.as_str().unwrap_or("")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        s.insert_str(
+            s.find("\n\nEndpoints").unwrap_or(s.len()),
+            &format!(
+                "\nRunning      Talos {}, Kubernetes {}{}",
+                or_unknown(&live["talos"]),
+                or_unknown(&live["kubernetes"]),
+                if charts.is_empty() {
+                    String::new()
+                } else {
+                    format!("\nReleases     {}", charts.join(", "))
+                }
+            ),
+        );
+        for d in live["differs"].as_array().into_iter().flatten() {
+            let at = s.find("\n\nEndpoints").unwrap_or(s.len());
+            s.insert_str(at, &format!("\nDiffers      {}", d.as_str().unwrap_or("")));
+        }
+    }
     for e in &i.endpoints {
         s.push_str(&format!(
             "  {:<13} {:<26} {}\n",

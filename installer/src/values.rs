@@ -753,8 +753,9 @@ pub fn talos_patch(lab: &LabConfig) -> String {
     let mut out = yaml::to_string(&talos_patch_value(lab));
     if let Some(reg) = crate::plan::local_registry(lab) {
         // The lab registry speaks plain HTTP on the lab network's gateway. A document of its
-        // own: `machine.registries.mirrors` is deprecated since Talos v1.12 in favour of
-        // `RegistryMirrorConfig` (only at creation: re-applied, its endpoint list would grow).
+        // own: `machine.registries.mirrors` is deprecated in Talos v1.13 in favour of
+        // `RegistryMirrorConfig` (a document since v1.12; only at creation: re-applied, its
+        // endpoint list would grow).
         let doc = json!({
             "apiVersion": "v1alpha1",
             "kind": "RegistryMirrorConfig",

@@ -756,9 +756,33 @@ fn info_and_kubeconfig_print_what_scripts_need() {
     assert!(text.contains("installer password grafana"), "{text}");
     let kc = sb.run(&["kubeconfig"], &[]);
     assert_eq!(kc.status.code(), Some(1), "no cluster yet");
+    assert!(v["versions"]["live"].is_null(), "no cluster yet: {v:#}");
     assert!(sb.run(&["up"], &[]).status.success());
     let kc = sb.run(&["kubeconfig"], &[]);
     assert!(stdout(&kc).starts_with("export KUBECONFIG="), "{}", stdout(&kc));
+    // With a cluster: what it runs, from the API server, the nodes and Helm.
+    let v: serde_json::Value = serde_json::from_slice(&sb.run(&["info", "-o", "json"], &[]).stdout).unwrap();
+    let live = &v["versions"]["live"];
+    assert_eq!(live["kubernetes"], "v1.36.3", "{v:#}");
+    assert_eq!(live["talos"], "v1.13.9", "{v:#}");
+    assert_eq!(live["charts"]["cilium"], "1.18.12", "{v:#}");
+    assert_eq!(live["differs"], serde_json::json!([]), "{v:#}");
+    // A cluster that differs from the lab file is marked.
+    common::set_kube_version("v1.35.2");
+    let list = r#"[{"name":"loki","namespace":"monitoring","chart":"loki-18.10.0","app_version":"3.5.0"}]"#;
+    let out = sb.run(&["info"], &[("FAKE_HELM_LIST", list), ("FAKE_TALOS_SERVER", "v1.13.8")]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("Running      Talos v1.13.8, Kubernetes v1.35.2"),
+        "{text}"
+    );
+    for d in [
+        "Differs      Kubernetes: lab file 1.36.3, cluster v1.35.2",
+        "Differs      Talos: lab file v1.13.9, cluster v1.13.8",
+        "Differs      loki: lab file 18.11.0, cluster 18.10.0",
+    ] {
+        assert!(text.contains(d), "{d} in {text}");
+    }
 }
 
 #[test]

@@ -74,7 +74,9 @@ talosctl)
     out=$(after --output "$@"); mkdir -p "$out"
     for f in controlplane.yaml worker.yaml talosconfig; do echo "# fake $f" > "$out/$f"; done ;;
   *"apply-config"*) touch "${FAKE_STATE}/configured-$(after --nodes "$@")" ;;
-  *" version") [ -f "${FAKE_STATE}/configured-$(after --nodes "$@")" ] || { echo "connection refused" >&2; exit 1; } ;;
+  *" version")
+    [ -f "${FAKE_STATE}/configured-$(after --nodes "$@")" ] || [ -f "${FAKE_STATE}/cluster" ] || { echo "connection refused" >&2; exit 1; }
+    printf 'Client:\n\tTag:         %s\nServer:\n\tNODE:        %s\n\tTag:         %s\n' "${FAKE_TALOSCTL_VERSION:-v1.13.9}" "$(after --nodes "$@")" "${FAKE_TALOS_SERVER:-v1.13.9}" ;;
   *" bootstrap") touch "${FAKE_STATE}/bootstrapped" ;;
   *" etcd status") [ -f "${FAKE_STATE}/bootstrapped" ] || { echo "etcd not running" >&2; exit 1; } ;;
   *" kubeconfig "*) kubeconfig "$(last "$@")" ;;
@@ -83,6 +85,9 @@ helm)
   case "$line" in
   *"version --short"*) echo "${FAKE_HELM_VERSION:-v3.17.3+ge4da497}" ;;
   *"template "*) cat "${FAKE_HELM_TEMPLATE}" ;;
+  *" list --all-namespaces"*)
+    releases='[{"name":"cilium","namespace":"kube-system","chart":"cilium-1.18.12","app_version":"1.18.12"},{"name":"kube-prometheus-stack","namespace":"monitoring","chart":"kube-prometheus-stack-88.5.3","app_version":"v0.88.0"},{"name":"loki","namespace":"monitoring","chart":"loki-18.11.0","app_version":"3.6.0"}]'
+    printf '%s\n' "${FAKE_HELM_LIST:-$releases}" ;;
   esac ;;
 docker)
   case "$line" in

@@ -96,6 +96,14 @@ fn current_rv() -> u64 {
     RESOURCE_VERSION.load(std::sync::atomic::Ordering::SeqCst)
 }
 
+/// What `GET /version` says the API server runs.
+static KUBE_VERSION: Mutex<String> = Mutex::new(String::new());
+
+/// Makes the fake API server report `v` as its version (default v1.36.3).
+pub fn set_kube_version(v: &str) {
+    *KUBE_VERSION.lock().unwrap() = v.to_owned();
+}
+
 /// PATCHes of a path answered with MetalLB's "webhook not ready" 500 this many more times.
 static FAIL_PATCHES: Mutex<Vec<(String, u32)>> = Mutex::new(Vec::new());
 
@@ -170,6 +178,9 @@ fn serve(
             let canned = pod_http.lock().unwrap().get(&pod).cloned().unwrap_or_default();
             port_forward(conn, &key, &target, &pod, &canned, pod_requests);
             return;
+        }
+        if KUBE_VERSION.lock().unwrap().is_empty() {
+            set_kube_version("v1.36.3");
         }
         let mut body = vec![0; len];
         if reader.read_exact(&mut body).is_err() {
@@ -403,6 +414,13 @@ fn route(
             (200, Value::Null)
         }
         "GET" => {
+            if path == "/version" {
+                let v = KUBE_VERSION.lock().unwrap().clone();
+                return (
+                    200,
+                    json!({"major": "1", "minor": "36", "gitVersion": v, "platform": "linux/amd64"}),
+                );
+            }
             if let Some(o) = objects.get(path) {
                 return (200, o.clone());
             }
