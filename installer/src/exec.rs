@@ -243,6 +243,11 @@ impl<'a> Executor<'a> {
                     crate::kube::apply_waiting_for_webhooks(&client, manifests, Duration::from_secs(120))
                         .await
                         .with_context(|| format!("server-side apply of {what}"))?;
+                    // ConfigMaps generated with a hash suffix by earlier applies are replaced,
+                    // not updated: the superseded ones go.
+                    crate::kube::prune_generated_configmaps(&client, manifests)
+                        .await
+                        .with_context(|| format!("pruning the ConfigMaps {what} replaced"))?;
                 }
                 Action::WaitRollout {
                     kind,

@@ -74,6 +74,53 @@ pub async fn apply(client: &Client, manifests: &str) -> anyhow::Result<Vec<Strin
     apply_waiting_for_webhooks(client, manifests, Duration::ZERO).await
 }
 
+/// Whether `name` is a kustomize-generated name: `<base>-<hash>`, the hash 10 characters of
+/// kustomize's alphabet (no vowels, no look-alikes).
+fn generated_base(name: &str) -> Option<&str> {
+    let (base, hash) = name.rsplit_once('-')?;
+    let alphabet = |c: char| "bcdfghkmt2456789".contains(c);
+    (hash.len() == 10 && hash.chars().all(alphabet) && !base.is_empty()).then_some(base)
+}
+
+/// Deletes the ConfigMaps an earlier apply generated that the one just made replaced: for each
+/// applied ConfigMap named `<base>-<hash>`, the others of its namespace with the same labels
+/// and a name `<base>-<other hash>`. Returns what was deleted.
+pub async fn prune_generated_configmaps(client: &Client, manifests: &str) -> anyhow::Result<Vec<String>> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let docs = crate::yaml::documents(manifests).map_err(|e| anyhow!("manifests: {e}"))?;
+    let mut deleted = Vec::new();
+    for doc in docs.iter().filter(|d| d["kind"] == "ConfigMap") {
+        let (Some(name), Some(ns)) = (doc["metadata"]["name"].as_str(), doc["metadata"]["namespace"].as_str()) else {
+            continue;
+        };
+        let Some(base) = generated_base(name) else { continue };
+        let Some(labels) = doc["metadata"]["labels"].as_object().filter(|l| !l.is_empty()) else {
+            continue;
+        };
+        let selector: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+            .collect();
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+        let list = api
+            .list(&kube::api::ListParams::default().labels(&selector.join(",")))
+            .await
+            .with_context(|| format!("listing ConfigMaps in {ns}"))?;
+        for cm in list.items {
+            let Some(other) = cm.metadata.name.as_deref() else {
+                continue;
+            };
+            if other != name && generated_base(other) == Some(base) {
+                api.delete(other, &Default::default())
+                    .await
+                    .with_context(|| format!("deleting ConfigMap {ns}/{other}"))?;
+                deleted.push(format!("ConfigMap {ns}/{other}"));
+            }
+        }
+    }
+    Ok(deleted)
+}
+
 /// Whether an apply failed because an admission webhook does not answer yet (its Service has
 /// no ready endpoint right after the chart installed it: metallb/metallb#1597).
 fn webhook_not_ready(e: &kube::Error) -> bool {

@@ -1023,3 +1023,40 @@ fn validate_reaches_prometheus_loki_and_grafana_through_port_forwards() {
         );
     }
 }
+
+#[test]
+fn configmaps_generated_by_earlier_applies_are_pruned() {
+    let sb = Sandbox::new();
+    assert!(sb.run(&["up"], &[]).status.success());
+    let labels = serde_json::json!({
+        "app.kubernetes.io/managed-by": "sre-lab-installer",
+        "app.kubernetes.io/name": "sre-lab-agent",
+        "app.kubernetes.io/part-of": "sre-lab",
+    });
+    let cm = |name: &str, labels: &serde_json::Value| {
+        serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": "monitoring", "labels": labels}, "data": {}})
+    };
+    let at = |name: &str| format!("/api/v1/namespaces/monitoring/configmaps/{name}");
+    // An earlier config's ConfigMap; one of someone else's with the same base; an unrelated one.
+    sb.api.insert(
+        &at("sre-lab-agent-config-b2c4d5f6g7"),
+        cm("sre-lab-agent-config-b2c4d5f6g7", &labels),
+    );
+    sb.api.insert(
+        &at("sre-lab-agent-config-k8m9t2b4c5"),
+        cm("sre-lab-agent-config-k8m9t2b4c5", &serde_json::json!({"team": "other"})),
+    );
+    sb.api
+        .insert(&at("sre-lab-agent-notes"), cm("sre-lab-agent-notes", &labels));
+    sb.api.clear();
+    let out = sb.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let reqs = sb.api.requests();
+    let deletes: Vec<&String> = reqs.iter().filter(|r| r.starts_with("DELETE ")).collect();
+    assert_eq!(
+        deletes,
+        [&format!("DELETE {}", at("sre-lab-agent-config-b2c4d5f6g7"))],
+        "{reqs:#?}"
+    );
+}
