@@ -404,6 +404,69 @@ fn stored(prom: &sre_lab_tests::Prometheus, selector: &str) -> Result<Option<f64
         .and_then(|s| s.parse().ok()))
 }
 
+/// Waits until every selector of `want` has its value in Prometheus; on timeout, says what
+/// each had, with the agent's log.
+fn wait_stored(
+    prom: &sre_lab_tests::Prometheus,
+    want: &[(String, f64)],
+    agent: &sre_lab_tests::Agent,
+    what: &str,
+) -> Result<()> {
+    sre_lab_tests::poll(what, std::time::Duration::from_secs(30), || {
+        for (sel, v) in want {
+            if stored(prom, sel)? != Some(*v) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
+    .with_context(|| {
+        let got: Vec<String> = want
+            .iter()
+            .map(|(s, v)| format!("{s} want {v} got {:?}", stored(prom, s).ok().flatten()))
+            .collect();
+        format!("{}\n{}", got.join("\n"), agent.proc.log_text())
+    })
+}
+
+/// A cgroup of the test's own under the v2 root (the agent attaches at the root itself; a
+/// child keeps a test's count to the processes it moves there). Removed on drop.
+struct TestCgroup(std::path::PathBuf);
+
+impl TestCgroup {
+    /// None (with a SKIPPED line) without a cgroup v2 hierarchy.
+    fn new(tag: &str) -> Result<Option<TestCgroup>> {
+        let Some(root) = agent::flows::collector::cgroup2_root() else {
+            eprintln!("SKIPPED: no cgroup v2 hierarchy mounted");
+            return Ok(None);
+        };
+        let cg = root.join(format!("sre-lab-flows-{tag}{}", std::process::id()));
+        let _ = std::fs::remove_dir(&cg);
+        std::fs::create_dir(&cg).with_context(|| format!("creating {}", cg.display()))?;
+        Ok(Some(TestCgroup(cg)))
+    }
+
+    /// A process in the cgroup sends 4 datagrams of 50 bytes to its own socket on
+    /// 127.0.0.1:`port` and reads them.
+    fn echo_udp(&self, port: u16) -> Result<()> {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {} && exec python3 -c \"import socket\nr=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nr.bind(('127.0.0.1',{port}))\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor i in range(4): s.sendto(b'x'*50,('127.0.0.1',{port}))\nfor i in range(4): r.recv(100)\"",
+                self.0.join("cgroup.procs").display()
+            ))
+            .output()?;
+        ensure!(out.status.success(), "sender: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 /// Starts a listener in the namespace: TCP on 5201 (reads to EOF) and UDP on 5300 (reads
 /// `datagrams`), printing `ready` and then what each received.
 fn listeners(
@@ -590,25 +653,7 @@ fn the_agent_exports_hubble_metrics_with_pod_labels_through_remote_write_only() 
             1.0,
         ),
     ];
-    sre_lab_tests::poll(
-        "the flow counters in Prometheus",
-        std::time::Duration::from_secs(30),
-        || {
-            for (sel, v) in &want {
-                if stored(&prom, sel)? != Some(*v) {
-                    return Ok(None);
-                }
-            }
-            Ok(Some(()))
-        },
-    )
-    .with_context(|| {
-        let got: Vec<String> = want
-            .iter()
-            .map(|(s, v)| format!("{s} want {v} got {:?}", stored(&prom, s).ok().flatten()))
-            .collect();
-        format!("{}\n{}", got.join("\n"), agent.proc.log_text())
-    })?;
+    wait_stored(&prom, &want, &agent, "the flow counters in Prometheus")?;
     // TCP: the packets toward the listener's port are the connection's packets to it (all
     // TCP packets to web but the refused SYN); no reply (nor the ICMP errors about the closed
     // UDP port) counts in the port distribution.
@@ -737,35 +782,11 @@ fn the_cgroup_programs_count_what_the_cgroups_processes_send_and_receive() -> Re
     if !can_attach()? {
         return Ok(());
     }
-    let Some(root) = agent::flows::collector::cgroup2_root() else {
-        eprintln!("SKIPPED: no cgroup v2 hierarchy mounted");
-        return Ok(());
-    };
-    // A cgroup of its own under the v2 root (the agent attaches at the root itself; a child
-    // keeps this test's count to the process it moves there).
-    let cg = root.join(format!("sre-lab-flows-{}", std::process::id()));
-    let _ = std::fs::remove_dir(&cg);
-    std::fs::create_dir(&cg).with_context(|| format!("creating {}", cg.display()))?;
-    struct Rm(std::path::PathBuf);
-    impl Drop for Rm {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let _rm = Rm(cg.clone());
+    let Some(cg) = TestCgroup::new("")? else { return Ok(()) };
     let mut progs = Programs::load(4096, true)?;
-    progs.attach_cgroup(&cg)?;
+    progs.attach_cgroup(&cg.0)?;
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
-    // A process in the cgroup sends 4 datagrams of 50 bytes to its own socket.
-    let procs = cg.join("cgroup.procs");
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "echo $$ > {} && exec python3 -c \"import socket\nr=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nr.bind(('127.0.0.1',{port}))\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor i in range(4): s.sendto(b'x'*50,('127.0.0.1',{port}))\nfor i in range(4): r.recv(100)\"",
-            procs.display()
-        ))
-        .output()?;
-    ensure!(out.status.success(), "sender: {}", String::from_utf8_lossy(&out.stderr));
+    cg.echo_udp(port)?;
     let flows = progs.flows()?;
     // Sent (egress, dir 0: from the endpoint) and received (ingress, dir 1) by the cgroup's
     // sockets; each datagram is 20 + 8 + 50 bytes.
@@ -840,22 +861,11 @@ fn the_agent_counts_in_cgroup_mode() -> Result<()> {
     if !can_attach()? {
         return Ok(());
     }
-    let Some(root) = agent::flows::collector::cgroup2_root() else {
-        eprintln!("SKIPPED: no cgroup v2 hierarchy mounted");
-        return Ok(());
-    };
     // `flows.cgroup` at a cgroup of the test's own (in production: the v2 root), so that only
     // the process the test moves there is counted.
-    let cg = root.join(format!("sre-lab-flows-agent-{}", std::process::id()));
-    let _ = std::fs::remove_dir(&cg);
-    std::fs::create_dir(&cg).with_context(|| format!("creating {}", cg.display()))?;
-    struct Rm(std::path::PathBuf);
-    impl Drop for Rm {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let _rm = Rm(cg.clone());
+    let Some(cg) = TestCgroup::new("agent-")? else {
+        return Ok(());
+    };
     let dir = tempfile::tempdir()?;
     let prom = sre_lab_tests::Prometheus::start(dir.path(), "prom", "global:\n  scrape_interval: 1h\n", true)?;
     let agent = sre_lab_tests::Agent::start(
@@ -863,7 +873,7 @@ fn the_agent_counts_in_cgroup_mode() -> Result<()> {
         &format!(
             "remote_write:\n  - url: {}/api/v1/write\n    queue_config:\n      batch_send_deadline: 200ms\nflows:\n  enabled: true\n  cgroup: {}\n  interval: 1s\n  source_context: [ip]\n  destination_context: [ip]\n",
             prom.url,
-            cg.display()
+            cg.0.display()
         ),
     )?;
     assert_eq!(
@@ -875,14 +885,7 @@ fn the_agent_counts_in_cgroup_mode() -> Result<()> {
     assert_eq!(agent.metric("sre_agent_flows_interfaces", "")?, 0.0);
     // A process in the cgroup sends 4 datagrams to its own socket on 127.0.0.1.
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "echo $$ > {} && exec python3 -c \"import socket\nr=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nr.bind(('127.0.0.1',{port}))\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor i in range(4): s.sendto(b'x'*50,('127.0.0.1',{port}))\nfor i in range(4): r.recv(100)\"",
-            cg.join("cgroup.procs").display()
-        ))
-        .output()?;
-    ensure!(out.status.success(), "sender: {}", String::from_utf8_lossy(&out.stderr));
+    cg.echo_udp(port)?;
     let job = r#"job="sre-lab-agent-flows",source="127.0.0.1",destination="127.0.0.1",protocol="UDP""#;
     let want = [
         // Sent by the cgroup's socket (to-stack) and received by it (to-endpoint).
@@ -897,20 +900,6 @@ fn the_agent_counts_in_cgroup_mode() -> Result<()> {
         // Both directions are requests to the port (neither end is a well-known port).
         (format!(r#"hubble_port_distribution_total{{{job},port="{port}"}}"#), 8.0),
     ];
-    sre_lab_tests::poll("cgroup flows in Prometheus", std::time::Duration::from_secs(30), || {
-        for (sel, v) in &want {
-            if stored(&prom, sel)? != Some(*v) {
-                return Ok(None);
-            }
-        }
-        Ok(Some(()))
-    })
-    .with_context(|| {
-        let got: Vec<String> = want
-            .iter()
-            .map(|(s, v)| format!("{s} want {v} got {:?}", stored(&prom, s).ok().flatten()))
-            .collect();
-        format!("{}\n{}", got.join("\n"), agent.proc.log_text())
-    })?;
+    wait_stored(&prom, &want, &agent, "cgroup flows in Prometheus")?;
     Ok(())
 }
