@@ -47,7 +47,8 @@ fn check(name: impl Into<String>, status: Status, detail: impl Into<String>, fix
 
 /// Minimum versions.
 pub const MIN_TALOSCTL: (u32, u32) = (1, 13);
-/// Helm 3.17 adds `--take-ownership`, with which Helm adopts the Cilium that Talos bootstrapped.
+/// The oldest Helm the installer accepts: older 3.x releases no longer get fixes (Helm patches
+/// only the latest minor) and the lab's command lines were written against 3.17 and 4.
 pub const MIN_HELM: (u32, u32) = (3, 17);
 
 /// The first `vX.Y` (or `X.Y`) version in `text`.
@@ -310,13 +311,6 @@ pub async fn run(lab: &LabConfig, runner: &Runner, state_root: &Path) -> Vec<Che
 
     if lab.provider != Provider::Nodes {
         out.push(subnet_check(Ipv4Addr::new(10, 5, 0, 0), 24));
-        if lab.addons.cilium {
-            out.push(port_check(
-                crate::plan::manifest_port(),
-                Status::Fail,
-                "`up` serves Cilium's manifest to the nodes there while they bootstrap; free it or set SRE_LAB_MANIFEST_PORT",
-            ));
-        }
     }
     if crate::plan::local_registry(lab).is_some() {
         out.push(port_check(

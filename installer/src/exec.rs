@@ -200,28 +200,6 @@ impl<'a> Executor<'a> {
                 Action::Run { cmd } => {
                     self.run_cmd(cmd).await?;
                 }
-                Action::Render { cmd, path } => {
-                    let manifest = self.run_cmd(cmd).await?;
-                    if crate::yaml::documents(&manifest).map_or(true, |d| d.is_empty()) {
-                        bail!("`{}` rendered no manifests", self.redactor.redact(&cmd.shell_line()));
-                    }
-                    state::write_private(path, manifest.as_bytes())?;
-                }
-                Action::RunServing { cmd, file, port } => {
-                    let body = std::fs::read(file)
-                        .with_context(|| format!("{} (rendered by an earlier step)", file.display()))?;
-                    let listener = tokio::net::TcpListener::bind(("0.0.0.0", *port))
-                        .await
-                        .with_context(|| {
-                            format!(
-                                "serving the CNI manifest on port {port} (set SRE_LAB_MANIFEST_PORT to use another)"
-                            )
-                        })?;
-                    let server = tokio::spawn(serve_file(listener, body));
-                    let result = self.run_cmd(cmd).await;
-                    server.abort();
-                    result?;
-                }
                 Action::RunCapture { cmd, var, pattern } => {
                     let out = self.run_cmd(cmd).await?;
                     let re = regex::Regex::new(pattern).map_err(|e| anyhow!("{pattern}: {e}"))?;
@@ -292,47 +270,6 @@ impl<'a> Executor<'a> {
             self.redactor.redact(&cmd.shell_line()),
             out.tail(&self.redactor, 40)
         )
-    }
-}
-
-/// Answers every HTTP request on `listener` with `body` (a YAML manifest) until aborted.
-async fn serve_file(listener: tokio::net::TcpListener, body: Vec<u8>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let body = std::sync::Arc::new(body);
-    loop {
-        let Ok((mut conn, peer)) = listener.accept().await else {
-            continue;
-        };
-        // The render can hold Hubble's TLS keys: only the lab network (and this host) get it.
-        let lab_or_local = match peer.ip() {
-            std::net::IpAddr::V4(ip) => ip.is_loopback() || ip.octets()[..3] == [10, 5, 0],
-            std::net::IpAddr::V6(ip) => ip.is_loopback(),
-        };
-        if !lab_or_local {
-            continue;
-        }
-        let body = body.clone();
-        tokio::spawn(async move {
-            // Read the request head (whatever it asks, the answer is the manifest).
-            let mut buf = vec![0u8; 8192];
-            let mut seen = 0;
-            while seen < buf.len() {
-                match conn.read(&mut buf[seen..]).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => seen += n,
-                }
-                if buf[..seen].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/yaml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes()).await;
-            let _ = conn.write_all(&body).await;
-            let _ = conn.shutdown().await;
-        });
     }
 }
 

@@ -42,21 +42,6 @@ pub const REGISTRY_PORT: u16 = 5005;
 pub const REGISTRY_DOCKER_IP: &str = "10.5.0.254";
 /// The registry image.
 pub const REGISTRY_IMAGE: &str = "registry:2.8.3";
-/// Where `up` serves the rendered Cilium manifest while Talos bootstraps
-/// (`SRE_LAB_MANIFEST_PORT` overrides it).
-pub fn manifest_port() -> u16 {
-    std::env::var("SRE_LAB_MANIFEST_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(5006)
-}
-
-/// The URL Talos in Docker/QEMU fetches its CNI manifest from: the host, seen from the lab
-/// network at its gateway.
-pub fn cni_manifest_url() -> String {
-    format!("http://10.5.0.1:{}/cilium.yaml", manifest_port())
-}
-
 /// The registry the installer runs when it builds the agent image itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalRegistry {
@@ -131,23 +116,6 @@ pub enum Action {
         var: String,
         /// A regex with one group.
         pattern: String,
-    },
-    /// Runs `helm template` and writes its output (private: it may hold TLS keys).
-    Render {
-        /// The `helm template` command.
-        cmd: Cmd,
-        /// Where the manifest goes.
-        path: PathBuf,
-    },
-    /// Runs a command while serving `file` over HTTP on `port` of every host address (the
-    /// manifest Talos fetches for its CNI while bootstrapping).
-    RunServing {
-        /// The command.
-        cmd: Cmd,
-        /// The file served (at `/` + its name).
-        file: PathBuf,
-        /// Port.
-        port: u16,
     },
     /// Server-side applies multi-document YAML with kube-rs.
     Apply {
@@ -345,16 +313,11 @@ struct Release<'a> {
     repo: &'a str,
     version: &'a str,
     namespace: &'a str,
-    /// Adopt objects made outside Helm (Cilium, first applied by Talos; Helm >= 3.17).
-    take_ownership: bool,
 }
 
 fn helm_install(ctx: &Context<'_>, r: &Release<'_>, values: &str) -> Cmd {
     let kubeconfig = ctx.paths.kubeconfig().display().to_string();
     let mut cmd = Cmd::new("helm", ["upgrade", "--install", r.chart, r.chart]);
-    if r.take_ownership {
-        cmd.args.push("--take-ownership".into());
-    }
     cmd.args.extend(
         [
             "--repo",
@@ -495,57 +458,10 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
 
     let (patch_action, patch_file) = write_values(ctx, "talos-patch.yaml", values::talos_patch(lab));
     let patch_arg = format!("@{patch_file}");
-    let cni_file = paths.rendered("cilium.yaml");
     let cp = first_control_plane(lab);
     let kubeconfig = paths.kubeconfig().display().to_string();
 
-    // Talos in Docker/QEMU: `talosctl cluster create` waits for Ready nodes and cannot be
-    // told not to, so the CNI must come with the cluster. Talos fetches the manifests of a
-    // `custom` CNI from URLs while bootstrapping: `up` renders Cilium with `helm template`
-    // and serves it to the nodes from the host while `cluster create` runs. Helm takes the
-    // release over later.
-    if lab.addons.cilium && lab.provider != Provider::Nodes {
-        let (w, values_path) = write_values(
-            ctx,
-            "cilium-values.yaml",
-            values::render(lab, "cilium", values::cilium(lab, CiliumPhase::Network)),
-        );
-        steps.push(
-            Step::new(
-                "cilium-manifest",
-                format!(
-                    "Render Cilium {}{} for Talos to fetch while bootstrapping (helm template)",
-                    lab.charts.cilium,
-                    if lab.addons.hubble { " with Hubble" } else { "" }
-                ),
-                "helm must reach https://helm.cilium.io; check the chart version in the lab file",
-            )
-            .act(w)
-            .act(Action::Render {
-                cmd: Cmd::new(
-                    "helm",
-                    [
-                        "template",
-                        "cilium",
-                        "cilium",
-                        "--repo",
-                        repos::CILIUM,
-                        "--version",
-                        &lab.charts.cilium,
-                        "--namespace",
-                        "kube-system",
-                        "--kube-version",
-                        &lab.versions.kubernetes,
-                        "--values",
-                        &values_path,
-                    ],
-                ),
-                path: cni_file.clone(),
-            }),
-        );
-    }
-
-    node_steps(ctx, &mut steps, patch_action, &patch_arg, &cni_file);
+    node_steps(ctx, &mut steps, patch_action, &patch_arg);
 
     // The patch also reaches nodes that already exist: a changed lab file (add-ons, the
     // registry mirror) is applied to them; unchanged, the step is skipped by its fingerprint,
@@ -615,8 +531,11 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
     kc.retry_secs = Some(300);
     steps.push(kc);
 
-    if lab.addons.cilium && lab.provider == Provider::Nodes {
-        // Existing machines wait for nothing: Cilium goes in with Helm once the API answers.
+    if lab.addons.cilium {
+        // The nodes come up with no CNI (`cni: none`): Cilium goes in with Helm once the API
+        // answers. Talos's cluster checks (those `cluster create` runs, too) skip node
+        // readiness and CoreDNS while the CNI is `none` (Talos >= v1.13.0), so nothing has to
+        // be there before the nodes are made.
         let mut c = helm_step(
             ctx,
             "cilium-bootstrap",
@@ -630,7 +549,6 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
                 repo: repos::CILIUM,
                 version: &lab.charts.cilium,
                 namespace: "kube-system",
-                take_ownership: false,
             },
             "cilium-values.yaml",
             values::render(lab, "cilium", values::cilium(lab, CiliumPhase::Network)),
@@ -669,13 +587,7 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
 
 /// Making the nodes, by provider: `talosctl cluster create` for Docker and QEMU; for existing
 /// machines, the secrets bundle, machine configs, `apply-config`, bootstrap.
-fn node_steps(
-    ctx: &Context<'_>,
-    steps: &mut Vec<Step>,
-    patch_action: Action,
-    patch_arg: &str,
-    cni_file: &std::path::Path,
-) {
+fn node_steps(ctx: &Context<'_>, steps: &mut Vec<Step>, patch_action: Action, patch_arg: &str) {
     let lab = ctx.lab;
     let paths = ctx.paths;
     let name = lab.cluster_name.as_str();
@@ -766,16 +678,8 @@ fn node_steps(
                 "`installer check-deps` says what is missing; a create that failed half-way leaves containers behind: `installer down`, then `installer up`".to_owned(),
             )
             .act(patch_action);
-            let s = if lab.addons.cilium {
-                s.act(Action::RunServing {
-                    cmd: create,
-                    file: cni_file.to_path_buf(),
-                    port: manifest_port(),
-                })
-            } else {
-                s.run(create)
-            };
             let mut s = s
+                .run(create)
                 .act(Action::Private {
                     path: paths.talosconfig(),
                 })
@@ -989,7 +893,6 @@ fn addon_steps(ctx: &Context<'_>, steps: &mut Vec<Step>) {
                 repo: repos::CONTAINEROO,
                 version: &lab.charts.local_path,
                 namespace: "local-path-storage",
-                take_ownership: false,
             },
             "local-path-values.yaml",
             values::render(lab, "local_path", values::local_path(lab)),
@@ -1021,27 +924,25 @@ fn addon_steps(ctx: &Context<'_>, steps: &mut Vec<Step>) {
                 repo: repos::PROMETHEUS_COMMUNITY,
                 version: &lab.charts.kube_prometheus_stack,
                 namespace: MONITORING_NS,
-                take_ownership: false,
             },
             "kube-prometheus-stack-values.yaml",
             values::render(lab, "kube_prometheus_stack", values::kube_prometheus_stack(lab)),
         ));
     }
     if lab.addons.cilium {
-        // Talos applied the bootstrap render; from here on Helm owns the release, so later
-        // changes to Cilium's values are `helm upgrade`s. With the Prometheus operator's CRDs
-        // now there, its ServiceMonitors and dashboards come along.
+        // The release `cilium-bootstrap` installed, upgraded to the lab's full values: with the
+        // Prometheus operator's CRDs now there, its ServiceMonitors and dashboards come along
+        // (and go again when the lab turns monitoring off).
         let phase = if lab.addons.prometheus || lab.addons.grafana {
             CiliumPhase::Monitoring
         } else {
             CiliumPhase::Network
         };
-        // Helm adopts the objects Talos created from the CNI manifest (Helm >= 3.17).
         let step = helm_step(
             ctx,
             "cilium",
             &format!(
-                "Hand Cilium {} over to Helm{}",
+                "Configure Cilium {}{}",
                 lab.charts.cilium,
                 if phase == CiliumPhase::Monitoring {
                     " with its ServiceMonitors and dashboards"
@@ -1054,7 +955,6 @@ fn addon_steps(ctx: &Context<'_>, steps: &mut Vec<Step>) {
                 repo: repos::CILIUM,
                 version: &lab.charts.cilium,
                 namespace: "kube-system",
-                take_ownership: true,
             },
             "cilium-helm-values.yaml",
             values::render(lab, "cilium", values::cilium(lab, phase)),
@@ -1071,7 +971,6 @@ fn addon_steps(ctx: &Context<'_>, steps: &mut Vec<Step>) {
                 repo: repos::GRAFANA_COMMUNITY,
                 version: &lab.charts.loki,
                 namespace: MONITORING_NS,
-                take_ownership: false,
             },
             "loki-values.yaml",
             values::render(lab, "loki", values::loki(lab)),
@@ -1088,7 +987,6 @@ fn addon_steps(ctx: &Context<'_>, steps: &mut Vec<Step>) {
                     repo: repos::METALLB,
                     version: &lab.charts.metallb,
                     namespace: "metallb-system",
-                    take_ownership: false,
                 },
                 "metallb-values.yaml",
                 values::render(lab, "metallb", values::metallb(lab)),
@@ -1109,7 +1007,6 @@ fn addon_steps(ctx: &Context<'_>, steps: &mut Vec<Step>) {
                 repo: repos::TRAEFIK,
                 version: &lab.charts.traefik,
                 namespace: "traefik",
-                take_ownership: false,
             },
             "traefik-values.yaml",
             values::render(lab, "traefik", values::traefik(lab)),
@@ -1287,17 +1184,6 @@ pub fn render_text(steps: &[Step]) -> String {
                 }
                 Action::Run { cmd } => format!("$ {cmd}"),
                 Action::RunCapture { cmd, var, .. } => format!("$ {cmd}\n      (keeps {var} from its output)"),
-                Action::Render { cmd, path } => format!(
-                    "$ {cmd}
-      > {}",
-                    path.display()
-                ),
-                Action::RunServing { cmd, file, port } => {
-                    format!(
-                        "$ {cmd}\n      (while serving {} at http://10.5.0.1:{port}/cilium.yaml)",
-                        file.display()
-                    )
-                }
                 Action::Apply { what, manifests } => {
                     let kinds: Vec<String> = crate::yaml::documents(manifests)
                         .unwrap_or_default()

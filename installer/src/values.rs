@@ -769,19 +769,13 @@ pub fn talos_patch(lab: &LabConfig) -> String {
 }
 
 fn talos_patch_value(lab: &LabConfig) -> Value {
-    let mut v = match (lab.addons.cilium, lab.provider) {
-        (false, _) => json!({ "cluster": {} }),
-        // Existing machines: no CNI until Helm installs Cilium.
-        (true, Provider::Nodes) => json!({
+    // With Cilium: no CNI (and no kube-proxy, replaced) until `up` installs Cilium with Helm.
+    let mut v = if lab.addons.cilium {
+        json!({
             "cluster": { "network": { "cni": { "name": "none" } }, "proxy": { "disabled": true } }
-        }),
-        // Talos in Docker/QEMU: Cilium, fetched from `up` while the nodes bootstrap.
-        (true, _) => json!({
-            "cluster": {
-                "network": { "cni": { "name": "custom", "urls": [crate::plan::cni_manifest_url()] } },
-                "proxy": { "disabled": true },
-            }
-        }),
+        })
+    } else {
+        json!({ "cluster": {} })
     };
     if lab.addons.prometheus {
         v["cluster"]["etcd"] = json!({ "extraArgs": { "listen-metrics-urls": "http://0.0.0.0:2381" } });

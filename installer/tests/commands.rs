@@ -32,9 +32,9 @@ const REGISTRY_PROBE: &str = "docker container inspect --format {{.Name}} sre-la
 fn docker_up_commands() -> Vec<String> {
     let mut v = preflight(true);
     v.extend([
-        format!("helm template cilium cilium --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --kube-version 1.36.3 --values {S}/rendered/cilium-values.yaml"),
         CLUSTER_PROBE.to_owned(),
         format!("talosctl cluster create docker --name sre-lab --state {S}/clusters --talosconfig-destination {S}/talosconfig --image ghcr.io/siderolabs/talos:v1.13.9 --workers 2 --cpus-controlplanes 2.0 --cpus-workers 2.0 --memory-controlplanes 4096MiB --memory-workers 4096MiB --kubernetes-version 1.36.3 --config-patch @{S}/rendered/talos-patch.yaml"),
+        format!("helm upgrade --install cilium cilium --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --create-namespace --values {S}/rendered/cilium-values.yaml --wait --timeout 10m --kubeconfig {S}/kubeconfig"),
         format!("talosctl --talosconfig {S}/talosconfig --nodes 10.5.0.2 health --wait-timeout 10m"),
         REGISTRY_PROBE.to_owned(),
         "docker run --detach --restart=always --name sre-lab-registry --publish 127.0.0.1:5005:5000 registry:2.8.3".to_owned(),
@@ -43,7 +43,7 @@ fn docker_up_commands() -> Vec<String> {
         "docker push 127.0.0.1:5005/sre-lab/agent:0.1.0".to_owned(),
         format!("helm upgrade --install local-path-provisioner local-path-provisioner --repo https://charts.containeroo.ch --version 0.0.37 --namespace local-path-storage --create-namespace --values {S}/rendered/local-path-values.yaml --wait --timeout 10m --kubeconfig {S}/kubeconfig"),
         format!("helm upgrade --install kube-prometheus-stack kube-prometheus-stack --repo https://prometheus-community.github.io/helm-charts --version 88.5.3 --namespace monitoring --create-namespace --values {S}/rendered/kube-prometheus-stack-values.yaml --wait --timeout 10m --kubeconfig {S}/kubeconfig"),
-        format!("helm upgrade --install cilium cilium --take-ownership --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --create-namespace --values {S}/rendered/cilium-helm-values.yaml --wait --timeout 10m --kubeconfig {S}/kubeconfig"),
+        format!("helm upgrade --install cilium cilium --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --create-namespace --values {S}/rendered/cilium-helm-values.yaml --wait --timeout 10m --kubeconfig {S}/kubeconfig"),
         format!("helm upgrade --install loki loki --repo https://grafana-community.github.io/helm-charts --version 18.11.0 --namespace monitoring --create-namespace --values {S}/rendered/loki-values.yaml --wait --timeout 10m --kubeconfig {S}/kubeconfig"),
     ]);
     v
@@ -132,29 +132,16 @@ fn docker_up_runs_the_exact_sequence_and_applies_through_the_api() {
         "{reqs:#?}"
     );
 
-    // Talos fetched Cilium's manifest from `up` while the cluster was being made: helm's
-    // output, byte for byte, at the URL the patch names.
+    // The nodes were made with no CNI, Cilium then installed by Helm (above, between the
+    // create and the health check): no manifest served, no URL in the patch.
     let state = sb.state("sre-lab");
-    let fetched = std::fs::read_to_string(sb.dir.path().join("fake/fetched-cni.yaml")).unwrap();
-    assert_eq!(fetched, common::HELM_TEMPLATE);
-    let port = sb
-        .env
-        .iter()
-        .find(|(k, _)| k == "SRE_LAB_MANIFEST_PORT")
-        .unwrap()
-        .1
-        .clone();
     let patch = std::fs::read_to_string(state.join("rendered/talos-patch.yaml")).unwrap();
+    assert!(patch.contains("    cni:\n      name: none\n"), "{patch}");
     assert!(
-        patch.contains(&format!(
-            "    cni:\n      name: custom\n      urls:\n        - http://10.5.0.1:{port}/cilium.yaml\n"
-        )),
+        !patch.contains("cni:\n      name: custom") && !patch.contains("cilium.yaml"),
         "{patch}"
     );
-    assert!(
-        std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).is_err(),
-        "served only while the cluster was made"
-    );
+    assert!(!state.join("rendered/cilium.yaml").exists());
 
     // Secrets stay private; the password is never printed by `up`.
     for f in [
@@ -162,7 +149,7 @@ fn docker_up_runs_the_exact_sequence_and_applies_through_the_api() {
         "talosconfig",
         "grafana-admin-password",
         "state.json",
-        "rendered/cilium.yaml",
+        "rendered/cilium-values.yaml",
     ] {
         assert_eq!(mode(&state.join(f)), 0o600, "{f}");
     }
@@ -340,7 +327,7 @@ fn nodes_provider_generates_applies_bootstraps_once() {
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 health --wait-timeout 10m"),
             format!("helm upgrade --install local-path-provisioner local-path-provisioner --repo https://charts.containeroo.ch --version 0.0.37 --namespace local-path-storage --create-namespace --values {s}/rendered/local-path-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
             format!("helm upgrade --install kube-prometheus-stack kube-prometheus-stack --repo https://prometheus-community.github.io/helm-charts --version 88.5.3 --namespace monitoring --create-namespace --values {s}/rendered/kube-prometheus-stack-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
-            format!("helm upgrade --install cilium cilium --take-ownership --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --create-namespace --values {s}/rendered/cilium-helm-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
+            format!("helm upgrade --install cilium cilium --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --create-namespace --values {s}/rendered/cilium-helm-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
             format!("helm upgrade --install loki loki --repo https://grafana-community.github.io/helm-charts --version 18.11.0 --namespace monitoring --create-namespace --values {s}/rendered/loki-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
             ],
         ]
@@ -577,7 +564,8 @@ fn plan_and_dry_run_need_no_tools_and_run_nothing() {
         let out = sb.run(args, &[("PATH", "/nonexistent")]);
         assert!(out.status.success(), "{}", stderr(&out));
         let text = stdout(&out);
-        assert!(text.contains("[1/15] Render Cilium 1.18.12"), "{text}");
+        assert!(text.contains("[1/15] Create Talos v1.13.9 cluster"), "{text}");
+        assert!(text.contains("[4/15] Install Cilium 1.18.12 with Hubble"), "{text}");
         assert!(
             text.contains(
                 "$ KUBECONFIG=$T/state/sre-lab/kubeconfig talosctl cluster create docker"
@@ -602,10 +590,10 @@ fn plan_and_dry_run_need_no_tools_and_run_nothing() {
     assert_eq!(
         ids,
         [
-            "cilium-manifest",
             "cluster",
             "machine-config",
             "kubeconfig",
+            "cilium-bootstrap",
             "health",
             "namespaces",
             "registry",

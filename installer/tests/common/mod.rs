@@ -472,19 +472,15 @@ impl Sandbox {
         for d in ["fake", "work", "home"] {
             std::fs::create_dir_all(dir.path().join(d)).unwrap();
         }
-        let template = dir.path().join("fake/helm-template.yaml");
-        std::fs::write(&template, HELM_TEMPLATE).unwrap();
         let api = FakeApi::start();
         let env = vec![
             ("FAKE_LOG".into(), dir.path().join("fake/log").display().to_string()),
             ("FAKE_STATE".into(), dir.path().join("fake").display().to_string()),
             ("FAKE_API_URL".into(), api.url.clone()),
-            ("FAKE_HELM_TEMPLATE".into(), template.display().to_string()),
             ("SRE_LAB_HOME".into(), dir.path().join("state").display().to_string()),
             ("HOME".into(), dir.path().join("home").display().to_string()),
             ("PATH".into(), format!("{}:/usr/bin:/bin", bin.display())),
             ("SRE_LAB_RETRY_PAUSE_MS".into(), "10".into()),
-            ("SRE_LAB_MANIFEST_PORT".into(), free_port().to_string()),
         ];
         Self { dir, api, env }
     }
@@ -539,57 +535,6 @@ impl Sandbox {
         text.lines().map(|l| l.replace(&root, "$T")).collect()
     }
 }
-
-/// What the fake `helm template` prints: a Cilium-like release with a ServiceMonitor and a
-/// dashboard ConfigMap among other objects.
-pub const HELM_TEMPLATE: &str = "---
-# Source: cilium/templates/cilium-agent/daemonset.yaml
-apiVersion: apps/v1
-kind: DaemonSet
-metadata:
-  name: cilium
-  namespace: kube-system
-spec:
-  template:
-    spec:
-      volumes:
-        - name: clustermesh-secrets
-          projected:
-            defaultMode: 0400
----
-# Source: cilium/templates/cilium-agent/servicemonitor.yaml
-apiVersion: monitoring.coreos.com/v1
-kind: ServiceMonitor
-metadata:
-  name: cilium-agent
-  namespace: kube-system
-spec:
-  selector:
-    matchLabels:
-      app.kubernetes.io/name: cilium-agent
-  endpoints:
-    - port: metrics
----
-# Source: cilium/templates/cilium-agent/dashboards-configmap.yaml
-apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: cilium-dashboard
-  namespace: monitoring
-  labels:
-    grafana_dashboard: \"1\"
-data:
-  cilium-dashboard.json: '{\"title\": \"Cilium Metrics\"}'
----
-# Source: cilium/templates/cilium-configmap.yaml
-apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: cilium-config
-  namespace: kube-system
-data:
-  ipam: kubernetes
-";
 
 /// `stderr` as text.
 pub fn stderr(o: &Output) -> String {
