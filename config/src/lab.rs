@@ -121,7 +121,8 @@ pub struct Machines {
 pub struct Versions {
     /// Talos version (≥ 1.13 for the docker provider with `cni: none`).
     pub talos: String,
-    /// Kubernetes version.
+    /// Kubernetes version. The default, 1.33, is the newest minor both Talos v1.13 (1.31–1.36)
+    /// and the pinned Cilium 1.18 (tested on 1.30–1.33) support.
     pub kubernetes: String,
 }
 
@@ -129,7 +130,9 @@ impl Default for Versions {
     fn default() -> Self {
         Self {
             talos: "v1.13.9".to_owned(),
-            kubernetes: "1.36.3".to_owned(),
+            // Talos v1.13 runs 1.31–1.36; Cilium 1.18 is tested on 1.30–1.33: 1.33, its last
+            // patch release.
+            kubernetes: "1.33.12".to_owned(),
         }
     }
 }

@@ -29,7 +29,7 @@ machines:
 
 versions:
   talos: v1.13.9          # 1.13.x: 1.14 moved the settings patched here
-  kubernetes: 1.36.3
+  kubernetes: 1.33.12     # Talos v1.13 runs 1.31-1.36, Cilium 1.18 is tested on 1.30-1.33
 
 # Helm chart versions, pinned so that a re-run installs the same thing.
 charts:

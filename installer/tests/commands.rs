@@ -33,7 +33,7 @@ fn docker_up_commands() -> Vec<String> {
     let mut v = preflight(true);
     v.extend([
         CLUSTER_PROBE.to_owned(),
-        format!("talosctl cluster create docker --name sre-lab --state {S}/clusters --talosconfig-destination {S}/talosconfig --image ghcr.io/siderolabs/talos:v1.13.9 --workers 2 --cpus-controlplanes 2.0 --cpus-workers 2.0 --memory-controlplanes 4096MiB --memory-workers 4096MiB --kubernetes-version 1.36.3 --config-patch @{S}/rendered/talos-patch.yaml"),
+        format!("talosctl cluster create docker --name sre-lab --state {S}/clusters --talosconfig-destination {S}/talosconfig --image ghcr.io/siderolabs/talos:v1.13.9 --workers 2 --cpus-controlplanes 2.0 --cpus-workers 2.0 --memory-controlplanes 4096MiB --memory-workers 4096MiB --kubernetes-version 1.33.12 --config-patch @{S}/rendered/talos-patch.yaml"),
         format!("helm upgrade --install cilium cilium --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --create-namespace --values {S}/rendered/cilium-values.yaml --wait --timeout 10m --kubeconfig {S}/kubeconfig"),
         format!("talosctl --talosconfig {S}/talosconfig --nodes 10.5.0.2 health --wait-timeout 10m"),
         REGISTRY_PROBE.to_owned(),
@@ -313,7 +313,7 @@ fn nodes_provider_generates_applies_bootstraps_once() {
             preflight(false),
             vec![
                         format!("talosctl gen secrets --output-file {s}/secrets.yaml"),
-            format!("talosctl gen config metal https://192.168.56.10:6443 --with-secrets {s}/secrets.yaml --install-disk /dev/vda --talos-version v1.13.9 --kubernetes-version 1.36.3 --config-patch @{s}/rendered/talos-patch.yaml --output {s}/talos --force"),
+            format!("talosctl gen config metal https://192.168.56.10:6443 --with-secrets {s}/secrets.yaml --install-disk /dev/vda --talos-version v1.13.9 --kubernetes-version 1.33.12 --config-patch @{s}/rendered/talos-patch.yaml --output {s}/talos --force"),
             format!("{t} config endpoint 192.168.56.10"),
             format!("{t} config node 192.168.56.10"),
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 version"),
@@ -488,7 +488,7 @@ fn qemu_with_traefik_and_metallb_runs_their_steps_in_order() {
         preflight(true)[..],
         "qemu builds the agent image with docker too"
     );
-    assert!(log.contains(&format!("talosctl cluster create qemu --name sre-lab --state {S}/clusters --talosconfig-destination {S}/talosconfig --controlplanes 3 --talos-version v1.13.9 --workers 1 --cpus-controlplanes 2.0 --cpus-workers 2.0 --memory-controlplanes 2048MiB --memory-workers 2048MiB --kubernetes-version 1.36.3 --config-patch @{S}/rendered/talos-patch.yaml")), "{log:#?}");
+    assert!(log.contains(&format!("talosctl cluster create qemu --name sre-lab --state {S}/clusters --talosconfig-destination {S}/talosconfig --controlplanes 3 --talos-version v1.13.9 --workers 1 --cpus-controlplanes 2.0 --cpus-workers 2.0 --memory-controlplanes 2048MiB --memory-workers 2048MiB --kubernetes-version 1.33.12 --config-patch @{S}/rendered/talos-patch.yaml")), "{log:#?}");
     assert!(
         !log.iter()
             .any(|l| l.contains("docker container inspect --format {{.Name}} sre-lab-controlplane-1")),
@@ -709,12 +709,12 @@ fn status_reports_steps_nodes_and_workloads() {
     assert!(sb.run(&["up"], &[]).status.success());
     sb.api.insert(
         "/api/v1/nodes/sre-lab-controlplane-1",
-        serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "sre-lab-controlplane-1"}, "status": {"conditions": [{"type": "Ready", "status": "True"}], "nodeInfo": {"kubeletVersion": "v1.36.3", "architecture": "amd64", "bootID": "", "containerRuntimeVersion": "", "kernelVersion": "", "kubeProxyVersion": "", "machineID": "", "operatingSystem": "linux", "osImage": "Talos", "systemUUID": ""}}}),
+        serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "sre-lab-controlplane-1"}, "status": {"conditions": [{"type": "Ready", "status": "True"}], "nodeInfo": {"kubeletVersion": "v1.33.12", "architecture": "amd64", "bootID": "", "containerRuntimeVersion": "", "kernelVersion": "", "kubeProxyVersion": "", "machineID": "", "operatingSystem": "linux", "osImage": "Talos", "systemUUID": ""}}}),
     );
     let out = sb.run(&["status", "-o", "json"], &[]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)));
     assert_eq!(v["healthy"], true, "{v:#}");
-    assert_eq!(v["live"]["nodes"][0]["version"], "v1.36.3");
+    assert_eq!(v["live"]["nodes"][0]["version"], "v1.33.12");
     let names: Vec<&str> = v["live"]["workloads"]
         .as_array()
         .unwrap()
@@ -751,7 +751,7 @@ fn info_and_kubeconfig_print_what_scripts_need() {
     // With a cluster: what it runs, from the API server, the nodes and Helm.
     let v: serde_json::Value = serde_json::from_slice(&sb.run(&["info", "-o", "json"], &[]).stdout).unwrap();
     let live = &v["versions"]["live"];
-    assert_eq!(live["kubernetes"], "v1.36.3", "{v:#}");
+    assert_eq!(live["kubernetes"], "v1.33.12", "{v:#}");
     assert_eq!(live["talos"], "v1.13.9", "{v:#}");
     assert_eq!(live["charts"]["cilium"], "1.18.12", "{v:#}");
     assert_eq!(live["differs"], serde_json::json!([]), "{v:#}");
@@ -765,7 +765,7 @@ fn info_and_kubeconfig_print_what_scripts_need() {
         "{text}"
     );
     for d in [
-        "Differs      Kubernetes: lab file 1.36.3, cluster v1.35.2",
+        "Differs      Kubernetes: lab file 1.33.12, cluster v1.35.2",
         "Differs      Talos: lab file v1.13.9, cluster v1.13.8",
         "Differs      loki: lab file 18.11.0, cluster 18.10.0",
     ] {

@@ -99,7 +99,7 @@ fn current_rv() -> u64 {
 /// What `GET /version` says the API server runs.
 static KUBE_VERSION: Mutex<String> = Mutex::new(String::new());
 
-/// Makes the fake API server report `v` as its version (default v1.36.3).
+/// Makes the fake API server report `v` as its version (default v1.33.12, the lab's pin).
 pub fn set_kube_version(v: &str) {
     *KUBE_VERSION.lock().unwrap() = v.to_owned();
 }
@@ -180,7 +180,7 @@ fn serve(
             return;
         }
         if KUBE_VERSION.lock().unwrap().is_empty() {
-            set_kube_version("v1.36.3");
+            set_kube_version("v1.33.12");
         }
         let mut body = vec![0; len];
         if reader.read_exact(&mut body).is_err() {
