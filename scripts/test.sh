@@ -4,7 +4,8 @@
 #   - Debian packages: prometheus, prometheus-node-exporter, victoria-metrics (real peers)
 #   - kubectl (renders deploy/ offline with `kubectl kustomize`), script (bsdutils: a pty for
 #     the installer's spinner test)
-#   - Python: kubernetes-validate, jsonschema, PyYAML (scripts/validate-manifests.py)
+#   - Python: kubernetes-validate, jsonschema, PyYAML (scripts/validate-manifests.py) and
+#     helm-python-sdk, Helm v4 as a library (scripts/helm-chart-check.py)
 #   - cargo-nextest
 #   - iproute2 and iputils-ping (network namespaces and traffic for the eBPF tests), and the
 #     eBPF toolchain with the agent's programs (scripts/build-ebpf.sh)
@@ -29,9 +30,10 @@ fi
 # Debian's packages may start services through their postinst on machines with an init
 # system; the tests start their own instances on free ports, so nothing else is needed.
 
-if ! python3 -c 'import kubernetes_validate, jsonschema, yaml' >/dev/null 2>&1; then
-  echo "==> installing kubernetes-validate, jsonschema, PyYAML"
-  python3 -m pip install --quiet --break-system-packages kubernetes-validate jsonschema pyyaml
+if ! python3 -c 'import kubernetes_validate, jsonschema, yaml, helm_python' >/dev/null 2>&1; then
+  echo "==> installing kubernetes-validate, jsonschema, PyYAML, helm-python-sdk (Helm v4's engine)"
+  python3 -m pip install --quiet --break-system-packages kubernetes-validate jsonschema pyyaml \
+    helm-python-sdk==0.2.2
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -191,6 +191,76 @@ fn deploy_renders_offline_and_every_manifest_matches_its_schema() -> Result<()> 
     Ok(())
 }
 
+/// The agent's Helm chart, through Helm v4's own engine (PyPI helm-python-sdk, which the test
+/// command installs): lint, the schema checks, and the same objects as the kustomize way.
+#[test]
+fn the_helm_chart_lints_validates_and_renders_what_kustomize_renders() -> Result<()> {
+    let run = |chart: &Path| {
+        Command::new("python3")
+            .arg(repo().join("scripts/helm-chart-check.py"))
+            .arg("--chart")
+            .arg(chart)
+            .current_dir(repo())
+            .output()
+            .expect("python3")
+    };
+    let out = run(&repo().join("deploy/helm/sre-lab-agent"));
+    let report = text(&out);
+    assert!(out.status.success(), "{report}");
+    for line in [
+        "ok   helm lint --strict (defaults)",
+        "ok   helm lint --strict (every switch flipped)",
+        "ok   schema checks of every rendering (validate-manifests.py manifests)",
+        "ok   defaults: the same objects as deploy/rendered/lab.yaml",
+        "ok   defaults: DaemonSet monitoring/sre-lab-agent equals kustomize's",
+        "ok   defaults: ConfigMap monitoring/sre-lab-agent-config equals kustomize's",
+        "ok   defaults: ConfigMap monitoring/sre-lab-dashboards equals kustomize's",
+        "ok   defaults: ServiceMonitor monitoring/sre-lab-agent equals kustomize's",
+        "ok   flows.enabled=false: DaemonSet monitoring/sre-lab-agent equals kustomize's",
+        "ok   serviceMonitor.enabled=false and dashboards.enabled=false remove those two objects only",
+        "ok   image: registry.example/agent:1.2.3",
+        "passed: 0 check(s) failed",
+    ] {
+        assert!(report.contains(line), "{line:?} missing from:\n{report}");
+    }
+
+    // A chart that drifts from kustomize, or renders a field Kubernetes does not have, fails.
+    let dir = tempfile::tempdir()?;
+    let copy = dir.path().join("sre-lab-agent");
+    let cp = Command::new("cp")
+        .args(["-rL"])
+        .arg(repo().join("deploy/helm/sre-lab-agent"))
+        .arg(&copy)
+        .status()?;
+    assert!(cp.success());
+    let ds = copy.join("templates/daemonset.yaml");
+    let template = std::fs::read_to_string(&ds)?;
+    assert!(template.contains("            periodSeconds: 5\n"));
+    std::fs::write(
+        &ds,
+        template.replace(
+            "            periodSeconds: 5\n",
+            "            periodSeconds: 7\n            timeoutSecond: 2\n",
+        ),
+    )?;
+    let out = run(&copy);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("readinessProbe.periodSeconds: chart 7 != kustomize 5"),
+        "{report}"
+    );
+    assert!(
+        report.contains("readinessProbe.timeoutSecond: only in the chart's"),
+        "{report}"
+    );
+    assert!(
+        report.contains("'timeoutSecond' was unexpected"),
+        "schema check: {report}"
+    );
+    Ok(())
+}
+
 /// A Prometheus fed by the real agent (scraping a stand-in of the sample app and of Cilium's
 /// Hubble metrics endpoint, then counting flows itself on `lo`), a canned Loki and a canned
 /// Grafana: `installer validate` reports each check, passing, then failing with the reason.
