@@ -5,6 +5,7 @@ mod cli;
 mod common;
 mod flows;
 mod hostile;
+mod installer_kube;
 mod kube;
 mod lab;
 mod logs;
