@@ -551,7 +551,9 @@ async fn live_versions(lab: &LabConfig, paths: &Paths, runner: &Runner) -> serde
         ["list", "--all-namespaces", "--output", "json", "--kubeconfig", &kc],
     );
     let mut charts = std::collections::BTreeMap::new();
-    if let Ok(out) = runner.run(&helm).await {
+    // Each tool gets 10 s: `info` reports what it can, it does not hang on a node that is down.
+    let limit = std::time::Duration::from_secs(10);
+    if let Ok(Ok(out)) = tokio::time::timeout(limit, runner.run(&helm)).await {
         if let (true, Ok(serde_json::Value::Array(releases))) = (out.success(), serde_json::from_str(&out.stdout)) {
             for r in releases {
                 let (Some(name), Some(chart)) = (r["name"].as_str(), r["chart"].as_str()) else {
@@ -572,7 +574,7 @@ async fn live_versions(lab: &LabConfig, paths: &Paths, runner: &Runner) -> serde
     if let Some(cp) = first_cp {
         let t = paths.talosconfig().display().to_string();
         let cmd = crate::runner::Cmd::new("talosctl", ["--talosconfig", &t, "--nodes", &cp, "version"]);
-        if let Ok(out) = runner.run(&cmd).await {
+        if let Ok(Ok(out)) = tokio::time::timeout(limit, runner.run(&cmd)).await {
             talos = server_tag(&out.stdout);
         }
     }

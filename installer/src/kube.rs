@@ -121,8 +121,10 @@ pub async fn prune_generated_configmaps(client: &Client, manifests: &str) -> any
     Ok(deleted)
 }
 
-/// Whether an apply failed because an admission webhook does not answer yet (its Service has
-/// no ready endpoint right after the chart installed it: metallb/metallb#1597).
+/// Whether an apply failed because an admission webhook does not answer yet: its Service has
+/// no ready endpoint right after the chart installed it (metallb/metallb#1597), its serving
+/// certificate is not injected yet, or the API server's proxy to it is not ready
+/// (metallb/metallb#1612).
 fn webhook_not_ready(e: &kube::Error) -> bool {
     let text = e.to_string();
     text.contains("failed calling webhook")
@@ -132,6 +134,9 @@ fn webhook_not_ready(e: &kube::Error) -> bool {
             "context deadline exceeded",
             "i/o timeout",
             "EOF",
+            "x509: certificate signed by unknown authority",
+            "Service Unavailable",
+            "no route to host",
         ]
         .iter()
         .any(|m| text.contains(m))

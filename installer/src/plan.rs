@@ -450,6 +450,10 @@ pub fn agent_manifests(lab: &LabConfig) -> String {
     out
 }
 
+/// Where `up` records the etcd arguments the last machine-config patch that had any set (a
+/// later patch without them leaves them on the nodes).
+const ETCD_APPLIED: &str = "talos-etcd-applied.yaml";
+
 /// The steps of `up`, in order.
 pub fn up(ctx: &Context<'_>) -> Vec<Step> {
     let lab = ctx.lab;
@@ -485,18 +489,32 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
     // Freshly installed machines reboot first.
     mc.retry_secs = Some(300);
     // Talos applies etcd's extra arguments to a running control plane at its next boot only.
-    // What the nodes run: the last update patch, else the patch they were created with.
-    let before = std::fs::read_to_string(ctx.paths.rendered("talos-patch-update.yaml"))
-        .or_else(|_| std::fs::read_to_string(ctx.paths.rendered("talos-patch.yaml")))
-        .ok();
-    if let Some(before) = before {
-        let etcd = |text: &str| {
-            crate::yaml::documents(text)
-                .ok()
-                .and_then(|d| d.into_iter().next())
-                .map(|d| d["cluster"]["etcd"].clone())
-        };
-        if etcd(&before) != etcd(&values::talos_update_patch(lab)) {
+    // A patch merges: leaving the arguments out removes nothing, so the nodes run the last
+    // arguments a patch set — recorded after each patch that sets them, else the creation
+    // patch's.
+    let etcd = |text: &str| {
+        crate::yaml::documents(text)
+            .ok()
+            .and_then(|d| d.into_iter().next())
+            .map(|d| d["cluster"]["etcd"].clone())
+            .filter(|v| !v.is_null())
+    };
+    let read = |f: &str| std::fs::read_to_string(ctx.paths.rendered(f)).ok();
+    let made = read("talos-patch.yaml");
+    let before = read(ETCD_APPLIED)
+        .as_deref()
+        .and_then(etcd)
+        .or_else(|| made.as_deref().and_then(etcd));
+    let wanted = etcd(&values::talos_update_patch(lab));
+    if let Some(w) = &wanted {
+        let record = serde_json::json!({ "cluster": { "etcd": w } });
+        mc = mc.act(Action::Write {
+            path: ctx.paths.rendered(ETCD_APPLIED),
+            contents: crate::yaml::to_string(&record),
+        });
+    }
+    if let (Some(_), Some(wanted)) = (&made, wanted) {
+        if before.as_ref() != Some(&wanted) {
             let cps = match lab.provider {
                 Provider::Nodes => lab.machines.control_planes.clone(),
                 _ => all_node_ips(lab)
@@ -875,8 +893,8 @@ fn registry_steps(ctx: &Context<'_>, steps: &mut Vec<Step>) {
     }
 }
 
-/// The add-ons, in dependency order: storage, monitoring CRDs and stack, Cilium taken over by
-/// Helm, Loki, MetalLB, Traefik, the agent, the sample app.
+/// The add-ons, in dependency order: storage, monitoring CRDs and stack, Cilium upgraded to
+/// its full values (ServiceMonitors, dashboards), Loki, MetalLB, Traefik, the agent, the sample app.
 fn addon_steps(ctx: &Context<'_>, steps: &mut Vec<Step>) {
     let lab = ctx.lab;
     if lab.addons.local_path {

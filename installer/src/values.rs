@@ -800,7 +800,7 @@ fn talos_patch_value(lab: &LabConfig) -> Value {
 /// mount would add it twice) and without the CNI (chosen once, at bootstrap).
 pub fn talos_update_patch(lab: &LabConfig) -> String {
     let mut v = talos_patch_value(lab);
-    // The CNI is chosen at bootstrap (and its URL list would be appended to).
+    // The CNI is chosen when the nodes are made.
     if let Some(cluster) = v["cluster"].as_object_mut() {
         cluster.remove("network");
     }

@@ -122,8 +122,11 @@ fn up_applies_namespaces_the_grafana_secret_and_deploy_objects_server_side() -> 
 
         // deploy/'s objects without the ServiceMonitor's CRD: the API server refuses it.
         let agent = planned(&applies, "sre-lab agent");
-        let err = ik::apply(&client, &agent).await.unwrap_err();
-        assert!(format!("{err:#}").contains("ServiceMonitor"), "{err:#}");
+        let err = format!("{:#}", ik::apply(&client, &agent).await.unwrap_err());
+        assert!(
+            err.contains("applying ServiceMonitor sre-lab-agent") && err.contains("404"),
+            "{err}"
+        );
 
         // With the prometheus-operator's CRD (deploy/testdata) applied the same way, all of them.
         let crd = std::fs::read_to_string(repo().join("deploy/testdata/monitoring.coreos.com_servicemonitors.yaml"))?;
@@ -432,9 +435,18 @@ fn the_rollout_watch_follows_statuses_written_through_the_status_subresource() -
         "sample-app",
         Duration::from_secs(30),
     ))?;
+    // `installer status`'s view: both rolled out, with their counts.
     let st = rt.block_on(ik::status(&client))?;
-    let text = format!("{st:?}");
-    assert!(text.contains("sre-lab-agent") && text.contains("sample-app"), "{text}");
+    let find = |name: &str| {
+        st.workloads
+            .iter()
+            .find(|w| w.name == name)
+            .unwrap_or_else(|| panic!("{name} not in {st:?}"))
+    };
+    let agent = find("DaemonSet monitoring/sre-lab-agent");
+    assert!(agent.ready && agent.detail.starts_with("2/2"), "{agent:?}");
+    let app = find("Deployment sre-lab-sample/sample-app");
+    assert!(app.ready, "{app:?}");
     drop(kube);
     Ok(())
 }

@@ -167,7 +167,7 @@ fn deploy_renders_offline_and_every_manifest_matches_its_schema() -> Result<()> 
     )?;
     files.push(secret.display().to_string());
 
-    let mut argv = vec!["manifests", "--kube-version", "1.36.0"];
+    let mut argv = vec!["manifests", "--kube-version", "1.33.0"];
     argv.extend(files.iter().map(String::as_str));
     let out = validator(&argv);
     assert!(out.status.success(), "{}", text(&out));
@@ -183,7 +183,7 @@ fn deploy_renders_offline_and_every_manifest_matches_its_schema() -> Result<()> 
         &bad,
         "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: x, namespace: m}\nspec:\n  selector: {matchLabels: {a: b}}\n  template:\n    metadata: {labels: {a: b}}\n    spec:\n      containers: [{name: c, image: i, imagePullPolcy: Always}]\n---\napiVersion: monitoring.coreos.com/v1\nkind: ServiceMonitor\nmetadata: {name: y, namespace: m}\nspec:\n  selector: {matchLabels: {a: b}}\n  endpoints: [{port: 9100}]\n---\napiVersion: monitoring.coreos.com/v1\nkind: PodMonitor\nmetadata: {name: z, namespace: m}\nspec: {}\n",
     )?;
-    let out = validator(&["manifests", "--kube-version", "1.36.0", &bad.display().to_string()]);
+    let out = validator(&["manifests", "--kube-version", "1.33.0", &bad.display().to_string()]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let report = text(&out);
     assert!(report.contains("imagePullPolcy"), "{report}");

@@ -107,8 +107,9 @@ pub fn set_kube_version(v: &str) {
 /// PATCHes of a path answered with MetalLB's "webhook not ready" 500 this many more times.
 static FAIL_PATCHES: Mutex<Vec<(String, u32)>> = Mutex::new(Vec::new());
 
-/// The next `n` server-side applies of `path` fail as an admission webhook without endpoints
-/// makes them fail (metallb/metallb#1597).
+/// The next `n` server-side applies of `path` fail as an admission webhook that does not
+/// answer yet makes them fail (metallb/metallb#1597): connection refused, then an unknown
+/// certificate authority, alternately.
 pub fn fail_patches(path: &str, n: u32) {
     FAIL_PATCHES.lock().unwrap().push((path.to_owned(), n));
 }
@@ -120,10 +121,17 @@ fn injected_failure(method: &str, path: &str) -> Option<(u16, Value)> {
     let mut f = FAIL_PATCHES.lock().unwrap();
     let (_, n) = f.iter_mut().find(|(p, n)| p == path && *n > 0)?;
     *n -= 1;
+    // Alternately the two forms the race takes: no endpoint yet, and the serving certificate's
+    // CA not injected yet.
+    let cause = if *n % 2 == 1 {
+        "dial tcp 10.96.0.10:443: connect: connection refused"
+    } else {
+        "tls: failed to verify certificate: x509: certificate signed by unknown authority"
+    };
     Some((
         500,
         json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500, "reason": "InternalError",
-               "message": "Internal error occurred: failed calling webhook \"ipaddresspoolvalidationwebhook.metallb.io\": failed to call webhook: Post \"https://metallb-webhook-service.metallb-system.svc:443/validate-metallb-io-v1beta1-ipaddresspool?timeout=10s\": dial tcp 10.96.0.10:443: connect: connection refused"}),
+               "message": format!("Internal error occurred: failed calling webhook \"ipaddresspoolvalidationwebhook.metallb.io\": failed to call webhook: Post \"https://metallb-webhook-service.metallb-system.svc:443/validate-metallb-io-v1beta1-ipaddresspool?timeout=10s\": {cause}")}),
     ))
 }
 
