@@ -572,6 +572,21 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
             values::render(lab, "cilium", values::cilium(lab, CiliumPhase::Network)),
         );
         c.retry_secs = Some(300);
+        // Once the release exists, the `cilium` step below owns its values: a later change
+        // is one upgrade to the full values, not a round through the network-only ones.
+        c.skip_if = Some(Probe::Succeeds {
+            cmd: Cmd::new(
+                "helm",
+                [
+                    "status",
+                    "cilium",
+                    "--namespace",
+                    "kube-system",
+                    "--kubeconfig",
+                    &kubeconfig,
+                ],
+            ),
+        });
         steps.push(c);
     }
     steps.push(

@@ -27,6 +27,7 @@ fn preflight(docker: bool) -> Vec<String> {
 }
 
 const CLUSTER_PROBE: &str = "docker container inspect --format {{.Name}} sre-lab-controlplane-1";
+const CILIUM_PROBE: &str = "helm status cilium --namespace kube-system --kubeconfig $T/state/sre-lab/kubeconfig";
 const REGISTRY_PROBE: &str = "docker container inspect --format {{.Name}} sre-lab-registry";
 
 fn docker_up_commands() -> Vec<String> {
@@ -34,6 +35,7 @@ fn docker_up_commands() -> Vec<String> {
     v.extend([
         CLUSTER_PROBE.to_owned(),
         format!("talosctl cluster create docker --name sre-lab --state {S}/clusters --talosconfig-destination {S}/talosconfig --image ghcr.io/siderolabs/talos:v1.13.9 --workers 2 --cpus-controlplanes 2.0 --cpus-workers 2.0 --memory-controlplanes 4096MiB --memory-workers 4096MiB --kubernetes-version 1.33.12 --config-patch @{S}/rendered/talos-patch.yaml"),
+        CILIUM_PROBE.to_owned(),
         format!("helm upgrade --install cilium cilium --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --create-namespace --values {S}/rendered/cilium-values.yaml --wait --timeout 10m --kubeconfig {S}/kubeconfig"),
         format!("talosctl --talosconfig {S}/talosconfig --nodes 10.5.0.2 health --wait-timeout 10m"),
         REGISTRY_PROBE.to_owned(),
@@ -179,7 +181,11 @@ fn docker_up_runs_the_exact_sequence_and_applies_through_the_api() {
     let again = sb.run(&["up"], &[]);
     assert!(again.status.success(), "{}", stderr(&again));
     let mut expected = preflight(true);
-    expected.extend([CLUSTER_PROBE.to_owned(), REGISTRY_PROBE.to_owned()]);
+    expected.extend([
+        CLUSTER_PROBE.to_owned(),
+        CILIUM_PROBE.to_owned(),
+        REGISTRY_PROBE.to_owned(),
+    ]);
     expected.extend(image_build());
     assert_eq!(sb.take_log(), expected);
     assert!(stderr(&again).contains("skipped"), "{}", stderr(&again));
@@ -224,7 +230,11 @@ fn a_failed_step_is_reported_redacted_and_up_resumes_there() {
     let out = sb.run(&["up"], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let mut expected = preflight(true);
-    expected.extend([CLUSTER_PROBE.to_owned(), REGISTRY_PROBE.to_owned()]);
+    expected.extend([
+        CLUSTER_PROBE.to_owned(),
+        CILIUM_PROBE.to_owned(),
+        REGISTRY_PROBE.to_owned(),
+    ]);
     expected.extend(image_build());
     expected.push(docker_up_commands().last().unwrap().clone());
     assert_eq!(sb.take_log(), expected);
@@ -273,6 +283,26 @@ fn opening_etcds_metrics_listener_on_running_control_planes_asks_for_a_reboot() 
 }
 
 #[test]
+fn a_cilium_change_on_a_running_lab_is_one_upgrade_to_the_full_values() {
+    let sb = Sandbox::new();
+    assert!(sb.run(&["up"], &[]).status.success());
+    sb.take_log();
+    sb.lab_file("values:\n  cilium:\n    hubble:\n      ui:\n        enabled: false\n");
+    let out = sb.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = sb.take_log();
+    let cilium: Vec<&String> = log
+        .iter()
+        .filter(|l| l.starts_with("helm upgrade --install cilium"))
+        .collect();
+    // The release exists (`helm status`), so the network-only bootstrap values are not applied
+    // on the way: one upgrade, with the ServiceMonitors and dashboards.
+    assert!(log.contains(&CILIUM_PROBE.to_owned()), "{log:#?}");
+    assert_eq!(cilium.len(), 1, "{log:#?}");
+    assert!(cilium[0].contains("rendered/cilium-helm-values.yaml"), "{log:#?}");
+}
+
+#[test]
 fn a_changed_lab_file_reruns_only_the_changed_steps() {
     let sb = Sandbox::new();
     assert!(sb.run(&["up"], &[]).status.success());
@@ -282,11 +312,15 @@ fn a_changed_lab_file_reruns_only_the_changed_steps() {
     assert!(out.status.success(), "{}", stderr(&out));
     let log = sb.take_log();
     let mut expected = preflight(true);
-    expected.extend([CLUSTER_PROBE.to_owned(), REGISTRY_PROBE.to_owned()]);
+    expected.extend([
+        CLUSTER_PROBE.to_owned(),
+        CILIUM_PROBE.to_owned(),
+        REGISTRY_PROBE.to_owned(),
+    ]);
     expected.extend(image_build());
-    assert_eq!(log[..7], expected[..], "{log:#?}");
-    assert_eq!(log.len(), 8, "only Loki runs again: {log:#?}");
-    assert!(log[7].starts_with("helm upgrade --install loki"), "{log:#?}");
+    assert_eq!(log[..8], expected[..], "{log:#?}");
+    assert_eq!(log.len(), 9, "only Loki runs again: {log:#?}");
+    assert!(log[8].starts_with("helm upgrade --install loki"), "{log:#?}");
     let values = std::fs::read_to_string(sb.state("sre-lab").join("rendered/loki-values.yaml")).unwrap();
     assert!(values.contains("size: 20Gi"), "{values}");
 
@@ -346,6 +380,7 @@ fn nodes_provider_generates_applies_bootstraps_once() {
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 etcd status"),
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 bootstrap"),
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 kubeconfig --merge=false --force {s}/kubeconfig"),
+            format!("helm status cilium --namespace kube-system --kubeconfig {s}/kubeconfig"),
             format!("helm upgrade --install cilium cilium --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --create-namespace --values {s}/rendered/cilium-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 health --wait-timeout 10m"),
             format!("helm upgrade --install local-path-provisioner local-path-provisioner --repo https://charts.containeroo.ch --version 0.0.37 --namespace local-path-storage --create-namespace --values {s}/rendered/local-path-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
