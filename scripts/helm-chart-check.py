@@ -35,12 +35,19 @@ import tempfile
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 RELEASE = "sre-lab-agent"
 NAMESPACE = "monitoring"
-HELM_LABELS = {
-    "helm.sh/chart",
-    "app.kubernetes.io/managed-by",
-    "app.kubernetes.io/instance",
-    "app.kubernetes.io/version",
-}
+APP_VERSION = None  # the chart's appVersion, read in main()
+
+
+def helm_label(k, v):
+    """Helm's own labels, as the chart renders them for RELEASE."""
+    return (k == "helm.sh/chart" or (k, v) == ("app.kubernetes.io/managed-by", "Helm")
+            or (k, v) == ("app.kubernetes.io/instance", RELEASE)
+            or (k, v) == ("app.kubernetes.io/version", APP_VERSION))
+
+
+def kustomize_label(k, v):
+    """The kustomize way's counterpart of Helm's managed-by label."""
+    return (k, v) == ("app.kubernetes.io/managed-by", "sre-lab-installer")
 # kustomize's name suffix: a hash in its own alphabet (no vowels, no look-alikes).
 HASH_SUFFIX = re.compile(r"^(.*)-[bcdfghkmnpqrstvwxz2456789]{10}$")
 
@@ -65,22 +72,23 @@ def key(doc):
     return (doc["kind"], meta.get("namespace") or "", meta["name"])
 
 
-def strip_helm(value, parent=None):
-    """A copy of an object without Helm's own labels and the checksum/ annotations."""
+def strip(value, is_label, parent=None):
+    """A copy of an object without the labels `is_label` names (in labels and selectors) and
+    without the pod template's checksum/ annotations."""
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
-            if parent in ("labels", "matchLabels", "selector") and k in HELM_LABELS:
+            if parent in ("labels", "matchLabels", "selector") and isinstance(v, str) and is_label(k, v):
                 continue
             if parent == "annotations" and k.startswith("checksum/"):
                 continue
-            v = strip_helm(v, k)
+            v = strip(v, is_label, k)
             if k in ("labels", "annotations", "matchLabels", "selector") and v == {}:
                 continue
             out[k] = v
         return out
     if isinstance(value, list):
-        return [strip_helm(v, parent) for v in value]
+        return [strip(v, is_label, parent) for v in value]
     return value
 
 
@@ -132,8 +140,8 @@ def differences(a, b, path=""):
 def compare(chart_docs, snapshot, label):
     with open(os.path.join(ROOT, snapshot)) as f:
         kustomize = unhash(documents(f.read()))
-    mine = {key(d): strip_helm(d) for d in chart_docs}
-    theirs = {key(d): strip_helm(d) for d in kustomize}
+    mine = {key(d): strip(d, helm_label) for d in chart_docs}
+    theirs = {key(d): strip(d, kustomize_label) for d in kustomize}
     check(sorted(mine) == sorted(theirs),
           f"{label}: the same objects as {snapshot} "
           f"(chart only: {sorted(set(mine) - set(theirs))}, kustomize only: {sorted(set(theirs) - set(mine))})")
@@ -154,6 +162,7 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     import helm_python as helm
+    global APP_VERSION
 
     # The SDK logs each symbolic link it follows (files/ links to deploy/base and deploy/dashboards).
     logging.getLogger().setLevel(logging.WARNING)
@@ -170,9 +179,10 @@ def main(argv=None):
         check(not bad, f"helm lint --strict ({label})" + "".join(f"\n       {m}" for m in bad))
 
     chart = helm.Chart.load(args.chart)
+    APP_VERSION = str(chart.metadata.get("appVersion", ""))
 
-    def render(values=None):
-        out = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    def render(values=None, name=RELEASE, namespace=NAMESPACE):
+        out = chart.render(values, name=name, namespace=namespace, is_install=True)
         docs = []
         for path in sorted(out):
             if path.endswith(".yaml") or path.endswith(".yml"):
@@ -194,7 +204,16 @@ def main(argv=None):
             "extraEnv": [{"name": "CLUSTER_NAME", "value": "prod"}],
             "serviceMonitor": {"labels": {"release": "kps"}},
             "dashboards": {"namespace": "grafana"},
+            "nodeSelector": {"kubernetes.io/os": "linux"},
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["obs"]}]}]}}},
+            "priorityClassName": "high",
+            "podAnnotations": {"example.com/team": "sre"},
+            "podLabels": {"team": "sre"},
         }),
+        # `helm install agent -n obs`: names from the release, references kept consistent.
+        "release agent in obs": render(name="agent", namespace="obs"),
+        "existingConfigMap": render({"existingConfigMap": "my-agent-config"}),
         "every switch flipped": render(all_off),
     }
 
@@ -243,9 +262,46 @@ def main(argv=None):
     check(ds["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
           != default_ds["spec"]["template"]["metadata"]["annotations"]["checksum/config"],
           "a changed config changes the pod template (checksum/config), so the pods roll")
+    check(pod.get("nodeSelector") == {"kubernetes.io/os": "linux"} and "nodeAffinity" in pod.get("affinity", {})
+          and pod.get("priorityClassName") == "high", "nodeSelector, affinity, priorityClassName")
+    meta = ds["spec"]["template"]["metadata"]
+    check(meta["annotations"].get("example.com/team") == "sre" and meta["labels"].get("team") == "sre"
+          and ds["spec"]["selector"]["matchLabels"].get("team") is None,
+          "podAnnotations and podLabels on the pods (not in the selector)")
     sm = custom[("ServiceMonitor", NAMESPACE, RELEASE)]
     check(sm["metadata"]["labels"].get("release") == "kps", "serviceMonitor.labels")
     check(("ConfigMap", "grafana", "sre-lab-dashboards") in custom, "dashboards.namespace")
+
+    # Another release name and namespace: every reference follows.
+    other = {key(d): d for d in cases["release agent in obs"]}
+    fullname = "agent-sre-lab-agent"
+    ds = other.get(("DaemonSet", "obs", fullname))
+    if check(ds is not None, f"release agent in obs: DaemonSet obs/{fullname} ({sorted(other)})"):
+        pod = ds["spec"]["template"]["spec"]
+        sel = ds["spec"]["selector"]["matchLabels"]
+        svc = other[("Service", "obs", fullname)]
+        sm = other[("ServiceMonitor", "obs", fullname)]
+        crb = other[("ClusterRoleBinding", "", fullname)]
+        check(pod["serviceAccountName"] == fullname and ("ServiceAccount", "obs", fullname) in other,
+              "release agent in obs: the pods run as the release's ServiceAccount")
+        check(crb["subjects"] == [{"kind": "ServiceAccount", "name": fullname, "namespace": "obs"}]
+              and crb["roleRef"]["name"] == fullname and ("ClusterRole", "", fullname) in other,
+              f"release agent in obs: the ClusterRoleBinding binds that ServiceAccount in obs: {crb['subjects']}")
+        volume = next(v for v in pod["volumes"] if v["name"] == "config")["configMap"]["name"]
+        check(("ConfigMap", "obs", volume) in other,
+              f"release agent in obs: the config volume's ConfigMap {volume} is rendered")
+        labels = ds["spec"]["template"]["metadata"]["labels"]
+        check(sel["app.kubernetes.io/instance"] == "agent"
+              and all(labels.get(k) == v for k, v in sel.items())
+              and all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+              and all(svc["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items()),
+              "release agent in obs: the DaemonSet, Service and ServiceMonitor selectors match the pods and Service")
+    existing = {key(d): d for d in cases["existingConfigMap"]}
+    ds = existing[("DaemonSet", NAMESPACE, RELEASE)]
+    volume = next(v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")["configMap"]["name"]
+    check(volume == "my-agent-config" and ("ConfigMap", NAMESPACE, f"{RELEASE}-config") not in existing
+          and "checksum/config" not in (ds["spec"]["template"]["metadata"].get("annotations") or {}),
+          "existingConfigMap: mounted, no chart ConfigMap, no checksum of a config the chart does not hold")
 
     print(f"{'FAILED' if failures else 'passed'}: {len(failures)} check(s) failed")
     return 1 if failures else 0
