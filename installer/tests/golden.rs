@@ -306,6 +306,8 @@ fn unknown_keys(
             }
         } else if default_map.is_some() {
             out.push(format!("{p}: {v} written where the chart has a map"));
+        } else if default.is_some_and(serde_json::Value::is_array) && !v.is_array() {
+            out.push(format!("{p}: {v} written where the chart has a list"));
         }
     }
 }
@@ -438,11 +440,11 @@ fn a_key_the_chart_no_longer_reads_is_caught() {
     let written = serde_json::json!({ "service": { "type": "NodePort", "spec": { "type": "NodePort" } } });
     unknown_keys(&written, &traefik, Some(&traefik.values), "", &mut out);
     assert_eq!(out, ["service.type: not a key of the chart"]);
-    // A map where the chart has a scalar is caught too.
+    // A map where the chart has a scalar is caught too, and a scalar where it has a list.
     let mut out = Vec::new();
-    let written = serde_json::json!({ "service": { "enabled": { "x": 1 } } });
+    let written = serde_json::json!({ "service": { "enabled": { "x": 1 } }, "tolerations": "all" });
     unknown_keys(&written, &traefik, Some(&traefik.values), "", &mut out);
-    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out.len(), 2, "{out:?}");
 }
 
 #[test]
