@@ -308,6 +308,18 @@ fn unknown_keys(
             out.push(format!("{p}: {v} written where the chart has a map"));
         } else if default.is_some_and(serde_json::Value::is_array) && !v.is_array() {
             out.push(format!("{p}: {v} written where the chart has a list"));
+        } else if let (Some(items), Some(serde_json::Value::Array(theirs))) = (v.as_array(), default) {
+            // A list of maps the chart gives examples of: each item's keys are among theirs.
+            let mut keys = serde_json::Map::new();
+            for t in theirs.iter().filter_map(|t| t.as_object()) {
+                keys.extend(t.clone());
+            }
+            if !keys.is_empty() {
+                let keys = serde_json::Value::Object(keys);
+                for item in items {
+                    unknown_keys(item, chart, Some(&keys), &format!("{p}[]"), out);
+                }
+            }
         }
     }
 }
@@ -398,16 +410,28 @@ fn values_keys_exist_in_the_pinned_charts() {
         });
         assert!(used, "FREE_FORM {pattern} ({why}) matches nothing the installer writes");
     }
-    // Every chart the installer configures is covered.
-    for chart in [
-        "cilium",
-        "kube-prometheus-stack",
-        "loki",
-        "local-path-provisioner",
-        "traefik",
-        "metallb",
-    ] {
-        assert!(cases.iter().any(|(c, _, _)| c.starts_with(chart)), "{chart}");
+    // Every chart `up` installs, for either lab, is covered.
+    let state = tempfile::tempdir().unwrap();
+    let mut installed = std::collections::BTreeSet::new();
+    for lab in [&lab, &nodes] {
+        let paths = installer::state::Paths::new(state.path(), "sre-lab");
+        let ctx = installer::plan::Context { lab, paths: &paths };
+        for step in installer::plan::up(&ctx) {
+            for action in &step.actions {
+                if let installer::plan::Action::Run { cmd } = action {
+                    if cmd.program == "helm" && cmd.args.starts_with(&["upgrade".to_owned(), "--install".to_owned()]) {
+                        installed.insert(cmd.args[3].clone());
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(installed.len(), 6, "{installed:?}");
+    for chart in &installed {
+        assert!(
+            cases.iter().any(|(c, _, _)| c.starts_with(chart.as_str())),
+            "{chart} is not checked"
+        );
     }
     assert!(
         problems.is_empty(),
@@ -445,6 +469,15 @@ fn a_key_the_chart_no_longer_reads_is_caught() {
     let written = serde_json::json!({ "service": { "enabled": { "x": 1 } }, "tolerations": "all" });
     unknown_keys(&written, &traefik, Some(&traefik.values), "", &mut out);
     assert_eq!(out.len(), 2, "{out:?}");
+    // Items of a list of maps the chart gives examples of are checked against those.
+    let chart = ChartValues {
+        values: serde_json::json!({ "ports": [{ "name": "web", "port": 80 }] }),
+        documented: Default::default(),
+    };
+    let mut out = Vec::new();
+    let written = serde_json::json!({ "ports": [{ "name": "x", "prot": 81 }] });
+    unknown_keys(&written, &chart, Some(&chart.values), "", &mut out);
+    assert_eq!(out, ["ports[].prot: not a key of the chart"]);
 }
 
 #[test]
