@@ -176,7 +176,9 @@ def main(argv=None):
                            kube_version=f"v{args.kube_version}")
         bad = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2] + \
               [{"error": e} for e in report.get("errors") or []]
-        check(not bad, f"helm lint --strict ({label})" + "".join(f"\n       {m}" for m in bad))
+        linted = report.get("total_charts_linted")
+        check(not bad and linted == 1, f"helm lint --strict ({label}), {linted} chart linted"
+              + "".join(f"\n       {m}" for m in bad))
 
     chart = helm.Chart.load(args.chart)
     APP_VERSION = str(chart.metadata.get("appVersion", ""))
@@ -203,7 +205,7 @@ def main(argv=None):
             "config": "global:\n  scrape_interval: 30s\n",
             "extraEnv": [{"name": "CLUSTER_NAME", "value": "prod"}],
             "serviceMonitor": {"labels": {"release": "kps"}},
-            "dashboards": {"namespace": "grafana"},
+            "dashboards": {"namespace": "grafana", "name": "agent-dashboards"},
             "nodeSelector": {"kubernetes.io/os": "linux"},
             "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
                 {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["obs"]}]}]}}},
@@ -270,7 +272,7 @@ def main(argv=None):
           "podAnnotations and podLabels on the pods (not in the selector)")
     sm = custom[("ServiceMonitor", NAMESPACE, RELEASE)]
     check(sm["metadata"]["labels"].get("release") == "kps", "serviceMonitor.labels")
-    check(("ConfigMap", "grafana", "sre-lab-dashboards") in custom, "dashboards.namespace")
+    check(("ConfigMap", "grafana", "agent-dashboards") in custom, "dashboards.namespace and .name")
 
     # Another release name and namespace: every reference follows.
     other = {key(d): d for d in cases["release agent in obs"]}
@@ -292,6 +294,8 @@ def main(argv=None):
               f"release agent in obs: the config volume's ConfigMap {volume} is rendered")
         labels = ds["spec"]["template"]["metadata"]["labels"]
         check(sel["app.kubernetes.io/instance"] == "agent"
+              and svc["spec"]["selector"].get("app.kubernetes.io/instance") == "agent"
+              and sm["spec"]["selector"]["matchLabels"].get("app.kubernetes.io/instance") == "agent"
               and all(labels.get(k) == v for k, v in sel.items())
               and all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
               and all(svc["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items()),

@@ -171,6 +171,11 @@ impl<'a> Executor<'a> {
             }
             Probe::Exists { path } => path.exists(),
             Probe::Succeeds { cmd } => self.runner.run(cmd).await.is_ok_and(|o| o.success()),
+            Probe::Prints { cmd, text } => self
+                .runner
+                .run(cmd)
+                .await
+                .is_ok_and(|o| o.success() && o.stdout.contains(text.as_str())),
             Probe::Fails { cmd } => !self.runner.run(cmd).await.is_ok_and(|o| o.success()),
         }
     }

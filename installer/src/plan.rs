@@ -183,6 +183,13 @@ pub enum Probe {
         /// The probes.
         probes: Vec<Probe>,
     },
+    /// The command exits 0 and prints `text`.
+    Prints {
+        /// The command.
+        cmd: Cmd,
+        /// What its output holds.
+        text: String,
+    },
     /// The file exists.
     Exists {
         /// The file.
@@ -454,6 +461,20 @@ pub fn agent_manifests(lab: &LabConfig) -> String {
 /// later patch without them leaves them on the nodes).
 const ETCD_APPLIED: &str = "talos-etcd-applied.yaml";
 
+/// The etcd arguments made nodes run: those of the creation patch (`null` without any).
+fn etcd_record_of_creation(ctx: &Context<'_>) -> Action {
+    let patch = values::talos_patch(ctx.lab);
+    let etcd = crate::yaml::documents(&patch)
+        .ok()
+        .and_then(|d| d.into_iter().next())
+        .map(|d| d["cluster"]["etcd"].clone())
+        .unwrap_or_default();
+    Action::Write {
+        path: ctx.paths.rendered(ETCD_APPLIED),
+        contents: crate::yaml::to_string(&serde_json::json!({ "cluster": { "etcd": etcd } })),
+    }
+}
+
 /// The steps of `up`, in order.
 pub fn up(ctx: &Context<'_>) -> Vec<Step> {
     let lab = ctx.lab;
@@ -574,7 +595,10 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
         c.retry_secs = Some(300);
         // Once the release exists, the `cilium` step below owns its values: a later change
         // is one upgrade to the full values, not a round through the network-only ones.
-        c.skip_if = Some(Probe::Succeeds {
+        // Only a deployed release counts (not a failed or interrupted install); when the step
+        // runs anyway on a running lab (an API that did not answer the probe), the later steps
+        // run again too, so the full values come back after it.
+        c.skip_if = Some(Probe::Prints {
             cmd: Cmd::new(
                 "helm",
                 [
@@ -582,11 +606,15 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
                     "cilium",
                     "--namespace",
                     "kube-system",
+                    "--output",
+                    "json",
                     "--kubeconfig",
                     &kubeconfig,
                 ],
             ),
+            text: r#""status":"deployed""#.into(),
         });
+        c.resets_later = true;
         steps.push(c);
     }
     steps.push(
@@ -611,8 +639,10 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
 
     registry_steps(ctx, &mut steps);
     addon_steps(ctx, &mut steps);
-    // Generating the machine configs puts the patch in them, as creating a cluster does.
-    if let Some(s) = steps.iter_mut().find(|s| s.id == "machine-configs") {
+    // Fresh machines get the patch in their configs, as a created cluster does: bootstrapping
+    // them counts as applying it (regenerating the configs does not: running machines only
+    // get a changed patch from the machine-config step).
+    if let Some(s) = steps.iter_mut().find(|s| s.id == "bootstrap") {
         s.also_done = vec!["machine-config".into()];
     }
     steps
@@ -713,6 +743,7 @@ fn node_steps(ctx: &Context<'_>, steps: &mut Vec<Step>, patch_action: Action, pa
             .act(patch_action);
             let mut s = s
                 .run(create)
+                .act(etcd_record_of_creation(ctx))
                 .act(Action::Private {
                     path: paths.talosconfig(),
                 })
@@ -824,7 +855,8 @@ fn node_steps(ctx: &Context<'_>, steps: &mut Vec<Step>, patch_action: Action, pa
                 format!("Bootstrap etcd on {cp} (once)"),
                 "the node reboots after installing; if this keeps failing, `talosctl dmesg` on it says why",
             )
-            .run(talosctl_on(ctx, &cp, &["bootstrap"]));
+            .run(talosctl_on(ctx, &cp, &["bootstrap"]))
+            .act(etcd_record_of_creation(ctx));
             boot.skip_if = Some(Probe::Succeeds {
                 cmd: talosctl_on(ctx, &cp, &["etcd", "status"]),
             });
@@ -1193,6 +1225,9 @@ pub fn render_text(steps: &[Step]) -> String {
                 Probe::Exists { path } => {
                     let _ = writeln!(out, "    skip if {} exists", path.display());
                 }
+                Probe::Prints { cmd, text } => {
+                    let _ = writeln!(out, "    skip if `{cmd}` prints {text}");
+                }
                 Probe::Fails { cmd } => {
                     let _ = writeln!(out, "    skip if this fails: {cmd}");
                 }
@@ -1203,6 +1238,7 @@ pub fn render_text(steps: &[Step]) -> String {
                             Probe::Succeeds { cmd } => format!("`{cmd}` succeeds"),
                             Probe::Fails { cmd } => format!("`{cmd}` fails"),
                             Probe::Exists { path } => format!("{} exists", path.display()),
+                            Probe::Prints { cmd, text } => format!("`{cmd}` prints {text}"),
                             Probe::All { .. } => "…".to_owned(),
                         })
                         .collect();

@@ -27,7 +27,8 @@ fn preflight(docker: bool) -> Vec<String> {
 }
 
 const CLUSTER_PROBE: &str = "docker container inspect --format {{.Name}} sre-lab-controlplane-1";
-const CILIUM_PROBE: &str = "helm status cilium --namespace kube-system --kubeconfig $T/state/sre-lab/kubeconfig";
+const CILIUM_PROBE: &str =
+    "helm status cilium --namespace kube-system --output json --kubeconfig $T/state/sre-lab/kubeconfig";
 const REGISTRY_PROBE: &str = "docker container inspect --format {{.Name}} sre-lab-registry";
 
 fn docker_up_commands() -> Vec<String> {
@@ -268,7 +269,8 @@ fn opening_etcds_metrics_listener_on_running_control_planes_asks_for_a_reboot() 
         "{said}"
     );
     // An `up` that changes nothing of it says nothing; nor does Prometheus off and on again
-    // (a merged patch never took the listener away).
+    // (a merged patch never took the listener away). A cluster made anew starts from its own
+    // creation patch: made without the listener, turning it on asks for a reboot again.
     for lab in [
         "addons:\n  prometheus: true\n",
         "addons:\n  prometheus: false\n",
@@ -280,6 +282,16 @@ fn opening_etcds_metrics_listener_on_running_control_planes_asks_for_a_reboot() 
         let said = format!("{}{}", stdout(&again), stderr(&again));
         assert!(!said.contains("etcd's metrics listener"), "{lab}: {said}");
     }
+    sb.lab_file("addons:\n  prometheus: false\n");
+    std::fs::remove_file(sb.dir.path().join("fake/cluster")).unwrap();
+    std::fs::remove_file(sb.state("sre-lab").join("kubeconfig")).unwrap();
+    let remade = sb.run(&["up"], &[]);
+    assert!(remade.status.success(), "{}", stderr(&remade));
+    assert!(sb.take_log().iter().any(|l| l.starts_with("talosctl cluster create")));
+    sb.lab_file("addons:\n  prometheus: true\n");
+    let on = sb.run(&["up"], &[]);
+    let said = format!("{}{}", stdout(&on), stderr(&on));
+    assert!(said.contains("etcd's metrics listener changed"), "{said}");
 }
 
 #[test]
@@ -300,6 +312,19 @@ fn a_cilium_change_on_a_running_lab_is_one_upgrade_to_the_full_values() {
     assert!(log.contains(&CILIUM_PROBE.to_owned()), "{log:#?}");
     assert_eq!(cilium.len(), 1, "{log:#?}");
     assert!(cilium[0].contains("rendered/cilium-helm-values.yaml"), "{log:#?}");
+
+    // A release left failed (an interrupted install) is installed again, and the later steps
+    // run again after it, so the full values come back.
+    let out = sb.run(&["up"], &[("FAKE_RELEASE_STATUS", "failed")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = sb.take_log();
+    let cilium: Vec<&String> = log
+        .iter()
+        .filter(|l| l.starts_with("helm upgrade --install cilium"))
+        .collect();
+    assert_eq!(cilium.len(), 2, "{log:#?}");
+    assert!(cilium[0].contains("rendered/cilium-values.yaml"), "{log:#?}");
+    assert!(cilium[1].contains("rendered/cilium-helm-values.yaml"), "{log:#?}");
 }
 
 #[test]
@@ -380,7 +405,7 @@ fn nodes_provider_generates_applies_bootstraps_once() {
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 etcd status"),
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 bootstrap"),
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 kubeconfig --merge=false --force {s}/kubeconfig"),
-            format!("helm status cilium --namespace kube-system --kubeconfig {s}/kubeconfig"),
+            format!("helm status cilium --namespace kube-system --output json --kubeconfig {s}/kubeconfig"),
             format!("helm upgrade --install cilium cilium --repo https://helm.cilium.io --version 1.18.12 --namespace kube-system --create-namespace --values {s}/rendered/cilium-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
             format!("{t} --nodes 192.168.56.10 --endpoints 192.168.56.10 health --wait-timeout 10m"),
             format!("helm upgrade --install local-path-provisioner local-path-provisioner --repo https://charts.containeroo.ch --version 0.0.37 --namespace local-path-storage --create-namespace --values {s}/rendered/local-path-values.yaml --wait --timeout 10m --kubeconfig {s}/kubeconfig"),
@@ -412,6 +437,22 @@ fn nodes_provider_generates_applies_bootstraps_once() {
         "{log:#?}"
     );
     assert!(log.iter().any(|l| l.ends_with("etcd status")), "{log:#?}");
+
+    // A changed lab file reaches the running machines as a machine-config patch (regenerating
+    // their configs is not applying it).
+    sb.lab_file(
+        "cluster_name: metal\nprovider: nodes\nmachines:\n  control_planes: [192.168.56.10]\n  workers: [192.168.56.11]\n  install_disk: /dev/vda\naddons:\n  sample_app: false\n  agent: false\n  local_path: false\n",
+    );
+    let out = sb.run(&["up", "--plain"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = sb.take_log();
+    assert!(
+        log.contains(&format!(
+            "{t} --nodes 192.168.56.10,192.168.56.11 patch machineconfig --patch @{s}/rendered/talos-patch-update.yaml"
+        )),
+        "{log:#?}"
+    );
+    assert!(!log.iter().any(|l| l.contains("apply-config")), "{log:#?}");
 }
 
 #[test]

@@ -254,6 +254,10 @@ const FREE_FORM: &[(&str, &str)] = &[
         "loki.schemaConfig",
         "Loki's own schema_config, passed through to its config file",
     ),
+    (
+        "grafana.additionalDataSources",
+        "Grafana's datasource provisioning entries, passed through to its provisioning file",
+    ),
 ];
 
 fn free_form(path: &str) -> bool {
@@ -319,6 +323,10 @@ fn unknown_keys(
                 for item in items {
                     unknown_keys(item, chart, Some(&keys), &format!("{p}[]"), out);
                 }
+            } else if items.iter().any(serde_json::Value::is_object) {
+                out.push(format!(
+                    "{p}: a list of maps where the chart has no example item (free-form? then FREE_FORM, with why)"
+                ));
             }
         }
     }

@@ -334,8 +334,9 @@ fn the_rollout_watch_follows_statuses_written_through_the_status_subresource() -
         anyhow::Ok(())
     })?;
 
-    // Statuses as the DaemonSet controller would write them: first an old generation and a
-    // node not yet updated, then the rollout finished. The watch returns only after the second.
+    // Statuses as the DaemonSet controller would write them: first one of two nodes updated,
+    // then all done but for an older generation, then the rollout finished. The watch returns
+    // only after the last.
     let ds: Value = serde_json::from_str(&kube.kubectl(&[
         "-n",
         "monitoring",
@@ -387,6 +388,12 @@ fn the_rollout_watch_follows_statuses_written_through_the_status_subresource() -
     });
     std::thread::sleep(Duration::from_millis(1500));
     assert!(!waiter.is_finished(), "one of two nodes updated is not rolled out");
+    patch(status(generation - 1, 2, 2))?;
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !waiter.is_finished(),
+        "a status of an older generation is not this rollout's"
+    );
     patch(status(generation, 2, 2))?;
     let started = std::time::Instant::now();
     rt.block_on(waiter)??;

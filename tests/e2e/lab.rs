@@ -208,8 +208,8 @@ fn the_helm_chart_lints_validates_and_renders_what_kustomize_renders() -> Result
     let report = text(&out);
     assert!(out.status.success(), "{report}");
     for line in [
-        "ok   helm lint --strict (defaults)",
-        "ok   helm lint --strict (every switch flipped)",
+        "ok   helm lint --strict (defaults), 1 chart linted",
+        "ok   helm lint --strict (every switch flipped), 1 chart linted",
         "ok   schema checks of every rendering (validate-manifests.py manifests)",
         "ok   defaults: the same objects as deploy/rendered/lab.yaml",
         "ok   defaults: DaemonSet monitoring/sre-lab-agent equals kustomize's",
@@ -219,6 +219,10 @@ fn the_helm_chart_lints_validates_and_renders_what_kustomize_renders() -> Result
         "ok   flows.enabled=false: DaemonSet monitoring/sre-lab-agent equals kustomize's",
         "ok   serviceMonitor.enabled=false and dashboards.enabled=false remove those two objects only",
         "ok   image: registry.example/agent:1.2.3",
+        "ok   nodeSelector, affinity, priorityClassName",
+        "ok   release agent in obs: the ClusterRoleBinding binds that ServiceAccount in obs",
+        "ok   release agent in obs: the DaemonSet, Service and ServiceMonitor selectors match",
+        "ok   existingConfigMap: mounted, no chart ConfigMap, no checksum",
         "passed: 0 check(s) failed",
     ] {
         assert!(report.contains(line), "{line:?} missing from:\n{report}");

@@ -79,7 +79,9 @@ helm)
   case "$line" in
   *"version --short"*) echo "${FAKE_HELM_VERSION:-v3.17.3+ge4da497}" ;;
   "helm upgrade --install "*) touch "${FAKE_STATE}/release-$3" ;;
-  "helm status "*) [ -f "${FAKE_STATE}/release-$2" ] || { echo "Error: release: not found" >&2; exit 1; } ;;
+  "helm status "*)
+    [ -f "${FAKE_STATE}/release-$2" ] || { echo "Error: release: not found" >&2; exit 1; }
+    printf '{"name":"%s","info":{"status":"%s"}}\n' "$2" "${FAKE_RELEASE_STATUS:-deployed}" ;;
   *" list --all-namespaces"*)
     releases='[{"name":"cilium","namespace":"kube-system","chart":"cilium-1.18.12","app_version":"1.18.12"},{"name":"kube-prometheus-stack","namespace":"monitoring","chart":"kube-prometheus-stack-88.5.3","app_version":"v0.88.0"},{"name":"loki","namespace":"monitoring","chart":"loki-18.11.0","app_version":"3.6.0"}]'
     printf '%s\n' "${FAKE_HELM_LIST:-$releases}" ;;
