@@ -27,6 +27,12 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
+# The flows tests (and the agent's drop counting) read the skb:kfree_skb tracepoint's format
+# from tracefs; a machine booted without it mounted gets it mounted here (root only).
+if [ ! -e /sys/kernel/tracing/events ] && [ "$(id -u)" = 0 ]; then
+  echo "==> mounting tracefs on /sys/kernel/tracing"
+  mount -t tracefs nodev /sys/kernel/tracing || echo "   (could not mount tracefs: the drop tests will fail)"
+fi
 # Debian's packages may start services through their postinst on machines with an init
 # system; the tests start their own instances on free ports, so nothing else is needed.
 

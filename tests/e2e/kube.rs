@@ -84,10 +84,13 @@ fn create_pod(kube: &KubeApi, ns: &str, name: &str, node: &str, annotations: Val
     Ok(())
 }
 
-/// A namespace with its `default` ServiceAccount (no controller-manager here creates it).
+/// A namespace with its `default` ServiceAccount (made here when no kube-controller-manager
+/// runs to make it; `apply` leaves one it made alone).
 fn create_namespace(kube: &KubeApi, ns: &str) -> Result<()> {
     kube.kubectl(&["create", "namespace", ns])?;
-    kube.kubectl(&["-n", ns, "create", "serviceaccount", "default"])?;
+    kube.apply(&format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: default\n  namespace: {ns}\n"
+    ))?;
     Ok(())
 }
 
