@@ -48,8 +48,9 @@ def helm_label(k, v):
 def kustomize_label(k, v):
     """The kustomize way's counterpart of Helm's managed-by label."""
     return (k, v) == ("app.kubernetes.io/managed-by", "sre-lab-installer")
-# kustomize's name suffix: a hash in its own alphabet (no vowels, no look-alikes).
-HASH_SUFFIX = re.compile(r"^(.*)-[bcdfghkmnpqrstvwxz2456789]{10}$")
+# kustomize's name suffix: 10 hex digits with 0, 1, 3, a, e written g, h, k, m, t (the same
+# alphabet installer/src/kube.rs prunes by).
+HASH_SUFFIX = re.compile(r"^(.*)-[bcdfghkmt2456789]{10}$")
 
 failures = []
 

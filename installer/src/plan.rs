@@ -461,18 +461,26 @@ pub fn agent_manifests(lab: &LabConfig) -> String {
 /// later patch without them leaves them on the nodes).
 const ETCD_APPLIED: &str = "talos-etcd-applied.yaml";
 
-/// The etcd arguments made nodes run: those of the creation patch (`null` without any).
-fn etcd_record_of_creation(ctx: &Context<'_>) -> Action {
-    let patch = values::talos_patch(ctx.lab);
-    let etcd = crate::yaml::documents(&patch)
+/// The etcd settings (`cluster.etcd`) of a machine-config patch, if it has any.
+fn etcd_args(patch: &str) -> Option<serde_json::Value> {
+    crate::yaml::documents(patch)
         .ok()
         .and_then(|d| d.into_iter().next())
         .map(|d| d["cluster"]["etcd"].clone())
-        .unwrap_or_default();
+        .filter(|v| !v.is_null())
+}
+
+/// Records `etcd` as the settings the nodes run ([`ETCD_APPLIED`]; `null` for none).
+fn etcd_record(ctx: &Context<'_>, etcd: Option<serde_json::Value>) -> Action {
     Action::Write {
         path: ctx.paths.rendered(ETCD_APPLIED),
         contents: crate::yaml::to_string(&serde_json::json!({ "cluster": { "etcd": etcd } })),
     }
+}
+
+/// Made nodes run the etcd settings of the creation patch.
+fn etcd_record_of_creation(ctx: &Context<'_>) -> Action {
+    etcd_record(ctx, etcd_args(&values::talos_patch(ctx.lab)))
 }
 
 /// The steps of `up`, in order.
@@ -513,26 +521,15 @@ pub fn up(ctx: &Context<'_>) -> Vec<Step> {
     // A patch merges: leaving the arguments out removes nothing, so the nodes run the last
     // arguments a patch set — recorded after each patch that sets them, else the creation
     // patch's.
-    let etcd = |text: &str| {
-        crate::yaml::documents(text)
-            .ok()
-            .and_then(|d| d.into_iter().next())
-            .map(|d| d["cluster"]["etcd"].clone())
-            .filter(|v| !v.is_null())
-    };
     let read = |f: &str| std::fs::read_to_string(ctx.paths.rendered(f)).ok();
     let made = read("talos-patch.yaml");
     let before = read(ETCD_APPLIED)
         .as_deref()
-        .and_then(etcd)
-        .or_else(|| made.as_deref().and_then(etcd));
-    let wanted = etcd(&values::talos_update_patch(lab));
-    if let Some(w) = &wanted {
-        let record = serde_json::json!({ "cluster": { "etcd": w } });
-        mc = mc.act(Action::Write {
-            path: ctx.paths.rendered(ETCD_APPLIED),
-            contents: crate::yaml::to_string(&record),
-        });
+        .and_then(etcd_args)
+        .or_else(|| made.as_deref().and_then(etcd_args));
+    let wanted = etcd_args(&values::talos_update_patch(lab));
+    if wanted.is_some() {
+        mc = mc.act(etcd_record(ctx, wanted.clone()));
     }
     if let (Some(_), Some(wanted)) = (&made, wanted) {
         if before.as_ref() != Some(&wanted) {

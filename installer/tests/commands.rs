@@ -294,6 +294,13 @@ fn opening_etcds_metrics_listener_on_running_control_planes_asks_for_a_reboot() 
     assert!(said.contains("etcd's metrics listener changed"), "{said}");
 }
 
+/// The Cilium installs and upgrades in a command log.
+fn cilium_installs(log: &[String]) -> Vec<&String> {
+    log.iter()
+        .filter(|l| l.starts_with("helm upgrade --install cilium"))
+        .collect()
+}
+
 #[test]
 fn a_cilium_change_on_a_running_lab_is_one_upgrade_to_the_full_values() {
     let sb = Sandbox::new();
@@ -303,10 +310,7 @@ fn a_cilium_change_on_a_running_lab_is_one_upgrade_to_the_full_values() {
     let out = sb.run(&["up"], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let log = sb.take_log();
-    let cilium: Vec<&String> = log
-        .iter()
-        .filter(|l| l.starts_with("helm upgrade --install cilium"))
-        .collect();
+    let cilium = cilium_installs(&log);
     // The release exists (`helm status`), so the network-only bootstrap values are not applied
     // on the way: one upgrade, with the ServiceMonitors and dashboards.
     assert!(log.contains(&CILIUM_PROBE.to_owned()), "{log:#?}");
@@ -318,10 +322,7 @@ fn a_cilium_change_on_a_running_lab_is_one_upgrade_to_the_full_values() {
     let out = sb.run(&["up"], &[("FAKE_RELEASE_STATUS", "failed")]);
     assert!(out.status.success(), "{}", stderr(&out));
     let log = sb.take_log();
-    let cilium: Vec<&String> = log
-        .iter()
-        .filter(|l| l.starts_with("helm upgrade --install cilium"))
-        .collect();
+    let cilium = cilium_installs(&log);
     assert_eq!(cilium.len(), 2, "{log:#?}");
     assert!(cilium[0].contains("rendered/cilium-values.yaml"), "{log:#?}");
     assert!(cilium[1].contains("rendered/cilium-helm-values.yaml"), "{log:#?}");

@@ -260,12 +260,15 @@ const FREE_FORM: &[(&str, &str)] = &[
     ),
 ];
 
+/// Whether dotted `path` matches `pattern` (`*` for one key).
+fn matches(pattern: &str, path: &str) -> bool {
+    let p: Vec<&str> = pattern.split('.').collect();
+    let k: Vec<&str> = path.split('.').collect();
+    p.len() == k.len() && p.iter().zip(&k).all(|(p, k)| *p == "*" || p == k)
+}
+
 fn free_form(path: &str) -> bool {
-    FREE_FORM.iter().any(|(pattern, _)| {
-        let p: Vec<&str> = pattern.split('.').collect();
-        let k: Vec<&str> = path.split('.').collect();
-        p.len() == k.len() && p.iter().zip(&k).all(|(p, k)| *p == "*" || p == k)
-    })
+    FREE_FORM.iter().any(|(pattern, _)| matches(pattern, path))
 }
 
 /// The keys the installer writes (`written`) that the chart neither sets nor documents, and the
@@ -410,12 +413,9 @@ fn values_keys_exist_in_the_pinned_charts() {
     }
     // Every entry of FREE_FORM is still needed.
     for (pattern, why) in FREE_FORM {
-        let used = cases.iter().any(|(_, _, w)| {
-            paths(w, "").iter().any(|p| {
-                let (a, b): (Vec<&str>, Vec<&str>) = (pattern.split('.').collect(), p.split('.').collect());
-                a.len() == b.len() && a.iter().zip(&b).all(|(a, b)| *a == "*" || a == b)
-            })
-        });
+        let used = cases
+            .iter()
+            .any(|(_, _, w)| paths(w, "").iter().any(|p| matches(pattern, p)));
         assert!(used, "FREE_FORM {pattern} ({why}) matches nothing the installer writes");
     }
     // Every chart `up` installs, for either lab, is covered.
